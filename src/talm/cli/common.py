@@ -71,7 +71,10 @@ def add_config_flags(
         names[prefix + name] = "/".join(spellings)
         annotation = _unwrap_optional(field.annotation)
         origin = typing.get_origin(annotation)
-        default = defaults.get(name, field.default)
+        # Required fields have no default to show; default_factory fields show what the factory makes.
+        default = defaults.get(
+            name, None if field.is_required() else field.get_default(call_default_factory=True)
+        )
         doc = (field.description or "").strip().replace("%", "%%")
         if default is not None and not (isinstance(default, (list, tuple)) and not default):
             shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default

@@ -1,0 +1,91 @@
+"""`train_tokenizer -vs N -n NAME [--text-file FILE ...] [--force]`: train a byte-level BPE tokenizer.
+
+Writes tokenizers/NAME.json (Hugging Face tokenizers JSON) atomically and ends with one summary line.
+Imports no torch and no datasets, so it starts in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from talm.cli.common import HelpFormatter, add_config_flags, collect_config_flags, run_main
+from talm.config import SPECIAL_TOKENS, TokenizerConfig, validate
+from talm.errors import TalmError
+
+TOKENIZER_DIR = Path("tokenizers")
+
+
+def prepare_output(config: TokenizerConfig) -> Path:
+    """Check, before spending any time training, that tokenizers/NAME.json can be written."""
+    out = TOKENIZER_DIR / f"{config.name}.json"
+    if TOKENIZER_DIR.exists() and not TOKENIZER_DIR.is_dir():
+        raise TalmError(
+            f"{str(TOKENIZER_DIR)!r} exists but is not a directory: move that file out of the way"
+        )
+    if out.is_dir():
+        raise TalmError(f"{str(out)!r} is a directory: pick another name, or remove that directory")
+    if out.exists() and not config.force:
+        raise TalmError(f"{str(out)!r} already exists: pick another name, or pass --force to overwrite it")
+    try:
+        TOKENIZER_DIR.mkdir(parents=True, exist_ok=True)
+        probe = TOKENIZER_DIR / f".{config.name}.json.probe"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise TalmError(
+            f"cannot write to {str(TOKENIZER_DIR)!r} ({err.strerror}): run from a directory you can write to"
+        ) from None
+    return out
+
+
+def run(config: TokenizerConfig) -> None:
+    from talm.tokenizer import check_text_files, train
+
+    check_text_files(config.text_files)
+    out = prepare_output(config)
+    tokenizer, stats = train(
+        config.text_files, config.vocab_size, name=config.name, progress=sys.stderr.isatty()
+    )
+    try:
+        tokenizer.save(out, overwrite=config.force)
+    except OSError as err:
+        raise TalmError(
+            f"cannot write {str(out)!r} ({err.strerror}): free some space or fix its permissions"
+        ) from None
+    short = ""
+    if tokenizer.vocab_size < config.vocab_size:
+        short = f" (asked for {config.vocab_size}: the text has no more pairs to merge)"
+    print(
+        f"wrote {out}: vocab {tokenizer.vocab_size}{short} ({len(SPECIAL_TOKENS)} special), "
+        f"{stats.text_bytes / 1e6:.1f} MB in {stats.seconds:.2f} s ({stats.mb_per_s:.1f} MB/s), "
+        f"{stats.bytes_per_token:.2f} bytes/token on the training text"
+        + ("" if stats.sample_bytes >= stats.text_bytes else f" (first {stats.sample_bytes / 1e6:.0f} MB)")
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="train_tokenizer",
+        description=(
+            "Train a byte-level BPE tokenizer (GPT-4-style regex pre-split, special tokens "
+            + ", ".join(SPECIAL_TOKENS)
+            + ") on UTF-8 text and write it to tokenizers/NAME.json.\n\n"
+            "example: train_tokenizer -vs 4096 -n mytok --text-file corpus1.txt corpus2.txt"
+        ),
+        formatter_class=HelpFormatter,
+    )
+    flags = add_config_flags(
+        parser,
+        TokenizerConfig,
+        short={"vocab_size": "-vs", "name": "-n", "text_files": "--text-file"},
+    )
+    args = parser.parse_args(argv)
+    run_main(
+        lambda: run(validate(TokenizerConfig, collect_config_flags(args, TokenizerConfig), flags)), flags
+    )
+
+
+if __name__ == "__main__":
+    main()
