@@ -1,8 +1,118 @@
-"""`train_model`: not implemented yet (its issue lands it)."""
+"""`train_model`: pretrain a GPT on the shards of a data directory, resuming models/NAME if it exists.
 
-import sys
+Settings come from, in increasing precedence: the defaults, `--preset NAME`, `--config FILE.toml` (tables
+[model], [optim], [train]), and flags: one per config field (`--model.n_layer 12`, `--optim.lr 6e-4`,
+`--train.batch_size 32`) plus plain spellings of the common ones (`--max-steps`, `--batch-size`, ...).
+Multi-process: `torchrun --nproc-per-node N $(which train_model) ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any
+
+from talm.cli.common import HelpFormatter, add_config_flags, collect_config_flags, run_main
+from talm.config import PRESETS, ModelConfig, OptimConfig, TrainConfig, load_toml, merge
+from talm.errors import TalmError
+
+# TrainConfig fields that also get a plain flag (`--max-steps` beside `--train.max_steps`).
+PLAIN_TRAIN_FLAGS = (
+    "max_steps",
+    "batch_size",
+    "eval_every",
+    "eval_tokens",
+    "save_every",
+    "device",
+    "dtype",
+    "compile",
+    "deterministic",
+    "seed",
+    "report_to",
+)
+SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "train": TrainConfig}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
+    parser = argparse.ArgumentParser(
+        prog="train_model",
+        description=__doc__,
+        formatter_class=HelpFormatter,
+        epilog="Presets: " + ", ".join(PRESETS) + ". Example: train_model -n shakespeare "
+        "-d data/tinyshakespeare/default --preset tiny",
+    )
+    parser.add_argument("-n", "--model-name", required=True, help="the run's name: writes models/NAME/")
+    parser.add_argument(
+        "-d", "--data-dir", required=True, help="directory of shards written by download_data"
+    )
+    parser.add_argument(
+        "-t",
+        "--tokenizer-path",
+        help="tokenizer file (default: the one the data was made with; must match it)",
+    )
+    parser.add_argument("--preset", choices=list(PRESETS), help="named starting config (flags override it)")
+    parser.add_argument(
+        "--config", metavar="FILE.toml", help="TOML file with [model], [optim], [train] tables"
+    )
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="start models/NAME over, deleting its checkpoints and metrics (default: resume it if it exists)",
+    )
+    common = parser.add_argument_group("common settings (shortcuts for --train.*)")
+    names = {}
+    skip = tuple(f for f in TrainConfig.model_fields if f not in PLAIN_TRAIN_FLAGS)
+    plain = add_config_flags(common, TrainConfig, short={"seed": "-s"}, skip=skip)
+    names.update({f"train.{k}": v for k, v in plain.items()})
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} settings")
+        for path, flag in add_config_flags(group, cls, prefix=f"{section}.").items():
+            names.setdefault(path, flag)
+    return parser, names
+
+
+def model_dir_for(name: str) -> Path:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise TalmError(
+            f"model name {name!r} is not a plain name: use letters, digits, '.', '_' and '-' "
+            "(the run is written to models/NAME)"
+        )
+    return Path("models") / name
 
 
 def main() -> None:
-    print("train_model: not implemented yet", file=sys.stderr)
-    sys.exit(1)
+    parser, names = build_parser()
+    args = parser.parse_args()
+
+    def command() -> None:
+        # torch is imported only once the arguments parsed
+        from talm.trainer import preset as preset_layer
+        from talm.trainer import resolve_run, train
+
+        model_dir = model_dir_for(args.model_name)
+        flags: dict[str, Any] = {}
+        for section, cls in SECTIONS.items():
+            given = collect_config_flags(args, cls, prefix=f"{section}.")
+            if given:
+                flags[section] = given
+        plain = collect_config_flags(args, TrainConfig)
+        if plain:
+            flags = merge(flags, {"train": plain})
+        flags["data"] = {"dir": args.data_dir}
+        if args.tokenizer_path:
+            flags["data"]["tokenizer_path"] = args.tokenizer_path
+        layers = []
+        if args.preset:
+            layers.append(preset_layer(args.preset))
+        if args.config:
+            layers.append(load_toml(args.config))
+        layers.append(flags)
+        cfg, resume_from = resolve_run(model_dir, layers, restart=args.restart, flag_names=names)
+        train(cfg, model_dir, resume_from=resume_from)
+
+    run_main(command, names)
+
+
+if __name__ == "__main__":
+    main()

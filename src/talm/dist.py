@@ -1,0 +1,105 @@
+"""The process's place in a (possibly distributed) run: device, rank, world size.
+
+`torchrun --nproc-per-node N ...` sets RANK, LOCAL_RANK and WORLD_SIZE; `setup` reads them, picks the device
+(cuda:LOCAL_RANK on GPUs) and joins the process group (NCCL on GPU, gloo on CPU). A plain `python`/console
+script run is a world of one and needs no process group. Only rank 0 prints and writes files.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+
+from talm.errors import TalmError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    """ "auto" -> cuda, then mps, then cpu; a requested device that is not there is a TalmError."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            requested = "cuda"
+        elif torch.backends.mps.is_available():
+            requested = "mps"
+        else:
+            requested = "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise TalmError(
+                "--device cuda was asked for but no CUDA GPU is visible: use --device cpu (or auto)"
+            )
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise TalmError("--device mps was asked for but MPS is not available: use --device cpu (or auto)")
+    return torch.device(requested)
+
+
+def setup(requested_device: str = "auto") -> DistContext:
+    """Read the torchrun environment, choose the device and join the process group if there is more than one."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(requested_device, local_rank)
+    if world_size > 1 and not tdist.is_initialized():
+        if device.type == "mps":
+            raise TalmError("multi-process training on mps is not supported: use one process or --device cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        tdist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+    return DistContext(rank, local_rank, world_size, device)
+
+
+def teardown() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def barrier() -> None:
+    if tdist.is_initialized():
+        tdist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over all processes in place (a no-op in a world of one)."""
+    if tdist.is_initialized():
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """One `obj` per rank, in rank order, on every rank."""
+    if not tdist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def print0(*args: Any, ctx: DistContext | None = None, **kwargs: Any) -> None:
+    """print() on rank 0 only, to stderr unless told otherwise (stdout stays clean for results)."""
+    rank = ctx.rank if ctx is not None else int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        kwargs.setdefault("file", sys.stderr)
+        print(*args, **kwargs, flush=True)

@@ -1,0 +1,277 @@
+"""Batches of training tokens from the memory-mapped shards that download_data writes.
+
+`read_data` merges every manifest (`meta*.json`) of a data directory into one `DataSet`. `TokenLoader` cuts
+the train shards into windows of context_length + 1 tokens and yields (x, y) batches offset by one token. Shards
+are opened with `np.load(mmap_mode="r")` and only the rows of a batch are copied, so memory does not grow with
+the dataset.
+
+Order: every epoch shuffles the shard order and, within each shard, the window order, from (seed, epoch). The
+epoch's windows form one global sequence; each call to `next_batch` consumes world_size * batch_size of them,
+rank r taking its own disjoint run of batch_size. The position is two integers (epoch, cursor) in that global
+sequence, which is all `state_dict` needs for an exact resume. A single process with gradient accumulation over
+N micro-batches sees the same windows per optimizer step as N processes with one micro-batch each.
+
+`EvalSlice` is the fixed validation slice: the first `eval_tokens` tokens of the val split, split over ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from talm.errors import TalmError
+
+MANIFEST_FORMAT = "talm.shards/1"
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: Path
+    split: str
+    tokens: int
+    bytes: int | None
+
+
+@dataclass(frozen=True)
+class DataSet:
+    """The merged manifests of one data directory."""
+
+    dir: Path
+    tokenizer: dict[str, Any]  # path, fingerprint, vocab_size, eot_id (as the manifest recorded them)
+    dtype: np.dtype
+    shards: list[Shard]
+    complete: bool
+
+    def split(self, name: str) -> list[Shard]:
+        return [s for s in self.shards if s.split == name]
+
+    def tokens_per_byte(self, split: str = "val") -> float | None:
+        """Tokens per UTF-8 byte of a split, from the manifest (what turns nats/token into bits/byte)."""
+        shards = self.split(split)
+        if not shards or any(s.bytes is None for s in shards):
+            return None
+        total_bytes = sum(s.bytes for s in shards)
+        return sum(s.tokens for s in shards) / total_bytes if total_bytes else None
+
+
+def _manifest_error(path: Path, problem: str) -> TalmError:
+    return TalmError(f"manifest {str(path)!r} {problem}: recreate the data directory with download_data")
+
+
+def read_data(data_dir: str | Path) -> DataSet:
+    """Read and merge every meta*.json of `data_dir`; TalmError if there is no usable data."""
+    data_dir = Path(data_dir)
+    hint = "prepare one with `download_data tinyshakespeare` (or another dataset) and pass its directory"
+    if not data_dir.is_dir():
+        raise TalmError(f"data directory {str(data_dir)!r} not found: {hint}")
+    manifests = sorted(data_dir.glob("meta*.json"))
+    if not manifests:
+        raise TalmError(f"no manifest (meta.json) in {str(data_dir)!r}, so it holds no talm shards: {hint}")
+    tokenizer: dict[str, Any] | None = None
+    dtype: np.dtype | None = None
+    shards: list[Shard] = []
+    complete = True
+    for path in manifests:
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+            fmt, tok, dt = meta["format"], meta["tokenizer"], np.dtype(meta["dtype"])
+            listed = meta["shards"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise _manifest_error(path, f"cannot be read ({type(err).__name__}: {err})") from None
+        if fmt != MANIFEST_FORMAT:
+            raise _manifest_error(path, f"has format {fmt!r}, not {MANIFEST_FORMAT!r}")
+        if tokenizer is None:
+            tokenizer, dtype = tok, dt
+        elif tok.get("fingerprint") != tokenizer.get("fingerprint") or dt != dtype:
+            raise TalmError(
+                f"the manifests in {str(data_dir)!r} disagree on the tokenizer or dtype ({path.name}): "
+                "every worker must use the same tokenizer; remove the odd ones or recreate the directory"
+            )
+        complete = complete and bool(meta.get("complete", False))
+        for entry in listed:
+            shard_path = data_dir / entry["file"]
+            if not shard_path.is_file():
+                raise _manifest_error(path, f"lists {entry['file']!r}, which is missing")
+            shards.append(Shard(shard_path, entry["split"], int(entry["tokens"]), entry.get("bytes")))
+    shards.sort(key=lambda s: s.path.name)
+    data = DataSet(data_dir, tokenizer or {}, dtype or np.dtype("uint16"), shards, complete)
+    for split in ("train", "val"):
+        if not any(s.tokens > 0 for s in data.split(split)):
+            raise TalmError(
+                f"{str(data_dir)!r} has no {split} shards: rerun download_data to completion "
+                f"(with --val-tokens > 0 for the val split)"
+            )
+    return data
+
+
+class ShardCache:
+    """Memory maps of the shards, opened on first use (they cost address space, not memory)."""
+
+    def __init__(self, dtype: np.dtype) -> None:
+        self.dtype = dtype
+        self._maps: dict[Path, np.ndarray] = {}
+
+    def __getitem__(self, shard: Shard) -> np.ndarray:
+        mm = self._maps.get(shard.path)
+        if mm is None:
+            mm = np.load(shard.path, mmap_mode="r")
+            if mm.ndim != 1 or mm.dtype != self.dtype or len(mm) != shard.tokens:
+                raise TalmError(
+                    f"shard {str(shard.path)!r} does not match its manifest (shape {mm.shape}, dtype {mm.dtype}, "
+                    f"expected {shard.tokens} tokens of {self.dtype}): recreate the data directory"
+                )
+            self._maps[shard.path] = mm
+        return mm
+
+
+def to_device(rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T+1) int64 rows -> inputs and targets offset by one, on `device` (pinned, non-blocking on CUDA)."""
+    t = torch.from_numpy(rows)
+    if device.type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    elif device.type != "cpu":
+        t = t.to(device)
+    return t[:, :-1], t[:, 1:]
+
+
+class TokenLoader:
+    """Shuffled (x, y) batches of shape (batch_size, context_length) from the train split, rank-disjoint."""
+
+    def __init__(
+        self,
+        data: DataSet,
+        *,
+        batch_size: int,
+        context_length: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        split: str = "train",
+    ) -> None:
+        self.batch_size, self.context_length = batch_size, context_length
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.device = torch.device(device)
+        self.shards = [s for s in data.split(split) if s.tokens > context_length]
+        self.windows = np.array([(s.tokens - 1) // context_length for s in self.shards], dtype=np.int64)
+        self.total_windows = int(self.windows.sum())
+        per_step = batch_size * world_size
+        if self.total_windows < per_step:
+            raise TalmError(
+                f"the {split} split holds {self.total_windows} windows of context_length+1={context_length + 1} "
+                f"tokens, fewer than one batch ({batch_size} x {world_size} process(es)): lower "
+                "--batch-size or --model.context_length, or prepare more data"
+            )
+        self._maps = ShardCache(data.dtype)
+        self.epoch, self.cursor = 0, 0
+        self._order_epoch = -1
+        self._perms: dict[int, np.ndarray] = {}
+
+    # The epoch's order: shard order, then each shard's window order, both derived from (seed, epoch).
+    def _set_epoch_order(self) -> None:
+        if self._order_epoch == self.epoch:
+            return
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
+        self._shard_order = order
+        self._ends = np.cumsum(self.windows[order])  # global window index where each shard (in order) ends
+        self._perms = {}
+        self._order_epoch = self.epoch
+
+    def _window_perm(self, shard_index: int) -> np.ndarray:
+        perm = self._perms.get(shard_index)
+        if perm is None:
+            rng = np.random.default_rng([self.seed, self.epoch, shard_index])
+            perm = rng.permutation(int(self.windows[shard_index]))
+            if len(self._perms) >= 2:  # the cursor walks through shards in order: keep the current and next
+                self._perms.pop(next(iter(self._perms)))
+            self._perms[shard_index] = perm
+        return perm
+
+    def _rows(self, start: int, count: int) -> np.ndarray:
+        """The windows at global positions [start, start + count) of this epoch, as (count, T+1) int64."""
+        self._set_epoch_order()
+        T = self.context_length
+        rows = np.empty((count, T + 1), dtype=np.int64)
+        positions = np.arange(start, start + count)
+        slots = np.searchsorted(self._ends, positions, side="right")
+        for i, (pos, slot) in enumerate(zip(positions, slots, strict=True)):
+            shard_index = int(self._shard_order[slot])
+            first = int(self._ends[slot] - self.windows[shard_index])
+            window = int(self._window_perm(shard_index)[pos - first])
+            rows[i] = self._maps[self.shards[shard_index]][window * T : window * T + T + 1]
+        return rows
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next (x, y) for this rank; all ranks advance together by world_size * batch_size windows."""
+        per_step = self.batch_size * self.world_size
+        if self.cursor + per_step > self.total_windows:  # the epoch's remainder is too short: next epoch
+            self.epoch, self.cursor = self.epoch + 1, 0
+        rows = self._rows(self.cursor + self.rank * self.batch_size, self.batch_size)
+        self.cursor += per_step
+        return to_device(rows, self.device)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.cursor, self.seed = int(state["epoch"]), int(state["cursor"]), int(state["seed"])
+        self._order_epoch = -1
+
+
+class EvalSlice:
+    """The fixed validation slice: the first `eval_tokens` tokens of the val split, in windows, split over ranks.
+
+    Every evaluation sees the same windows, so val losses compare across steps (and across runs with the same
+    context length). Rank r takes windows r, r + world_size, ...
+    """
+
+    def __init__(
+        self,
+        data: DataSet,
+        *,
+        eval_tokens: int,
+        context_length: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        T = context_length
+        wanted = max(1, math.ceil(eval_tokens / T))
+        windows: list[tuple[Shard, int]] = []
+        for shard in data.split("val"):
+            n = min((shard.tokens - 1) // T, wanted - len(windows))
+            windows += [(shard, i * T) for i in range(max(0, n))]
+        if not windows:
+            total = sum(s.tokens for s in data.split("val"))
+            raise TalmError(
+                f"the val split holds {total} tokens, too few for one window of context_length+1={T + 1}: "
+                "lower --model.context_length or prepare the data with more --val-tokens"
+            )
+        self.windows = windows
+        self.tokens = len(windows) * T
+        self.mine = windows[rank::world_size]
+        self.batch_size, self.context_length = batch_size, T
+        self.device = torch.device(device)
+        self.tokens_per_byte = data.tokens_per_byte("val")
+        self._maps = ShardCache(data.dtype)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        T = self.context_length
+        for i in range(0, len(self.mine), self.batch_size):
+            chunk = self.mine[i : i + self.batch_size]
+            rows = np.empty((len(chunk), T + 1), dtype=np.int64)
+            for j, (shard, start) in enumerate(chunk):
+                rows[j] = self._maps[shard][start : start + T + 1]
+            yield to_device(rows, self.device)
