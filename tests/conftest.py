@@ -27,3 +27,102 @@ def _offline_hub(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     monkeypatch.setenv("HF_HOME", str(hf_home))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", os.environ.get("TOKENIZERS_PARALLELISM", "true"))
+
+
+def write_token_shards(
+    out_dir: Path, text: str, tokenizer_path: Path = BASE_TOKENIZER, *, val_docs: int = 80, shard_tokens: int = 40_000
+) -> Path:
+    """A data directory laid out as download_data writes it (CONTRACTS §2): documents = paragraphs of `text`,
+    each preceded by <|endoftext|>; the first `val_docs` go to val_000000.npy, the rest to train shards of
+    about `shard_tokens` tokens (whole documents); meta.json describes them."""
+    import json
+
+    import numpy as np
+
+    from talm.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(tokenizer_path)
+    docs = [d for d in text.split("\n\n") if d.strip()]
+    ids = tok.encode_batch(docs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups: list[tuple[str, list[int]]] = [("val", list(range(min(val_docs, len(docs)))))]
+    current: list[int] = []
+    for i in range(len(groups[0][1]), len(docs)):
+        current.append(i)
+        if sum(len(ids[j]) + 1 for j in current) >= shard_tokens:
+            groups.append(("train", current))
+            current = []
+    if current:
+        groups.append(("train", current))
+    shards = []
+    for n, (split, members) in enumerate(groups):
+        arr = np.concatenate([np.concatenate(([tok.eot_id], ids[j])) for j in members]).astype(tok.token_dtype)
+        name = f"{split}_{n:06d}.npy"
+        np.save(out_dir / name, arr)
+        shards.append(
+            {
+                "file": name,
+                "split": split,
+                "tokens": int(arr.size),
+                "documents": len(members),
+                "bytes": sum(len(docs[j].encode("utf-8")) for j in members),
+            }
+        )
+    meta = {
+        "format": "talm.shards/1",
+        "dataset": "test",
+        "source": "test",
+        "config": "default",
+        "tokenizer": {
+            "path": str(tokenizer_path),
+            "fingerprint": tok.fingerprint,
+            "vocab_size": tok.vocab_size,
+            "eot_id": tok.eot_id,
+        },
+        "dtype": np.dtype(tok.token_dtype).name,
+        "shard_size": shard_tokens,
+        "shards": shards,
+        "complete": True,
+    }
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Token shards of the first 150 kB of tiny-shakespeare with the base tokenizer (read-only: copy to modify)."""
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:150_000]
+    return write_token_shards(tmp_path_factory.mktemp("tiny_data") / "data", text)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path) -> Path:
+    """`tmp_path/models/tiny`: a checkpoint in the layout train_model writes (latest/ and best/, tokenizer.json
+    copied from tokenizers/base.json), holding a tiny GPT with random weights, for the stages that use models."""
+    import shutil
+
+    import torch
+
+    from talm.checkpoint import save_checkpoint
+    from talm.config import ModelConfig
+    from talm.model import GPT
+    from talm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_file(BASE_TOKENIZER)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=64, n_layer=2, n_head=4, d_model=64)
+    torch.manual_seed(0)
+    model = GPT(config)
+    model_dir = tmp_path / "models" / "tiny"
+    model_dir.mkdir(parents=True)
+    shutil.copyfile(BASE_TOKENIZER, model_dir / "tokenizer.json")
+    meta = {
+        "step": 10,
+        "tokens_seen": 40960,
+        "config": {"model": config.model_dump(mode="json")},
+        "tokenizer": {"file": "tokenizer.json", "fingerprint": tokenizer.fingerprint},
+        "val_loss": 6.5,
+        "val_bpb": 3.2,
+    }
+    for which in ("latest", "best"):
+        save_checkpoint(model_dir / which, model, meta)
+    return model_dir
