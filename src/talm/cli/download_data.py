@@ -1,8 +1,88 @@
-"""`download_data`: not implemented yet (its issue lands it)."""
+"""`download_data DATASET [--ds-sample S] [-t TOKENIZER] ...`: stream a corpus into token shards.
 
+Writes data/DATASET/[PREFIX_]SAMPLE/ (shards + meta.json, see talm.shards), resumes an interrupted run, and ends
+with one summary line. All the work is `talm.shards.prepare`; this module only parses and reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
 import sys
 
+from talm.cli.common import HelpFormatter, add_config_flags, collect_config_flags, run_main
+from talm.config import DATASET_PRESETS, DownloadConfig, validate
 
-def main() -> None:
-    print("download_data: not implemented yet", file=sys.stderr)
-    sys.exit(1)
+
+def _limit_cores(num_proc: int | None) -> None:
+    """--num-proc N: run this process (and the tokenizer's threads, created later) on N cores."""
+    if num_proc is None or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if num_proc < len(cores):
+        os.sched_setaffinity(0, cores[:num_proc])
+
+
+def run(cfg: DownloadConfig) -> None:
+    from talm.shards import prepare
+
+    _limit_cores(cfg.num_proc)
+    try:
+        result = prepare(cfg, progress=sys.stderr.isatty() or os.environ.get("TALM_PROGRESS") == "1")
+    except KeyboardInterrupt:
+        print(
+            "download_data: stopped; the complete shards are kept: rerun the same command to resume",
+            file=sys.stderr,
+        )
+        raise
+    totals = result.manifest["totals"]
+    splits = {
+        split: sum(s["tokens"] for s in result.manifest["shards"] if s["split"] == split)
+        for split in ("train", "val")
+    }
+    layout = (
+        f"{len(result.manifest['shards'])} shards, {splits['train']:,} train + {splits['val']:,} val tokens, "
+        f"{totals['documents']:,} documents"
+    )
+    if result.status == "complete":
+        print(f"{result.out_dir} is already complete ({layout}): nothing to do (--overwrite starts afresh)")
+        return
+    stats = result.stats
+    assert stats is not None
+    resumed = " (resumed)" if result.status == "resume" else ""
+    print(
+        f"wrote {result.out_dir}{resumed}: {layout}; this run {stats.tokens:,} tokens, {stats.documents:,} documents"
+        f" ({stats.empty_documents:,} empty skipped) in {stats.seconds:.1f} s, {stats.tokens_per_s:,.0f} tokens/s, "
+        f"{stats.mb_per_s:.1f} MB/s"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    presets = "\n".join(
+        f"  {name:<16}{p.source}  (configs: {', '.join(p.configs)}{', CC-MAIN-YYYY-WW' if p.config_pattern else ''})"
+        for name, p in DATASET_PRESETS.items()
+    )
+    parser = argparse.ArgumentParser(
+        prog="download_data",
+        description=(
+            "Stream a text corpus, tokenize it on all cores and write resumable token shards to "
+            "data/DATASET/[PREFIX_]SAMPLE/.\n\ndatasets:\n"
+            + presets
+            + "\n  any name        with --data-files "
+            "(parquet, jsonl, json, csv, txt)\n\n"
+            "examples:\n  download_data tinyshakespeare\n  download_data fineweb --ds-sample sample-10BT --max-tokens 1e9\n"
+            "  download_data mycorpus --data-files ~/corpus/*.parquet --text-column content\n"
+            "  download_data fineweb --ds-sample sample-100BT --num-workers 8 --worker-index 0   # one of 8"
+        ),
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("dataset", help=DownloadConfig.model_fields["dataset"].description)
+    flags = add_config_flags(parser, DownloadConfig, short={"tokenizer_path": "-t"}, skip=("dataset",))
+    flags["dataset"] = "DATASET"
+    args = parser.parse_args(argv)
+
+    def command() -> None:
+        data = {"dataset": args.dataset, **collect_config_flags(args, DownloadConfig)}
+        run(validate(DownloadConfig, data, flags))
+
+    run_main(command, flags)
