@@ -1,7 +1,72 @@
 """talm: train a language model, from raw text to a trained GPT, on your own hardware.
 
-The public API is re-exported here lazily, so `import talm` stays cheap (the tokenizer stage never imports
-torch).
+    import talm
+
+    model, tokenizer = talm.load("models/shakespeare")            # or checkpoint="best"
+    for piece in talm.generate(model, tokenizer, "ROMEO:", max_new_tokens=200, seed=0):
+        print(piece, end="", flush=True)
+
+The public API is re-exported here lazily, so `import talm` stays cheap: torch is imported only when a name
+that needs it is first used (the tokenizer stage never imports torch).
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "Tokenizer": "talm.tokenizer",
+    "TalmError": "talm.errors",
+    "ModelConfig": "talm.config",
+    "SampleConfig": "talm.config",
+    "GPT": "talm.model",
+    "KVCache": "talm.model",
+    "load": "talm.sample",
+    "generate": "talm.sample",
+    "generate_ids": "talm.sample",
+    "export_hf": "talm.export",
+    "push_to_hub": "talm.export",
+    "plot_runs": "talm.plots",
+}
+
+__all__ = [  # the names of _EXPORTS, spelled out for type checkers and linters
+    "GPT",
+    "KVCache",
+    "ModelConfig",
+    "SampleConfig",
+    "TalmError",
+    "Tokenizer",
+    "__version__",
+    "export_hf",
+    "generate",
+    "generate_ids",
+    "load",
+    "plot_runs",
+    "push_to_hub",
+]
+
+if TYPE_CHECKING:
+    from talm.config import ModelConfig, SampleConfig
+    from talm.errors import TalmError
+    from talm.export import export_hf, push_to_hub
+    from talm.model import GPT, KVCache
+    from talm.plots import plot_runs
+    from talm.sample import generate, generate_ids, load
+    from talm.tokenizer import Tokenizer
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'talm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

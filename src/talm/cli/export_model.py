@@ -1,8 +1,80 @@
-"""`export_model`: not implemented yet (its issue lands it)."""
+"""`export_model`: write a trained model as a Hugging Face transformers model directory, optionally pushing it.
 
+The directory (Llama architecture, safetensors weights, PreTrainedTokenizerFast tokenizer, a model card) loads
+with `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)`, no talm needed.
+--push-to-hub uploads it to a Hub model repo (created if needed) with the token from $HF_TOKEN or
+`hf auth login`.
+"""
+
+from __future__ import annotations
+
+import argparse
 import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from talm.cli.common import HelpFormatter, run_main
+from talm.errors import TalmError
+
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 
-def main() -> None:
-    print("export_model: not implemented yet", file=sys.stderr)
-    sys.exit(1)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="export_model",
+        description=__doc__,
+        formatter_class=HelpFormatter,
+        epilog="Example: export_model -m models/shakespeare -o exports/shakespeare --push-to-hub me/shakespeare",
+    )
+    parser.add_argument(
+        "-m", "--model", required=True, metavar="DIR", help="the model directory (models/NAME)"
+    )
+    parser.add_argument("-o", "--output", required=True, metavar="DIR", help="the directory to write")
+    parser.add_argument(
+        "--checkpoint",
+        default="latest",
+        help="latest, best (lowest validation loss) or the path of a checkpoint directory (default: latest)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPE_CHOICES,
+        help="dtype of the exported weights (default: float32)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
+    parser.add_argument(
+        "--push-to-hub", metavar="REPO_ID", help="also upload the export to this Hub repo (USER/NAME)"
+    )
+    parser.add_argument(
+        "--private", action="store_true", help="with --push-to-hub: create the repo as private"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    run_main(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.private and not args.push_to_hub:
+        raise TalmError("--private only applies to --push-to-hub REPO_ID: add it, or leave out --private")
+    from talm.export import check_export_dir, check_repo_id, export_hf, hub_token, push_to_hub
+    from talm.sample import load_checkpoint
+
+    out = Path(args.output)
+    check_export_dir(out, args.overwrite)  # everything that can be refused is refused before any work
+    token = None
+    if args.push_to_hub:
+        check_repo_id(args.push_to_hub)
+        token = hub_token()
+    model, tokenizer, meta = load_checkpoint(args.model, args.checkpoint, "cpu")
+    export_hf(model, tokenizer, out, dtype=args.dtype, overwrite=args.overwrite, meta=meta)
+    print(
+        f"exported {args.model} (step {meta.get('step')}, {model.num_params():,} parameters, {args.dtype}) to "
+        f"{out}/: load it with transformers' AutoModelForCausalLM.from_pretrained({str(out)!r})",
+        file=sys.stderr,
+    )
+    if args.push_to_hub:
+        url = push_to_hub(out, args.push_to_hub, private=args.private, token=token)
+        print(f"pushed {out}/ to {url}", file=sys.stderr)

@@ -1,8 +1,167 @@
-"""`generate`: not implemented yet (its issue lands it)."""
+"""`generate`: continue prompts with a trained model, printing the text as it is generated.
 
+With -p/--prompt, each prompt is printed followed by its continuation (several prompts and --num-samples are
+generated together in one batch, shown one after the other). Without a prompt, an interactive loop: type a
+prompt, read the continuation; an empty line or Ctrl-D ends it, Ctrl-C stops the current continuation.
+Generation stops at <|endoftext|> or after --max-new-tokens; --temperature 0 always picks the likeliest token.
+"""
+
+from __future__ import annotations
+
+import argparse
 import sys
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from talm.cli.common import HelpFormatter, add_config_flags, collect_config_flags, run_main
+from talm.config import SampleConfig, validate
+
+if TYPE_CHECKING:
+    from talm.model import GPT
+    from talm.sample import GenerationStats
+    from talm.tokenizer import Tokenizer
+
+SEPARATOR = "-" * 40
 
 
-def main() -> None:
-    print("generate: not implemented yet", file=sys.stderr)
-    sys.exit(1)
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
+    parser = argparse.ArgumentParser(
+        prog="generate",
+        description=__doc__,
+        formatter_class=HelpFormatter,
+        epilog='Example: generate -m models/shakespeare -p "ROMEO:" --max-new-tokens 200 --seed 0',
+    )
+    parser.add_argument(
+        "-m", "--model", required=True, metavar="DIR", help="the model directory (models/NAME)"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default="latest",
+        help="latest, best (lowest validation loss) or the path of a checkpoint directory (default: latest)",
+    )
+    parser.add_argument(
+        "-p",
+        "--prompt",
+        action="extend",
+        nargs="+",
+        metavar="TEXT",
+        help='one or more prompts ("" starts a new document); without any, an interactive loop',
+    )
+    names = add_config_flags(parser, SampleConfig, short={"seed": "-s", "num_samples": "-n"})
+    parser.add_argument(
+        "--allow-special",
+        action="store_true",
+        help="read special-token spellings in prompts (<|endoftext|>, <|user|>, ...) as special tokens "
+        "(default: as plain text)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda", "mps"],
+        help="where to run (default: auto)",
+    )
+    return parser, names
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser, names = build_parser()
+    args = parser.parse_args(argv)
+    run_main(lambda: run(args, names), names)
+
+
+def run(args: argparse.Namespace, names: dict[str, str]) -> None:
+    config = validate(SampleConfig, collect_config_flags(args, SampleConfig), names)
+    from talm.dist import pick_device  # torch is imported only once the arguments are valid
+    from talm.sample import GenerationStats, encode_prompt, load_checkpoint
+
+    device = pick_device(args.device)
+    model, tokenizer, meta = load_checkpoint(args.model, args.checkpoint, device)
+    stats = GenerationStats()
+    start = time.perf_counter()
+    if args.prompt is not None:
+        prompts = [
+            (text, encode_prompt(tokenizer, text, allow_special=args.allow_special)) for text in args.prompt
+        ]
+        generate_and_print(model, tokenizer, prompts, config, stats, echo=True)
+    else:
+        print(
+            f"{describe(args.model, meta)}: type a prompt and press Enter; an empty line or Ctrl-D ends",
+            file=sys.stderr,
+        )
+        while (text := read_prompt()) is not None:
+            ids = encode_prompt(tokenizer, text, allow_special=args.allow_special)
+            try:
+                generate_and_print(model, tokenizer, [(text, ids)], config, stats, echo=False)
+            except KeyboardInterrupt:
+                print("\n[stopped]", flush=True)
+    seconds = time.perf_counter() - start
+    print(
+        f"generated {stats.tokens:,} tokens in {seconds:.1f} s ({stats.tokens / max(seconds, 1e-9):,.0f} tokens/s) "
+        f"on {device}",
+        file=sys.stderr,
+    )
+
+
+def describe(model: str, meta: dict[str, Any]) -> str:
+    """`models/NAME (step 500, 8,192,000 training tokens, val bits/byte 1.712)`"""
+    facts = []
+    if isinstance(meta.get("step"), int):
+        facts.append(f"step {meta['step']}")
+    if isinstance(meta.get("tokens_seen"), int):
+        facts.append(f"{meta['tokens_seen']:,} training tokens")
+    if isinstance(meta.get("val_bpb"), (int, float)):
+        facts.append(f"val bits/byte {meta['val_bpb']:.3f}")
+    return f"{model} ({', '.join(facts)})" if facts else model
+
+
+def read_prompt() -> str | None:
+    """The next prompt typed, or None at an empty line or end of input."""
+    try:
+        if sys.stdin.isatty():
+            line = input("> ")
+        else:
+            print("> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                return None
+    except EOFError:
+        return None
+    line = line.rstrip("\r\n")
+    return line if line.strip() else None
+
+
+def generate_and_print(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompts: list[tuple[str, list[int]]],
+    config: SampleConfig,
+    stats: GenerationStats,
+    *,
+    echo: bool,
+) -> None:
+    """Generate every prompt's samples in one batch and write them to stdout, one after the other."""
+    from talm.sample import cut_notice, fit_prompt, stream_samples
+
+    context = model.config.context_length
+    fitted = []
+    for _, ids in prompts:
+        kept, cut = fit_prompt(ids, context)
+        if cut:
+            print(f"note: {cut_notice(cut, len(ids), context)}", file=sys.stderr)
+        fitted.append(kept)
+    texts = [text for text, _ in prompts for _ in range(config.num_samples)]
+    started = -1
+    out = sys.stdout
+    for row, piece in stream_samples(model, tokenizer, fitted, config, stats=stats):
+        if row != started:
+            if row > 0:
+                out.write(SEPARATOR + "\n")
+            started = row
+            if echo:
+                out.write(texts[row])
+        if piece is None:
+            out.write("\n")
+        else:
+            out.write(piece)
+        out.flush()

@@ -1,0 +1,316 @@
+"""Export a trained model to the Hugging Face transformers format, and push it to the Hub.
+
+talm's GPT is the Llama architecture (RMSNorm, rotary embeddings in the rotate-half layout, SwiGLU, no
+biases), so an export is a renaming: the fused qkv and gate/up matrices are split into Llama's separate
+projections, nothing is permuted. The directory written holds
+
+    config.json              LlamaForCausalLM config (vocab_size = the tokenizer's, not the padded one)
+    model.safetensors        the weights, under transformers' names (lm_head omitted when tied)
+    generation_config.json   bos/eos = <|endoftext|>
+    tokenizer.json           the tokenizer, as a tokenizers JSON (loads as PreTrainedTokenizerFast)
+    tokenizer_config.json    tokenizer class, bos/eos tokens, context length
+    special_tokens_map.json
+    README.md                a model card: architecture, training tokens, validation loss, how to load it
+
+and `AutoModelForCausalLM.from_pretrained(DIR)` / `AutoTokenizer.from_pretrained(DIR)` load it as is. The
+vocabulary padding rows (the embedding is padded to a multiple of 64 for speed) are dropped: they are never a
+real token, and keeping them would let transformers sample ids the tokenizer cannot decode.
+
+talm writes these files itself; transformers is needed only by whoever loads the export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import save_file
+
+from talm.config import ModelConfig
+from talm.errors import TalmError
+from talm.model import GPT
+
+if TYPE_CHECKING:
+    from talm.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EOT = "<|endoftext|>"
+
+
+def hf_config(config: ModelConfig, eot_id: int, dtype: str) -> dict[str, Any]:
+    """config.json of the LlamaForCausalLM that computes what `config`'s GPT computes."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "intermediate_size": config.hidden_dim,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.context_length,
+        "rms_norm_eps": config.norm_eps,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": config.tie_embeddings,
+        # transformers >= 5 reads rope_parameters, earlier versions rope_theta.
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "dtype": dtype,
+        "torch_dtype": dtype,
+    }
+
+
+def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The GPT's weights under LlamaForCausalLM's names, with the vocabulary padding rows dropped."""
+    c = model.config
+    vocab, hd = c.vocab_size, c.head_dim
+    q_rows, kv_rows = c.n_head * hd, c.kv_heads * hd
+    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": model.tok_emb.weight[:vocab]}
+    for i, block in enumerate(model.blocks):
+        p = f"model.layers.{i}."
+        q, k, v = block.attn.qkv.weight.split([q_rows, kv_rows, kv_rows], dim=0)
+        gate, up = block.mlp.gate_up.weight.split(c.hidden_dim, dim=0)
+        out |= {
+            p + "input_layernorm.weight": block.attn_norm.weight,
+            p + "self_attn.q_proj.weight": q,
+            p + "self_attn.k_proj.weight": k,
+            p + "self_attn.v_proj.weight": v,
+            p + "self_attn.o_proj.weight": block.attn.proj.weight,
+            p + "post_attention_layernorm.weight": block.mlp_norm.weight,
+            p + "mlp.gate_proj.weight": gate,
+            p + "mlp.up_proj.weight": up,
+            p + "mlp.down_proj.weight": block.mlp.down.weight,
+        }
+    out["model.norm.weight"] = model.norm.weight
+    if not c.tie_embeddings:
+        out["lm_head.weight"] = model.lm_head.weight[:vocab]
+    # Own, contiguous copies: safetensors refuses views and shared storage.
+    return {name: t.detach().to("cpu", dtype).contiguous().clone() for name, t in out.items()}
+
+
+def write_tokenizer_files(tokenizer: Tokenizer, out_dir: Path, context_length: int) -> None:
+    """tokenizer.json + tokenizer_config.json + special_tokens_map.json: a PreTrainedTokenizerFast."""
+    tokenizer.to_hf().save(str(out_dir / "tokenizer.json"))
+    special = {"bos_token": EOT, "eos_token": EOT}
+    _write_json(
+        out_dir / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **special,
+            "model_max_length": context_length,
+            "clean_up_tokenization_spaces": False,
+            "add_bos_token": False,
+            "add_eos_token": False,
+        },
+    )
+    _write_json(out_dir / "special_tokens_map.json", special)
+
+
+def model_card(name: str, model: GPT, tokenizer: Tokenizer, meta: dict[str, Any] | None) -> str:
+    c = model.config
+    meta = meta or {}
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags: [talm, llama]",
+        "---",
+        "",
+        f"# {name}",
+        "",
+        "A GPT-style language model trained from scratch with talm and exported to the Llama format.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| parameters | {model.num_params():,} |",
+        f"| layers / heads / kv heads / width | {c.n_layer} / {c.n_head} / {c.kv_heads} / {c.d_model} |",
+        f"| context length | {c.context_length} |",
+        f"| vocabulary | {c.vocab_size} (byte-level BPE, end of text = `{EOT}`) |",
+        f"| tied embeddings | {c.tie_embeddings} |",
+    ]
+    if meta.get("tokens_seen") is not None:
+        lines.append(f"| training tokens | {meta['tokens_seen']:,} (step {meta.get('step')}) |")
+    if meta.get("val_loss") is not None:
+        lines.append(f"| validation loss | {meta['val_loss']:.4f} nats/token |")
+    if meta.get("val_bpb") is not None:
+        lines.append(f"| validation bits per byte | {meta['val_bpb']:.4f} |")
+    lines += [
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO_ID")',
+        'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO_ID")',
+        'ids = tokenizer("Once upon a time", return_tensors="pt").input_ids',
+        "out = model.generate(ids, max_new_tokens=100, do_sample=True, temperature=0.8)",
+        "print(tokenizer.decode(out[0]))",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export_hf(
+    model: GPT,
+    tokenizer: Tokenizer,
+    out_dir: str | Path,
+    *,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write `model` and `tokenizer` as a transformers model directory `out_dir` (see the module doc).
+
+    The directory is built beside its target and renamed into place, so `out_dir` is either absent, the old
+    export, or the complete new one. An existing `out_dir` is refused unless `overwrite`. `meta` is the
+    checkpoint.json, for the model card.
+    """
+    out_dir = Path(out_dir)
+    check_export_dir(out_dir, overwrite)
+    if dtype not in DTYPES:
+        raise TalmError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if model.config.vocab_size != tokenizer.vocab_size:
+        raise TalmError(
+            f"the model knows {model.config.vocab_size} tokens but the tokenizer has {tokenizer.vocab_size}: "
+            "export the model with the tokenizer it was trained with"
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write_json(tmp / "config.json", hf_config(model.config, tokenizer.eot_id, dtype))
+        _write_json(
+            tmp / "generation_config.json",
+            {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id},
+        )
+        save_file(
+            hf_state_dict(model, DTYPES[dtype]), str(tmp / "model.safetensors"), metadata={"format": "pt"}
+        )
+        write_tokenizer_files(tokenizer, tmp, model.config.context_length)
+        (tmp / "README.md").write_text(model_card(out_dir.name, model, tokenizer, meta), encoding="utf-8")
+        for f in tmp.iterdir():
+            _fsync(f)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def check_export_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an existing export target unless asked to overwrite (before any work is done)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TalmError(f"{str(out_dir)!r} exists and is not a directory: choose another -o/--output")
+    if out_dir.exists() and not overwrite:
+        raise TalmError(
+            f"export directory {str(out_dir)!r} already exists: pass --overwrite to replace it, or choose "
+            "another -o/--output"
+        )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The Hub
+
+
+def hub_token() -> str:
+    """The Hugging Face token: $HF_TOKEN, else the one saved by `hf auth login`."""
+    from huggingface_hub import get_token
+
+    token = get_token()
+    if not token:
+        raise TalmError(
+            "no Hugging Face token found: set HF_TOKEN=hf_... or run `hf auth login`, then push again "
+            "(create a token with write access at https://huggingface.co/settings/tokens)"
+        )
+    return token
+
+
+def check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise TalmError(
+            f"--push-to-hub {repo_id!r} is not a valid repo id ({str(err).splitlines()[0]}): use USER/NAME"
+        ) from None
+
+
+def _is_network_error(err: BaseException) -> bool:
+    """Whether the Hub could not be reached at all (no network, DNS, proxy, timeout), whatever HTTP client
+    this huggingface_hub version uses (requests, httpx)."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    if isinstance(err, (OfflineModeIsEnabled, ConnectionError, TimeoutError)):
+        return True
+    for cls in type(err).__mro__:
+        if cls.__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3") and any(
+            word in cls.__name__ for word in ("Connect", "Timeout", "Network", "Proxy", "Transport")
+        ):
+            return True
+    return False
+
+
+def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
+    """Upload an export directory to the Hub model repo `repo_id` (created if needed); return its URL."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    folder = Path(folder)
+    check_repo_id(repo_id)
+    api = HfApi(token=token or hub_token())
+    try:
+        repo = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            repo_type="model",
+            commit_message=f"Upload {folder.name}, exported by talm",
+        )
+    except Exception as err:
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if _is_network_error(err):
+            raise TalmError(
+                f"the Hugging Face Hub is unreachable ({first_line}): check your network connection; the export "
+                f"in {str(folder)!r} is complete, push it later with `hf upload {repo_id} {folder}`"
+            ) from None
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if isinstance(err, HfHubHTTPError) and status in (401, 403):
+            raise TalmError(
+                f"the Hub refused the token for {repo_id!r} ({first_line}): use a token with write access to "
+                "that namespace (HF_TOKEN or `hf auth login`)"
+            ) from None
+        if isinstance(err, HfHubHTTPError):
+            raise TalmError(f"the Hub refused the upload to {repo_id!r}: {first_line}") from None
+        raise
+    return str(getattr(repo, "url", f"https://huggingface.co/{repo_id}"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
