@@ -178,6 +178,8 @@ def plot_runs(
             bpb_ax.legend(loc="upper right", fontsize=8)
     else:
         bpb_ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=bpb_ax.transAxes)
+        bpb_ax.set_xticks([])
+        bpb_ax.set_yticks([])
     fig.suptitle(title or ", ".join(label for label, _, _ in data))
     return save_figure(fig, Path(out))
 
