@@ -178,7 +178,7 @@ _TOKENIZER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 class TokenizerConfig(Config):
     """What `train_tokenizer` trains: a byte-level BPE written to tokenizers/NAME.json."""
 
-    vocab_size: int = Field(ge=MIN_VOCAB_SIZE, le=MAX_VOCAB_SIZE)
+    vocab_size: int
     """Total token ids, counting the 256 byte tokens and the 4 special tokens (so merges = vocab_size - 260)."""
     name: str
     """Name of the tokenizer: it is written to tokenizers/NAME.json."""
@@ -186,6 +186,18 @@ class TokenizerConfig(Config):
     """UTF-8 text file(s) to train on, read as a stream (they may be larger than memory)."""
     force: bool = False
     """Overwrite tokenizers/NAME.json if it already exists."""
+
+    @field_validator("vocab_size")
+    @classmethod
+    def _check_vocab_size(cls, vocab_size: int) -> int:
+        if vocab_size < MIN_VOCAB_SIZE:
+            raise ValueError(
+                f"must be at least {MIN_VOCAB_SIZE} (256 byte tokens + {len(SPECIAL_TOKENS)} special tokens): "
+                "pick e.g. 1024 for tiny-shakespeare, 32768 or more for web text"
+            )
+        if vocab_size > MAX_VOCAB_SIZE:
+            raise ValueError(f"must be at most {MAX_VOCAB_SIZE}: pick e.g. 32768 to 131072 for web text")
+        return vocab_size
 
     @field_validator("name")
     @classmethod
@@ -249,7 +261,10 @@ _FINEWEB_CONFIGS = ["sample-10BT", "sample-100BT", "sample-350BT", "default"]
 
 DATASET_PRESETS: dict[str, DatasetPreset] = {
     "fineweb": DatasetPreset(
-        source="HuggingFaceFW/fineweb", configs=_FINEWEB_CONFIGS, config_pattern=_CC_DUMP, val_tokens=10_000_000
+        source="HuggingFaceFW/fineweb",
+        configs=_FINEWEB_CONFIGS,
+        config_pattern=_CC_DUMP,
+        val_tokens=10_000_000,
     ),
     "fineweb-edu": DatasetPreset(
         source="HuggingFaceFW/fineweb-edu",
@@ -344,7 +359,9 @@ class DownloadConfig(Config):
                 raise ValueError(error)
         for label, value in (("--ds-sample", self.ds_sample), ("--dir-prefix", self.dir_prefix)):
             if value is not None and not _PLAIN_NAME.fullmatch(value):
-                raise ValueError(f"{label} {value!r} is not a plain name: use letters, digits, '.', '-' or '_'")
+                raise ValueError(
+                    f"{label} {value!r} is not a plain name: use letters, digits, '.', '-' or '_'"
+                )
         if self.worker_index >= self.num_workers:
             raise ValueError(
                 f"--worker-index {self.worker_index} is out of range for --num-workers {self.num_workers}: "
@@ -457,15 +474,6 @@ class RunConfig(Config):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
-
-    @model_validator(mode="after")
-    def _check_run(self) -> RunConfig:
-        if self.optim.warmup_steps > self.train.max_steps:
-            raise ValueError(
-                f"optim.warmup_steps={self.optim.warmup_steps} exceeds train.max_steps={self.train.max_steps}: "
-                "lower the warmup or train longer"
-            )
-        return self
 
 
 # Named starting points for `train_model --preset NAME`; a TOML file and flags override them field by field.

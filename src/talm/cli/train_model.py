@@ -24,6 +24,7 @@ PLAIN_TRAIN_FLAGS = (
     "eval_every",
     "eval_tokens",
     "save_every",
+    "log_every",
     "device",
     "dtype",
     "compile",

@@ -1,0 +1,194 @@
+"""The model's training properties and the training loop: metrics, checkpoints, resume, divergence, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from talm.checkpoint import load_model, load_trainer_state, read_meta
+from talm.config import ModelConfig, RunConfig
+from talm.errors import TalmError
+from talm.metrics import read_metrics
+from talm.model import GPT
+from talm.trainer import Trainer, resolve_run
+
+TINY = {"vocab_size": 1024, "n_layer": 2, "n_head": 2, "d_model": 64, "context_length": 32}
+TRAIN_KEYS = {"step", "tokens", "time", "train_loss", "lr", "tokens_per_s"}
+EVAL_KEYS = {"step", "tokens", "time", "val_loss", "val_ppl", "val_bpb"}
+
+
+def run_config(data: Path, **train) -> RunConfig:
+    return RunConfig.model_validate(
+        {
+            "model": {k: v for k, v in TINY.items() if k != "vocab_size"},
+            "optim": {"lr": 3e-3, "warmup_steps": 2},
+            "train": {"max_steps": 6, "batch_size": 4, "eval_every": 3, "save_every": 2, "log_every": 1}
+            | {"eval_tokens": 256, "device": "cpu"}
+            | train,
+            "data": {"dir": str(data)},
+        }
+    )
+
+
+def test_causality() -> None:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY)).eval()
+    x = torch.randint(0, 1024, (2, 32))
+    changed = x.clone()
+    changed[:, 20:] = torch.randint(0, 1024, (2, 12))
+    a, b = model(x)[0], model(changed)[0]
+    assert torch.equal(a[:, :20], b[:, :20])  # the past never sees the future
+    assert not torch.allclose(a[:, 20:], b[:, 20:])
+
+
+def test_initial_loss_is_close_to_ln_vocab() -> None:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY))
+    _, loss = model(torch.randint(0, 1024, (8, 32)), torch.randint(0, 1024, (8, 32)))
+    assert abs(loss.item() - math.log(1024)) < 0.1
+
+
+def test_overfits_one_batch() -> None:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY))
+    x, y = torch.randint(0, 1024, (4, 32)), torch.randint(0, 1024, (4, 32))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+
+
+def test_training_run_writes_metrics_and_checkpoints(tiny_data: Path, in_tmp: Path) -> None:
+    result = Trainer(run_config(tiny_data), "models/m").run()
+    assert result.step == 6 and result.tokens_seen == 6 * 4 * 32
+    records = read_metrics("models/m")
+    train = [r for r in records if "train_loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    assert all(set(r) == TRAIN_KEYS for r in train) and [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert all(set(r) == EVAL_KEYS for r in evals) and [r["step"] for r in evals] == [3, 6]
+    assert [r["tokens"] for r in train] == [128 * s for s in range(1, 7)]
+    assert train[-1]["train_loss"] < train[0]["train_loss"]
+    ev = evals[-1]
+    assert ev["val_ppl"] == pytest.approx(math.exp(ev["val_loss"]))
+    data_meta = json.loads((tiny_data / "meta.json").read_text())
+    val = next(s for s in data_meta["shards"] if s["split"] == "val")
+    assert ev["val_bpb"] == pytest.approx(ev["val_loss"] / math.log(2) * val["tokens"] / val["bytes"])
+
+    meta = read_meta("models/m/latest")
+    assert meta["step"] == 6 and meta["tokens_seen"] == 768
+    assert meta["config"]["model"]["vocab_size"] == 1024 and meta["config"]["train"]["max_steps"] == 6
+    assert meta["tokenizer"]["file"] == "tokenizer.json" and meta["val_loss"] == pytest.approx(ev["val_loss"])
+    assert Path("models/m/tokenizer.json").read_bytes() == Path(data_meta["tokenizer"]["path"]).read_bytes()
+    best = read_meta("models/m/best")
+    assert best["val_loss"] == min(r["val_loss"] for r in evals)
+    state = load_trainer_state("models/m/latest")
+    assert state["step"] == 6 and state["loader"]["cursor"] == 6 * 4 and len(state["rng"]) == 1
+    model, _ = load_model("models/m/latest")
+    assert model.num_params() > 0
+
+
+def test_resume_config_and_architecture_check(tiny_data: Path, in_tmp: Path) -> None:
+    Trainer(run_config(tiny_data), "models/m").run()
+    layers = [{"train": {"max_steps": 8}, "data": {"dir": str(tiny_data)}}]
+    cfg, resume_from = resolve_run("models/m", layers)
+    assert resume_from == Path("models/m/latest") and cfg.model.d_model == 64 and cfg.train.max_steps == 8
+    with pytest.raises(TalmError, match=r"another architecture \(d_model 64 -> 32\)"):
+        resolve_run("models/m", [{"model": {"d_model": 32}}])
+    cfg, resume_from = resolve_run("models/m", [{"model": {"d_model": 32, "n_head": 2}}], restart=True)
+    assert resume_from is None and cfg.model.d_model == 32
+    result = Trainer(
+        resolve_run("models/m", layers)[0], "models/m", resume_from=Path("models/m/latest")
+    ).run()
+    assert result.step == 8
+    steps = [r["step"] for r in read_metrics("models/m") if "train_loss" in r]
+    assert steps == list(range(1, 9))
+
+
+class Sabotage(torch.nn.Module):
+    """Wraps the model: after `calls` forward passes, does `action` (poison the loss or send Ctrl-C)."""
+
+    def __init__(self, model: torch.nn.Module, calls: int, action: str) -> None:
+        super().__init__()
+        self.model, self.calls, self.action, self.n = model, calls, action, 0
+
+    def forward(self, x, y):
+        self.n += 1
+        logits, loss = self.model(x, y)
+        if self.n > self.calls:
+            if self.action == "nan":
+                loss = loss * float("nan")
+            elif self.n == self.calls + 1:
+                os.kill(os.getpid(), signal.SIGINT)
+        return logits, loss
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data: Path, in_tmp: Path) -> None:
+    trainer = Trainer(run_config(tiny_data, max_steps=10, eval_every=100), "models/m")
+    trainer.net = Sabotage(trainer.model, calls=5, action="nan")
+    with pytest.raises(TalmError, match="diverged at step 6"):
+        trainer.run()
+    assert read_meta("models/m/latest")["step"] == 4
+    model, _ = load_model("models/m/latest")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_ctrl_c_saves_and_stops(tiny_data: Path, in_tmp: Path) -> None:
+    trainer = Trainer(run_config(tiny_data, max_steps=10, save_every=100, eval_every=100), "models/m")
+    trainer.net = Sabotage(trainer.model, calls=2, action="sigint")
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert read_meta("models/m/latest")["step"] == 3  # the step in progress finished, then it saved
+
+
+def cli(name: str, data: Path, max_steps: int) -> list[str]:
+    # dropout > 0 so that the RNG state must be restored too
+    return [sys.executable, "-m", "talm.cli.train_model", "-n", name, "-d", str(data), "--deterministic"] + (
+        "--device cpu --model.context_length 32 --model.n_layer 2 --model.d_model 64 --model.n_head 2 "
+        "--model.dropout 0.1 --batch-size 4 --save-every 5 --log-every 1 --eval-every 20 --eval-tokens 256 "
+        f"--optim.warmup_steps 5 --max-steps {max_steps}"
+    ).split()
+
+
+def losses(model_dir: Path) -> dict[int, float]:
+    records = read_metrics(model_dir)
+    train = [r for r in records if "train_loss" in r]
+    assert len({r["step"] for r in train}) == len(train)  # no step logged twice
+    return {r["step"]: r["train_loss"] for r in train} | {
+        -r["step"]: r["val_loss"] for r in records if "val_loss" in r
+    }
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_repeats_the_same_losses_bit_for_bit(tiny_data: Path, in_tmp: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    steps = 60
+    subprocess.run(cli("ref", tiny_data, steps), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(
+        cli("run", tiny_data, steps), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    ckpt = Path("models/run/latest/checkpoint.json")
+    deadline = time.monotonic() + 120
+    while not (ckpt.exists() and json.loads(ckpt.read_text())["step"] >= 5):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = read_meta("models/run/latest")["step"]
+    assert killed_at < steps, "the run finished before it could be killed"
+    resumed = subprocess.run(cli("run", tiny_data, steps), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming models/run from step {killed_at}" in resumed.stderr
+    ref, run = losses(Path("models/ref")), losses(Path("models/run"))
+    assert len(ref) == steps + 3 and run == ref  # every train and val loss identical, to the bit
