@@ -30,8 +30,9 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -713,6 +714,7 @@ def train(
     )
     sample: list[str] = []
     sample_bytes = 0
+    stop = threading.Event()
 
     def stream() -> Iterator[str]:
         nonlocal sample_bytes
@@ -721,6 +723,8 @@ def train(
         ) as bar:
             for path in files:
                 for text, n_bytes in read_text_blocks(path, block_bytes=block_bytes):
+                    if stop.is_set():
+                        raise KeyboardInterrupt  # ends the abandoned training thread at its next read
                     bar.update(n_bytes)
                     if sample_bytes < _COMPRESSION_SAMPLE_BYTES:
                         sample.append(text)
@@ -728,12 +732,39 @@ def train(
                     yield text
 
     start = time.perf_counter()
-    hf.train_from_iterator(stream(), trainer=trainer)
+    _run_interruptibly(lambda: hf.train_from_iterator(stream(), trainer=trainer), stop)
     tokenizer = _relayout(hf, name)
     seconds = time.perf_counter() - start
     sample_tokens = sum(len(ids) for ids in tokenizer.encode_batch(sample))
     sample_bytes = sum(len(s.encode("utf-8")) for s in sample)
     return tokenizer, TrainStats(total_bytes, seconds, sample_bytes, sample_tokens)
+
+
+def _run_interruptibly(work: Callable[[], object], stop: threading.Event) -> None:
+    """Run `work` in a daemon thread while the main thread waits, so Ctrl-C is handled at once.
+
+    HF's trainer pulls the text iterator from its own Rust threads, so a SIGINT would otherwise wait for the
+    whole training to finish. On Ctrl-C, `stop` tells the reader to end the abandoned thread and the
+    KeyboardInterrupt goes up; nothing has been written yet.
+    """
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            work()
+        except BaseException as err:  # handed to the main thread below
+            failure.append(err)
+
+    thread = threading.Thread(target=target, name="talm-train-tokenizer", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.1)
+    except KeyboardInterrupt:
+        stop.set()
+        raise
+    if failure:
+        raise failure[0]
 
 
 def _relayout(trained: tokenizers.Tokenizer, name: str) -> Tokenizer:

@@ -1,0 +1,392 @@
+"""The Tokenizer API: round trips on both file formats, the fast engine against HF's ids, specials, dtypes,
+fingerprints, training determinism and streaming, and the errors a user can cause."""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import BASE_TOKENIZER, ORIGINAL_TOKENIZER, SHAKESPEARE
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from talm.config import SPECIAL_TOKENS
+from talm.errors import TalmError
+from talm.tokenizer import (
+    _DOC_SEPARATOR,
+    Tokenizer,
+    _build_hf_bpe,
+    _merges_match_ranks,
+    read_text_blocks,
+    train,
+)
+
+BASE = Tokenizer.from_file(BASE_TOKENIZER)
+ORIGINAL = Tokenizer.from_file(ORIGINAL_TOKENIZER)
+BOTH = pytest.mark.parametrize("tok", [BASE, ORIGINAL], ids=["talm", "original"])
+
+SAMPLES = [
+    "",
+    "Hello, world!",
+    "ROMEO:\nBut, soft! what light through yonder window breaks?\n\n\n",
+    "naïve café — “quotes” «guillemets» ½ № ™",
+    "日本語のテキスト、中文文本，한국어 텍스트",
+    "emoji 😀👍🏽 👨‍👩‍👧‍👦 flags 🇫🇷🇯🇵",
+    "combining: e\u0301 a\u0308\u0323 Z\u0351\u0345\u036b",
+    "controls: \x00\x01\x07\x1b[0m\x7f\x85\u2028\u2029 tabs\t\tand\r\nCRLF\r",
+    "code: def f(x):\n    return x**2  # 1234567890 3.14159\n\tif (a && b) { c++; }\n",
+    "specials as text: <|endoftext|> <|user|>hi<|assistant|> <|system|> <|endoftext",
+    "   leading and trailing spaces   \n  \n",
+    "I'll we've they're it's DON'T WE'LL",
+    "Русский текст, ελληνικά, עברית, العربية, हिन्दी",
+    "\ufeffBOM and zero\u200bwidth\u200d joiners \ufffd replacement",
+]
+
+
+def hf_ids(tok: Tokenizer, text: str) -> list[int]:
+    """The reference ids: HF's own encoder (for original files, the converted HF tokenizer)."""
+    return tok._hf.encode(text, add_special_tokens=False).ids
+
+
+# ------------------------------------------------------------------------------------------------- round trip
+
+
+@BOTH
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=200))
+def test_round_trip_any_text(tok: Tokenizer, text: str) -> None:
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode(tok.encode_batch([text])[0]) == text
+
+
+@BOTH
+@settings(max_examples=200, deadline=None)
+@given(
+    parts=st.lists(
+        st.one_of(
+            st.sampled_from([*SPECIAL_TOKENS, "<|", "|>", " ", "\n", "😀", "e\u0301"]), st.text(max_size=20)
+        ),
+        max_size=12,
+    )
+)
+def test_round_trip_with_special_spellings(tok: Tokenizer, parts: list[str]) -> None:
+    text = "".join(parts)
+    ids = tok.encode(text)
+    assert not set(ids) & set(tok.special_tokens.values())  # spellings are ordinary text by default
+    assert tok.decode(ids) == text
+    assert tok.decode(tok.encode(text, allow_special=True)) == text
+
+
+@BOTH
+@pytest.mark.parametrize("text", SAMPLES)
+def test_round_trip_samples(tok: Tokenizer, text: str) -> None:
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_round_trip_shakespeare() -> None:
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    for tok in (BASE, ORIGINAL):
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert len(ids) < len(text.encode("utf-8")) / 2  # the BPE actually compresses
+
+
+def test_lone_surrogates_become_replacement_characters() -> None:
+    text = "a\ud800b\udfffc"  # not valid Unicode text: no UTF-8 exists for it
+    for tok in (BASE, ORIGINAL):
+        assert tok.decode(tok.encode(text)) == "a\ufffdb\ufffdc"
+        assert tok.decode(tok.encode_batch(["ok", text])[1]) == "a\ufffdb\ufffdc"
+    # an escaped surrogate *pair* is the character it encodes
+    assert BASE.decode(BASE.encode("x\ud83d\ude00y")) == "x😀y"
+
+
+# ---------------------------------------------------------------------------------- fast engine == HF's ids
+
+
+def test_fast_engine_is_used_for_talm_files() -> None:
+    assert BASE._tiktoken is not None
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=st.text(max_size=300))
+def test_fast_ids_equal_hf_ids_any_text(text: str) -> None:
+    assert BASE.encode(text) == hf_ids(BASE, text)
+    assert BASE.encode(text, allow_special=True) == BASE._hf_with_specials.encode(text).ids
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet=st.characters(codec="utf-8"), max_size=300))
+def test_original_format_matches_its_hf_conversion(text: str) -> None:
+    assert ORIGINAL.encode(text) == hf_ids(ORIGINAL, text)
+
+
+def _varied_documents(n: int, seed: int = 0) -> list[str]:
+    """Shakespeare slices of random lengths mixed with the multilingual / emoji / code samples."""
+    rng = random.Random(seed)
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    docs = []
+    for _ in range(n):
+        start = rng.randrange(len(text))
+        doc = text[start : start + rng.choice([0, 1, 7, 150, 1000, 5000])]
+        if rng.random() < 0.3:
+            doc = doc + rng.choice(SAMPLES) + doc[: rng.randrange(50)]
+        docs.append(doc)
+    return docs
+
+
+@BOTH
+def test_encode_batch_equals_hf_on_varied_documents(tok: Tokenizer) -> None:
+    docs = _varied_documents(3000)
+    got = tok.encode_batch(docs)
+    want = tok._hf.encode_batch(docs, add_special_tokens=False)
+    assert len(got) == len(docs)
+    for doc, ids, ref in zip(docs, got, want, strict=True):
+        assert ids.dtype == tok.token_dtype
+        assert ids.tolist() == ref.ids, doc[:80]
+
+
+def test_encode_batch_edge_cases() -> None:
+    assert BASE.encode_batch([]) == []
+    docs = ["", "", "a", "", _DOC_SEPARATOR, "x" + _DOC_SEPARATOR + "y", "<|endoftext|>", ""]
+    for batch in (docs, docs * 5000):  # one call, and many threaded groups
+        got = BASE.encode_batch(batch)
+        assert [ids.tolist() for ids in got] == [BASE.encode(d) for d in batch]
+        assert all(ids.dtype == np.uint16 for ids in got)
+
+
+def test_encode_batch_accepts_any_sequence() -> None:
+    docs = ("to be", "or not")
+    assert [a.tolist() for a in BASE.encode_batch(docs)] == [BASE.encode(d) for d in docs]
+
+
+# -------------------------------------------------------------------------- merge order vs rank order
+
+
+def _tiny_tokenizer(merges: list[tuple[bytes, bytes]]) -> Tokenizer:
+    token_bytes = [bytes([b]) for b in range(256)] + [a + b for a, b in merges]
+    specials = {s: len(token_bytes) + i for i, s in enumerate(SPECIAL_TOKENS)}
+    text = _build_hf_bpe(token_bytes, merges, specials, r"\p{L}+|\s+|[^\s\p{L}]+").to_str()
+    return Tokenizer._from_hf(json.loads(text), text, None)
+
+
+def test_merges_disagreeing_with_ranks_fall_back_to_hf() -> None:
+    # HF applies (b,c) then has no merge for (a, bc); tiktoken's rank rule would merge a+bc -> "abc".
+    tok = _tiny_tokenizer([(b"b", b"c"), (b"a", b"b"), (b"ab", b"c")])
+    assert not _merges_match_ranks(tok._merges, tok._ranks)
+    assert tok._tiktoken is None
+    assert tok.encode("abc") == hf_ids(tok, "abc") == [ord("a"), 256]
+    assert [a.tolist() for a in tok.encode_batch(["abc", "xabcx"])] == [[97, 256], hf_ids(tok, "xabcx")]
+    assert tok.decode(tok.encode("abc cab")) == "abc cab"
+
+
+def test_consistent_merges_use_the_fast_engine() -> None:
+    tok = _tiny_tokenizer([(b"a", b"b"), (b"ab", b"c"), (b"b", b"c")])
+    assert tok._tiktoken is not None
+    for text in ["abc", "bcab", "abcbc cbabc", "aabbcc"]:
+        assert tok.encode(text) == hf_ids(tok, text)
+
+
+# ---------------------------------------------------------------------------------------- special tokens
+
+
+@BOTH
+def test_special_tokens(tok: Tokenizer) -> None:
+    assert set(tok.special_tokens) == set(SPECIAL_TOKENS)
+    assert tok.eot_id == tok.special_tokens["<|endoftext|>"]
+    assert sorted(tok.special_tokens.values()) == list(range(tok.vocab_size - 4, tok.vocab_size))
+    ids = tok.encode("a<|endoftext|>b<|user|>", allow_special=True)
+    assert tok.eot_id in ids and tok.special_tokens["<|user|>"] in ids
+    assert tok.decode(ids) == "a<|endoftext|>b<|user|>"
+    assert tok.decode([tok.eot_id]) == "<|endoftext|>"
+    assert tok.eot_id not in tok.encode("<|endoftext|>")
+
+
+def test_base_layout() -> None:
+    assert BASE.vocab_size == 1024
+    assert BASE.special_tokens == {s: 1020 + i for i, s in enumerate(SPECIAL_TOKENS)}
+    assert [BASE.decode([b]).encode("utf-8") for b in range(128)] == [bytes([b]) for b in range(128)]
+    assert BASE.name == "base" and BASE.path == BASE_TOKENIZER
+
+
+def test_original_fixture_keeps_its_ids() -> None:
+    document = json.loads(ORIGINAL_TOKENIZER.read_text())
+    assert ORIGINAL.vocab_size == len(document["vocab"]) + len(document["special_tokens"])
+    assert ORIGINAL.special_tokens == document["special_tokens"]
+    assert ORIGINAL.name == document["name"]
+    ranks = {base64.b64decode(k): v for k, v in document["vocab"].items()}
+    assert ORIGINAL.encode(" the") == [ranks[b" the"]]
+
+
+def test_decode_accepts_lists_and_any_int_array() -> None:
+    ids = BASE.encode("To be, or not to be")
+    for form in (ids, np.array(ids, dtype=np.uint16), np.array(ids, dtype=np.int64), tuple(ids)):
+        assert BASE.decode(form) == "To be, or not to be"
+    assert BASE.decode([]) == ""
+    assert BASE.decode([0xE2, 0x82]) == "\ufffd"  # a cut multi-byte character is replaced, never raises
+    with pytest.raises(ValueError, match="outside"):
+        BASE.decode([BASE.vocab_size])
+    with pytest.raises(ValueError, match="outside"):
+        BASE.decode([-1])
+
+
+def test_to_hf_gives_the_same_ids() -> None:
+    text = "KING RICHARD III:\nNow is the winter of our discontent<|endoftext|>😀 e\u0301"
+    for tok in (BASE, ORIGINAL):
+        hf = tok.to_hf()
+        assert hf.encode(text, add_special_tokens=False).ids == tok.encode(text, allow_special=True)
+        assert hf.get_vocab_size() == tok.vocab_size
+
+
+# --------------------------------------------------------------------------------------------------- dtypes
+
+
+def _synthetic_original(path: Path, n_ordinary: int, last: bytes = b"ab") -> Path:
+    """An original-format file with `n_ordinary` tokens: bytes, then 2-byte tokens, `last` ranked last."""
+    pairs = [bytes([a, b]) for a in range(256) for b in range(256)]
+    triples = [bytes([a, b, c]) for a in range(97, 123) for b in range(97, 123) for c in range(97, 123)]
+    longer = [t for t in pairs + triples if t != last]
+    tokens = [bytes([b]) for b in range(256)] + longer[: n_ordinary - 257] + [last]
+    document = {
+        "name": path.stem,
+        "regex_pattern": r"\p{L}+|\s+|[^\s\p{L}]+",
+        "vocab": {base64.b64encode(t).decode(): i for i, t in enumerate(tokens)},
+        "special_tokens": {s: n_ordinary + i for i, s in enumerate(SPECIAL_TOKENS)},
+    }
+    path.write_text(json.dumps(document))
+    return path
+
+
+def test_dtype_uint32_beyond_65536_ids(tmp_path: Path) -> None:
+    tok = Tokenizer.from_file(_synthetic_original(tmp_path / "big.json", 70_000))
+    assert tok.vocab_size == 70_004 and tok.token_dtype == np.uint32
+    (ids,) = tok.encode_batch(["ab"])
+    assert ids.dtype == np.uint32 and ids.tolist() == [69_999]  # an id that uint16 would truncate
+    assert tok.decode(ids) == "ab"
+    assert tok.encode_batch(["x<|endoftext|>"])[0].dtype == np.uint32
+
+
+def test_dtype_uint16_up_to_65536_ids(tmp_path: Path) -> None:
+    tok = Tokenizer.from_file(_synthetic_original(tmp_path / "edge.json", 65_536 - 4))
+    assert tok.vocab_size == 65_536 and tok.token_dtype == np.uint16
+    assert tok.encode_batch(["ab"])[0].tolist() == [65_531]
+    assert BASE.token_dtype == np.uint16
+
+
+# ----------------------------------------------------------------------------------------------- fingerprint
+
+
+def test_fingerprint_ignores_path_and_whitespace(tmp_path: Path) -> None:
+    for source in (BASE_TOKENIZER, ORIGINAL_TOKENIZER):
+        document = json.loads(source.read_text())
+        compact = tmp_path / "compact.json"
+        compact.write_text(json.dumps(document, separators=(",", ":")))
+        shuffled = tmp_path / "other-name.json"
+        shuffled.write_text(json.dumps(dict(reversed(list(document.items()))), indent=7))
+        fingerprints = {Tokenizer.from_file(p).fingerprint for p in (source, compact, shuffled)}
+        assert len(fingerprints) == 1
+        (fp,) = fingerprints
+        assert len(fp) == 64 and int(fp, 16) >= 0
+
+
+def test_fingerprint_changes_with_content(tmp_path: Path) -> None:
+    document = json.loads(BASE_TOKENIZER.read_text())
+    document["model"]["merges"] = document["model"]["merges"][:-1]
+    token = next(t for t, i in document["model"]["vocab"].items() if i == 1019)
+    del document["model"]["vocab"][token]
+    for t in document["added_tokens"]:
+        t["id"] -= 1
+    changed = tmp_path / "changed.json"
+    changed.write_text(json.dumps(document))
+    assert Tokenizer.from_file(changed).fingerprint != BASE.fingerprint
+    assert BASE.fingerprint != ORIGINAL.fingerprint
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def test_shipped_base_is_reproducible(tmp_path: Path) -> None:
+    """base.json is exactly what training on tiny-shakespeare at vocab 1024 writes (training is deterministic)."""
+    tok, stats = train([SHAKESPEARE], 1024, name="base", progress=False)
+    tok.save(tmp_path / "base.json")
+    assert (tmp_path / "base.json").read_bytes() == BASE_TOKENIZER.read_bytes()
+    assert stats.text_bytes == SHAKESPEARE.stat().st_size
+    assert 2.0 < stats.bytes_per_token < 4.0
+
+
+def test_streaming_in_small_blocks_trains_the_same_tokenizer(tmp_path: Path) -> None:
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:200_000] + "\n\n  \n日本語 😀 " * 50
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text, encoding="utf-8")
+    whole, _ = train([corpus], 600, progress=False, block_bytes=1 << 22)
+    streamed, _ = train([corpus], 600, progress=False, block_bytes=997)  # cuts inside multi-byte characters
+    assert streamed.to_hf().to_str() == whole.to_hf().to_str()
+
+
+def test_read_text_blocks_covers_the_file(tmp_path: Path) -> None:
+    text = "line one\n  indented\n\nünïcödé 😀\nlast line without newline"
+    path = tmp_path / "t.txt"
+    path.write_text(text * 100, encoding="utf-8")
+    blocks = list(read_text_blocks(path, block_bytes=7))
+    assert "".join(b for b, _ in blocks) == text * 100
+    assert sum(n for _, n in blocks) == path.stat().st_size
+
+
+def test_several_files_and_small_text(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("hello hello hello world\n")
+    (tmp_path / "b.txt").write_text("world wide web\n")
+    tok, stats = train([tmp_path / "a.txt", tmp_path / "b.txt"], 100_000, progress=False)
+    assert tok.vocab_size < 100_000  # the text runs out of pairs before the asked size
+    assert tok.encode(" hello") == [tok._ranks[b" hello"]]
+    assert stats.text_bytes == 39
+
+
+def test_non_utf8_names_the_place(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(b"fine line\nsecond line caf\xe9\n" + b"x" * 100_000)
+    with pytest.raises(TalmError, match=r"latin1.txt.*not UTF-8.*0xe9 at byte offset 25 \(line 2\)"):
+        train([path], 300, progress=False)
+    path.write_bytes(b"x" * 70_000 + b"\n\xf0\x9f\x98")  # truncated emoji at the very end
+    with pytest.raises(TalmError, match=r"0xf0 at byte offset 70001 \(line 2\)"):
+        train([path], 300, progress=False)
+
+
+@pytest.mark.parametrize("vocab_size", [0, 259, 2**20 + 1])
+def test_train_rejects_vocab_sizes(vocab_size: int) -> None:
+    with pytest.raises(TalmError, match="vocab_size"):
+        train([SHAKESPEARE], vocab_size, progress=False)
+
+
+def test_save_is_atomic_and_refuses_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "t.json"
+    out.write_text("precious")
+    with pytest.raises(TalmError, match="already exists"):
+        BASE.save(out)
+    assert out.read_text() == "precious"
+    BASE.save(out, overwrite=True)
+    assert out.read_bytes() == BASE_TOKENIZER.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]  # no temp files left behind
+
+
+# --------------------------------------------------------------------------------------------- loading errors
+
+
+def test_from_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(TalmError, match="not found"):
+        Tokenizer.from_file(tmp_path / "nope.json")
+    with pytest.raises(TalmError, match="not a file"):
+        Tokenizer.from_file(tmp_path)
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(TalmError, match="not a tokenizer"):
+        Tokenizer.from_file(tmp_path / "junk.json")
+    (tmp_path / "other.json").write_text('{"hello": 1}')
+    with pytest.raises(TalmError, match="not a tokenizer"):
+        Tokenizer.from_file(tmp_path / "other.json")
+    document = json.loads(ORIGINAL_TOKENIZER.read_text())
+    del document["vocab"][base64.b64encode(b"A").decode()]
+    (tmp_path / "gap.json").write_text(json.dumps(document))
+    with pytest.raises(TalmError, match="not a valid original"):
+        Tokenizer.from_file(tmp_path / "gap.json")
