@@ -219,8 +219,10 @@ class ShardWriter:
         self.complete = False
         self.split = "train" if val_tokens == 0 else "val"
         self.empty_documents = 0
-        self._skip = 0  # stream tokens to drop after resuming (already in committed shards)
+        self._skip = 0  # stream tokens still to drop after resuming (they are in committed shards)
+        # Resume point of the last commit: stream position before a batch + tokens of it already written.
         self._resume_state: dict[str, Any] | None = None
+        self._resume_skip = 0
         self._buffer: np.ndarray | None = None
         self._filled = 0
         self._docs = 0
@@ -236,7 +238,7 @@ class ShardWriter:
         if not self.complete:
             resume = {
                 "stream_state": self._resume_state,
-                "skip_tokens": self._skip,
+                "skip_tokens": self._resume_skip,
                 "split": self.split,
                 "empty_documents": self.empty_documents,
             }
@@ -265,7 +267,7 @@ class ShardWriter:
             self.split = resume["split"]
             self.empty_documents = resume["empty_documents"]
             self._resume_state = resume["stream_state"]
-            self._skip = resume["skip_tokens"]
+            self._skip = self._resume_skip = resume["skip_tokens"]
         else:
             self.split = "train"
             self.empty_documents = manifest["totals"]["empty_documents"]
@@ -404,8 +406,11 @@ class ShardWriter:
         part_lo = np.clip(a - s, 0, length) * nbytes // safe
         self._bytes += int((part_hi - part_lo).sum())
 
-    def _commit(self, state_before: dict[str, Any] | None, skip: int, next_split: str) -> None:
-        """Write the open shard and then the manifest that lists it (resume = state_before + skip tokens)."""
+    def _commit(self, state_before: dict[str, Any], skip: int, next_split: str, *, last: bool = False) -> None:
+        """Write the open shard and then the manifest that lists it (resume = state_before + skip tokens).
+
+        The `last` shard's manifest marks the data complete; it is written once, so no manifest ever says
+        "resume from nowhere"."""
         assert self._buffer is not None and self._filled > 0
         name = shard_name(self.split, len(self.shards), self.tag)
         data = self._buffer[: self._filled]
@@ -425,7 +430,11 @@ class ShardWriter:
         self._filled = self._docs = self._bytes = 0
         if next_split != self.split:
             self.split, self._split_tokens = next_split, 0
-        self._resume_state, self._skip = state_before, skip
+        if last:
+            self.complete = True
+            self._resume_state, self._resume_skip = None, 0
+        else:
+            self._resume_state, self._resume_skip = state_before, skip
         self._write_manifest()
 
     def _write_manifest(self) -> None:
@@ -443,17 +452,18 @@ class ShardWriter:
                 f"the stream ended after {got:,} tokens, before the validation split (--val-tokens "
                 f"{self.val_tokens:,} for this worker) was full, so no training tokens are left: lower --val-tokens"
             )
-        if self._filled:
-            self._commit(None, 0, next_split=self.split)
-        if not self.shards:
+        if not self.shards and not self._filled:
             self.discard()
             raise TalmError(
                 f"the stream held no text ({self.empty_documents:,} empty documents): check --text-column and "
                 "the source"
             )
-        self.complete = True
-        self._resume_state, self._skip = None, 0
-        self._write_manifest()
+        if self._filled:
+            self._commit({}, 0, next_split=self.split, last=True)
+        else:  # the stream ended exactly at a shard boundary
+            self.complete = True
+            self._resume_state, self._resume_skip = None, 0
+            self._write_manifest()
         self._buffer = None
 
     def discard(self) -> None:
