@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import pickle
 import random
 from pathlib import Path
 
@@ -158,6 +159,22 @@ def test_encode_batch_edge_cases() -> None:
         assert all(ids.dtype == np.uint16 for ids in got)
 
 
+def test_encode_rejects_non_text() -> None:
+    with pytest.raises(TypeError):
+        BASE.encode_batch(["ok", b"bytes"])  # type: ignore[list-item]
+    with pytest.raises(TypeError):
+        BASE.encode(None)  # type: ignore[arg-type]
+
+
+@BOTH
+def test_pickles_for_worker_processes(tok: Tokenizer) -> None:
+    tok.encode("warm the engines up")
+    copy = pickle.loads(pickle.dumps(tok))
+    assert copy.fingerprint == tok.fingerprint and copy.vocab_size == tok.vocab_size
+    assert copy.encode_batch(SAMPLES)[5].tolist() == tok.encode(SAMPLES[5])
+    assert len(pickle.dumps(tok)) < 2 * tok.path.stat().st_size + 100_000
+
+
 def test_encode_batch_accepts_any_sequence() -> None:
     docs = ("to be", "or not")
     assert [a.tolist() for a in BASE.encode_batch(docs)] == [BASE.encode(d) for d in docs]
@@ -181,6 +198,10 @@ def test_merges_disagreeing_with_ranks_fall_back_to_hf() -> None:
     assert tok.encode("abc") == hf_ids(tok, "abc") == [ord("a"), 256]
     assert [a.tolist() for a in tok.encode_batch(["abc", "xabcx"])] == [[97, 256], hf_ids(tok, "xabcx")]
     assert tok.decode(tok.encode("abc cab")) == "abc cab"
+    assert tok.decode(tok.encode("a\ud800b")) == "a\ufffdb"  # lone surrogates, as on the fast engine
+    assert tok.decode(tok.encode_batch(["c", "a\udc00b"])[1]) == "a\ufffdb"
+    with pytest.raises(TypeError):
+        tok.encode_batch(["ok", b"bytes"])  # type: ignore[list-item]
 
 
 def test_consistent_merges_use_the_fast_engine() -> None:

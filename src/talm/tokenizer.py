@@ -91,6 +91,8 @@ def _hf_token_bytes(token: str) -> bytes:
 
 def _replace_lone_surrogates(text: str) -> str:
     """Lone surrogates cannot be UTF-8: make them U+FFFD (valid surrogate pairs become their character)."""
+    if not isinstance(text, str):
+        raise TypeError(f"expected text as str, got {type(text).__name__}")
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
@@ -375,7 +377,9 @@ class Tokenizer:
         hf = self._hf_with_specials if allow_special else self._hf
         try:
             return hf.encode(text, add_special_tokens=False).ids
-        except UnicodeEncodeError:
+        except TypeError:  # HF's way of refusing a str with lone surrogates
+            if not isinstance(text, str):
+                raise
             return hf.encode(_replace_lone_surrogates(text), add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
@@ -426,7 +430,7 @@ class Tokenizer:
         texts = list(texts)
         try:
             encodings = self._hf.encode_batch_fast(texts, add_special_tokens=False)
-        except (UnicodeEncodeError, TypeError):
+        except TypeError:  # lone surrogates somewhere (or not a str: then this raises again)
             encodings = self._hf.encode_batch_fast(
                 [_replace_lone_surrogates(t) for t in texts], add_special_tokens=False
             )
@@ -457,6 +461,11 @@ class Tokenizer:
         _write_atomically(path, text.encode("utf-8"), overwrite=overwrite)
         self.path = path
         return path
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle only the content (e.g. to send it to worker processes); engines are rebuilt on first use."""
+        engines = ("_ranks", "_tiktoken", "_hf", "_hf_with_specials")
+        return {k: v for k, v in self.__dict__.items() if k not in engines}
 
     def __repr__(self) -> str:
         return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, path={str(self.path)!r})"
