@@ -192,8 +192,9 @@ class TextStream:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._dataset.load_state_dict(state)
 
-    def batches(self, target_bytes: int = 4 << 20) -> Iterator[TextBatch]:
-        """Texts in stream order, grouped into batches of about `target_bytes` of UTF-8."""
+    def batches(self, target_bytes: int = 4 << 20, rows_per_read: int = ROWS_PER_READ) -> Iterator[TextBatch]:
+        """Texts in stream order, grouped into batches of about `target_bytes` of UTF-8 (whole reads of
+        `rows_per_read` rows, the granularity of the stream positions)."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -201,7 +202,7 @@ class TextStream:
         texts: list[str | None] = []
         sizes: list[np.ndarray] = []
         n_bytes = 0
-        tables = self._dataset.iter(batch_size=ROWS_PER_READ)
+        tables = self._dataset.iter(batch_size=rows_per_read)
         try:
             for table in tables:
                 if column not in table.column_names:
