@@ -343,27 +343,28 @@ class DownloadConfig(Config):
 
     @model_validator(mode="after")
     def _check(self) -> DownloadConfig:
+        # TalmError (not ValueError) passes through pydantic as is: these messages are whole sentences.
         if not _PLAIN_NAME.fullmatch(self.dataset):
-            raise ValueError(
+            raise TalmError(
                 f"dataset name {self.dataset!r} is not a plain name: use letters, digits, '.', '-' or '_'"
             )
         preset = DATASET_PRESETS.get(self.dataset)
         if preset is None and not self.data_files:
-            raise ValueError(
+            raise TalmError(
                 f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASET_PRESETS)}, "
                 "or pass your own files with --data-files"
             )
         if preset is not None and self.ds_sample is not None and not self.data_files:
             error = preset.config_error(self.ds_sample)
             if error:
-                raise ValueError(error)
+                raise TalmError(error)
         for label, value in (("--ds-sample", self.ds_sample), ("--dir-prefix", self.dir_prefix)):
             if value is not None and not _PLAIN_NAME.fullmatch(value):
-                raise ValueError(
+                raise TalmError(
                     f"{label} {value!r} is not a plain name: use letters, digits, '.', '-' or '_'"
                 )
         if self.worker_index >= self.num_workers:
-            raise ValueError(
+            raise TalmError(
                 f"--worker-index {self.worker_index} is out of range for --num-workers {self.num_workers}: "
                 f"pass an index from 0 to {self.num_workers - 1}"
             )

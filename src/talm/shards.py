@@ -406,7 +406,9 @@ class ShardWriter:
         part_lo = np.clip(a - s, 0, length) * nbytes // safe
         self._bytes += int((part_hi - part_lo).sum())
 
-    def _commit(self, state_before: dict[str, Any], skip: int, next_split: str, *, last: bool = False) -> None:
+    def _commit(
+        self, state_before: dict[str, Any], skip: int, next_split: str, *, last: bool = False
+    ) -> None:
         """Write the open shard and then the manifest that lists it (resume = state_before + skip tokens).
 
         The `last` shard's manifest marks the data complete; it is written once, so no manifest ever says
