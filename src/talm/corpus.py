@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -246,6 +247,11 @@ def _import_datasets() -> Any:
             del os.environ["USE_TORCH"]
         else:
             os.environ["USE_TORCH"] = previous
+    version = tuple(int(p) for p in re.findall(r"\d+", datasets.__version__)[:3])
+    if version < (5, 0, 1):
+        raise TalmError(
+            f"datasets {datasets.__version__} resumes streams wrongly: upgrade it (pip install 'datasets>=5.0.1')"
+        )
     return datasets
 
 

@@ -1,0 +1,273 @@
+"""download_data end to end against the raw batch encoder and the original talm's approach.
+
+    .venv/bin/python benchmarks/bench_data.py                 # 100 MB corpora (a few minutes on 2 cores)
+    .venv/bin/python benchmarks/bench_data.py --mb 20          # quicker, less precise
+
+Builds two local corpora laid out like the Hub repos (parquet files with fineweb's schema, a README.md whose
+`configs:` block maps config names to files): one of short documents (~150 bytes) as ./HuggingFaceFW/fineweb,
+one of web-length documents (~4 KB) as ./HuggingFaceFW/fineweb-edu, each with a second config holding half the
+files. For each corpus it measures, in the same run:
+- the real pipeline: `download_data` as a subprocess (reading parquet through `datasets`, tokenizing on all
+  cores, writing shards), its throughput from its own summary line, its wall time, and its peak RSS on the
+  half and the full corpus (memory must not grow with the corpus);
+- the raw batch encoder: `Tokenizer.encode_batch` on the same texts already in memory, in the same batches;
+- the original talm's approach, re-implemented: a 2-process `multiprocessing.Pool` whose `imap` (chunksize 16)
+  calls a tiktoken-based tokenizer once per document, the tokenizer pickled into every chunk (it rode along in
+  a `functools.partial`), on a prefix of the texts (it only tokenizes: no reading, no writing).
+All three use the same vocabulary (tokenizers/base.json). Ratios are only meaningful within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import multiprocessing as mp
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from talm.tokenizer import UNICODE_TO_BYTE, Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = ROOT / "tokenizers" / "base.json"
+DOWNLOAD_DATA = str(Path(sys.executable).with_name("download_data"))
+FILES = 8  # parquet files per corpus
+
+
+# ------------------------------------------------------------------------------------------------ corpora
+
+
+def make_texts(total_mb: float, doc_bytes: int, seed: int) -> list[str]:
+    """Documents of about `doc_bytes` (+-50%): windows of tiny-shakespeare at random places."""
+    source = (ROOT / "tiny-shakespeare.txt").read_text(encoding="utf-8")
+    rng = random.Random(seed)
+    texts, total = [], 0
+    while total < total_mb * 1e6:
+        n = rng.randint(doc_bytes // 2, doc_bytes * 3 // 2)
+        start = rng.randrange(0, len(source) - n)
+        texts.append(source[start : start + n])
+        total += n
+    return texts
+
+
+def write_corpus(repo: Path, texts: list[str]) -> None:
+    """`repo` laid out like HuggingFaceFW/fineweb: sample-10BT = all files, CC-MAIN-2024-10 = the first half."""
+    files_dir = repo / "sample" / "10BT"
+    files_dir.mkdir(parents=True)
+    per_file = -(-len(texts) // FILES)
+    for i in range(FILES):
+        chunk = texts[i * per_file : (i + 1) * per_file]
+        n = len(chunk)
+        table = pa.table(
+            {
+                "text": chunk,
+                "id": [f"<urn:uuid:{i}-{k}>" for k in range(n)],
+                "dump": ["CC-MAIN-2024-10"] * n,
+                "url": [f"https://example.com/{i}/{k}" for k in range(n)],
+                "date": ["2024-02-21T01:02:03Z"] * n,
+                "file_path": [f"s3://commoncrawl/{i}.warc.gz"] * n,
+                "language": ["en"] * n,
+                "language_score": pa.array([0.9] * n, pa.float64()),
+                "token_count": pa.array([len(t) // 4 for t in chunk], pa.int64()),
+            }
+        )
+        pq.write_table(table, files_dir / f"{i:03d}_00000.parquet")
+    half = [f"sample/10BT/{i:03d}_00000.parquet" for i in range(FILES // 2)]
+    readme = ["---", "configs:", "- config_name: sample-10BT", "  data_files:", "  - split: train"]
+    readme += [
+        "    path: sample/10BT/*",
+        "- config_name: CC-MAIN-2024-10",
+        "  data_files:",
+        "  - split: train",
+    ]
+    readme += ["    path:"] + [f"    - {p}" for p in half] + ["---", ""]
+    (repo / "README.md").write_text("\n".join(readme), encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------------ measurements
+
+
+def run_pipeline(workdir: Path, dataset: str, config: str) -> dict[str, float]:
+    """download_data as users run it; returns its own throughput, wall time and peak RSS (from wait4)."""
+    out = workdir / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(workdir / "hf_home")}
+    args = [
+        DOWNLOAD_DATA,
+        dataset,
+        "--ds-sample",
+        config,
+        "-t",
+        str(TOKENIZER),
+        "--data-root",
+        str(out),
+        "--val-tokens",
+        "1e6",
+    ]
+    log_out, log_err = workdir / "stdout.txt", workdir / "stderr.txt"
+    start = time.perf_counter()
+    with open(log_out, "w") as fo, open(log_err, "w") as fe:
+        proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=fo, stderr=fe)
+        _, status, usage = os.wait4(proc.pid, 0)  # wait4: this child's own peak RSS
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    stdout = log_out.read_text()
+    if proc.returncode != 0:
+        raise SystemExit(f"download_data failed: {log_err.read_text().strip()}")
+    match = re.search(r"in ([\d.]+) s, ([\d,]+) tokens/s, ([\d.]+) MB/s", stdout)
+    assert match, stdout
+    meta = json.loads(next((out / dataset).glob("*/meta.json")).read_text())
+    return {
+        "seconds": float(match.group(1)),
+        "tokens_per_s": float(match.group(2).replace(",", "")),
+        "mb_per_s": float(match.group(3)),
+        "wall": wall,
+        "tokens": meta["totals"]["tokens"],
+        "rss_mb": usage.ru_maxrss / 1024,  # Linux reports KiB
+    }
+
+
+def batches_of(texts: list[str], batch_bytes: int = 4 << 20) -> list[list[str]]:
+    out, current, size = [], [], 0
+    for t in texts:
+        current.append(t)
+        size += len(t)
+        if size >= batch_bytes:
+            out.append(current)
+            current, size = [], 0
+    return out + ([current] if current else [])
+
+
+def run_raw_encoder(texts: list[str]) -> dict[str, float]:
+    tokenizer = Tokenizer.from_file(TOKENIZER)
+    batches = batches_of(texts)
+    tokenizer.encode_batch(batches[0][:100])  # build the engine outside the timing
+    start = time.perf_counter()
+    tokens = sum(len(a) + 1 for batch in batches for a in tokenizer.encode_batch(batch))
+    seconds = time.perf_counter() - start
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    return {"mb_per_s": n_bytes / 1e6 / seconds, "tokens_per_s": tokens / seconds}
+
+
+class OriginalTokenizer:
+    """The original talm's tokenizer: tiktoken built from the vocabulary; pickles as its whole vocabulary (so
+    every Pool chunk that carries it re-sends and rebuilds it)."""
+
+    def __init__(self, ranks: dict[bytes, int], pattern: str, eot_id: int) -> None:
+        self.ranks, self.pattern, self.eot_id = ranks, pattern, eot_id
+        self._build()
+
+    def _build(self) -> None:
+        import tiktoken
+
+        self.enc = tiktoken.Encoding(
+            "original", pat_str=self.pattern, mergeable_ranks=self.ranks, special_tokens={}
+        )
+
+    def __getstate__(self) -> dict:
+        return {"ranks": self.ranks, "pattern": self.pattern, "eot_id": self.eot_id}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._build()
+
+
+def original_tokenize(tokenizer: OriginalTokenizer, doc: str) -> np.ndarray:
+    tokens = [tokenizer.eot_id, *tokenizer.enc.encode_ordinary(doc)]
+    return np.array(tokens).astype(np.uint16)
+
+
+def original_tokenizer() -> OriginalTokenizer:
+    document = json.loads(TOKENIZER.read_text(encoding="utf-8"))
+    ranks = {bytes(UNICODE_TO_BYTE[c] for c in token): i for token, i in document["model"]["vocab"].items()}
+    pattern = Tokenizer.from_file(TOKENIZER).pattern
+    return OriginalTokenizer(ranks, pattern, Tokenizer.from_file(TOKENIZER).eot_id)
+
+
+def run_original(texts: list[str]) -> dict[str, float]:
+    tokenizer = original_tokenizer()
+    work = functools.partial(original_tokenize, tokenizer)
+    start = time.perf_counter()
+    tokens = 0
+    with mp.get_context("fork").Pool(2) as pool:
+        for ids in pool.imap(work, texts, chunksize=16):
+            tokens += len(ids)
+    seconds = time.perf_counter() - start
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    return {"mb_per_s": n_bytes / 1e6 / seconds, "tokens_per_s": tokens / seconds}
+
+
+def check_same_ids(texts: list[str]) -> bool:
+    """The original's per-document ids equal talm's on a sample (same vocabulary, same BPE)."""
+    ours = Tokenizer.from_file(TOKENIZER).encode_batch(texts)
+    theirs = original_tokenizer()
+    return all(np.array_equal(a, original_tokenize(theirs, t)[1:]) for a, t in zip(ours, texts, strict=True))
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--mb", type=float, default=100, help="size of each corpus in MB (default: 100)")
+    parser.add_argument("--original-mb", type=float, default=15, help="MB the original approach tokenizes")
+    args = parser.parse_args()
+
+    print(
+        f"{os.cpu_count()} cores; tokenizer {TOKENIZER.name}; corpora of {args.mb:.0f} MB, parquet in hub layout"
+    )
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="talm-bench-data-") as tmp:
+        workdir = Path(tmp)
+        for label, dataset, doc_bytes in (
+            ("short (~150 B)", "fineweb", 150),
+            ("web (~4 KB)", "fineweb-edu", 4000),
+        ):
+            texts = make_texts(args.mb, doc_bytes, seed=doc_bytes)
+            write_corpus(workdir / "HuggingFaceFW" / dataset, texts)
+            half = run_pipeline(workdir, dataset, "CC-MAIN-2024-10")
+            full = run_pipeline(workdir, dataset, "sample-10BT")
+            raw = run_raw_encoder(texts)
+            prefix, size = [], 0
+            for t in texts:
+                if size >= args.original_mb * 1e6:
+                    break
+                prefix.append(t)
+                size += len(t)
+            original = run_original(prefix)
+            same = check_same_ids(texts[:2000])
+            rows.append((label, full, half, raw, original, same))
+            del texts
+
+    print(
+        f"{'corpus':<15} {'pipeline MB/s':>13} {'(wall)':>7} {'tok/s':>10} {'raw MB/s':>9} {'orig MB/s':>9} "
+        f"{'vs orig':>7} {'vs raw':>6} {'RSS half':>8} {'RSS full':>8}  same ids"
+    )
+    for label, full, half, raw, original, same in rows:
+        total_mb = full["mb_per_s"] * full["seconds"]
+        print(
+            f"{label:<15} {full['mb_per_s']:>13.1f} {total_mb / full['wall']:>7.1f} {full['tokens_per_s']:>10,.0f} "
+            f"{raw['mb_per_s']:>9.1f} {original['mb_per_s']:>9.1f} {full['mb_per_s'] / original['mb_per_s']:>6.1f}x "
+            f"{full['mb_per_s'] / raw['mb_per_s']:>5.0%} {half['rss_mb']:>6.0f}MB {full['rss_mb']:>6.0f}MB  {same}"
+        )
+    print(
+        "pipeline = download_data end to end (parquet -> tokens -> shards), MB/s from its summary line; (wall) includes "
+        "process start-up; targets: >= 3x orig on short, >= 1.0x on web, >= 85% of raw, RSS < 1.5 GB and flat"
+    )
+
+
+if __name__ == "__main__":
+    main()
