@@ -277,6 +277,49 @@ def test_disk_full_then_resume(
     assert {p.name: p.read_bytes() for p in d.iterdir()} == {p.name: p.read_bytes() for p in clean.iterdir()}
 
 
+def test_repeated_ctrl_c_then_resume_is_byte_identical(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import talm.corpus
+    import talm.shards
+
+    # small reads and batches, so that shards end inside batches and runs resume mid-stream
+    monkeypatch.setattr(talm.corpus, "ROWS_PER_READ", 32)
+    monkeypatch.setattr(talm.shards, "BATCH_BYTES", 20_000)
+    texts = sample_texts(1500)
+    write_hub_repo(
+        project, "HuggingFaceFW/fineweb", {"sample-10BT": [fineweb_table(texts[i::3]) for i in range(3)]}
+    )
+    args = ["fineweb", "--shard-size", "7000", "--val-tokens", "5000"]
+    code, _, err = run([*args, "--data-root", "clean"], capsys)
+    assert code == 0, err
+
+    real_write_manifest = talm.shards.ShardWriter._write_manifest
+    calls, stop_at = [0], [3]
+
+    def ctrl_c_after(self: talm.shards.ShardWriter) -> None:
+        real_write_manifest(self)
+        calls[0] += 1
+        if calls[0] == stop_at[0]:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(talm.shards.ShardWriter, "_write_manifest", ctrl_c_after)
+    meta = project / "data" / "fineweb" / "sample-10BT" / "meta.json"
+    for attempt in range(4):
+        # the first run stops after 3 shards, each rerun right after its first one (the riskiest resume point)
+        calls[0], stop_at[0] = 0, 3 if attempt == 0 else 1
+        code, _, err = run(args, capsys)
+        assert code == 130 and "rerun the same command to resume" in err
+        assert len(json.loads(meta.read_text())["shards"]) == 3 + attempt
+    monkeypatch.setattr(talm.shards.ShardWriter, "_write_manifest", real_write_manifest)
+    code, out, err = run(args, capsys)
+    assert code == 0 and "(resumed)" in out, err
+    clean = project / "clean" / "fineweb" / "sample-10BT"
+    assert {p.name: p.read_bytes() for p in meta.parent.iterdir()} == {
+        p.name: p.read_bytes() for p in clean.iterdir()
+    }
+
+
 def test_workers_fill_one_directory_disjointly(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     texts = sample_texts(600)
     write_hub_repo(

@@ -324,9 +324,9 @@ class DownloadConfig(Config):
     shard_size: int = Field(default=100_000_000, ge=1)
     """Tokens per shard file (the last shard of each split may be shorter)."""
     num_proc: int | None = Field(default=None, ge=1)
-    """Threads that tokenize; unset means every core."""
+    """Cores this process may use (tokenizing runs on all of them); unset means every core."""
     overwrite: bool = False
-    """Delete what an earlier run with other arguments wrote to the same directory and start afresh."""
+    """Delete what an earlier run (of this worker) wrote to the output directory and start afresh."""
     num_workers: int = Field(default=1, ge=1)
     """Number of processes (on one or many machines) that together fill one directory, each with its own part."""
     worker_index: int = Field(default=0, ge=0)

@@ -9,6 +9,7 @@ makes an interrupted run resumable. No tokenizing happens here.
 
 from __future__ import annotations
 
+import copy
 import glob
 import os
 import re
@@ -185,15 +186,18 @@ class TextStream:
     def __init__(self, source: TextSource, *, num_workers: int = 1, worker_index: int = 0) -> None:
         self.source = source
         self._dataset = _open(source, num_workers=num_workers, worker_index=worker_index)
+        self._loaded: dict[str, Any] | None = None  # a loaded position not yet reached by iterating
 
     def state_dict(self) -> dict[str, Any]:
         """The stream position (after the last batch yielded), as plain JSON-able data."""
-        return self._dataset.state_dict()
+        # datasets reports its initial state between load_state_dict() and the next read: not where we are.
+        return copy.deepcopy(self._loaded) if self._loaded is not None else self._dataset.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._dataset.load_state_dict(state)
+        self._loaded = copy.deepcopy(state)
 
-    def batches(self, target_bytes: int = 4 << 20, rows_per_read: int = ROWS_PER_READ) -> Iterator[TextBatch]:
+    def batches(self, target_bytes: int = 4 << 20, rows_per_read: int | None = None) -> Iterator[TextBatch]:
         """Texts in stream order, grouped into batches of about `target_bytes` of UTF-8 (whole reads of
         `rows_per_read` rows, the granularity of the stream positions)."""
         import pyarrow as pa
@@ -203,9 +207,10 @@ class TextStream:
         texts: list[str | None] = []
         sizes: list[np.ndarray] = []
         n_bytes = 0
-        tables = self._dataset.iter(batch_size=rows_per_read)
+        tables = self._dataset.iter(batch_size=rows_per_read or ROWS_PER_READ)
         try:
             for table in tables:
+                self._loaded = None
                 if column not in table.column_names:
                     raise _missing_column(self.source, table.column_names)
                 values = table.column(column)

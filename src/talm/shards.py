@@ -38,6 +38,7 @@ from talm.corpus import TextStream, resolve_source
 from talm.errors import TalmError
 
 FORMAT = "talm.shards/1"
+BATCH_BYTES = 4 << 20  # text per tokenizer call: large enough to use every core, small enough to bound memory
 
 
 # ------------------------------------------------------------------------------------------------ naming
@@ -547,7 +548,7 @@ def write_shards(
     tokenizer: Any,
     writer: ShardWriter,
     *,
-    batch_bytes: int = 4 << 20,
+    batch_bytes: int | None = None,
     queue_batches: int = 3,
     progress: bool = True,
 ) -> WriteStats:
@@ -567,7 +568,7 @@ def write_shards(
     def read() -> None:
         try:
             before = stream.state_dict()
-            for batch in stream.batches(batch_bytes):
+            for batch in stream.batches(batch_bytes or BATCH_BYTES):
                 if not _put(texts_q, (batch, before), stop):
                     return
                 before = batch.state
