@@ -223,6 +223,16 @@ def test_no_network_fails_fast_in_one_line(project: Path) -> None:
         (["mine", "--data-files", "mine.parquet", "--text-column", "body"], "has no column 'body'"),
         (["mine", "--data-files", "missing/*.parquet"], "matches no file"),
         (["tinyshakespeare", "--val-tokens", "1e7"], "before the validation split (--val-tokens 10,000,000"),
+        (
+            [
+                "tinyshakespeare",
+                "--val-tokens",
+                "1e7",
+                "--shard-size",
+                "1e5",
+            ],  # val shards were written: removed
+            "so no training tokens are left: lower --val-tokens",
+        ),
         (["tinyshakespeare", "--shard-size", "-5"], "--shard-size=-5"),
         (["tinyshakespeare", "--max-tokens", "lots"], "--max-tokens='lots'"),
     ],

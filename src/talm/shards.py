@@ -230,6 +230,7 @@ class ShardWriter:
         self._bytes = 0
         self._split_tokens = 0  # tokens of the current split, committed + buffered
         self._train_tokens = 0
+        self._created_dirs: list[Path] = []  # directories the first commit created (removed again by discard)
 
     # ------------------------------------------------------------------------------------------ manifest
 
@@ -417,7 +418,9 @@ class ShardWriter:
         assert self._buffer is not None and self._filled > 0
         name = shard_name(self.split, len(self.shards), self.tag)
         data = self._buffer[: self._filled]
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if not self.out_dir.is_dir():
+            self._created_dirs = [p for p in [self.out_dir, *self.out_dir.parents] if not p.exists()]
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         _write_atomically(
             self.out_dir / name, lambda f: np.lib.format.write_array(f, data, allow_pickle=False)
         )
@@ -475,7 +478,7 @@ class ShardWriter:
             (self.out_dir / shard["file"]).unlink(missing_ok=True)
         self.manifest_path.unlink(missing_ok=True)
         self.shards = []
-        for d in (self.out_dir, self.out_dir.parent):
+        for d in self._created_dirs:
             try:
                 d.rmdir()  # only if empty: other workers' files stay
             except OSError:
