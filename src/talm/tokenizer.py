@@ -727,9 +727,7 @@ def train(
 
     def stream() -> Iterator[str]:
         nonlocal sample_bytes
-        with tqdm(
-            total=total_bytes, unit="B", unit_scale=True, desc="reading", disable=not progress, leave=False
-        ) as bar:
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="reading", disable=not progress) as bar:
             for path in files:
                 for text, n_bytes in read_text_blocks(path, block_bytes=block_bytes):
                     if stop.is_set():
@@ -739,6 +737,7 @@ def train(
                         sample.append(text)
                         sample_bytes += len(text.encode("utf-8"))
                     yield text
+            bar.set_description(f"read {bar.n / 1e6:.0f} MB, now learning {vocab_size} tokens")
 
     start = time.perf_counter()
     _run_interruptibly(lambda: hf.train_from_iterator(stream(), trainer=trainer), stop)
