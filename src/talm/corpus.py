@@ -260,17 +260,10 @@ def _import_datasets() -> Any:
     return datasets
 
 
-def _open(source: TextSource, *, num_workers: int, worker_index: int) -> Any:
+def _load(datasets: Any, source: TextSource, extra: dict[str, Any]) -> Any:
     """`datasets.load_dataset(..., streaming=True)` with its failures turned into one-line TalmErrors."""
-    if source.from_hub:
-        check_hub_reachable(source)
-    datasets = _import_datasets()
-    from datasets.distributed import split_dataset_by_node
-
-    datasets.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
     try:
-        dataset = datasets.load_dataset(**source.load_args, split="train", streaming=True)
+        return datasets.load_dataset(**source.load_args, **extra, split="train", streaming=True)
     except ConnectionError as err:
         raise _hub_unreachable(source, str(err)) from None
     except datasets.exceptions.DatasetNotFoundError:
@@ -283,8 +276,23 @@ def _open(source: TextSource, *, num_workers: int, worker_index: int) -> Any:
         raise TalmError(f"cannot open {source.source} config {source.config!r}: {err}") from None
     except (datasets.exceptions.DataFilesNotFoundError, FileNotFoundError) as err:
         raise TalmError(f"cannot open {source.source}: {err}: check the files or the local copy") from None
+
+
+def _open(source: TextSource, *, num_workers: int, worker_index: int) -> Any:
+    """The source as a streaming `IterableDataset` of Arrow batches (this worker's part of it)."""
+    if source.from_hub:
+        check_hub_reachable(source)
+    datasets = _import_datasets()
+    from datasets.distributed import split_dataset_by_node
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    dataset = _load(datasets, source, {})
     if dataset.features is not None and source.text_column not in dataset.features:
         raise _missing_column(source, list(dataset.features))
+    if dataset.info.builder_name == "parquet" and dataset.features is not None and len(dataset.features) > 1:
+        # Read only the text column: the others (urls, ids, metadata) would cost as much to decode as the text.
+        dataset = _load(datasets, source, {"columns": [source.text_column]})
     if num_workers > 1:
         dataset = split_dataset_by_node(dataset, rank=worker_index, world_size=num_workers)
     # Arrow batches: the text column goes to Python in bulk, not row by row through dicts.
