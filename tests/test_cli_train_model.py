@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ORIGINAL_TOKENIZER
+from conftest import ORIGINAL_TOKENIZER, SHAKESPEARE, write_token_shards
 
 from talm.checkpoint import read_meta
 from talm.cli import train_model
@@ -119,7 +119,11 @@ def test_bad_inputs_fail_in_one_line_and_overwrite_nothing(
     Path("bad.toml").write_text("[model]\nn_layr = 3\n")
     Path("broken.toml").write_text("[model\n")
     d = str(tiny_data)
+    other = write_token_shards(
+        Path("other"), SHAKESPEARE.read_text(encoding="utf-8")[:20_000], ORIGINAL_TOKENIZER
+    )
     cases = {
+        "data of another tokenizer": (["-d", str(other)], "trained with another tokenizer"),
         "no manifest": (["-d", str(dirs["empty"])], "no manifest"),
         "missing data dir": (["-d", "nowhere"], "not found"),
         "no val split": (["-d", str(dirs["noval"])], "no val shards"),

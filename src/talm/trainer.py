@@ -266,6 +266,7 @@ class Trainer:
         self.elapsed = 0.0  # training seconds of earlier sessions of this run
         self.best_val_loss = math.inf
         self.last_val: tuple[float, float | None] | None = None
+        self.data_wait = 0.0  # seconds spent waiting for batches in this session
         self.resumed = resume_from is not None
         if resume_from is not None:
             self._resume(resume_from)
@@ -284,6 +285,12 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------------------
 
     def _resume(self, checkpoint_dir: Path) -> None:
+        trained_with = read_meta(checkpoint_dir)["tokenizer"]["fingerprint"]
+        if trained_with != self.tokenizer.fingerprint:
+            raise TalmError(
+                f"{str(self.model_dir)!r} was trained with another tokenizer than {str(self.data.dir)!r} was made "
+                "with: resume it on data made with its tokenizer.json, or pick a new --model-name"
+            )
         load_weights(self.model, checkpoint_dir, self.device)
         state = load_trainer_state(checkpoint_dir)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -339,8 +346,8 @@ class Trainer:
                     p.unlink()
         d.mkdir(parents=True, exist_ok=True)
         tok_copy = d / TOKENIZER_FILE
-        src = Path(self.tokenizer.path)
-        if not tok_copy.is_file() or tok_copy.read_bytes() != src.read_bytes():
+        if not self.resumed or not tok_copy.is_file():
+            src = Path(self.tokenizer.path)
             tmp = d / f".{TOKENIZER_FILE}.tmp-{os.getpid()}"
             shutil.copyfile(src, tmp)
             os.replace(tmp, tok_copy)
@@ -463,13 +470,14 @@ class Trainer:
             )
             return TrainResult(self.step, self.tokens_seen, self.elapsed, 0.0, None, None, self.model_dir)
 
-        if main:
+        sinks = []
+        if main:  # the sinks first: a missing optional package must fail before anything is touched
+            self.model_dir.mkdir(parents=True, exist_ok=True)
+            sinks = make_sinks(list(t.report_to), self.model_dir, cfg.model_dump(mode="json"))
             self._prepare_model_dir()
         dist.barrier()
-        sinks = make_sinks(list(t.report_to), self.model_dir, cfg.model_dump(mode="json")) if main else []
         log = MetricsLog(self.model_dir, sinks, enabled=main)
         self._t0 = time.perf_counter()
-        self.data_wait = 0.0
         start_step, start_tokens = self.step, self.tokens_seen
         train_seconds = 0.0  # wall time inside optimizer steps (not eval or saving), for tokens/s
         saved_step = self.step if self.resumed else -1
