@@ -211,6 +211,39 @@ def test_consistent_merges_use_the_fast_engine() -> None:
         assert tok.encode(text) == hf_ids(tok, text)
 
 
+def _foreign_hf_file(path: Path, specials_first: bool) -> Path:
+    """A byte-level BPE trained by HF the usual way (GPT-2 style: ByteLevel's own regex), not by talm."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|pad|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials if specials_first else [],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf.train_from_iterator([SHAKESPEARE.read_text(encoding="utf-8")[:100_000]], trainer)
+    if not specials_first:
+        hf.add_special_tokens(specials)
+    hf.save(str(path))
+    return path
+
+
+def test_foreign_hf_byte_level_bpe_is_encoded_by_hf(tmp_path: Path) -> None:
+    tok = Tokenizer.from_file(_foreign_hf_file(tmp_path / "gpt2like.json", specials_first=False))
+    assert tok._tiktoken is None  # not talm's pipeline: HF encodes it
+    assert tok.special_tokens == {"<|endoftext|>": 400, "<|pad|>": 401} and tok.eot_id == 400
+    for text in SAMPLES:
+        assert tok.encode(text) == hf_ids(tok, text)
+        assert tok.decode(tok.encode(text)) == text
+    with pytest.raises(TalmError, match="special tokens among its ordinary ids"):
+        Tokenizer.from_file(_foreign_hf_file(tmp_path / "first.json", specials_first=True))
+
+
 # ---------------------------------------------------------------------------------------- special tokens
 
 

@@ -283,7 +283,8 @@ class Tokenizer:
         try:
             token_bytes = [b""] * n_ordinary
             for token, i in model["vocab"].items():
-                token_bytes[i] = _hf_token_bytes(token)
+                if token not in specials:  # HF files may list special tokens in the model's vocab too
+                    token_bytes[i] = _hf_token_bytes(token)
             merges = [
                 tuple(_hf_token_bytes(part) for part in (m.split(" ") if isinstance(m, str) else m))
                 for m in model.get("merges") or []
