@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import multiprocessing
 import pickle
 import random
 from pathlib import Path
@@ -175,6 +176,19 @@ def test_pickles_for_worker_processes(tok: Tokenizer) -> None:
     assert len(pickle.dumps(tok)) < 2 * tok.path.stat().st_size + 100_000
 
 
+def test_encode_batch_in_a_forked_child_after_use_in_the_parent() -> None:
+    docs = _varied_documents(200) * 20  # large enough for the thread pool
+    want = [a.tolist() for a in BASE.encode_batch(docs)]  # the parent's pool exists now
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_encode_in_child, (docs,)).get(timeout=60)  # would hang on the parent's pool
+    assert got == want
+
+
+def _encode_in_child(docs: list[str]) -> list[list[int]]:
+    return [a.tolist() for a in BASE.encode_batch(docs)]
+
+
 def test_encode_batch_accepts_any_sequence() -> None:
     docs = ("to be", "or not")
     assert [a.tolist() for a in BASE.encode_batch(docs)] == [BASE.encode(d) for d in docs]
@@ -277,7 +291,8 @@ def test_original_fixture_keeps_its_ids() -> None:
 
 def test_decode_accepts_lists_and_any_int_array() -> None:
     ids = BASE.encode("To be, or not to be")
-    for form in (ids, np.array(ids, dtype=np.uint16), np.array(ids, dtype=np.int64), tuple(ids)):
+    forms = (ids, np.array(ids, dtype=np.uint16), np.array(ids, dtype=np.int64), tuple(ids), np.int32(ids))
+    for form in forms:
         assert BASE.decode(form) == "To be, or not to be"
     assert BASE.decode([]) == ""
     assert BASE.decode([0xE2, 0x82]) == "\ufffd"  # a cut multi-byte character is replaced, never raises

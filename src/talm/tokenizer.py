@@ -268,8 +268,13 @@ class Tokenizer:
             raise TalmError(
                 f"{where!r} is not a byte-level BPE tokenizer: pass a file written by train_tokenizer"
             )
-        added = {t["content"]: int(t["id"]) for t in document.get("added_tokens") or []}
-        vocab: dict[str, int] = {**model["vocab"], **added}
+        try:
+            added = {str(t["content"]): int(t["id"]) for t in document.get("added_tokens") or []}
+            vocab: dict[str, int] = {**model["vocab"], **added}
+        except (KeyError, TypeError, ValueError) as err:
+            raise TalmError(
+                f"{where!r} has unreadable added tokens ({err!r}): pass an intact tokenizer file"
+            ) from None
         if sorted(vocab.values()) != list(range(len(vocab))):
             raise TalmError(f"{where!r} has gaps in its token ids: pass an intact tokenizer file")
         if EOT not in added:
@@ -386,7 +391,7 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Token ids of each text (special spellings as ordinary text), as arrays of `token_dtype`, encoded in
         parallel on all cores."""
-        if not texts:
+        if len(texts) == 0:
             return []
         enc = self._tiktoken
         if enc is None:
@@ -440,7 +445,8 @@ class Tokenizer:
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
         """Text of the ids (special tokens as their spelling). Invalid UTF-8 (e.g. a cut multi-byte
         character) becomes U+FFFD."""
-        ids = np.asarray(ids).tolist() if isinstance(ids, np.ndarray) else [int(i) for i in ids]
+        # numpy arrays and torch tensors have .tolist() (fast, gives Python ints); anything else is iterated
+        ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
         if ids and not (0 <= min(ids) and max(ids) < self.vocab_size):
             bad = next(i for i in ids if not 0 <= i < self.vocab_size)
             raise ValueError(
@@ -548,7 +554,7 @@ def _build_hf_bpe(
     return hf
 
 
-_EXECUTOR: ThreadPoolExecutor | None = None
+_EXECUTOR: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
 
 
 def _threads() -> int:
@@ -556,11 +562,15 @@ def _threads() -> int:
 
 
 def _executor() -> ThreadPoolExecutor:
-    """One shared pool: tiktoken releases the GIL while encoding, so threads use every core."""
+    """One shared pool: tiktoken releases the GIL while encoding, so threads use every core. A process forked
+    after the pool was made (e.g. a multiprocessing worker) gets its own: the parent's threads do not exist there."""
     global _EXECUTOR
-    if _EXECUTOR is None:
-        _EXECUTOR = ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="talm-encode")
-    return _EXECUTOR
+    if _EXECUTOR is None or _EXECUTOR[0] != os.getpid():
+        _EXECUTOR = (
+            os.getpid(),
+            ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="talm-encode"),
+        )
+    return _EXECUTOR[1]
 
 
 def _split_evenly(texts: Sequence[str], max_groups: int) -> list[Sequence[str]]:
