@@ -387,7 +387,9 @@ def test_shipped_base_is_reproducible(tmp_path: Path) -> None:
 
 
 def test_streaming_in_small_blocks_trains_the_same_tokenizer(tmp_path: Path) -> None:
-    text = SHAKESPEARE.read_text(encoding="utf-8")[:200_000] + "\n\n  \n日本語 😀 " * 50
+    shakespeare = SHAKESPEARE.read_text(encoding="utf-8")[:200_000]
+    indented = "".join(f"    {line}\n" for line in shakespeare.splitlines()[:3000])  # no newline + non-space
+    text = shakespeare + "\n\n  \n日本語 😀 " * 50 + indented + "\r\n\t x1234 ½ ² \n" * 100
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(text, encoding="utf-8")
     whole, _ = train([corpus], 600, progress=False, block_bytes=1 << 22)
@@ -396,7 +398,7 @@ def test_streaming_in_small_blocks_trains_the_same_tokenizer(tmp_path: Path) -> 
 
 
 def test_read_text_blocks_covers_the_file(tmp_path: Path) -> None:
-    text = "line one\n  indented\n\nünïcödé 😀\nlast line without newline"
+    text = "line one\n  indented\n\nünïcödé 😀\n  only indented lines here\n  and here\nlast line, no newline"
     path = tmp_path / "t.txt"
     path.write_text(text * 100, encoding="utf-8")
     blocks = list(read_text_blocks(path, block_bytes=7))

@@ -29,6 +29,7 @@ import codecs
 import hashlib
 import json
 import os
+import re
 import tempfile
 import threading
 import time
@@ -61,7 +62,7 @@ SPLIT_PATTERN = (
 # some document contains this spelling is encoded document by document instead.
 _DOC_SEPARATOR = "\x00<|talm:document-boundary|>\x00"
 _READ_BLOCK_BYTES = 1 << 16  # streaming read size while training; bounded memory whatever the file size
-_MAX_CARRY_CHARS = 1 << 24  # a "line" longer than this (16M chars) is cut anywhere
+_MAX_CARRY_CHARS = 1 << 20  # text without any safe cut point for 1M chars is cut anyway
 _COMPRESSION_SAMPLE_BYTES = 8 << 20  # bytes/token is measured on (up to) the first 8 MB of training text
 
 
@@ -644,15 +645,23 @@ def check_text_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     return checked
 
 
+_LETTER_SPACE_LETTER = re.compile(r"[^\W\d_] [^\W\d_]")
+
+
 def _safe_cut(text: str) -> int:
-    """Where to cut a block of text so the regex split is unchanged: just after a newline that a
-    non-whitespace character follows (no piece of SPLIT_PATTERN spans such a point). 0 if there is none."""
+    """Where to cut a block of text so the regex split is unchanged (0 if there is no such point).
+
+    No piece of SPLIT_PATTERN spans a newline followed by a non-space, nor the space of "letter, space,
+    letter" (the piece before ends at the letter; " word" starts a new piece), so cutting there is exact.
+    """
     end = len(text) - 1
     while (i := text.rfind("\n", 0, end)) != -1:
         if not text[i + 1].isspace():
             return i + 1
         end = i
-    return 0
+    # No such newline (e.g. every line indented): fall back to a space between letters near the end.
+    spaces = list(_LETTER_SPACE_LETTER.finditer(text, max(0, len(text) - _READ_BLOCK_BYTES)))
+    return spaces[-1].start() + 1 if spaces else 0
 
 
 def read_text_blocks(path: Path, *, block_bytes: int = _READ_BLOCK_BYTES) -> Iterator[tuple[str, int]]:
@@ -687,7 +696,7 @@ def read_text_blocks(path: Path, *, block_bytes: int = _READ_BLOCK_BYTES) -> Ite
                 return
             cut = _safe_cut(text)
             if cut == 0 and len(text) > _MAX_CARRY_CHARS:
-                cut = len(text)  # no newline for 16M chars: cut anyway, memory must stay bounded
+                cut = len(text)  # no safe point in 1M chars: cut anyway, memory must stay bounded
             carry = text[cut:]
             yield text[:cut], len(data)
 
@@ -747,7 +756,8 @@ def train(
                     if sample_bytes < _COMPRESSION_SAMPLE_BYTES:
                         sample.append(text)
                         sample_bytes += len(text.encode("utf-8"))
-                    yield text
+                    if text:
+                        yield text
             bar.set_description(f"read {bar.n / 1e6:.0f} MB, now learning {vocab_size} tokens")
 
     start = time.perf_counter()
