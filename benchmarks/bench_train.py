@@ -82,101 +82,100 @@ def gpu_peak_flops(device: torch.device) -> float | None:
     return None
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class TalmLoop:
+    """talm's own step: `Trainer.train_step` (memmapped loader, fused AdamW, accumulation, clipping, one sync)."""
+
+    def __init__(self, cfg: RunConfig, model_dir: Path) -> None:
+        self.trainer = Trainer(cfg, model_dir)
+        self.stop = StopRequest()
+        self.tokens_per_step = self.trainer.tokens_per_step
+
+    def step(self) -> float:
+        """One optimizer step; returns the seconds spent waiting for data in it."""
+        before = self.trainer.data_wait
+        self.trainer.train_step(self.stop)  # ends with .tolist(): the step is finished on the device
+        return self.trainer.data_wait - before
 
 
-def bench_talm(cfg: RunConfig, model_dir: Path, warmup: int, steps: int) -> dict[str, float]:
-    trainer = Trainer(cfg, model_dir)
-    stop = StopRequest()
-    for _ in range(warmup):
-        trainer.train_step(stop)
-    trainer.data_wait = 0.0
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        trainer.train_step(stop)  # ends with .tolist(): the step is finished on the device
-        times.append(time.perf_counter() - t)
-    total = sum(times)
-    return {
-        "step_s": statistics.median(times),
-        "tokens_per_s": trainer.tokens_per_step * steps / total,
-        "data_wait": trainer.data_wait / total,
-        "flops_per_token": trainer.model.flops_per_token(),
-        "params": trainer.model.num_params(),
-    }
+class PlainLoop:
+    """The reference: a nanoGPT-style loop (random-offset batches from a memmap, default AdamW, loss.item())."""
 
+    def __init__(self, cfg: RunConfig, shard: Path, device: torch.device) -> None:
+        torch.manual_seed(cfg.train.seed)
+        self.model = GPT(cfg.model).to(device)
+        self.net = torch.compile(self.model) if cfg.train.compile else self.model
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.optim.lr, betas=(0.9, 0.95), weight_decay=0.1
+        )
+        self.data = np.load(shard, mmap_mode="r")
+        self.B, self.T, self.device = cfg.train.batch_size, cfg.model.context_length, device
+        self.tokens_per_step = cfg.train.tokens_per_step or self.B * self.T
+        self.accum = self.tokens_per_step // (self.B * self.T)
+        use_bf16 = device.type == "cuda" and cfg.train.dtype in ("auto", "bfloat16")
+        self.amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
+        self.rng = np.random.default_rng(0)
 
-def bench_plain(
-    cfg: RunConfig, shard: Path, device: torch.device, warmup: int, steps: int
-) -> dict[str, float]:
-    """The reference: nanoGPT-style loop, one micro-batch per step, default AdamW."""
-    torch.manual_seed(cfg.train.seed)
-    model = GPT(cfg.model).to(device)
-    net = torch.compile(model) if cfg.train.compile else model
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    data = np.load(shard, mmap_mode="r")
-    B, T = cfg.train.batch_size, cfg.model.context_length
-    accum = (cfg.train.tokens_per_step or B * T) // (B * T)
-    amp = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if device.type == "cuda" and cfg.train.dtype in ("auto", "bfloat16")
-        else nullcontext()
-    )
-    rng = np.random.default_rng(0)
-    wait = 0.0
+    def get_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ix = self.rng.integers(0, len(self.data) - self.T - 1, self.B)
+        x = torch.from_numpy(np.stack([self.data[i : i + self.T].astype(np.int64) for i in ix]))
+        y = torch.from_numpy(np.stack([self.data[i + 1 : i + 1 + self.T].astype(np.int64) for i in ix]))
+        return x.to(self.device), y.to(self.device)
 
-    def get_batch():
-        ix = rng.integers(0, len(data) - T - 1, B)
-        x = torch.from_numpy(np.stack([data[i : i + T].astype(np.int64) for i in ix]))
-        y = torch.from_numpy(np.stack([data[i + 1 : i + 1 + T].astype(np.int64) for i in ix]))
-        return x.to(device), y.to(device)
-
-    times = []
-    for i in range(warmup + steps):
-        t = time.perf_counter()
-        for _ in range(accum):
-            t_data = time.perf_counter()
-            x, y = get_batch()
-            if i >= warmup:
-                wait += time.perf_counter() - t_data
-            with amp:
-                _, loss = net(x, y)
-            (loss / accum).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def step(self) -> float:
+        wait = 0.0
+        for _ in range(self.accum):
+            t = time.perf_counter()
+            x, y = self.get_batch()
+            wait += time.perf_counter() - t
+            with self.amp():
+                _, loss = self.net(x, y)
+            (loss / self.accum).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         loss.item()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    total = sum(times)
-    return {
-        "step_s": statistics.median(times),
-        "tokens_per_s": B * T * accum * steps / total,
-        "data_wait": wait / total,
-    }
+        return wait
+
+
+def measure(loops: dict[str, TalmLoop | PlainLoop], warmup: int, steps: int) -> dict[str, dict[str, float]]:
+    """Step the loops in turn (talm, plain, talm, plain, ...), so a machine whose speed drifts slows both alike."""
+    for _ in range(warmup):
+        for loop in loops.values():
+            loop.step()
+    times: dict[str, list[float]] = {name: [] for name in loops}
+    waits = dict.fromkeys(loops, 0.0)
+    for _ in range(steps):
+        for name, loop in loops.items():
+            t = time.perf_counter()
+            waits[name] += loop.step()
+            times[name].append(time.perf_counter() - t)
+    out = {}
+    for name, loop in loops.items():
+        total = sum(times[name])
+        out[name] = {
+            "step_s": statistics.median(times[name]),
+            "tokens_per_s": loop.tokens_per_step * steps / total,
+            "data_wait": waits[name] / total,
+        }
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=list(PRESETS))
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps (of each loop)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, allocator)")
     p.add_argument("--batch-size", type=int, help="micro-batch (default: the preset's)")
     p.add_argument("--tokens-per-step", type=int, help="tokens per optimizer step (default: the preset's)")
     p.add_argument(
-        "--vocab-size", type=int, help="model vocab (default: the tokenizer's; 50304 = GPT-2 size)"
+        "--vocab-size", type=int, help="model vocab (default: the tokenizer's; 50304 for gpt2-124m)"
     )
     p.add_argument(
-        "--compile", action=argparse.BooleanOptionalAction, help="default: the preset's, on cuda only"
+        "--compile", action=argparse.BooleanOptionalAction, help="default: on for cuda, off for cpu"
     )
     p.add_argument("--peak-tflops", type=float, help="peak to compute MFU against (default: see above)")
     p.add_argument("--skip-plain", action="store_true", help="only time talm's trainer")
-    p.add_argument(
-        "--rounds", type=int, default=2, help="alternate talm / plain this many times; keep the best"
-    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args()
     if args.threads:
@@ -198,15 +197,12 @@ def main() -> None:
         data = make_shards(Path(tmp) / "data", tok, tokens=1 << 22)
         overrides["data"] = {"dir": str(data)}
         cfg = RunConfig.model_validate(merge(PRESETS[args.preset], overrides))
-        talm, plain = None, None
-        for r in range(
-            args.rounds
-        ):  # alternating evens out a machine whose speed drifts; keep each one's best
-            t = bench_talm(cfg, Path(tmp) / f"model{r}", args.warmup, args.steps)
-            talm = t if talm is None or t["tokens_per_s"] > talm["tokens_per_s"] else talm
-            if not args.skip_plain:
-                q = bench_plain(cfg, data / "train_000001.npy", device, args.warmup, args.steps)
-                plain = q if plain is None or q["tokens_per_s"] > plain["tokens_per_s"] else plain
+        loops: dict[str, TalmLoop | PlainLoop] = {"talm trainer": TalmLoop(cfg, Path(tmp) / "model")}
+        if not args.skip_plain:
+            loops["plain loop"] = PlainLoop(cfg, data / "train_000001.npy", device)
+        results = measure(loops, args.warmup, args.steps)
+        model = loops["talm trainer"].trainer.model
+        fpt, params = model.flops_per_token(), model.num_params()
 
     if device.type == "cuda":
         peak = args.peak_tflops * 1e12 if args.peak_tflops else gpu_peak_flops(device)
@@ -214,24 +210,22 @@ def main() -> None:
     else:
         peak = args.peak_tflops * 1e12 if args.peak_tflops else cpu_peak_flops()
         peak_note = f"measured fp32 matmul peak on {torch.get_num_threads()} threads"
-    fpt = talm["flops_per_token"]
     B, T = cfg.train.batch_size, cfg.model.context_length
     print(
-        f"preset {args.preset} on {args.device}: {talm['params'] / 1e6:.1f}M parameters, batch {B} x {T}, "
-        f"{cfg.train.tokens_per_step or B * T} tokens/step, compile={compile_}, {args.steps} timed steps, "
-        f"best of {args.rounds} round(s), {torch.get_num_threads()} CPU thread(s)"
+        f"preset {args.preset} on {args.device}: {params / 1e6:.1f}M parameters, batch {B} x {T}, "
+        f"{cfg.train.tokens_per_step or B * T} tokens/step, compile={compile_}, {args.steps} timed steps each "
+        f"(interleaved), {torch.get_num_threads()} CPU thread(s)"
     )
     print(f"peak: {peak / 1e12:.3f} TFLOP/s ({peak_note})" if peak else "peak: unknown (pass --peak-tflops)")
-    for name, r in (("talm trainer", talm), ("plain loop", plain)):
-        if r is None:
-            continue
+    for name, r in results.items():
         mfu = f"{100 * fpt * r['tokens_per_s'] / peak:5.1f}%" if peak else "n/a"
         print(
             f"  {name:13s} {r['tokens_per_s']:>12,.0f} tokens/s  step {1000 * r['step_s']:8.1f} ms  MFU {mfu}  "
             f"data wait {100 * r['data_wait']:.2f}%"
         )
-    if plain:
-        print(f"  talm / plain tokens/s: {talm['tokens_per_s'] / plain['tokens_per_s']:.2f}x")
+    if "plain loop" in results:
+        ratio = results["talm trainer"]["tokens_per_s"] / results["plain loop"]["tokens_per_s"]
+        print(f"  talm / plain tokens/s: {ratio:.2f}x")
 
 
 if __name__ == "__main__":
