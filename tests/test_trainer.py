@@ -192,3 +192,44 @@ def test_resume_after_sigkill_repeats_the_same_losses_bit_for_bit(tiny_data: Pat
     assert f"resuming models/run from step {killed_at}" in resumed.stderr
     ref, run = losses(Path("models/ref")), losses(Path("models/run"))
     assert len(ref) == steps + 3 and run == ref  # every train and val loss identical, to the bit
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+        self.evals = 0
+        self.closed = False
+
+    def log(self, record: dict) -> None:
+        self.records.append(record)
+
+    def on_eval(self, model_dir: Path) -> None:
+        assert (model_dir / "metrics.jsonl").is_file()
+        self.evals += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_every_metrics_record_reaches_the_report_sinks(tiny_data, in_tmp, monkeypatch) -> None:
+    sink = RecordingSink()
+    calls = []
+
+    def make_sinks(report_to, model_dir, run_config):
+        calls.append((report_to, model_dir, run_config))
+        return [sink]
+
+    monkeypatch.setattr("talm.trainer.make_sinks", make_sinks)
+    Trainer(run_config(tiny_data), "models/m").run()
+    assert calls == [([], Path("models/m"), read_meta("models/m/latest")["config"])]
+    assert sink.records == read_metrics("models/m") and sink.evals == 2 and sink.closed
+
+
+def test_sinks_refresh_at_the_end_of_an_interrupted_run(tiny_data, in_tmp, monkeypatch) -> None:
+    sink = RecordingSink()
+    monkeypatch.setattr("talm.trainer.make_sinks", lambda *a: [sink])
+    trainer = Trainer(run_config(tiny_data, max_steps=10, eval_every=100), "models/m")
+    trainer.net = Sabotage(trainer.model, calls=2, action="sigint")
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert sink.evals == 1 and sink.closed and [r["step"] for r in sink.records] == [1, 2, 3]

@@ -53,6 +53,7 @@ class MetricsLog:
         self.sinks = sinks if enabled else []
         self.enabled = enabled
         self._file = open(model_dir / FILE, "a", encoding="utf-8") if enabled else None  # noqa: SIM115
+        self._unseen = False  # records logged since the sinks' last on_eval
 
     def log(self, record: dict[str, Any]) -> None:
         if self._file is None:
@@ -61,12 +62,17 @@ class MetricsLog:
         self._file.flush()
         for sink in self.sinks:
             sink.log(record)
+        self._unseen = True
 
     def on_eval(self) -> None:
+        """After an evaluation (and at the end): sinks refresh what they draw from the records so far."""
         for sink in self.sinks:
             sink.on_eval(self.model_dir)
+        self._unseen = False
 
     def close(self) -> None:
+        if self._unseen:  # the run ended after its last evaluation (e.g. Ctrl-C): refresh once more
+            self.on_eval()
         if self._file is not None:
             self._file.close()
             self._file = None

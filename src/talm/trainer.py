@@ -270,10 +270,8 @@ class Trainer:
         self.resumed = resume_from is not None
         if resume_from is not None:
             self._resume(resume_from)
-        else:
-            torch.manual_seed(
-                t.seed + self.ctx.rank
-            )  # dropout differs per rank; init was the same everywhere
+        else:  # the init above was the same on every rank; dropout must differ per rank
+            torch.manual_seed(t.seed + self.ctx.rank)
 
         net: torch.nn.Module = self.model
         if t.compile:
