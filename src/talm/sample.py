@@ -26,6 +26,7 @@ import torch
 
 from talm.checkpoint import load_model, read_meta, resolve_checkpoint
 from talm.config import SampleConfig
+from talm.dist import pick_device
 from talm.errors import TalmError
 from talm.model import GPT, KVCache
 from talm.tokenizer import Tokenizer
@@ -375,21 +376,23 @@ def find_tokenizer(checkpoint_dir: Path, meta: dict[str, Any], model_dir: Path |
 
 
 def load(
-    model_dir: str | Path, checkpoint: str = "latest", device: str | torch.device = "cpu"
+    model_dir: str | Path, checkpoint: str = "latest", device: str | torch.device = "auto"
 ) -> tuple[GPT, Tokenizer]:
     """The model (eval mode, on `device`) and tokenizer of a trained model directory.
 
     `checkpoint` is "latest", "best" or the path of a checkpoint directory; `model_dir` may also be a
-    checkpoint directory itself (models/NAME/best).
+    checkpoint directory itself (models/NAME/best). `device` "auto" picks cuda, then mps, then cpu.
     """
     model, tokenizer, _ = load_checkpoint(model_dir, checkpoint, device)
     return model, tokenizer
 
 
 def load_checkpoint(
-    model_dir: str | Path, checkpoint: str = "latest", device: str | torch.device = "cpu"
+    model_dir: str | Path, checkpoint: str = "latest", device: str | torch.device = "auto"
 ) -> tuple[GPT, Tokenizer, dict[str, Any]]:
     """`load`, plus the checkpoint's checkpoint.json (step, tokens seen, validation loss, run config)."""
+    if isinstance(device, str):
+        device = pick_device(device)
     checkpoint_dir = resolve_checkpoint(model_dir, checkpoint)
     tokenizer = find_tokenizer(checkpoint_dir, read_meta(checkpoint_dir), Path(model_dir))
     model, meta = load_model(checkpoint_dir, device)

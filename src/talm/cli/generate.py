@@ -72,11 +72,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def run(args: argparse.Namespace, names: dict[str, str]) -> None:
     config = validate(SampleConfig, collect_config_flags(args, SampleConfig), names)
-    from talm.dist import pick_device  # torch is imported only once the arguments are valid
-    from talm.sample import GenerationStats, encode_prompt, load_checkpoint
+    from talm.sample import GenerationStats, encode_prompt, load_checkpoint  # imports torch: after validation
 
-    device = pick_device(args.device)
-    model, tokenizer, meta = load_checkpoint(args.model, args.checkpoint, device)
+    model, tokenizer, meta = load_checkpoint(args.model, args.checkpoint, args.device)
+    device = next(model.parameters()).device
     stats = GenerationStats()
     start = time.perf_counter()
     if args.prompt is not None:
