@@ -30,7 +30,12 @@ def _offline_hub(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
 
 
 def write_token_shards(
-    out_dir: Path, text: str, tokenizer_path: Path = BASE_TOKENIZER, *, val_docs: int = 80, shard_tokens: int = 40_000
+    out_dir: Path,
+    text: str,
+    tokenizer_path: Path = BASE_TOKENIZER,
+    *,
+    val_docs: int = 80,
+    shard_tokens: int = 40_000,
 ) -> Path:
     """A data directory laid out as download_data writes it (CONTRACTS §2): documents = paragraphs of `text`,
     each preceded by <|endoftext|>; the first `val_docs` go to val_000000.npy, the rest to train shards of
@@ -56,7 +61,9 @@ def write_token_shards(
         groups.append(("train", current))
     shards = []
     for n, (split, members) in enumerate(groups):
-        arr = np.concatenate([np.concatenate(([tok.eot_id], ids[j])) for j in members]).astype(tok.token_dtype)
+        arr = np.concatenate([np.concatenate(([tok.eot_id], ids[j])) for j in members]).astype(
+            tok.token_dtype
+        )
         name = f"{split}_{n:06d}.npy"
         np.save(out_dir / name, arr)
         shards.append(
