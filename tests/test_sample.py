@@ -199,6 +199,7 @@ def test_prompt_encoding(tokenizer: Tokenizer) -> None:
     assert encode_prompt(tokenizer, "") == [eot]
     assert encode_prompt(tokenizer, "Hello") == tokenizer.encode("Hello")
     assert encode_prompt(tokenizer, "a <|user|> b") == tokenizer.encode("a <|user|> b")  # plain text
+    assert encode_prompt(tokenizer, "  \n") == tokenizer.encode("  \n")  # whitespace is a prompt
     assert encode_prompt(tokenizer, "<|endoftext|>", allow_special=True) == [eot]
     assert tokenizer.special_tokens["<|user|>"] in encode_prompt(tokenizer, "<|user|> Hi", allow_special=True)
 

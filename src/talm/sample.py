@@ -187,7 +187,7 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, *, allow_special: bool = Fa
         rest = prompt
         for spelling in specials:
             rest = rest.replace(spelling, "")
-        if rest.strip() == "":
+        if rest != prompt and rest.strip() == "":
             raise TalmError(
                 f"prompt {prompt!r} is only special-token spellings, which are read as plain text: pass "
                 "--allow-special (allow_special=True) to use them as special tokens, or an empty prompt to start "
