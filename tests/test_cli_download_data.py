@@ -222,6 +222,7 @@ def test_no_network_fails_fast_in_one_line(project: Path) -> None:
         (["tinyshakespeare", "-t", "tiny-shakespeare.txt"], "is not a tokenizer file"),
         (["mine", "--data-files", "mine.parquet", "--text-column", "body"], "has no column 'body'"),
         (["mine", "--data-files", "missing/*.parquet"], "matches no file"),
+        (["mine", "--data-files", "blank.parquet"], "the stream held no text (3 empty documents)"),
         (["tinyshakespeare", "--val-tokens", "1e7"], "before the validation split (--val-tokens 10,000,000"),
         (
             [
@@ -244,6 +245,7 @@ def test_bad_input_one_line_and_nothing_left_behind(
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": ["a", "b"], "n": [1, 2]}), "mine.parquet")
+    pq.write_table(pa.table({"text": pa.array(["", None, ""], pa.string())}), "blank.parquet")
     code, out, err = run(args, capsys)
     assert code == 2 and out == ""
     assert ": error: " in err and len(err.splitlines()) == 1, err

@@ -157,7 +157,8 @@ def test_hub_layouts_with_real_schemas(in_tmp: Path) -> None:
         TextStream(resolve_source(files))
 
 
-def test_stream_resumes_exactly_from_its_state(in_tmp: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 3])
+def test_stream_resumes_exactly_from_its_state(in_tmp: Path, workers: int) -> None:
     texts = sample_texts(500)
     write_hub_repo(
         in_tmp,
@@ -165,15 +166,18 @@ def test_stream_resumes_exactly_from_its_state(in_tmp: Path) -> None:
         {"sample-10BT": [fineweb_table(texts[i : i + 125]) for i in range(0, 500, 125)]},
     )
     source = resolve_source(config(dataset="fineweb"))
-    for stop_after in (1, 3, 7):
-        stream = TextStream(source)
+    texts = all_texts(TextStream(source, num_workers=workers, worker_index=workers - 1))  # this worker's part
+    for stop_after in (1, 2, 3):
+        stream = TextStream(source, num_workers=workers, worker_index=workers - 1)
         seen: list[str | None] = []
         for k, batch in enumerate(stream.batches(3000, rows_per_read=16)):
             seen += batch.texts
             if k == stop_after:
                 state = batch.state
                 break
-        resumed = TextStream(source)
+        else:
+            raise AssertionError("the stream is too short for this test")
+        resumed = TextStream(source, num_workers=workers, worker_index=workers - 1)
         resumed.load_state_dict(json.loads(json.dumps(state)))  # the manifest stores it as JSON
         assert resumed.state_dict() == state  # where it stands before reading again (datasets would say 0)
         assert seen + all_texts(resumed, 3000) == texts

@@ -452,18 +452,18 @@ class ShardWriter:
         """The stream ended (or max_tokens was reached): write the last shard and mark the data complete."""
         if self.complete:
             return
+        if not self.shards and not self._filled:
+            self.discard()
+            raise TalmError(
+                f"the stream held no text ({self.empty_documents:,} empty documents): check --text-column and "
+                "the source"
+            )
         if self.split == "val":
             got = self._split_tokens
             self.discard()
             raise TalmError(
                 f"the stream ended after {got:,} tokens, before the validation split (--val-tokens "
                 f"{self.val_tokens:,} for this worker) was full, so no training tokens are left: lower --val-tokens"
-            )
-        if not self.shards and not self._filled:
-            self.discard()
-            raise TalmError(
-                f"the stream held no text ({self.empty_documents:,} empty documents): check --text-column and "
-                "the source"
             )
         if self._filled:
             self._commit({}, 0, next_split=self.split, last=True)
