@@ -45,7 +45,7 @@ BATCH_BYTES = 4 << 20  # text per tokenizer call: large enough to use every core
 
 
 def worker_tag(index: int, count: int) -> str:
-    """ "" for a single worker, else ".wIII-of-WWW" (in manifest and shard names)."""
+    """The tag in a worker's file names: empty for a single worker, else ".wIII-of-WWW"."""
     return "" if count == 1 else f".w{index:03d}-of-{count:03d}"
 
 
@@ -57,7 +57,7 @@ def shard_name(split: str, index: int, tag: str) -> str:
     return f"{split}{tag}_{index:06d}.npy"
 
 
-_MANIFEST_RE = re.compile(r"meta(\.w\d{3}-of-(\d{3}))?\.json")
+_MANIFEST_RE = re.compile(r"meta(\.w\d{3,}-of-(\d{3,}))?\.json")
 
 
 def _own_files_re(tag: str) -> re.Pattern[str]:
@@ -339,7 +339,7 @@ class ShardWriter:
         """Remove another worker layout's manifest and every shard named like it."""
         match = _MANIFEST_RE.fullmatch(manifest)
         assert match
-        tag = "" if match.group(1) is None else f".w\\d{{3}}-of-{match.group(2)}"
+        tag = "" if match.group(1) is None else f".w\\d{{3,}}-of-{match.group(2)}"
         pattern = re.compile(rf"\.?(val|train){tag}_\d{{6}}\.npy(\.tmp)?|\.?meta{tag}\.json(\.tmp)?")
         for path in self.out_dir.iterdir():
             if pattern.fullmatch(path.name):
