@@ -85,18 +85,24 @@ else:
 """
 
 
-def run_timed(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS in MB, stdout of a fresh process running `cmd` (a script path or "-c", CODE, and
-    its arguments) under the same interpreter."""
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-c", PEAK_RSS_WRAPPER, *cmd], cwd=cwd, capture_output=True, text=True, check=False
-    )
-    wall = time.perf_counter() - start
+def run_timed(cmd: list[str], cwd: Path) -> tuple[float, float, float, str]:
+    """Wall seconds, CPU seconds (user + system), peak RSS in MB and stdout of a fresh process running `cmd`
+    (a script path or "-c", CODE, and its arguments) under the same interpreter."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, "-c", PEAK_RSS_WRAPPER, *cmd], cwd=cwd, stdout=out, stderr=err
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:1] + cmd[2:])} failed ({proc.returncode}):\n{proc.stderr}")
-    peak_kb = int(re.findall(r"PEAK_RSS_KB (\d+)", proc.stderr)[-1])
-    return wall, peak_kb / 1024, proc.stdout
+        raise SystemExit(f"{' '.join(cmd[:1] + cmd[2:])} failed ({proc.returncode}):\n{stderr}")
+    peak_kb = int(re.findall(r"PEAK_RSS_KB (\d+)", stderr)[-1])
+    return wall, usage.ru_utime + usage.ru_stime, peak_kb / 1024, stdout
 
 
 def make_corpus(path: Path, megabytes: int, seed: int = 0) -> None:
@@ -150,8 +156,12 @@ def documents(text: str, size: int, limit_bytes: int) -> list[str]:
 
 
 def bench_training(workdir: Path, corpus: Path) -> None:
-    print("\n== training (fresh process each, wall time incl. start-up; peak RSS) ==")
-    print(f"{'text':<22}{'vocab':>7}  {'train_tokenizer':>28}  {'bare HF script':>28}  {'ratio':>6}")
+    print("\n== training (fresh process each: wall time incl. start-up, CPU time, peak RSS) ==")
+    print(
+        "   MB/s = size / wall; 'idle est.' = size / (CPU time / cores): what a machine with its cores free gives"
+    )
+    print(f"{'text':<18}{'vocab':>6}  {'train_tokenizer':>44}  {'bare HF script':>44}  {'wall ratio':>10}")
+    cores = os.cpu_count() or 1
     for text_file, vocab in [(SHAKESPEARE, 1000), (SHAKESPEARE, 4096), (corpus, 4096)]:
         mb = text_file.stat().st_size / 1e6
         local = workdir / text_file.name
@@ -159,22 +169,17 @@ def bench_training(workdir: Path, corpus: Path) -> None:
             local.symlink_to(text_file)
         talm_cmd = [
             str(BIN / "train_tokenizer"),
-            "-vs",
-            str(vocab),
-            "-n",
-            "bench",
-            "--force",
-            "--text-file",
-            local.name,
+            *("-vs", str(vocab), "-n", "bench", "--force", "--text-file", local.name),
         ]
         bare_cmd = ["-c", BARE_HF_SCRIPT, local.name, str(vocab), "bare.json"]
-        talm_s, talm_rss, summary = run_timed(talm_cmd, workdir)
-        bare_s, bare_rss, _ = run_timed(bare_cmd, workdir)
-        label = f"{text_file.name[:14]} {mb:.0f} MB"
-        print(
-            f"{label:<22}{vocab:>7}  {talm_s:6.2f} s {mb / talm_s:5.1f} MB/s {talm_rss:4.0f} MB"
-            f"  {bare_s:6.2f} s {mb / bare_s:5.1f} MB/s {bare_rss:4.0f} MB  {talm_s / bare_s:5.2f}x"
-        )
+        runs = [run_timed(cmd, workdir) for cmd in (talm_cmd, bare_cmd)]
+        cells = [
+            f"{wall:6.2f} s {mb / wall:5.1f} MB/s (idle est. {mb / max(cpu / cores, 1e-9):5.1f}) {rss:4.0f} MB"
+            for wall, cpu, rss, _ in runs
+        ]
+        label = f"{text_file.name[:10]} {mb:.0f} MB"
+        print(f"{label:<18}{vocab:>6}  {cells[0]:>44}  {cells[1]:>44}  {runs[0][0] / runs[1][0]:9.2f}x")
+        summary = runs[0][3]
         print(f"    {summary.strip()}")
 
 
