@@ -55,7 +55,7 @@ def test_console_script_trains_resumes_and_restarts(tiny_data: Path, in_tmp: Pat
     assert again.returncode == 0 and "resuming models/shakes from step 4" in again.stderr
     assert read_meta("models/shakes/latest")["step"] == 6
     done = subprocess.run([*base, "--max-steps", "6"], capture_output=True, text=True)
-    assert done.returncode == 0 and "already trained to step 6" in done.stderr
+    assert done.returncode == 0 and "already trained to step 6 (val loss" in done.stdout
     fresh = subprocess.run([*base, "--max-steps", "2", "--restart"], capture_output=True, text=True)
     assert fresh.returncode == 0 and "from scratch" in fresh.stderr
     assert read_meta("models/shakes/latest")["step"] == 2

@@ -463,10 +463,18 @@ class Trainer:
         if not self.data.complete:
             say(f"note: {self.data.dir} is not complete (download_data is still writing or was stopped)")
         if self.step >= t.max_steps:
-            say(
-                f"{self.model_dir} is already trained to step {self.step}: raise --max-steps to train further"
+            meta = read_meta(self.model_dir / "latest")
+            val_loss, bpb = meta.get("val_loss"), meta.get("val_bpb")
+            scores = (
+                f"val loss {val_loss:.4f}, val bits/byte {bpb:.4f}" if val_loss and bpb else "not evaluated"
             )
-            return TrainResult(self.step, self.tokens_seen, self.elapsed, 0.0, None, None, self.model_dir)
+            dist.print0(
+                f"{self.model_dir} is already trained to step {self.step} ({scores}): raise --max-steps to train "
+                "further, or pass --restart to start over",
+                ctx=ctx,
+                file=sys.stdout,
+            )
+            return TrainResult(self.step, self.tokens_seen, self.elapsed, 0.0, val_loss, bpb, self.model_dir)
 
         sinks = []
         if main:  # the sinks first: a missing optional package must fail before anything is touched
