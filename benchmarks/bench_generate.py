@@ -47,11 +47,16 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument(
         "--repeats", type=int, default=1, help="time each case this many times, keep the best"
     )
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     shape = dict(PRESETS[args.preset].get("model", {}))
     shape["context_length"] = max(shape.get("context_length", 0), args.prompt_tokens + max(args.new_tokens))
