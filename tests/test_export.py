@@ -145,7 +145,6 @@ def test_export_refuses_a_tokenizer_of_another_size(tmp_path: Path) -> None:
     assert not (tmp_path / "export").exists()
 
 
-@pytest.mark.slow
 def test_tokenizers_trained_by_talm_load_as_pretrained_tokenizer_fast(tmp_path: Path) -> None:
     from transformers import PreTrainedTokenizerFast
 
