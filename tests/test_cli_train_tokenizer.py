@@ -175,7 +175,6 @@ def test_starts_without_torch_or_datasets(workdir: Path) -> None:
     assert written(workdir) == ["imports.json"]
 
 
-@pytest.mark.slow
 def test_ctrl_c_leaves_no_partial_file(workdir: Path) -> None:
     big = workdir / "big.txt"
     text = SHAKESPEARE.read_bytes()
