@@ -47,7 +47,6 @@ from talm.errors import TalmError
 
 if TYPE_CHECKING:
     import tiktoken
-
     import tokenizers
 
 EOT = SPECIAL_TOKENS[0]
@@ -714,11 +713,11 @@ def train(
     The returned tokenizer lives in memory (`path` None); `save` writes it. The vocabulary can come out smaller
     than asked when the text has no more pairs to merge.
     """
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
     from tqdm import tqdm
 
     from talm.config import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE
-    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
-    from tokenizers import Tokenizer as HFTokenizer
 
     if not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
         raise TalmError(
