@@ -56,8 +56,10 @@ def test_console_script_trains_resumes_and_restarts(tiny_data: Path, in_tmp: Pat
     assert read_meta("models/shakes/latest")["step"] == 6
     done = subprocess.run([*base, "--max-steps", "6"], capture_output=True, text=True)
     assert done.returncode == 0 and "already trained to step 6 (val loss" in done.stdout
+    (Path("models/shakes") / "tensorboard").mkdir()  # what an earlier --report-to tensorboard left
     fresh = subprocess.run([*base, "--max-steps", "2", "--restart"], capture_output=True, text=True)
     assert fresh.returncode == 0 and "from scratch" in fresh.stderr
+    assert not (Path("models/shakes") / "tensorboard").exists()  # nothing of the old run survives a restart
     assert read_meta("models/shakes/latest")["step"] == 2
     assert max(r["step"] for r in read_metrics("models/shakes")) == 2
 

@@ -336,7 +336,8 @@ class Trainer:
         """Rank 0: fresh start clears old checkpoints/metrics; copy the tokenizer; drop metrics past the resume."""
         d = self.model_dir
         if not self.resumed:
-            for name in ("latest", "best", "metrics.jsonl"):
+            # Everything a run derives from its metrics goes too, so no stale curve outlives a restart.
+            for name in ("latest", "best", "metrics.jsonl", "loss.png", "tensorboard", "wandb_run_id"):
                 p = d / name
                 if p.is_dir():
                     shutil.rmtree(p)
