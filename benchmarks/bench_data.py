@@ -170,6 +170,16 @@ def batches_of(texts: list[str], batch_bytes: int = 4 << 20) -> list[list[str]]:
     return out + ([current] if current else [])
 
 
+def throughput(texts: list[str], tokens: int, seconds: float, cpu: float) -> dict[str, float]:
+    """MB/s, tokens/s and MB per CPU-second of one timed run over `texts`."""
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    return {
+        "mb_per_s": n_bytes / 1e6 / seconds,
+        "tokens_per_s": tokens / seconds,
+        "mb_per_cpu_s": n_bytes / 1e6 / cpu,
+    }
+
+
 def run_raw_encoder(texts: list[str]) -> dict[str, float]:
     tokenizer = Tokenizer.from_file(TOKENIZER)
     batches = batches_of(texts)
@@ -177,13 +187,7 @@ def run_raw_encoder(texts: list[str]) -> dict[str, float]:
     cpu = cpu_seconds()
     start = time.perf_counter()
     tokens = sum(len(a) + 1 for batch in batches for a in tokenizer.encode_batch(batch))
-    seconds = time.perf_counter() - start
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    return {
-        "mb_per_s": n_bytes / 1e6 / seconds,
-        "tokens_per_s": tokens / seconds,
-        "mb_per_cpu_s": n_bytes / 1e6 / (cpu_seconds() - cpu),
-    }
+    return throughput(texts, tokens, time.perf_counter() - start, cpu_seconds() - cpu)
 
 
 class OriginalTokenizer:
@@ -232,13 +236,7 @@ def run_original(texts: list[str]) -> dict[str, float]:
         tokens += len(ids)
     pool.close()
     pool.join()  # the workers are reaped: their CPU time is in RUSAGE_CHILDREN
-    seconds = time.perf_counter() - start
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    return {
-        "mb_per_s": n_bytes / 1e6 / seconds,
-        "tokens_per_s": tokens / seconds,
-        "mb_per_cpu_s": n_bytes / 1e6 / (cpu_seconds() - cpu),
-    }
+    return throughput(texts, tokens, time.perf_counter() - start, cpu_seconds() - cpu)
 
 
 def check_same_ids(texts: list[str]) -> bool:
