@@ -28,28 +28,13 @@ from safetensors.torch import save_model as save_safetensors_from
 
 from talm.config import ModelConfig
 from talm.errors import TalmError
+from talm.files import aside_path, replace_dir, staging_dir
 from talm.model import GPT
 
 FORMAT = "talm.checkpoint/1"
 WEIGHTS = "model.safetensors"
 META = "checkpoint.json"
 TRAINER_STATE = "trainer_state.pt"
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a directory's) contents to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories; the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
-
-
-def _aside(target: Path) -> Path:
-    """Where the previous checkpoint waits while the new one is renamed into place."""
-    return target.with_name(f".{target.name}.old")
 
 
 def save_checkpoint(
@@ -63,35 +48,19 @@ def save_checkpoint(
     `model` must be the plain GPT (not its torch.compile or DDP wrapper) so that the weight names are clean.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = staging_dir(target)
     save_safetensors_from(model, str(tmp / WEIGHTS))
     (tmp / META).write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n", encoding="utf-8")
     if trainer_state is not None:
         torch.save(trainer_state, tmp / TRAINER_STATE)
-    for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
-
-    old = _aside(target)
-    if old.exists() and target.exists():  # a previous save crashed after its first rename: the old is stale
-        shutil.rmtree(old)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    _fsync(target.parent)
-    if old.exists():
-        shutil.rmtree(old)
+    replace_dir(tmp, target)
     return target
 
 
 def recover_interrupted_save(target: str | Path) -> None:
     """Undo what a crash mid-save can leave: put a moved-aside checkpoint back, drop temporary directories."""
     target = Path(target)
-    old = _aside(target)
+    old = aside_path(target)
     if old.exists():
         if target.exists():
             shutil.rmtree(old)
@@ -129,8 +98,8 @@ def resolve_checkpoint(model_dir: str | Path, which: str = "latest") -> Path:
     path = model_dir / which
     if is_checkpoint(path):
         return path
-    if is_checkpoint(_aside(path)):  # a save was interrupted between its two renames
-        return _aside(path)
+    if is_checkpoint(aside_path(path)):  # a save was interrupted between its two renames
+        return aside_path(path)
     if which == "best":
         raise TalmError(
             f"{str(model_dir)!r} has no best checkpoint yet (it is written at the first evaluation): "

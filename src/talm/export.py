@@ -22,7 +22,6 @@ talm writes these files itself; transformers is needed only by whoever loads the
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +31,7 @@ from safetensors.torch import save_file
 
 from talm.config import ModelConfig
 from talm.errors import TalmError
+from talm.files import replace_dir, staging_dir
 from talm.model import GPT
 
 if TYPE_CHECKING:
@@ -186,10 +186,7 @@ def export_hf(
             f"the model knows {model.config.vocab_size} tokens but the tokenizer has {tokenizer.vocab_size}: "
             "export the model with the tokenizer it was trained with"
         )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = staging_dir(out_dir)
     try:
         _write_json(tmp / "config.json", hf_config(model.config, tokenizer.eot_id, dtype))
         _write_json(
@@ -201,16 +198,10 @@ def export_hf(
         )
         write_tokenizer_files(tokenizer, tmp, model.config.context_length)
         (tmp / "README.md").write_text(model_card(out_dir.name, model, tokenizer, meta), encoding="utf-8")
-        for f in tmp.iterdir():
-            _fsync(f)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out_dir)
     return out_dir
 
 
@@ -309,8 +300,3 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, toke
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())

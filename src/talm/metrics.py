@@ -8,10 +8,10 @@ Training lines: {"step", "tokens", "time", "train_loss", "lr", "tokens_per_s"}; 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from talm.files import write_atomically
 from talm.report import Sink
 
 FILE = "metrics.jsonl"
@@ -40,9 +40,7 @@ def truncate_after(model_dir: str | Path, step: int) -> None:
             continue
     if len(kept) == len(lines):
         return
-    tmp = path.with_name(f".{FILE}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: f.write("".join(line + "\n" for line in kept).encode("utf-8")))
 
 
 class MetricsLog:

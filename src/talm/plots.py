@@ -10,11 +10,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from talm.errors import TalmError
+from talm.files import write_atomically
 
 METRICS_FILE = "metrics.jsonl"
 X_AXES = {"tokens": "tokens seen", "step": "optimizer step", "time": "time"}
@@ -185,17 +185,9 @@ def plot_runs(
 
 
 def save_figure(fig: Any, out: Path) -> Path:
-    """Write the figure as PNG atomically: a temporary file beside `out`, fsynced, then renamed over it."""
+    """Write the figure as PNG, atomically (`talm.files.write_atomically`)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            fig.savefig(f, format="png", dpi=110)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(out, lambda f: fig.savefig(f, format="png", dpi=110))
     return out
 
 

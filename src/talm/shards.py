@@ -36,6 +36,7 @@ import numpy as np
 from talm.config import DownloadConfig
 from talm.corpus import TextStream, resolve_source
 from talm.errors import TalmError
+from talm.files import write_atomically
 
 FORMAT = "talm.shards/1"
 BATCH_BYTES = 4 << 20  # text per tokenizer call: large enough to use every core, small enough to bound memory
@@ -126,26 +127,11 @@ def tokenize_batch(
 # ------------------------------------------------------------------------------------------------ writing
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _write_atomically(path: Path, write: Callable[[Any], object]) -> None:
+    """`talm.files.write_atomically`, with a failure (a full disk, say) said as what to do about it."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: Path, write: Callable[[Any], None]) -> None:
-    """Write via a hidden temp file in the same directory, fsync, rename: never a half file under `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        write_atomically(path, write)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise TalmError(
             f"could not write {str(path)!r} ({err.strerror or err}): free some disk space or fix the directory, "
             "then rerun the same command to resume after the last complete shard"

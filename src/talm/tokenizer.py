@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -44,6 +43,7 @@ import numpy as np
 
 from talm.config import SPECIAL_TOKENS
 from talm.errors import TalmError
+from talm.files import write_atomically
 
 if TYPE_CHECKING:
     import tiktoken
@@ -473,7 +473,12 @@ class Tokenizer:
         """Write the tokenizer as HF tokenizers JSON, atomically; refuse an existing file unless `overwrite`."""
         path = Path(path)
         text = self._hf_json if self._hf_json is not None else self.to_hf().to_str(pretty=True)
-        _write_atomically(path, text.encode("utf-8"), overwrite=overwrite)
+        try:
+            write_atomically(path, lambda f: f.write(text.encode("utf-8")), overwrite=overwrite)
+        except FileExistsError:
+            raise TalmError(
+                f"{str(path)!r} already exists: pick another name, or pass --force to overwrite it"
+            ) from None
         self.path = path
         return path
 
@@ -591,42 +596,6 @@ def _split_evenly(texts: Sequence[str], max_groups: int) -> list[Sequence[str]]:
     bounds = np.searchsorted(np.cumsum(lengths), np.arange(1, n_groups) * total / n_groups).tolist()
     edges = sorted({0, *bounds, len(texts)})
     return [texts[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _write_atomically(path: Path, data: bytes, *, overwrite: bool) -> None:
-    """Temp file in the same directory + fsync + rename: readers see the old file or the new one, never half.
-    Without `overwrite`, the final step is a hard link, which fails if the name appeared meanwhile."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise TalmError(
-                    f"{str(path)!r} already exists: pick another name, or pass --force to overwrite it"
-                ) from None
-            os.unlink(tmp)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # --------------------------------------------------------------------------------------------------- training

@@ -35,6 +35,7 @@ from talm.checkpoint import (
 )
 from talm.config import PRESETS, RunConfig, merge, validate
 from talm.errors import TalmError
+from talm.files import write_atomically
 from talm.loader import DataSet, EvalSlice, TokenLoader, read_data
 from talm.metrics import MetricsLog, truncate_after
 from talm.model import GPT
@@ -346,10 +347,7 @@ class Trainer:
         d.mkdir(parents=True, exist_ok=True)
         tok_copy = d / TOKENIZER_FILE
         if not self.resumed or not tok_copy.is_file():
-            src = Path(self.tokenizer.path)
-            tmp = d / f".{TOKENIZER_FILE}.tmp-{os.getpid()}"
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, tok_copy)
+            write_atomically(tok_copy, lambda f: f.write(Path(self.tokenizer.path).read_bytes()))
         if self.resumed:
             truncate_after(d, self.step)
 
