@@ -3,16 +3,25 @@
 A file is written to a hidden temporary beside it, flushed to disk and renamed over the target: readers see
 the old content or the new, never a mix. A directory (a checkpoint, an export) is built as a hidden sibling and
 swapped into place the same way. Every stage that writes uses these; like `config` and `errors`, this module is
-a leaf that imports nothing else from talm.
+a leaf (it imports only `talm.errors`).
+
+Before any work, the commands check that what they will write can be written (`check_writable_dir`,
+`check_output_file`), and a run that owns a directory holds a `RunLock` on it for its whole life.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import shutil
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+from talm.errors import TalmError
 
 
 def fsync(path: Path) -> None:
@@ -85,3 +94,200 @@ def replace_dir(staged: Path, target: Path) -> None:
     fsync(target.parent)
     if old.exists():
         shutil.rmtree(old)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checking output paths before any work: one mechanism for every command.
+
+
+def _reason(err: OSError) -> str:
+    return err.strerror or str(err)
+
+
+def check_writable_dir(directory: str | os.PathLike[str], *, instead: str) -> None:
+    """Fail with one line, before any work, if `directory` cannot be created and written; leave nothing behind.
+
+    `instead` completes the fix, e.g. "pass another --data-root" or "pick another -o".
+    """
+    directory = Path(directory)
+    created: list[Path] = []
+    probe = directory / f".talm-write-probe-{os.getpid()}"
+    try:
+        chain = [directory, *directory.parents]
+        blocker = next((p for p in chain if p.exists() or p.is_symlink()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise TalmError(
+                f"cannot create {str(directory)!r}: {str(blocker)!r} is a file, not a directory: move it away "
+                f"or {instead}"
+            )
+        for p in reversed([p for p in chain if not p.exists()]):
+            p.mkdir()
+            created.append(p)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise TalmError(
+            f"cannot write to {str(directory)!r} ({_reason(err)}): fix its permissions or {instead}"
+        ) from None
+    finally:
+        for p in reversed(created):
+            p.rmdir()
+
+
+def check_output_file(path: str | os.PathLike[str], *, overwrite: bool, instead: str) -> Path:
+    """Check that file `path` can be written: its folder can be created and written, it is not a directory, and
+    it does not exist unless `overwrite`. Returns `path` as a Path; writes nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise TalmError(f"{str(path)!r} is a directory, not a file: {instead}")
+    if path.exists() and not overwrite:
+        raise TalmError(f"{str(path)!r} already exists: pass --overwrite to replace it, or {instead}")
+    check_writable_dir(path.parent, instead=instead)
+    return path
+
+
+def write_file(path: str | os.PathLike[str], data: bytes, *, what: str = "") -> None:
+    """`write_atomically` of bytes, with a failure (a full disk, say) said in one line naming the file."""
+    try:
+        write_atomically(path, lambda f: f.write(data))
+    except OSError as err:
+        raise TalmError(
+            f"could not write {str(path)!r} ({_reason(err)}): free some disk space or fix its permissions{what}"
+        ) from None
+
+
+def sweep_stale_temps(directory: str | os.PathLike[str]) -> None:
+    """Remove hidden temporaries (`.NAME.tmp`, `.NAME.tmp-PID/`) that crashed writers left in `directory`.
+
+    Only call this while holding the directory's `RunLock`: then no live writer owns them."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for p in directory.glob(".*.tmp*"):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run locks: one process owns a directory (models/NAME, a data directory) at a time.
+
+LOCK_FILE = ".talm.lock"
+
+
+class RunLock:
+    """An exclusive lock on a directory for one run, refused with one line naming the holder.
+
+    The lock is the kernel's (`flock` on `DIR/.talm.lock`), so it is released on any exit, a crash or kill -9
+    included: a stale lock cannot outlive its process. The file records who holds it (pid, host, command, start
+    time) for the message a second run gets. On filesystems without flock (some network mounts) the lock file
+    is created exclusively instead, and a record whose pid is dead on this host counts as stale.
+
+        with RunLock(model_dir, "train_model"):
+            ...
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], command: str, *, instead: str = "") -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK_FILE
+        self.command = command
+        self.instead = instead or "wait for it to finish or stop it (Ctrl-C), then rerun"
+        self._fd: int | None = None
+        self._exclusive_file = False
+
+    # -- the record --------------------------------------------------------------------------------------------
+
+    def _record(self) -> bytes:
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": self.command,
+            "since": time.time(),
+        }
+        return (json.dumps(info) + "\n").encode()
+
+    def holder(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8") or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def _refuse(self) -> TalmError:
+        h = self.holder()
+        who = f"{h.get('command', 'another talm run')} (pid {h.get('pid', '?')} on {h.get('host', '?')}"
+        if isinstance(h.get("since"), (int, float)):
+            who += ", since " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["since"]))
+        who += ")"
+        return TalmError(f"{str(self.directory)!r} is in use by {who}: {self.instead}")
+
+    # -- acquire / release -------------------------------------------------------------------------------------
+
+    def acquire(self) -> RunLock:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock
+            fcntl = None  # type: ignore[assignment]
+        if fcntl is not None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(fd)
+                if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise self._refuse() from None
+                if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+            else:
+                os.ftruncate(fd, 0)
+                os.write(fd, self._record())
+                self._fd = fd
+                return self
+        self._acquire_exclusive_file()
+        return self
+
+    def _acquire_exclusive_file(self) -> None:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                h = self.holder()
+                stale = h.get("host") == socket.gethostname() and not _pid_alive(h.get("pid"))
+                if not stale and h:
+                    raise self._refuse() from None
+                self.path.unlink(missing_ok=True)  # stale (dead pid here) or an empty record
+                continue
+            os.write(fd, self._record())
+            os.close(fd)
+            self._exclusive_file = True
+            return
+        raise self._refuse()
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(
+                self._fd
+            )  # closing drops the flock; the file stays (unlinking it would race a new holder)
+            self._fd = None
+        if self._exclusive_file:
+            self.path.unlink(missing_ok=True)
+            self._exclusive_file = False
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
