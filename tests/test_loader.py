@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from talm.errors import TalmError
-from talm.loader import EvalSlice, TokenLoader, read_data
+from talm.loader import EvalSlice, TokenLoader
+from talm.manifest import read_data
 
 T = 16
 

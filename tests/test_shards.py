@@ -15,12 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from talm.errors import TalmError
+from talm.manifest import manifest_paths, shard_name
 from talm.shards import (
     ShardWriter,
     TokenBatch,
-    load_shard,
-    read_manifests,
-    shard_paths,
     tokenize_batch,
     write_shards,
 )
@@ -97,7 +95,7 @@ def test_shard_boundaries_counts_and_manifest(tmp_path: Path) -> None:
         ("train_000004.npy", "train", 4),
     ]
     stream = np.concatenate([np.array([EOT, *d]) for d in docs if d])
-    written = np.concatenate([load_shard(tmp_path / "d" / s["file"]) for s in m["shards"]])
+    written = np.concatenate([np.load(tmp_path / "d" / s["file"]) for s in m["shards"]])
     assert written.dtype == np.uint16 and np.array_equal(written, stream)
     # documents are counted in the shard holding their eot; bytes (3 per token here) add up per split
     assert [s["documents"] for s in m["shards"]] == [2, 0, 1, 2, 0]
@@ -108,11 +106,10 @@ def test_shard_boundaries_counts_and_manifest(tmp_path: Path) -> None:
     for key in ("format", "dataset", "source", "config", "dtype", "shard_size", "shards"):
         assert key in m
     assert m["format"] == "talm.shards/1" and m["dtype"] == "uint16" and m["shard_size"] == 5
-    assert shard_paths(tmp_path / "d", "val") == [
-        tmp_path / "d" / "val_000000.npy",
-        tmp_path / "d" / "val_000001.npy",
+    assert [s["file"] for s in m["shards"] if s["split"] == "val"] == [
+        shard_name("val", i, "") for i in (0, 1)
     ]
-    assert read_manifests(tmp_path / "d") == [m]
+    assert manifest_paths(tmp_path / "d") == [tmp_path / "d" / "meta.json"]
 
 
 def test_max_tokens_cuts_training_exactly_and_val_is_extra(tmp_path: Path) -> None:
@@ -131,7 +128,7 @@ def test_uint32_keeps_ids_above_65535(tmp_path: Path) -> None:
     writer = make_writer(tmp_path / "d", dtype=np.uint32, shard_size=100)
     writer.open()
     run_writer(writer, batches_of(docs, [], dtype=np.uint32))
-    shard = load_shard(tmp_path / "d" / "train_000000.npy")
+    shard = np.load(tmp_path / "d" / "train_000000.npy")
     assert shard.dtype == np.uint32 and shard.tolist() == [EOT, 65535, 65536, 70000, EOT, 99999]
     assert json.loads((tmp_path / "d" / "meta.json").read_text())["dtype"] == "uint32"
 
@@ -233,7 +230,7 @@ def test_disk_full_mid_shard_keeps_directory_consistent(
     assert len(m["shards"]) == 3 and not m["complete"]
     assert sorted(p.name for p in out.iterdir()) == sorted(["meta.json", *(s["file"] for s in m["shards"])])
     for s in m["shards"]:
-        assert len(load_shard(out / s["file"])) == s["tokens"]
+        assert len(np.load(out / s["file"])) == s["tokens"]
     monkeypatch.setattr(np.lib.format, "write_array", real_write_array)
     resumed = make_writer(out, shard_size=16, val_tokens=8)
     assert resumed.open() == "resume"
@@ -309,7 +306,7 @@ def test_write_shards_pipeline_with_the_real_tokenizer(tmp_path: Path) -> None:
     stats = write_shards(ListStream(batches), tok, writer, progress=False)
     m = writer.state_dict()
     assert m["complete"] and stats.empty_documents == 2 and stats.documents == 298
-    stream = np.concatenate([load_shard(tmp_path / "d" / s["file"]) for s in m["shards"]])
+    stream = np.concatenate([np.load(tmp_path / "d" / s["file"]) for s in m["shards"]])
     docs = [tok.decode(part[1:]) for part in np.split(stream, np.flatnonzero(stream == tok.eot_id))[1:]]
     assert docs == [t for t in texts if t]
     assert m["totals"]["bytes"] == sum(len(t.encode()) for t in texts if t)

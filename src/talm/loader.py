@@ -1,6 +1,6 @@
 """Batches of training tokens from the memory-mapped shards that download_data writes.
 
-`read_data` merges every manifest (`meta*.json`) of a data directory into one `DataSet`. `TokenLoader` cuts
+`manifest.read_data` merges every manifest of a data directory into one `DataSet`; `TokenLoader` cuts
 the train shards into windows of context_length + 1 tokens and yields (x, y) batches offset by one token. Shards
 are opened with `np.load(mmap_mode="r")` and only the rows of a batch are copied, so memory does not grow with
 the dataset.
@@ -16,99 +16,15 @@ N micro-batches sees the same windows per optimizer step as N processes with one
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from talm.errors import TalmError
-
-MANIFEST_FORMAT = "talm.shards/1"
-
-
-@dataclass(frozen=True)
-class Shard:
-    path: Path
-    split: str
-    tokens: int
-    bytes: int | None
-
-
-@dataclass(frozen=True)
-class DataSet:
-    """The merged manifests of one data directory."""
-
-    dir: Path
-    tokenizer: dict[str, Any]  # path, fingerprint, vocab_size, eot_id (as the manifest recorded them)
-    dtype: np.dtype
-    shards: list[Shard]
-    complete: bool
-
-    def split(self, name: str) -> list[Shard]:
-        return [s for s in self.shards if s.split == name]
-
-    def tokens_per_byte(self, split: str = "val") -> float | None:
-        """Tokens per UTF-8 byte of a split, from the manifest (what turns nats/token into bits/byte)."""
-        shards = self.split(split)
-        if not shards or any(s.bytes is None for s in shards):
-            return None
-        total_bytes = sum(s.bytes for s in shards)
-        return sum(s.tokens for s in shards) / total_bytes if total_bytes else None
-
-
-def _manifest_error(path: Path, problem: str) -> TalmError:
-    return TalmError(f"manifest {str(path)!r} {problem}: recreate the data directory with download_data")
-
-
-def read_data(data_dir: str | Path) -> DataSet:
-    """Read and merge every meta*.json of `data_dir`; TalmError if there is no usable data."""
-    data_dir = Path(data_dir)
-    hint = "prepare one with `download_data tinyshakespeare` (or another dataset) and pass its directory"
-    if not data_dir.is_dir():
-        raise TalmError(f"data directory {str(data_dir)!r} not found: {hint}")
-    manifests = sorted(data_dir.glob("meta*.json"))
-    if not manifests:
-        raise TalmError(f"no manifest (meta.json) in {str(data_dir)!r}, so it holds no talm shards: {hint}")
-    tokenizer: dict[str, Any] | None = None
-    dtype: np.dtype | None = None
-    shards: list[Shard] = []
-    complete = True
-    for path in manifests:
-        try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-            fmt, tok, dt = meta["format"], meta["tokenizer"], np.dtype(meta["dtype"])
-            listed = meta["shards"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise _manifest_error(path, f"cannot be read ({type(err).__name__}: {err})") from None
-        if fmt != MANIFEST_FORMAT:
-            raise _manifest_error(path, f"has format {fmt!r}, not {MANIFEST_FORMAT!r}")
-        if tokenizer is None:
-            tokenizer, dtype = tok, dt
-        elif tok.get("fingerprint") != tokenizer.get("fingerprint") or dt != dtype:
-            raise TalmError(
-                f"the manifests in {str(data_dir)!r} disagree on the tokenizer or dtype ({path.name}): "
-                "every worker must use the same tokenizer; remove the odd ones or recreate the directory"
-            )
-        complete = complete and bool(meta.get("complete", False))
-        for entry in listed:
-            shard_path = data_dir / entry["file"]
-            if not shard_path.is_file():
-                raise _manifest_error(path, f"lists {entry['file']!r}, which is missing")
-            shards.append(Shard(shard_path, entry["split"], int(entry["tokens"]), entry.get("bytes")))
-    shards.sort(key=lambda s: s.path.name)
-    data = DataSet(data_dir, tokenizer or {}, dtype or np.dtype("uint16"), shards, complete)
-    for split in ("train", "val"):
-        if not any(s.tokens > 0 for s in data.split(split)):
-            raise TalmError(
-                f"{str(data_dir)!r} has no {split} shards: rerun download_data to completion "
-                f"(with --val-tokens > 0 for the val split)"
-            )
-    return data
+from talm.manifest import DataSet, Shard, open_shard
 
 
 class ShardCache:
@@ -121,13 +37,7 @@ class ShardCache:
     def __getitem__(self, shard: Shard) -> np.ndarray:
         mm = self._maps.get(shard.path)
         if mm is None:
-            mm = np.load(shard.path, mmap_mode="r")
-            if mm.ndim != 1 or mm.dtype != self.dtype or len(mm) != shard.tokens:
-                raise TalmError(
-                    f"shard {str(shard.path)!r} does not match its manifest (shape {mm.shape}, dtype {mm.dtype}, "
-                    f"expected {shard.tokens} tokens of {self.dtype}): recreate the data directory"
-                )
-            self._maps[shard.path] = mm
+            mm = self._maps[shard.path] = open_shard(shard, self.dtype)
         return mm
 
 

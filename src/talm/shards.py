@@ -37,28 +37,9 @@ from talm.config import DownloadConfig
 from talm.corpus import TextStream, resolve_source
 from talm.errors import TalmError
 from talm.files import write_atomically
+from talm.manifest import FORMAT, MANIFEST_RE, layout, manifest_name, shard_name, worker_tag
 
-FORMAT = "talm.shards/1"
 BATCH_BYTES = 4 << 20  # text per tokenizer call: large enough to use every core, small enough to bound memory
-
-
-# ------------------------------------------------------------------------------------------------ naming
-
-
-def worker_tag(index: int, count: int) -> str:
-    """The tag in a worker's file names: empty for a single worker, else ".wIII-of-WWW"."""
-    return "" if count == 1 else f".w{index:03d}-of-{count:03d}"
-
-
-def manifest_name(tag: str) -> str:
-    return f"meta{tag}.json"
-
-
-def shard_name(split: str, index: int, tag: str) -> str:
-    return f"{split}{tag}_{index:06d}.npy"
-
-
-_MANIFEST_RE = re.compile(r"meta(\.w\d{3,}-of-(\d{3,}))?\.json")
 
 
 def _own_files_re(tag: str) -> re.Pattern[str]:
@@ -66,32 +47,6 @@ def _own_files_re(tag: str) -> re.Pattern[str]:
     return re.compile(
         rf"\.?(val|train){re.escape(tag)}_\d{{6}}\.npy(\.tmp)?|\.meta{re.escape(tag)}\.json\.tmp"
     )
-
-
-# ------------------------------------------------------------------------------------------------ reading
-
-
-def read_manifests(data_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every manifest (meta*.json) in a data directory, sorted by name."""
-    data_dir = Path(data_dir)
-    out = []
-    for path in sorted(data_dir.glob("meta*.json")):
-        if _MANIFEST_RE.fullmatch(path.name):
-            out.append(json.loads(path.read_text(encoding="utf-8")))
-    return out
-
-
-def load_shard(path: str | os.PathLike[str]) -> np.ndarray:
-    """A shard as a read-only memory map (no copy into RAM)."""
-    return np.load(path, mmap_mode="r")
-
-
-def shard_paths(data_dir: str | os.PathLike[str], split: str) -> list[Path]:
-    """The shards of one split ("train" or "val") listed by the directory's manifests, in manifest order."""
-    data_dir = Path(data_dir)
-    return [
-        data_dir / s["file"] for m in read_manifests(data_dir) for s in m["shards"] if s["split"] == split
-    ]
 
 
 # ------------------------------------------------------------------------------------------------ tokenizing
@@ -281,11 +236,9 @@ class ShardWriter:
         if not self.out_dir.is_dir():
             check_writable(self.out_dir)
             return "new"
-        manifests = {p.name: p for p in self.out_dir.glob("meta*.json") if _MANIFEST_RE.fullmatch(p.name)}
+        manifests = {p.name: p for p in self.out_dir.glob("meta*.json") if MANIFEST_RE.fullmatch(p.name)}
         others = [
-            name
-            for name in manifests
-            if name != self.manifest_path.name and _layout(name) != self.num_workers
+            name for name in manifests if name != self.manifest_path.name and layout(name) != self.num_workers
         ]
         if others:
             if not overwrite:
@@ -294,7 +247,7 @@ class ShardWriter:
                     "pass --overwrite to delete it and start afresh, or use another --dir-prefix"
                 )
             for name in others:
-                self._delete_layout(name)
+                self._deletelayout(name)
         status = "new"
         if self.manifest_path.name in manifests:
             try:
@@ -321,9 +274,9 @@ class ShardWriter:
                 path.unlink()
         return status
 
-    def _delete_layout(self, manifest: str) -> None:
+    def _deletelayout(self, manifest: str) -> None:
         """Remove another worker layout's manifest and every shard named like it."""
-        match = _MANIFEST_RE.fullmatch(manifest)
+        match = MANIFEST_RE.fullmatch(manifest)
         assert match
         tag = "" if match.group(1) is None else f".w\\d{{3,}}-of-{match.group(2)}"
         pattern = re.compile(rf"\.?(val|train){tag}_\d{{6}}\.npy(\.tmp)?|\.?meta{tag}\.json(\.tmp)?")
@@ -470,13 +423,6 @@ class ShardWriter:
                 d.rmdir()  # only if empty: other workers' files stay
             except OSError:
                 break
-
-
-def _layout(manifest: str) -> int:
-    """Number of workers a manifest name belongs to."""
-    match = _MANIFEST_RE.fullmatch(manifest)
-    assert match
-    return 1 if match.group(2) is None else int(match.group(2))
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:

@@ -36,7 +36,8 @@ from talm.checkpoint import (
 from talm.config import PRESETS, RunConfig, merge, validate
 from talm.errors import TalmError
 from talm.files import write_atomically
-from talm.loader import DataSet, EvalSlice, TokenLoader, read_data
+from talm.loader import EvalSlice, TokenLoader
+from talm.manifest import DataSet, read_data
 from talm.metrics import MetricsLog, truncate_after
 from talm.model import GPT
 from talm.optim import build_optimizer, schedule
