@@ -112,3 +112,67 @@ def test_bad_model_dir(in_tmp: Path, capsys) -> None:
     (in_tmp / "models" / "empty").mkdir(parents=True)
     assert "holds no checkpoint" in fails(capsys, "-m", "models/empty", "-o", "out")
     assert not (in_tmp / "out").exists()
+
+
+def listing(root: Path) -> dict[str, bytes | None]:
+    """Every path under `root` with its bytes (None for a directory): what 'nothing changed' compares."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize(
+    ("output", "flags", "message"),
+    [
+        ("afile/sub", [], "'afile' is a file, not a directory: move it away or choose another -o/--output"),
+        ("afile", [], "'afile' exists and is not a directory: choose another -o/--output"),
+        ("/proc/x", [], "cannot write to '/proc'"),
+        ("/proc/x", ["--overwrite"], "cannot write to '/proc'"),
+        ("models/tiny", ["--overwrite"], "would replace the model being exported"),
+        ("models", ["--overwrite"], "would replace the model being exported"),
+        ("mine", ["--overwrite"], "'mine' is not an earlier export"),
+        ("mine", [], "'mine' already exists: pass --overwrite"),
+    ],
+)
+def test_an_output_that_cannot_or_must_not_be_written_is_refused_before_any_work(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys,
+    output: str,
+    flags: list[str],
+    message: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("a file")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    before = listing(tmp_path)
+    assert message in fails(capsys, "-m", "models/tiny", "-o", output, *flags)
+    assert listing(tmp_path) == before
+
+
+def test_a_model_with_more_ids_than_its_tokenizer_exports_and_loads_in_transformers(
+    tmp_path: Path, capsys
+) -> None:
+    """Training allows model.vocab_size above the tokenizer's: export_model keeps the model's size, the HF
+    tokenizer keeps its own, and transformers computes the same logits."""
+    import torch
+    from test_cli_generate import EXTRA_IDS, write_padded_model
+
+    transformers = pytest.importorskip("transformers")
+    from talm.sample import load
+
+    model_dir = write_padded_model(tmp_path / "models" / "padded")
+    out = tmp_path / "export"
+    main(["-m", str(model_dir), "-o", str(out)])
+    assert "exported" in capsys.readouterr().err
+    model, tok = load(model_dir, device="cpu")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_model.config.vocab_size == tok.vocab_size + EXTRA_IDS and len(hf_tok) == tok.vocab_size
+    ids = tok.encode("First Citizen:\nBefore we proceed any further, hear me speak.")
+    assert hf_tok("First Citizen:\nBefore we proceed any further, hear me speak.")["input_ids"] == ids
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        ours, theirs = model(x)[0], hf_model(x).logits
+    assert ours.shape == theirs.shape == (1, len(ids), tok.vocab_size + EXTRA_IDS)
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)

@@ -26,10 +26,12 @@ TEXT = (
 )
 
 
-def model_for(tokenizer: Tokenizer, *, tie: bool, n_kv_head: int | None, seed: int = 0) -> GPT:
+def model_for(
+    tokenizer: Tokenizer, *, tie: bool, n_kv_head: int | None, seed: int = 0, vocab_size: int | None = None
+) -> GPT:
     torch.manual_seed(seed)
     config = ModelConfig(
-        vocab_size=tokenizer.vocab_size,
+        vocab_size=vocab_size or tokenizer.vocab_size,
         context_length=128,
         n_layer=2,
         n_head=4,
@@ -126,23 +128,84 @@ def test_export_refuses_an_existing_directory_unless_overwrite(tmp_path: Path) -
     tokenizer = Tokenizer.from_file(BASE_TOKENIZER)
     model = model_for(tokenizer, tie=True, n_kv_head=None)
     out = tmp_path / "export"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    export_hf(model, tokenizer, out)
+    (out / "stale.txt").write_text("from an older export")
+    before = (out / "model.safetensors").read_bytes()
     with pytest.raises(TalmError, match="already exists: pass --overwrite"):
         export_hf(model, tokenizer, out)
-    assert (out / "keep.txt").read_text() == "mine"
-    export_hf(model, tokenizer, out, overwrite=True)
-    assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
+    assert (out / "model.safetensors").read_bytes() == before and (out / "stale.txt").is_file()
+    export_hf(model_for(tokenizer, tie=True, n_kv_head=None, seed=1), tokenizer, out, overwrite=True)
+    assert (out / "model.safetensors").read_bytes() != before and not (out / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     with pytest.raises(TalmError, match="not a directory"):
         export_hf(model, tokenizer, out / "config.json", overwrite=True)
 
 
-def test_export_refuses_a_tokenizer_of_another_size(tmp_path: Path) -> None:
-    model = model_for(Tokenizer.from_file(BASE_TOKENIZER), tie=True, n_kv_head=None)
-    with pytest.raises(TalmError, match="tokenizer it was trained with"):
-        export_hf(model, Tokenizer.from_file(ORIGINAL_TOKENIZER), tmp_path / "export")
+def test_overwrite_never_replaces_what_is_not_an_export(tmp_path: Path) -> None:
+    tokenizer = Tokenizer.from_file(BASE_TOKENIZER)
+    model = model_for(tokenizer, tie=True, n_kv_head=None)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    with pytest.raises(TalmError, match="is not an earlier export .*: choose another -o/--output"):
+        export_hf(model, tokenizer, mine, overwrite=True)
+    assert sorted(p.name for p in mine.iterdir()) == ["keep.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_hf(model, tokenizer, empty, overwrite=True)  # an empty directory is fine
+    assert (empty / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("target", "match"),
+    [
+        ("afile/sub", "'.*afile' is a file, not a directory: move it away or choose another -o/--output"),
+        ("afile/sub/deeper", "'.*afile' is a file, not a directory"),
+        ("/proc/x", "cannot write to '/proc' .*choose another -o/--output"),
+    ],
+)
+def test_export_to_a_place_that_cannot_be_written_is_refused_before_any_work(
+    tmp_path: Path, target: str, match: str
+) -> None:
+    tokenizer = Tokenizer.from_file(BASE_TOKENIZER)
+    model = model_for(tokenizer, tie=True, n_kv_head=None)
+    (tmp_path / "afile").write_text("a file")
+    out = Path(target) if target.startswith("/") else tmp_path / target
+    with pytest.raises(TalmError, match=match):
+        export_hf(model, tokenizer, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_export_refuses_a_tokenizer_with_more_ids_than_the_model(tmp_path: Path) -> None:
+    model = model_for(Tokenizer.from_file(ORIGINAL_TOKENIZER), tie=True, n_kv_head=None)  # 1004 ids
+    with pytest.raises(TalmError, match="has a vocabulary of 1004 tokens but its tokenizer makes 1024"):
+        export_hf(model, Tokenizer.from_file(BASE_TOKENIZER), tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_model_with_more_ids_than_its_tokenizer_exports_with_its_own_vocab_size(
+    tmp_path: Path, tie: bool
+) -> None:
+    """Training allows model.vocab_size above the tokenizer's (e.g. 1004 rounded up to 1030): the export keeps
+    the model's size (the Llama weights must match it), the HF tokenizer keeps its own, the logits are equal."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = Tokenizer.from_file(ORIGINAL_TOKENIZER)
+    model = model_for(tokenizer, tie=tie, n_kv_head=2, vocab_size=tokenizer.vocab_size + 26)
+    out = export_hf(model, tokenizer, tmp_path / "export")
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 1030
+    hf_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    assert len(hf_tok) == tokenizer.vocab_size == 1004
+    ids = tokenizer.encode(TEXT)
+    assert hf_tok(TEXT)["input_ids"] == ids
+    x = torch.tensor([ids[:64]])
+    with torch.no_grad():
+        ours, theirs = model(x)[0], hf_model(x).logits
+    assert ours.shape == theirs.shape == (1, 64, 1030)
+    assert ours.std() > 0.5
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
 
 
 def test_tokenizers_trained_by_talm_load_as_pretrained_tokenizer_fast(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ import pytest
 
 from talm.cli.plot_metrics import main as plot_metrics_main
 from talm.errors import TalmError
-from talm.plots import plot_model, plot_runs, read_metrics
+from talm.metrics import MetricsLog, read_metrics, read_timelines
+from talm.plots import plot_model, plot_runs
 from talm.report import PlotSink, TensorBoardSink, WandbSink, make_sinks
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -76,14 +77,57 @@ def test_read_metrics_splits_train_and_eval_and_keeps_one_timeline(tmp_path: Pat
     ]
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 5, "tok')  # torn last line
-    train, evals = read_metrics(path)
+    train, evals = read_timelines(path)
     assert [(r["step"], r["train_loss"]) for r in train] == [(1, 5.0), (2, 4.0), (3, 3.5), (4, 3.0)]
     assert [r["val_loss"] for r in evals] == [4.5]
+    assert read_timelines(tmp_path) == (train, evals)  # the model directory or the file
+    assert len(read_metrics(tmp_path)) == len(lines)  # every record, in file order
 
 
 def test_read_metrics_of_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(TalmError, match="not found"):
-        read_metrics(tmp_path / "metrics.jsonl")
+        read_timelines(tmp_path / "metrics.jsonl")
+    assert read_metrics(tmp_path) == []  # the trainer's view: no metrics yet
+
+
+def test_what_the_writer_writes_the_reader_reads(tmp_path: Path) -> None:
+    log = MetricsLog(tmp_path, [])
+    for r in RECORDS:
+        log.log(r)
+    log.close()
+    assert read_metrics(tmp_path) == RECORDS
+    with pytest.raises(ValueError, match="not a metrics.jsonl record"):  # a bug in the writer, not user input
+        MetricsLog(tmp_path, []).log({"step": 3, "tokens": 1, "time": 1.0, "train_loss": "abc"})
+    assert read_metrics(tmp_path) == RECORDS
+
+
+GOOD_LINE = json.dumps({"step": 1, "tokens": 10, "time": 0.1, "train_loss": 5.0})
+BAD_METRICS = [
+    (b"\x89\xfe\x00garbage\xff" * 50 + b"\n", "line 1 .* is not UTF-8 text: expected a JSON object"),
+    (bytes(range(256)) * 4, "line 1 .* is not JSON"),  # its first line, up to byte 10, is ASCII
+    ((GOOD_LINE + "\nnot json at all\n" + GOOD_LINE + "\n").encode(), "line 2 .* is not JSON"),
+    (b'{"step": 1, "tokens": 10, "train_loss": "abc"}\n', 'line 1 .*"train_loss" is "abc", not a number'),
+    (b'{"step": [1], "tokens": 10, "train_loss": 5.0}\n', 'line 1 .*"step" is \\[1\\], not an integer'),
+    (b'{"step": true, "train_loss": 5.0}\n', '"step" is true, not an integer'),
+    (b'{"step": 1.5, "train_loss": 5.0}\n', '"step" is 1.5, not an integer'),
+    (b'{"step": 1, "lr": null, "train_loss": 5.0}\n', '"lr" is null, not a number'),
+    (b'{"epoch": 1, "loss": 2.5}\n', r'line 1 .*\(no "step"\): expected a JSON object with "step"'),
+    (
+        (GOOD_LINE + '\n{"step": 2, "accuracy": 0.5}\n').encode(),
+        'line 2 .*neither "train_loss" nor "val_loss"',
+    ),
+    (b"[1, 2, 3]\n", "a JSON list, not an object"),
+]
+
+
+@pytest.mark.parametrize(("data", "match"), BAD_METRICS)
+def test_a_file_that_is_not_metrics_is_refused_naming_the_line_and_what_was_expected(
+    tmp_path: Path, data: bytes, match: str
+) -> None:
+    (tmp_path / "metrics.jsonl").write_bytes(data)
+    with pytest.raises(TalmError, match=match) as info:
+        read_timelines(tmp_path)
+    assert "metrics.jsonl" in str(info.value) and "\n" not in str(info.value)
 
 
 # ------------------------------------------------------------------------------------------------ pictures
@@ -107,9 +151,11 @@ def test_plot_before_any_evaluation_and_with_other_x_axes(tmp_path: Path) -> Non
 
 
 def test_plot_of_a_run_without_records(tmp_path: Path) -> None:
-    (tmp_path / "metrics.jsonl").write_text("")
-    with pytest.raises(TalmError, match="holds no metrics yet"):
-        plot_runs([("a", tmp_path)], tmp_path / "x.png")
+    for data in ("", "\n\n", '{"step": 1, "tok'):  # empty, blank, only a line torn by a crash
+        (tmp_path / "metrics.jsonl").write_text(data)
+        with pytest.raises(TalmError, match="holds no metrics yet"):
+            plot_runs([("a", tmp_path)], tmp_path / "x.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
 
 
 def test_plot_without_matplotlib_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

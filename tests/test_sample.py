@@ -251,9 +251,14 @@ def test_stream_samples_shows_rows_in_order(tokenizer: Tokenizer) -> None:
 
 def test_generate_yields_text_and_warns_about_a_cut_prompt(tokenizer: Tokenizer) -> None:
     model = varied_model(vocab=tokenizer.vocab_size, context=16)
+    prompt = tokenizer.encode("To be or not")
     pieces = list(generate(model, tokenizer, "To be or not", max_new_tokens=10, seed=1))
-    assert pieces and all(isinstance(p, str) and p for p in pieces)
+    ids = run(model, [prompt], 10, temperature=0.8, seed=1, eot_id=tokenizer.eot_id)[0]
+    ids = [i for i in ids if i not in (FINISHED, tokenizer.eot_id)]
+    assert len(ids) == 10  # the requested count (the random model never picks <|endoftext|> here)
+    assert "".join(pieces) == tokenizer.decode(ids) and len(pieces) <= 10 and all(pieces)
     assert pieces == list(generate(model, tokenizer, "To be or not", max_new_tokens=10, seed=1))
+    assert pieces != list(generate(model, tokenizer, "To be or not", max_new_tokens=10, seed=2))
     with pytest.warns(UserWarning, match="longer than the model's context of 16"):
         list(generate(model, tokenizer, "word " * 40, max_new_tokens=3, seed=1))
 
@@ -269,7 +274,28 @@ def test_load_returns_model_and_tokenizer(tiny_model_dir) -> None:
     for a, b in zip(model.parameters(), best.parameters(), strict=True):
         assert torch.equal(a, b)
     text = "".join(talm.generate(model, tok, "Hello", max_new_tokens=5, temperature=0))
-    assert isinstance(text, str)
+    greedy = run(model, [tok.encode("Hello")], 5, temperature=0.0, eot_id=tok.eot_id)[0]
+    assert text == tok.decode([i for i in greedy if i not in (FINISHED, tok.eot_id)])
+
+
+def test_talm_load_is_the_function_after_the_loading_module_is_imported(tiny_model_dir) -> None:
+    import talm.loading
+
+    model, tok = talm.load(tiny_model_dir, device="cpu")  # a submodule named `load` would shadow it
+    assert (
+        callable(talm.load) and talm.load is talm.loading.load and tok.vocab_size == model.config.vocab_size
+    )
+
+
+def test_generation_never_picks_an_id_beyond_the_vocab_limit() -> None:
+    model = varied_model(vocab=100)
+    free = run(model, [[1, 2, 3]] * 4, 30, temperature=2.0, seed=0)
+    assert max(max(row) for row in free) >= 60  # without a limit, high ids do come up
+    limited = run(model, [[1, 2, 3]] * 4, 30, temperature=2.0, seed=0, vocab_size=60)
+    assert max(max(row) for row in limited) < 60
+    first = model(torch.tensor([[1, 2, 3]]))[0][0, -1]
+    greedy = run(model, [[1, 2, 3]], 1, temperature=0.0, vocab_size=60)[0][0]
+    assert greedy == int(first[:60].argmax())  # the likeliest among the allowed ids
 
 
 def test_load_bad_inputs(tiny_model_dir, tmp_path) -> None:

@@ -4,7 +4,7 @@ talm's GPT is the Llama architecture (RMSNorm, rotary embeddings in the rotate-h
 biases), so an export is a renaming: the fused qkv and gate/up matrices are split into Llama's separate
 projections, nothing is permuted. The directory written holds
 
-    config.json              LlamaForCausalLM config (vocab_size = the tokenizer's, not the padded one)
+    config.json              LlamaForCausalLM config (vocab_size = the model's, not the padded one)
     model.safetensors        the weights, under transformers' names (lm_head omitted when tied)
     generation_config.json   bos/eos = <|endoftext|>
     tokenizer.json           the tokenizer, as a tokenizers JSON (loads as PreTrainedTokenizerFast)
@@ -13,8 +13,13 @@ projections, nothing is permuted. The directory written holds
     README.md                a model card: architecture, training tokens, validation loss, how to load it
 
 and `AutoModelForCausalLM.from_pretrained(DIR)` / `AutoTokenizer.from_pretrained(DIR)` load it as is. The
-vocabulary padding rows (the embedding is padded to a multiple of 64 for speed) are dropped: they are never a
-real token, and keeping them would let transformers sample ids the tokenizer cannot decode.
+embedding's padding rows (it is padded to a multiple of 64 for speed) are dropped: they are never a real
+token. The model keeps its own vocab_size, which training allows above the tokenizer's (the tokenizer keeps its
+own size): its extra rows are exported, since the Llama weights must match the config's vocab_size.
+
+The target directory is checked before any work (`check_export_dir`, with `talm.files.check_writable_dir`): a
+file where a directory must be, an unwritable place, or an existing directory without --overwrite is refused
+in one line; --overwrite replaces only an earlier export (or an empty directory), never other files.
 
 talm writes these files itself; transformers is needed only by whoever loads the export.
 """
@@ -31,7 +36,8 @@ from safetensors.torch import save_file
 
 from talm.config import ModelConfig
 from talm.errors import TalmError
-from talm.files import replace_dir, staging_dir
+from talm.files import check_writable_dir, replace_dir, staging_dir
+from talm.loading import check_vocab
 from talm.model import GPT
 
 if TYPE_CHECKING:
@@ -181,11 +187,7 @@ def export_hf(
     check_export_dir(out_dir, overwrite)
     if dtype not in DTYPES:
         raise TalmError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    if model.config.vocab_size != tokenizer.vocab_size:
-        raise TalmError(
-            f"the model knows {model.config.vocab_size} tokens but the tokenizer has {tokenizer.vocab_size}: "
-            "export the model with the tokenizer it was trained with"
-        )
+    check_vocab(model, tokenizer, "the model")
     tmp = staging_dir(out_dir)
     try:
         _write_json(tmp / "config.json", hf_config(model.config, tokenizer.eot_id, dtype))
@@ -198,22 +200,48 @@ def export_hf(
         )
         write_tokenizer_files(tokenizer, tmp, model.config.context_length)
         (tmp / "README.md").write_text(model_card(out_dir.name, model, tokenizer, meta), encoding="utf-8")
+        replace_dir(tmp, out_dir)
+    except OSError as err:  # a full disk, say: nothing half-written is left, the old export (if any) stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TalmError(
+            f"could not write the export {str(out_dir)!r} ({err.strerror or err}): free some disk space or "
+            f"{INSTEAD}"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    replace_dir(tmp, out_dir)
     return out_dir
 
 
-def check_export_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse an existing export target unless asked to overwrite (before any work is done)."""
+INSTEAD = "choose another -o/--output"
+
+
+def check_export_dir(out_dir: Path, overwrite: bool, *, source: str | Path | None = None) -> None:
+    """Refuse, before any work, an export target that cannot be written or must not be replaced: a file where
+    the directory (or one of its parents) must be, a place that cannot be written (the export is built beside
+    it), the `source` model directory or a directory holding it, an existing directory unless `overwrite`, and,
+    even with `overwrite`, a non-empty directory that is not an earlier export (it has no config.json): the
+    user's other files (models, checkpoints) are never replaced."""
+    out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise TalmError(f"{str(out_dir)!r} exists and is not a directory: choose another -o/--output")
-    if out_dir.exists() and not overwrite:
-        raise TalmError(
-            f"export directory {str(out_dir)!r} already exists: pass --overwrite to replace it, or choose "
-            "another -o/--output"
-        )
+        raise TalmError(f"{str(out_dir)!r} exists and is not a directory: {INSTEAD}")
+    if source is not None:
+        src, dst = Path(source).resolve(), out_dir.resolve()
+        if dst == src or dst in src.parents:
+            raise TalmError(
+                f"-o/--output {str(out_dir)!r} would replace the model being exported ({str(source)!r}): {INSTEAD}"
+            )
+    if out_dir.is_dir():
+        if not overwrite:
+            raise TalmError(
+                f"export directory {str(out_dir)!r} already exists: pass --overwrite to replace it, or {INSTEAD}"
+            )
+        if not (out_dir / "config.json").is_file() and any(out_dir.iterdir()):
+            raise TalmError(
+                f"{str(out_dir)!r} is not an earlier export (it has files but no config.json), and --overwrite "
+                f"only replaces an export: {INSTEAD}, or empty it yourself"
+            )
+    check_writable_dir(out_dir.parent, instead=INSTEAD)
 
 
 # ------------------------------------------------------------------------------------------------------------

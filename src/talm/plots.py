@@ -1,23 +1,23 @@
 """Training curves as pictures: train and val loss, and val bits per byte, against tokens seen.
 
-`read_metrics` parses a run's metrics.jsonl (see README, "Training"); `plot_runs` draws one or several runs on
-one chart and writes the PNG atomically. matplotlib is an optional extra (`pip install 'talm[plot]'`) and is
+The runs' metrics.jsonl are read with `talm.metrics` (the one definition of that format); `plot_runs` draws one
+or several runs on one chart and writes the PNG atomically, to a path checked before any work
+(`talm.files.check_output_file`). matplotlib is an optional extra (`pip install 'talm[plot]'`) and is
 imported only here, with its non-interactive Agg canvas (no display needed, safe inside a training run).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
-import math
 from pathlib import Path
 from typing import Any
 
 from talm.errors import TalmError
-from talm.files import write_atomically
+from talm.files import check_output_file, write_atomically
+from talm.metrics import finite_points, metrics_path, read_timelines
 
-METRICS_FILE = "metrics.jsonl"
 X_AXES = {"tokens": "tokens seen", "step": "optimizer step", "time": "time"}
+INSTEAD = "pick another -o/--output"
 
 
 def matplotlib_available() -> bool:
@@ -27,42 +27,15 @@ def matplotlib_available() -> bool:
         return False
 
 
-def metrics_path(run: str | Path) -> Path:
-    """A run's metrics file: `run` is a model directory (models/NAME) or the metrics.jsonl itself."""
-    run = Path(run)
-    return run / METRICS_FILE if run.is_dir() else run
-
-
-def read_metrics(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The training records and the evaluation records of a metrics.jsonl, in step order.
-
-    A resumed run may log a step again (the steps after its last checkpoint are redone): the later record
-    replaces the earlier ones, so the curves show one timeline. A torn last line (a crash mid-write) is skipped.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise TalmError(
-            f"{str(path)!r} not found: pass a model directory that `train_model` has written metrics to "
-            "(models/NAME) or the path of a metrics.jsonl"
-        )
-    train: list[dict[str, Any]] = []
-    evals: list[dict[str, Any]] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(record, dict) or "step" not in record:
-            continue
-        timeline = evals if "val_loss" in record else train if "train_loss" in record else None
-        if timeline is None:
-            continue
-        while timeline and timeline[-1]["step"] >= record["step"]:
-            timeline.pop()
-        timeline.append(record)
-    return train, evals
+def check_plot_path(out: str | Path, runs: list[str | Path] = ()) -> Path:
+    """Refuse, before any work, a picture path that cannot be written (a directory, a file where a folder must
+    be, an unwritable place) or that is one of the metrics files being drawn."""
+    out = check_output_file(out, overwrite=True, instead=INSTEAD)
+    for run in runs:
+        source = metrics_path(run)
+        if source.exists() and out.resolve() == source.resolve():
+            raise TalmError(f"-o/--output {str(out)!r} is the metrics file being drawn: {INSTEAD}")
+    return out
 
 
 def _smooth(values: list[float], span: int) -> list[float]:
@@ -74,16 +47,6 @@ def _smooth(values: list[float], span: int) -> list[float]:
         weight = (1 - alpha) * weight + alpha
         out.append(avg / weight)
     return out
-
-
-def _finite(records: list[dict[str, Any]], key: str, x: str) -> tuple[list[float], list[float]]:
-    xs, ys = [], []
-    for r in records:
-        value = r.get(key)
-        if isinstance(value, (int, float)) and math.isfinite(value) and x in r:
-            xs.append(float(r[x]))
-            ys.append(float(value))
-    return xs, ys
 
 
 def _time_scale(seconds: float) -> tuple[float, str]:
@@ -117,7 +80,8 @@ def plot_runs(
             "plotting needs matplotlib, which is not installed: pip install 'talm[plot]'"
         ) from None
 
-    data = [(label, *read_metrics(metrics_path(path))) for label, path in runs]
+    out = check_plot_path(out, [path for _, path in runs])
+    data = [(label, *read_timelines(path)) for label, path in runs]
     for (_, train, evals), (_, path) in zip(data, runs, strict=True):
         if not train and not evals:
             raise TalmError(
@@ -136,9 +100,9 @@ def plot_runs(
 
     loss_values: list[float] = []
     for (label, train, evals), color in zip(data, colors, strict=True):
-        tx, ty = _finite(train, "train_loss", x)
-        vx, vy = _finite(evals, "val_loss", x)
-        bx, by = _finite(evals, "val_bpb", x)
+        tx, ty = finite_points(train, "train_loss", x)
+        vx, vy = finite_points(evals, "val_loss", x)
+        bx, by = finite_points(evals, "val_bpb", x)
         tx, vx, bx = ([v / x_scale for v in xs] for xs in (tx, vx, bx))
         train_color = "C0" if single else color
         val_color = "C1" if single else color
@@ -181,13 +145,18 @@ def plot_runs(
         bpb_ax.set_xticks([])
         bpb_ax.set_yticks([])
     fig.suptitle(title or ", ".join(label for label, _, _ in data))
-    return save_figure(fig, Path(out))
+    return save_figure(fig, out)
 
 
 def save_figure(fig: Any, out: Path) -> Path:
-    """Write the figure as PNG, atomically (`talm.files.write_atomically`)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(out, lambda f: fig.savefig(f, format="png", dpi=110))
+    """Write the figure as PNG, atomically (`talm.files.write_atomically`); a failure (a full disk) is one line."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(out, lambda f: fig.savefig(f, format="png", dpi=110))
+    except OSError as err:
+        raise TalmError(
+            f"could not write {str(out)!r} ({err.strerror or err}): free some disk space or {INSTEAD}"
+        ) from None
     return out
 
 
@@ -212,6 +181,6 @@ def _count(n: float) -> str:
 def plot_model(model_dir: str | Path, out: str | Path | None = None, *, x: str = "tokens") -> Path:
     """loss.png of one model directory (default: models/NAME/loss.png)."""
     model_dir = Path(model_dir)
-    _, evals = read_metrics(metrics_path(model_dir))
-    target = Path(out) if out else model_dir / "loss.png"
+    target = check_plot_path(Path(out) if out else model_dir / "loss.png", [model_dir])
+    _, evals = read_timelines(model_dir)
     return plot_runs([(model_dir.name, model_dir)], target, x=x, title=run_title(model_dir, evals))

@@ -11,7 +11,8 @@ follow the same rule, so they stay identical however long the generation.
 
 `generate` is the text API (`talm.generate`): a prompt in, pieces of text out as they are generated, with a
 multi-byte character that spans several tokens held back until it is complete (`TextStream`).
-`load` gives back the model and tokenizer of a trained model directory (`talm.load`).
+Loading a trained model (`load`, `load_checkpoint`: `talm.load`) lives in `talm.loading`; the names are
+re-exported here for `talm.load` and existing callers.
 """
 
 from __future__ import annotations
@@ -19,15 +20,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 
-from talm.checkpoint import load_model, read_meta, resolve_checkpoint
 from talm.config import SampleConfig
-from talm.dist import pick_device
 from talm.errors import TalmError
+from talm.loading import check_vocab
+from talm.loading import load as load
+from talm.loading import load_checkpoint as load_checkpoint
 from talm.model import GPT, KVCache
 from talm.tokenizer import Tokenizer
 
@@ -120,14 +120,19 @@ def generate_ids(
     eot_id: int | None = None,
     seed: int | None = None,
     use_cache: bool = True,
+    vocab_size: int | None = None,
 ) -> Iterator[list[int]]:
     """Yield, at each step, the next token id of every prompt's row (FINISHED for a row that already yielded
     `eot_id`), until every row has ended or `max_new_tokens` steps are done.
+
+    `vocab_size` limits the ids picked to those below it: the tokenizer's size, when the model knows more ids
+    than its tokenizer (a vocabulary rounded up in training) and the extra ones would not decode.
 
     Prompts are non-empty lists of token ids, at most `context_length` long (see `fit_prompt`). A row in a batch
     computes what it would alone as long as the batch's longest row fits in the context.
     """
     context = model.config.context_length
+    limit = model.config.vocab_size if vocab_size is None else min(vocab_size, model.config.vocab_size)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (start from <|endoftext|> for none)")
     if any(len(p) > context for p in prompts):
@@ -150,7 +155,7 @@ def generate_ids(
         logits, cache = _forward_window(model, window, cache_room(max_new_tokens - 1))
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
-            next_ids = sample_next(logits, temperature, top_k, top_p, generator)
+            next_ids = sample_next(logits[:, :limit], temperature, top_k, top_p, generator)
             out = torch.where(finished, FINISHED, next_ids)
             yield out.tolist()
             if eot_id is not None:
@@ -265,6 +270,7 @@ def stream_samples(
     Rows are prompt 0's samples, then prompt 1's, and so on. Generation stops at <|endoftext|> (not printed).
     `stats`, if given, counts the tokens generated.
     """
+    check_vocab(model, tokenizer, "the model")
     rows = [list(p) for p in prompts for _ in range(config.num_samples)]
     streams = [TextStream(tokenizer) for _ in rows]
     buffered: list[list[str]] = [[] for _ in rows]
@@ -292,6 +298,7 @@ def stream_samples(
         eot_id=tokenizer.eot_id,
         seed=config.seed,
         use_cache=use_cache,
+        vocab_size=tokenizer.vocab_size,
     )
     for next_ids in steps:
         for b, token in enumerate(next_ids):
@@ -345,60 +352,3 @@ def generate(
     for _, piece in stream_samples(model, tokenizer, [ids], config):
         if piece is not None:
             yield piece
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Loading a trained model
-
-
-def find_tokenizer(checkpoint_dir: Path, meta: dict[str, Any], model_dir: Path | None = None) -> Tokenizer:
-    """The tokenizer a checkpoint was trained with: its file beside the checkpoint (models/NAME/tokenizer.json),
-    checked against the fingerprint the checkpoint recorded."""
-    info = meta.get("tokenizer") or {}
-    name = info.get("file", "tokenizer.json")
-    candidates = [checkpoint_dir / name, checkpoint_dir.parent / name]
-    if model_dir is not None:
-        candidates.append(model_dir / name)
-    path = next((c for c in candidates if c.is_file()), None)
-    if path is None:
-        raise TalmError(
-            f"tokenizer file {str(checkpoint_dir.parent / name)!r} is missing: copy the tokenizer the model was "
-            "trained with there (the checkpoint records its fingerprint)"
-        )
-    tokenizer = Tokenizer.from_file(path)
-    expected = info.get("fingerprint")
-    if expected and tokenizer.fingerprint != expected:
-        raise TalmError(
-            f"tokenizer {str(path)!r} (fingerprint {tokenizer.fingerprint[:12]}) is not the one the checkpoint "
-            f"was trained with (fingerprint {expected[:12]}): put the training tokenizer back at that path"
-        )
-    return tokenizer
-
-
-def load(
-    model_dir: str | Path, checkpoint: str = "latest", device: str | torch.device = "auto"
-) -> tuple[GPT, Tokenizer]:
-    """The model (eval mode, on `device`) and tokenizer of a trained model directory.
-
-    `checkpoint` is "latest", "best" or the path of a checkpoint directory; `model_dir` may also be a
-    checkpoint directory itself (models/NAME/best). `device` "auto" picks cuda, then mps, then cpu.
-    """
-    model, tokenizer, _ = load_checkpoint(model_dir, checkpoint, device)
-    return model, tokenizer
-
-
-def load_checkpoint(
-    model_dir: str | Path, checkpoint: str = "latest", device: str | torch.device = "auto"
-) -> tuple[GPT, Tokenizer, dict[str, Any]]:
-    """`load`, plus the checkpoint's checkpoint.json (step, tokens seen, validation loss, run config)."""
-    if isinstance(device, str):
-        device = pick_device(device)
-    checkpoint_dir = resolve_checkpoint(model_dir, checkpoint)
-    tokenizer = find_tokenizer(checkpoint_dir, read_meta(checkpoint_dir), Path(model_dir))
-    model, meta = load_model(checkpoint_dir, device)
-    if model.config.vocab_size != tokenizer.vocab_size:
-        raise TalmError(
-            f"checkpoint {str(checkpoint_dir)!r} has a vocabulary of {model.config.vocab_size} tokens but its "
-            f"tokenizer has {tokenizer.vocab_size}: put the training tokenizer back beside the checkpoint"
-        )
-    return model, tokenizer, meta

@@ -60,10 +60,11 @@ def run(args: argparse.Namespace) -> None:
     if args.private and not args.push_to_hub:
         raise TalmError("--private only applies to --push-to-hub REPO_ID: add it, or leave out --private")
     from talm.export import check_export_dir, check_repo_id, export_hf, hub_token, push_to_hub
-    from talm.sample import load_checkpoint
+    from talm.loading import load_checkpoint
 
     out = Path(args.output)
-    check_export_dir(out, args.overwrite)  # everything that can be refused is refused before any work
+    # everything that can be refused is refused before any work
+    check_export_dir(out, args.overwrite, source=args.model)
     token = None
     if args.push_to_hub:
         check_repo_id(args.push_to_hub)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from talm.cli.common import HelpFormatter, add_config_flags, collect_config_flags, run_main
 from talm.config import SampleConfig, validate
+from talm.errors import TalmError
 
 if TYPE_CHECKING:
     from talm.model import GPT
@@ -72,7 +73,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def run(args: argparse.Namespace, names: dict[str, str]) -> None:
     config = validate(SampleConfig, collect_config_flags(args, SampleConfig), names)
-    from talm.sample import GenerationStats, encode_prompt, load_checkpoint  # imports torch: after validation
+    # these import torch: after validation
+    from talm.loading import load_checkpoint
+    from talm.sample import GenerationStats, encode_prompt
 
     model, tokenizer, meta = load_checkpoint(args.model, args.checkpoint, args.device)
     device = next(model.parameters()).device
@@ -89,7 +92,11 @@ def run(args: argparse.Namespace, names: dict[str, str]) -> None:
             file=sys.stderr,
         )
         while (text := read_prompt()) is not None:
-            ids = encode_prompt(tokenizer, text, allow_special=args.allow_special)
+            try:
+                ids = encode_prompt(tokenizer, text, allow_special=args.allow_special)
+            except TalmError as err:  # a bad prompt ends nothing: say why, ask for the next one
+                print(f"error: {err}", file=sys.stderr, flush=True)
+                continue
             try:
                 generate_and_print(model, tokenizer, [(text, ids)], config, stats, echo=False)
             except KeyboardInterrupt:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from talm.cli.common import HelpFormatter, run_main
+from talm.metrics import FILE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def labels_for(runs: list[Path]) -> list[str]:
     """Each run's name (its directory's), or its full path where two names would be the same."""
-    names = [(p.parent if p.name == "metrics.jsonl" else p).name or str(p) for p in runs]
+    names = [(p.parent if p.name == FILE else p).name or str(p) for p in runs]
     return [str(p) if names.count(n) > 1 else n for p, n in zip(runs, names, strict=True)]
 
 
