@@ -25,7 +25,7 @@ _EXPORTS = {
     "SampleConfig": "talm.config",
     "GPT": "talm.model",
     "KVCache": "talm.model",
-    "load": "talm.sample",
+    "load": "talm.loading",
     "generate": "talm.sample",
     "generate_ids": "talm.sample",
     "export_hf": "talm.export",
@@ -55,7 +55,8 @@ if TYPE_CHECKING:
     from talm.export import export_hf, push_to_hub
     from talm.model import GPT, KVCache
     from talm.plots import plot_runs
-    from talm.sample import generate, generate_ids, load
+    from talm.loading import load
+    from talm.sample import generate, generate_ids
     from talm.tokenizer import Tokenizer
 
 
