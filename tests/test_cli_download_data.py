@@ -69,6 +69,27 @@ def documents(data_dir: Path, split: str | None = None) -> list[str]:
     return docs
 
 
+def mtimes(data_dir: Path) -> dict[str, int]:
+    """Every data file's modification time (the run lock's record is rewritten by every run: left out)."""
+    return {p.name: p.stat().st_mtime_ns for p in data_dir.iterdir() if not p.name.startswith(".talm")}
+
+
+def contents(data_dir: Path) -> dict[str, bytes]:
+    """Every data file's bytes (the run lock's record, pid and time, is left out)."""
+    return {p.name: p.read_bytes() for p in data_dir.iterdir() if not p.name.startswith(".talm")}
+
+
+def shards_and_totals(data_dir: Path) -> dict[str, Any]:
+    """The shards' bytes and the manifest without the stream positions: datasets encodes a position reached
+    after a resume differently (its inner bookkeeping is not refreshed), though it denotes the same place."""
+    got: dict[str, Any] = {n: b for n, b in contents(data_dir).items() if n.endswith(".npy")}
+    meta = json.loads((data_dir / "meta.json").read_text())
+    for s in meta["shards"]:
+        s.pop("resume", None)
+    got["meta.json"] = meta
+    return got
+
+
 def test_tinyshakespeare(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(["tinyshakespeare", "--shard-size", "100000"], capsys)
     assert code == 0, err
@@ -94,13 +115,13 @@ def test_tinyshakespeare(project: Path, capsys: pytest.CaptureFixture[str]) -> N
         "vocab_size": 1024,
         "eot_id": 1020,
     }
-    before = {p.name: p.stat().st_mtime_ns for p in d.iterdir()}
+    before = mtimes(d)
 
     code, out, _ = run(["tinyshakespeare", "--shard-size", "1e5"], capsys)
     assert code == 0 and "already complete" in out
     code, _, err = run(["tinyshakespeare", "--shard-size", "50000"], capsys)
     assert code == 2 and "other arguments (shard_size 100000 -> 50000)" in err and "--overwrite" in err
-    assert {p.name: p.stat().st_mtime_ns for p in d.iterdir()} == before  # nothing touched
+    assert mtimes(d) == before  # nothing touched
     code, _, err = run(["tinyshakespeare", "--shard-size", "50000", "--overwrite"], capsys)
     assert code == 0, err
     assert len(json.loads((d / "meta.json").read_text())["shards"]) == 1 + 8  # 395,661 train tokens
@@ -281,12 +302,12 @@ def test_disk_full_then_resume(
     d = project / "data" / "tinyshakespeare" / "default"
     m = json.loads((d / "meta.json").read_text())
     assert not m["complete"] and len(m["shards"]) == 2
-    assert sorted(p.name for p in d.iterdir()) == ["meta.json", "train_000001.npy", "val_000000.npy"]
+    assert sorted(contents(d)) == ["meta.json", "train_000001.npy", "val_000000.npy"]
     monkeypatch.setattr(np.lib.format, "write_array", real_write_array)
     code, out, err = run(args, capsys)
     assert code == 0 and "(resumed)" in out, err
     clean = project / "clean" / "tinyshakespeare" / "default"
-    assert {p.name: p.read_bytes() for p in d.iterdir()} == {p.name: p.read_bytes() for p in clean.iterdir()}
+    assert contents(d) == contents(clean)
 
 
 def test_repeated_ctrl_c_then_resume_is_byte_identical(
@@ -327,9 +348,12 @@ def test_repeated_ctrl_c_then_resume_is_byte_identical(
     code, out, err = run(args, capsys)
     assert code == 0 and "(resumed)" in out, err
     clean = project / "clean" / "fineweb" / "sample-10BT"
-    assert {p.name: p.read_bytes() for p in meta.parent.iterdir()} == {
-        p.name: p.read_bytes() for p in clean.iterdir()
-    }
+    assert shards_and_totals(meta.parent) == shards_and_totals(clean)
+    # the positions recorded per shard by resumed runs resume exactly too: damage a late shard, rerun
+    _truncate(meta.parent / "train_000010.npy")
+    code, out, err = run(args, capsys)
+    assert code == 0 and "resumed from the last good shard" in out, err
+    assert shards_and_totals(meta.parent) == shards_and_totals(clean)
 
 
 def test_workers_fill_one_directory_disjointly(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -397,6 +421,169 @@ def test_kill_9_mid_run_then_resume_is_byte_identical(project: Path) -> None:
     clean_args = [*args, "--data-root", "clean", "--num-proc", "1"]
     clean = subprocess.run(clean_args, env=env, capture_output=True, text=True, timeout=300)
     assert clean.returncode == 0, clean.stderr
-    got = {p.name: p.read_bytes() for p in meta.parent.iterdir()}
-    want = {p.name: p.read_bytes() for p in (project / "clean" / "big" / "default").iterdir()}
+    got = contents(meta.parent)
+    want = contents(project / "clean" / "big" / "default")
     assert got.keys() == want.keys() and got == want
+
+
+HOLD_THE_LOCK = """
+import sys, time
+from pathlib import Path
+import talm.shards
+real = talm.shards.ShardWriter._write_manifest
+def slow(self):
+    real(self)
+    if len(self.shards) == 2:  # hold the lock mid-run, with shards written, until the test says go
+        Path("ready").touch()
+        while not Path("go").exists():
+            time.sleep(0.05)
+talm.shards.ShardWriter._write_manifest = slow
+from talm.cli.download_data import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_second_run_on_the_same_directory_is_refused(project: Path) -> None:
+    args = ["tinyshakespeare", "--shard-size", "100000"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_LOCK, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not Path("ready").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert Path("ready").exists(), first.communicate()
+        d = project / "data" / "tinyshakespeare" / "default"
+        before = contents(d)
+        assert len(json.loads(before["meta.json"])["shards"]) == 2
+        for extra in ([], ["--overwrite"]):
+            second = subprocess.run(
+                [DOWNLOAD_DATA, *args, *extra], env=env, capture_output=True, text=True, timeout=60
+            )
+            assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+            assert f"is in use by download_data (pid {first.pid} on {socket.gethostname()}" in second.stderr
+            assert contents(d) == before  # the first run's shards and manifest are untouched
+        Path("go").touch()
+        out, err = first.communicate(timeout=120)
+        assert first.returncode == 0, err
+    finally:
+        first.kill()
+    assert documents(d) == SHAKESPEARE.read_text(encoding="utf-8").split("\n\n")
+    code = subprocess.run([DOWNLOAD_DATA, *args], env=env, capture_output=True, text=True, timeout=60)
+    assert code.returncode == 0 and "already complete" in code.stdout  # the lock went with the process
+
+
+def _delete(p: Path) -> None:
+    p.unlink()
+
+
+def _truncate(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[:-10])
+
+
+def _overwrite_header(p: Path) -> None:
+    data = bytearray(p.read_bytes())
+    data[:16] = b"\0" * 16
+    p.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [(_delete, "is missing"), (_truncate, "(truncated?)"), (_overwrite_header, "has no valid .npy header")],
+    ids=["deleted", "truncated", "header-overwritten"],
+)
+@pytest.mark.parametrize("shard", ["val_000000.npy", "train_000002.npy", "train_000004.npy"])
+def test_a_damaged_shard_is_made_again_from_the_last_good_one(
+    project: Path, capsys: pytest.CaptureFixture[str], damage: Any, problem: str, shard: str
+) -> None:
+    args = ["tinyshakespeare", "--shard-size", "100000"]
+    assert run([*args, "--data-root", "clean"], capsys)[0] == 0
+    shutil.copytree(project / "clean", project / "data")
+    d = project / "data" / "tinyshakespeare" / "default"
+    damage(d / shard)
+    code, out, err = run(args, capsys)
+    assert code == 0, err
+    assert "already complete" not in out and len(out.splitlines()) == 1
+    assert f"resumed from the last good shard: shard {shard!r} " in out and problem in out
+    assert contents(d) == contents(project / "clean" / "tinyshakespeare" / "default")  # byte-identical
+
+
+def test_a_damaged_shard_without_a_recorded_position_needs_overwrite(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["tinyshakespeare", "--shard-size", "100000"]
+    assert run(args, capsys)[0] == 0
+    d = project / "data" / "tinyshakespeare" / "default"
+    meta = json.loads((d / "meta.json").read_text())
+    for s in meta["shards"]:  # as written before the manifest recorded a position per shard
+        del s["resume"]
+    (d / "meta.json").write_text(json.dumps(meta))
+    _truncate(d / "train_000003.npy")
+    before = contents(d)
+    code, out, err = run(args, capsys)
+    assert code == 2 and out == "" and len(err.splitlines()) == 1
+    assert "shard 'data/tinyshakespeare/default/train_000003.npy' is" in err and "(truncated?)" in err
+    assert "pass --overwrite" in err
+    assert contents(d) == before
+    code, out, err = run([*args, "--overwrite"], capsys)
+    assert code == 0, err
+    assert documents(d) == SHAKESPEARE.read_text(encoding="utf-8").split("\n\n")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (
+            "latin1.txt",
+            b"a" * 1_000_000 + b"\xe9t\xe9\n\nmore text\n",
+            "'latin1.txt' is not UTF-8 text: invalid byte 0xe9 at byte offset 1000000 (line 1): convert it "
+            "to UTF-8 first",
+        ),
+        (
+            "early.txt",
+            b"first\n\n\xffsecond\n",
+            "'early.txt' is not UTF-8 text: invalid byte 0xff at byte offset 7 (line 3)",
+        ),
+        (
+            "torn.jsonl",
+            b'{"text": "one"}\n{"text": "two"}\n{"text": "thr',
+            "'torn.jsonl' line 3 is cut off (a torn last line",
+        ),
+        (
+            "broken.jsonl",
+            b'{"text": "one"}\n{"text": two}\n{"text": "three"}\n',
+            "'broken.jsonl' line 2 is not valid JSON (Expecting value, column 10): fix or delete that line",
+        ),
+    ],
+    ids=["non-utf8-1MB-in", "non-utf8", "torn-jsonl", "invalid-json-line"],
+)
+def test_unreadable_data_files_say_which_file_where_and_the_fix(
+    project: Path, capsys: pytest.CaptureFixture[str], name: str, content: bytes, message: str
+) -> None:
+    Path(name).write_bytes(content)
+    code, out, err = run(["mine", "--data-files", name, "--val-tokens", "0", "--shard-size", "1000"], capsys)
+    assert code == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert message in err
+    assert not (project / "data").exists()
+
+
+NUM_PROC = """
+import os
+from talm.config import DownloadConfig
+from talm.shards import prepare
+prepare(DownloadConfig(dataset="tinyshakespeare", num_proc=1), progress=False)
+print(len(os.sched_getaffinity(0)))
+"""
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores"
+)
+def test_prepare_honours_num_proc_for_python_callers(project: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", NUM_PROC], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "1"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
@@ -69,6 +68,12 @@ def test_same_input_same_file(workdir: Path) -> None:
         == 0
     )
     assert (workdir / "tokenizers/a.json").read_bytes() == (workdir / "tokenizers/b.json").read_bytes()
+    tok = Tokenizer.from_file(workdir / "tokenizers/a.json")
+    assert tok.vocab_size == 700  # as asked, the 4 special tokens included
+    text = (workdir / "tiny-shakespeare.txt").read_text(encoding="utf-8")[:20_000] + " Zwölf 😀 <|endoftext|>"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and max(ids) < 696  # special spellings are ordinary text
+    assert len(ids) < len(text.encode("utf-8")) / 2  # it learned merges: not one token per byte
 
 
 def test_several_files_and_force(workdir: Path) -> None:
@@ -142,18 +147,23 @@ def test_missing_default_file_says_which(in_tmp: Path) -> None:
 def test_unwritable_tokenizers_dir(workdir: Path) -> None:
     (workdir / "tokenizers").write_text("a file where the directory should be")
     assert_user_error(
-        run("-vs", "1000", "-n", "t", cwd=workdir), r"'tokenizers' exists but is not a directory"
+        run("-vs", "1000", "-n", "t", cwd=workdir), r"'tokenizers' is a file, not a directory: move it away"
     )
+    assert (workdir / "tokenizers").read_text() == "a file where the directory should be"
     (workdir / "tokenizers").unlink()
     (workdir / "tokenizers").mkdir()
     (workdir / "tokenizers" / "t.json").mkdir()
     assert_user_error(run("-vs", "1000", "-n", "t", "--force", cwd=workdir), r"is a directory")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits")
-def test_read_only_tokenizers_dir(workdir: Path) -> None:
-    (workdir / "tokenizers").mkdir(mode=0o555)
-    assert_user_error(run("-vs", "1000", "-n", "t", cwd=workdir), r"cannot write to 'tokenizers'")
+def test_unwritable_working_directory(workdir: Path) -> None:
+    """Root writes through permission bits, so this uses a place nobody can create files in: /proc."""
+    text = str(workdir / "tiny-shakespeare.txt")
+    result = run("-vs", "1000", "-n", "t", "--text-file", text, cwd=Path("/proc"))
+    assert_user_error(
+        result, r"cannot write to 'tokenizers' \(.*\): .*run train_tokenizer from another directory"
+    )
+    assert not Path("/proc/tokenizers").exists()
 
 
 def test_starts_without_torch_or_datasets(workdir: Path) -> None:

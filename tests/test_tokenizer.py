@@ -357,8 +357,7 @@ def test_fingerprint_ignores_path_and_whitespace(tmp_path: Path) -> None:
         shuffled.write_text(json.dumps(dict(reversed(list(document.items()))), indent=7))
         fingerprints = {Tokenizer.from_file(p).fingerprint for p in (source, compact, shuffled)}
         assert len(fingerprints) == 1
-        (fp,) = fingerprints
-        assert len(fp) == 64 and int(fp, 16) >= 0
+        assert Tokenizer.from_file(source).fingerprint in fingerprints  # same file, same fingerprint again
 
 
 def test_fingerprint_changes_with_content(tmp_path: Path) -> None:
@@ -372,6 +371,41 @@ def test_fingerprint_changes_with_content(tmp_path: Path) -> None:
     changed.write_text(json.dumps(document))
     assert Tokenizer.from_file(changed).fingerprint != BASE.fingerprint
     assert BASE.fingerprint != ORIGINAL.fingerprint
+
+
+def _swap_two_merges(d: dict) -> None:
+    merges = d["model"]["merges"]
+    merges[-1], merges[-2] = merges[-2], merges[-1]
+
+
+def _rename_a_special(d: dict) -> None:
+    d["added_tokens"][-1]["content"] = "<|renamed|>"
+
+
+def _rename_an_original_special(d: dict) -> None:
+    last = max(d["special_tokens"], key=d["special_tokens"].get)
+    d["special_tokens"]["<|renamed|>"] = d["special_tokens"].pop(last)
+
+
+@pytest.mark.parametrize(
+    ("source", "change"),
+    [
+        (BASE_TOKENIZER, _swap_two_merges),
+        (BASE_TOKENIZER, _rename_a_special),
+        (ORIGINAL_TOKENIZER, _rename_an_original_special),
+        (ORIGINAL_TOKENIZER, lambda d: d.update(regex_pattern=d["regex_pattern"] + "|x")),
+    ],
+    ids=["hf-merge-order", "hf-special-name", "original-specials", "original-regex"],
+)
+def test_any_change_of_merges_or_specials_changes_the_fingerprint(
+    tmp_path: Path, source: Path, change
+) -> None:
+    document = json.loads(source.read_text())
+    before = Tokenizer.from_file(source).fingerprint
+    change(document)
+    (tmp_path / "changed.json").write_text(json.dumps(document))
+    after = Tokenizer.from_file(tmp_path / "changed.json")
+    assert after.fingerprint != before
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -445,6 +479,51 @@ def test_save_is_atomic_and_refuses_overwrite(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------- loading errors
 
 
+def _merge_of_unknown_token(d: dict) -> None:
+    d["model"]["merges"][5] = ["Ġ", "zz"]
+
+
+def _merge_making_unknown_token(d: dict) -> None:
+    d["model"]["merges"][5] = ["t", "q"]  # both known bytes, but "tq" is no token
+
+
+def _bad_hf_regex(d: dict) -> None:
+    d["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = "(abc"
+
+
+def _bad_original_regex(d: dict) -> None:
+    d["regex_pattern"] = "[a-"
+
+
+@pytest.mark.parametrize(
+    ("source", "damage", "message"),
+    [
+        (
+            BASE_TOKENIZER,
+            _merge_of_unknown_token,
+            "is damaged: merge 6 (['Ġ', 'zz']) names b'zz', which is not in",
+        ),
+        (
+            BASE_TOKENIZER,
+            _merge_making_unknown_token,
+            "is damaged: merge 6 (['t', 'q']) names b'tq', which is not",
+        ),
+        (BASE_TOKENIZER, _bad_hf_regex, "is damaged: its pre-tokenizer regex '(abc' does not compile"),
+        (ORIGINAL_TOKENIZER, _bad_original_regex, "its regex_pattern: regex '[a-' does not compile"),
+    ],
+    ids=["hf-merge-names-unknown", "hf-merge-makes-unknown", "hf-regex", "original-regex"],
+)
+def test_files_broken_inside_are_refused_on_load(tmp_path: Path, source: Path, damage, message: str) -> None:
+    document = json.loads(source.read_text())
+    damage(document)
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(document))
+    with pytest.raises(TalmError) as err:
+        Tokenizer.from_file(path)
+    text = str(err.value)
+    assert text.startswith(f"{str(path)!r} ") and message in text and "\n" not in text
+
+
 def test_from_file_errors(tmp_path: Path) -> None:
     with pytest.raises(TalmError, match="not found"):
         Tokenizer.from_file(tmp_path / "nope.json")
@@ -461,3 +540,23 @@ def test_from_file_errors(tmp_path: Path) -> None:
     (tmp_path / "gap.json").write_text(json.dumps(document))
     with pytest.raises(TalmError, match="not a valid original"):
         Tokenizer.from_file(tmp_path / "gap.json")
+
+
+def test_output_path_is_the_tokenizers_folder_convention(tmp_path: Path) -> None:
+    from talm.tokenizer import output_path
+
+    folder = tmp_path / "tokenizers"
+    assert output_path("mine", directory=folder) == folder / "mine.json"
+    assert not folder.exists()  # checked, nothing left behind
+    folder.mkdir()
+    (folder / "mine.json").write_text("{}")
+    with pytest.raises(TalmError, match=r"already exists: pick another name, or pass --force"):
+        output_path("mine", directory=folder)
+    assert output_path("mine", directory=folder, overwrite=True) == folder / "mine.json"
+    (folder / "d.json").mkdir()
+    with pytest.raises(TalmError, match=r"d\.json' is a directory"):
+        output_path("d", directory=folder, overwrite=True)
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    with pytest.raises(TalmError, match=r"is a file, not a directory"):
+        output_path("t", directory=blocked / "tokenizers")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import json
 import os
 import re
 import sys
@@ -31,6 +32,11 @@ _COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz", ".lz4")
 # A quick look at the Hub before streaming from it: datasets would otherwise retry for tens of seconds.
 _HUB_PROBE_TIMEOUT_S = 10
 ROWS_PER_READ = 1024  # rows per Arrow batch taken from `datasets`; texts are then grouped by bytes
+
+
+class SourceDataError(TalmError):
+    """The source's own content cannot be read (not UTF-8, a broken JSON line, ...): the message names the file,
+    the place and the fix."""
 
 
 @dataclass
@@ -193,8 +199,13 @@ class TextStream:
         # datasets reports its initial state between load_state_dict() and the next read: not where we are.
         return copy.deepcopy(self._loaded) if self._loaded is not None else self._dataset.state_dict()
 
+    def _position(self) -> dict[str, Any]:
+        # a copy: datasets may keep mutating the dicts it returned (seen after load_state_dict), while the
+        # position of a batch must stay what it was when the batch was read
+        return copy.deepcopy(self._dataset.state_dict())
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._dataset.load_state_dict(state)
+        self._dataset.load_state_dict(copy.deepcopy(state))  # datasets mutates the dict it is given
         self._loaded = copy.deepcopy(state)
 
     def batches(self, target_bytes: int = 4 << 20, rows_per_read: int | None = None) -> Iterator[TextBatch]:
@@ -209,7 +220,7 @@ class TextStream:
         n_bytes = 0
         tables = self._dataset.iter(batch_size=rows_per_read or ROWS_PER_READ)
         try:
-            for table in tables:
+            for table in _reading(self.source, tables):
                 self._loaded = None
                 if column not in table.column_names:
                     raise _missing_column(self.source, table.column_names)
@@ -224,12 +235,111 @@ class TextStream:
                 sizes.append(lengths.astype(np.int64))
                 n_bytes += int(lengths.sum())
                 if n_bytes >= target_bytes:
-                    yield TextBatch(texts, np.concatenate(sizes), self._dataset.state_dict())
+                    yield TextBatch(texts, np.concatenate(sizes), self._position())
                     texts, sizes, n_bytes = [], [], 0
             if texts:
-                yield TextBatch(texts, np.concatenate(sizes), self._dataset.state_dict())
+                yield TextBatch(texts, np.concatenate(sizes), self._position())
         finally:
             tables.close()  # closes datasets' file readers now, not at interpreter exit
+
+
+def _reading(source: TextSource, tables: Iterator[Any]) -> Iterator[Any]:
+    """The stream's tables, with a failure to parse the source's content said as which file, where, and the fix
+    (`datasets` raises a bare UnicodeDecodeError or pyarrow's ArrowInvalid, with a position inside its chunk)."""
+    while True:
+        try:
+            table = next(tables)
+        except StopIteration:
+            return
+        except TalmError:
+            raise
+        except (UnicodeError, ValueError) as err:  # pyarrow.ArrowInvalid is a ValueError
+            raise SourceDataError(_describe_bad_content(source, err)) from None
+        yield table
+
+
+def _open_local(path: str) -> Any:
+    """A local file for reading its raw (decompressed) bytes, or None for a compression the stdlib lacks."""
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(os.path.splitext(path)[1].lower())
+    if opener is not None:
+        return opener(path, "rb")
+    if path.lower().endswith(_COMPRESSIONS):
+        return None
+    return open(path, "rb")
+
+
+def text_file_problem(path: str) -> str | None:
+    """The first place where a text file is not UTF-8, said as `talm.tokenizer.check_utf8` says it for
+    train_tokenizer (one helper for both stages), or None."""
+    from talm.tokenizer import check_utf8
+
+    f = _open_local(path)
+    if f is None:
+        return None
+    with f:
+        try:
+            check_utf8(f, path)
+        except TalmError as err:
+            return str(err)
+    return None
+
+
+def json_lines_problem(path: str) -> str | None:
+    """The first line of a JSON-lines file that is not a JSON object (torn, invalid, not UTF-8), or None."""
+    f = _open_local(path)
+    if f is None:
+        return None
+    with f:
+        number = 0
+        for number, line in enumerate(f, start=1):  # noqa: B007 (used after the loop)
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.decode("utf-8"))
+                if isinstance(value, dict):
+                    continue
+                why = f"holds a JSON {type(value).__name__}, not an object"
+            except UnicodeDecodeError as err:
+                why = f"is not UTF-8 (invalid byte 0x{line[err.start]:02x} at column {err.start + 1})"
+            except json.JSONDecodeError as err:
+                torn = not line.endswith(b"\n")  # only the last line can lack its newline
+                why = (
+                    f"is cut off (a torn last line: {err.msg}, column {err.colno})"
+                    if torn
+                    else f"is not valid JSON ({err.msg}, column {err.colno})"
+                )
+            return (
+                f"{path!r} line {number} {why}: fix or delete that line (each line must be one JSON object), "
+                "then rerun"
+            )
+    return None
+
+
+def _describe_bad_content(source: TextSource, err: BaseException) -> str:
+    builder = source.load_args.get("path")
+    for path in source.files:
+        if builder == "text":
+            problem = text_file_problem(path)
+        elif builder == "json":
+            problem = json_lines_problem(path)
+            if problem is not None and not path.lower().endswith(".jsonl"):
+                try:  # a .json file may also be one JSON document
+                    f = _open_local(path)
+                    with f:
+                        json.load(f)
+                    problem = None
+                except (OSError, ValueError):
+                    pass
+        else:
+            problem = None
+        if problem is not None:
+            return problem
+    what = f"{len(source.files)} file(s) of --data-files" if source.files else source.source
+    return f"cannot read {what} ({type(err).__name__}: {err}): check that the files are intact and of the type their names say"
 
 
 def _missing_column(source: TextSource, columns: list[str]) -> TalmError:
@@ -285,7 +395,8 @@ def _open(source: TextSource, *, num_workers: int, worker_index: int) -> Any:
     datasets = _import_datasets()
     from datasets.distributed import split_dataset_by_node
 
-    datasets.logging.set_verbosity_error()
+    # errors too: a file datasets cannot parse is reported by talm in one line (see `_reading`)
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     datasets.disable_progress_bars()
     dataset = _load(datasets, source, {})
     if dataset.features is not None and source.text_column not in dataset.features:

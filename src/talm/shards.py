@@ -26,7 +26,8 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,18 @@ from typing import Any
 import numpy as np
 
 from talm.config import DownloadConfig
-from talm.corpus import TextStream, resolve_source
+from talm.corpus import SourceDataError, TextStream, resolve_source
 from talm.errors import TalmError
-from talm.files import write_atomically
-from talm.manifest import FORMAT, MANIFEST_RE, layout, manifest_name, shard_name, worker_tag
+from talm.files import RunLock, check_writable_dir, write_atomically
+from talm.manifest import (
+    FORMAT,
+    MANIFEST_RE,
+    layout,
+    manifest_name,
+    shard_name,
+    shard_problem,
+    worker_tag,
+)
 
 BATCH_BYTES = 4 << 20  # text per tokenizer call: large enough to use every core, small enough to bound memory
 
@@ -93,33 +102,6 @@ def _write_atomically(path: Path, write: Callable[[Any], object]) -> None:
         ) from None
 
 
-def check_writable(directory: Path) -> None:
-    """Fail early, before any work, if `directory` cannot be created and written; leave nothing behind."""
-    created: list[Path] = []
-    probe = directory / ".talm-write-probe"
-    try:
-        missing = [p for p in [directory, *directory.parents] if not p.exists()]
-        blocker = next((p for p in [directory, *directory.parents] if p.exists()), None)
-        if blocker is not None and not blocker.is_dir():
-            raise TalmError(
-                f"cannot create {str(directory)!r}: {str(blocker)!r} is a file, not a directory: move it away or "
-                "pass another --data-root"
-            )
-        for p in reversed(missing):
-            p.mkdir()
-            created.append(p)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise TalmError(
-            f"cannot write to {str(directory)!r} ({err.strerror or err}): fix its permissions or pass another "
-            "--data-root"
-        ) from None
-    finally:
-        for p in reversed(created):
-            p.rmdir()
-
-
 class ShardWriter:
     """Cuts a stream of `TokenBatch`es into shards and keeps the manifest in step.
 
@@ -173,6 +155,7 @@ class ShardWriter:
         self._split_tokens = 0  # tokens of the current split, committed + buffered
         self._train_tokens = 0
         self._created_dirs: list[Path] = []  # directories the first commit created (removed again by discard)
+        self.repaired: str | None = None  # what open() found damaged and resumed before, if anything
 
     # ------------------------------------------------------------------------------------------ manifest
 
@@ -229,12 +212,8 @@ class ShardWriter:
         `overwrite`, which deletes those files first. Stray files of an interrupted run (temp files, shards the
         manifest does not list yet) are removed, so the directory again holds only what the manifest lists.
         """
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise TalmError(
-                f"{str(self.out_dir)!r} is a file, not a directory: move it away or pass another --data-root"
-            )
+        check_writable_dir(self.out_dir, instead="pass another --data-root")
         if not self.out_dir.is_dir():
-            check_writable(self.out_dir)
             return "new"
         manifests = {p.name: p for p in self.out_dir.glob("meta*.json") if MANIFEST_RE.fullmatch(p.name)}
         others = [
@@ -267,12 +246,53 @@ class ShardWriter:
             else:
                 self.load_state_dict(old)
                 status = "complete" if self.complete else "resume"
+                if self._check_shards():
+                    status = "resume"
         listed = {s["file"] for s in self.shards}
         own = _own_files_re(self.tag)
         for path in self.out_dir.iterdir():
             if own.fullmatch(path.name) and path.name not in listed:
                 path.unlink()
         return status
+
+    def _check_shards(self) -> bool:
+        """Check every listed shard's header and size against the manifest (cheap: no token is read).
+
+        A damaged shard (deleted, truncated, header overwritten) is repaired by resuming from the last good shard
+        before it, when the manifest recorded the exact stream position after that shard: the manifest is cut
+        back to it (later shards are made again, identically). True if it did so; TalmError naming the shard and
+        --overwrite when that is not possible (a manifest written before positions were recorded per shard)."""
+        for i, shard in enumerate(self.shards):
+            path = self.out_dir / shard["file"]
+            problem = shard_problem(path, int(shard["tokens"]), self.dtype)
+            if problem is None:
+                continue
+            previous = self.shards[i - 1] if i else None
+            if previous is not None and not previous.get("resume"):
+                raise TalmError(
+                    f"shard {str(path)!r} {problem}, and {str(self.manifest_path)!r} does not record where the "
+                    "stream stood before it: pass --overwrite to delete the data directory and make it afresh"
+                )
+            self.repaired = f"shard {shard['file']!r} {problem}"
+            if previous is None:
+                self._reset()
+            else:
+                self.load_state_dict(
+                    {"shards": self.shards[:i], "complete": False, "resume": previous["resume"]}
+                )
+            self._write_manifest()  # first the manifest stops listing the damaged shard, then strays go
+            return True
+        return False
+
+    def _reset(self) -> None:
+        """Back to an empty directory's state (no committed shard)."""
+        self.shards = []
+        self.complete = False
+        self.split = "train" if self.val_tokens == 0 else "val"
+        self.empty_documents = 0
+        self._skip = self._resume_skip = 0
+        self._resume_state = None
+        self._split_tokens = self._train_tokens = 0
 
     def _deletelayout(self, manifest: str) -> None:
         """Remove another worker layout's manifest and every shard named like it."""
@@ -381,6 +401,8 @@ class ShardWriter:
             self._resume_state, self._resume_skip = None, 0
         else:
             self._resume_state, self._resume_skip = state_before, skip
+        # where the stream stood after this shard, so a later shard found damaged can be made again exactly
+        self.shards[-1]["resume"] = self.state_dict()["resume"]
         self._write_manifest()
 
     def _write_manifest(self) -> None:
@@ -582,6 +604,7 @@ class PrepareResult:
     manifest: dict[str, Any]
     status: str  # "new", "resume" or "complete" (nothing to do)
     stats: WriteStats | None
+    repaired: str | None = None  # the damaged shard this run resumed before ("shard 'x.npy' is missing")
 
 
 def _share(total: int, workers: int, index: int) -> int:
@@ -589,10 +612,46 @@ def _share(total: int, workers: int, index: int) -> int:
     return total // workers + (1 if index < total % workers else 0)
 
 
+def limit_cores(num_proc: int | None) -> None:
+    """--num-proc N: run this process (and the tokenizer's threads, created later) on N cores."""
+    if num_proc is None or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if num_proc < len(cores):
+        os.sched_setaffinity(0, cores[:num_proc])
+
+
+@contextmanager
+def locked(out_dir: Path, tag: str) -> Iterator[None]:
+    """Hold the data directory's `RunLock` (one per worker tag: the workers of a layout write disjoint files
+    and may run at once) for the whole run. A directory the lock had to create is removed again if the run
+    leaves nothing else in it (a run refused for bad input leaves nothing behind)."""
+    created = [p for p in [out_dir, *out_dir.parents] if not p.exists()]
+    lock = RunLock(out_dir, "download_data")
+    if tag:
+        lock.path = out_dir / f".talm{tag}.lock"
+    lock.acquire()
+    try:
+        yield
+    finally:
+        if created and {p.name for p in out_dir.iterdir()} <= {lock.path.name}:
+            lock.path.unlink(missing_ok=True)  # still held, so no other run is using it
+            lock.release()
+            for d in created:
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+        else:
+            lock.release()
+
+
 def prepare(cfg: DownloadConfig, *, progress: bool = True) -> PrepareResult:
-    """The whole data stage for one worker: resolve the source, then stream, tokenize and shard it."""
+    """The whole data stage for one worker: resolve the source, then stream, tokenize and shard it, holding
+    the directory's lock. `cfg.num_proc` limits this process to that many cores."""
     from talm.tokenizer import Tokenizer
 
+    limit_cores(cfg.num_proc)
     tokenizer = Tokenizer.from_file(cfg.tokenizer_path)
     source = resolve_source(cfg)
     workers, index = cfg.num_workers, cfg.worker_index
@@ -632,9 +691,16 @@ def prepare(cfg: DownloadConfig, *, progress: bool = True) -> PrepareResult:
         worker_index=index,
         num_workers=workers,
     )
-    status = writer.open(overwrite=cfg.overwrite)
-    if status == "complete":
-        return PrepareResult(cfg.out_dir, writer.state_dict(), status, None)
-    stream = TextStream(source, num_workers=workers, worker_index=index)
-    stats = write_shards(stream, tokenizer, writer, progress=progress)
-    return PrepareResult(cfg.out_dir, writer.state_dict(), status, stats)
+    check_writable_dir(cfg.out_dir, instead="pass another --data-root")
+    with locked(Path(cfg.out_dir), writer.tag):
+        status = writer.open(overwrite=cfg.overwrite)
+        if status == "complete":
+            return PrepareResult(cfg.out_dir, writer.state_dict(), status, None)
+        stream = TextStream(source, num_workers=workers, worker_index=index)
+        try:
+            stats = write_shards(stream, tokenizer, writer, progress=progress)
+        except SourceDataError:
+            if status == "new" and not writer.repaired:
+                writer.discard()  # nothing usable came of the bad input: leave nothing behind
+            raise
+        return PrepareResult(cfg.out_dir, writer.state_dict(), status, stats, writer.repaired)

@@ -43,7 +43,7 @@ import numpy as np
 
 from talm.config import SPECIAL_TOKENS
 from talm.errors import TalmError
-from talm.files import write_atomically
+from talm.files import check_output_file, write_atomically
 
 if TYPE_CHECKING:
     import tiktoken
@@ -243,6 +243,9 @@ class Tokenizer:
             raise bad("some single bytes have no token, so not every text can be encoded")
         if EOT not in specials:
             raise bad(f"no {EOT} special token")
+        problem = _pattern_problem(pattern)
+        if problem:
+            raise bad(f"its regex_pattern: {problem}")
         token_bytes = [b""] * len(ranks)
         for token, rank in ranks.items():
             token_bytes[rank] = token
@@ -294,15 +297,49 @@ class Tokenizer:
                 tuple(_hf_token_bytes(part) for part in (m.split(" ") if isinstance(m, str) else m))
                 for m in model.get("merges") or []
             ]
-        except KeyError:
+        except (KeyError, AttributeError, TypeError):
             raise TalmError(
                 f"{where!r} is not a byte-level BPE (its tokens are not byte-level strings): "
                 "pass a file written by train_tokenizer"
             ) from None
+        known = set(token_bytes)
+        for number, merge in enumerate(merges, start=1):
+            if (
+                len(merge) != 2
+                or any(part not in known for part in merge)
+                or merge[0] + merge[1] not in known
+            ):
+                missing = [p for p in (*merge, b"".join(merge)) if p not in known] if len(merge) == 2 else []
+                why = (
+                    f"names {missing[0]!r}, which is not in its vocab"
+                    if missing
+                    else f"has {len(merge)} parts, not 2"
+                )
+                raise TalmError(
+                    f"{where!r} is damaged: merge {number} ({model['merges'][number - 1]!r}) {why}: pass an intact tokenizer file "
+                    "(or train a new one with train_tokenizer)"
+                )
+        pattern = _hf_split_pattern(document) or SPLIT_PATTERN
+        problem = _pattern_problem(pattern)
+        if problem:
+            problem = f"its pre-tokenizer {problem}"
+        else:
+            try:  # HF's own parse catches whatever else it refuses (its regex engine differs from tiktoken's)
+                from tokenizers import Tokenizer as HFTokenizer
+
+                HFTokenizer.from_str(text)
+            except Exception as err:  # noqa: BLE001 (HF raises plain Exception)
+                why = str(err).splitlines()[0] if str(err) else type(err).__name__
+                problem = f"Hugging Face tokenizers cannot load it ({why})"
+        if problem:
+            raise TalmError(
+                f"{where!r} is damaged: {problem}: pass an intact "
+                "tokenizer file (or train a new one with train_tokenizer)"
+            )
         name = path.stem if path else "tokenizer"
         return cls(
             name=name,
-            pattern=_hf_split_pattern(document) or SPLIT_PATTERN,
+            pattern=pattern,
             token_bytes=token_bytes,
             special_tokens=specials,
             merges=merges,  # type: ignore[arg-type]
@@ -473,6 +510,7 @@ class Tokenizer:
         """Write the tokenizer as HF tokenizers JSON, atomically; refuse an existing file unless `overwrite`."""
         path = Path(path)
         text = self._hf_json if self._hf_json is not None else self.to_hf().to_str(pretty=True)
+        path.parent.mkdir(parents=True, exist_ok=True)  # e.g. tokenizers/, which output_path checked
         try:
             write_atomically(path, lambda f: f.write(text.encode("utf-8")), overwrite=overwrite)
         except FileExistsError:
@@ -503,6 +541,19 @@ def _hf_split_pattern(document: dict[str, Any]) -> str | None:
             and "Regex" in step["pattern"]
         ):
             return step["pattern"]["Regex"]
+    return None
+
+
+def _pattern_problem(pattern: str) -> str | None:
+    """Why the pre-tokenizer regex does not compile in tiktoken's engine (which encodes with it), or None."""
+    import tiktoken
+
+    try:
+        tiktoken.Encoding("talm-check", pat_str=pattern, mergeable_ranks={b"a": 0}, special_tokens={})
+    except BaseException as err:  # noqa: BLE001 (the regex error comes from Rust as a ValueError or a panic)
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
+        return f"regex {pattern!r} does not compile ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
     return None
 
 
@@ -601,6 +652,22 @@ def _split_evenly(texts: Sequence[str], max_groups: int) -> list[Sequence[str]]:
 # --------------------------------------------------------------------------------------------------- training
 
 
+TOKENIZER_DIR = Path("tokenizers")  # where train_tokenizer writes NAME.json (relative to the project root)
+
+
+def output_path(
+    name: str, *, overwrite: bool = False, directory: str | os.PathLike[str] = TOKENIZER_DIR
+) -> Path:
+    """Where a tokenizer called `name` is written (tokenizers/NAME.json), checked before any training: the
+    folder can be created and written, the file is not a directory, and it is new unless `overwrite`."""
+    out = Path(directory) / f"{name}.json"
+    if out.is_dir():
+        raise TalmError(f"{str(out)!r} is a directory: pick another name, or remove that directory")
+    if out.exists() and not overwrite:
+        raise TalmError(f"{str(out)!r} already exists: pick another name, or pass --force to overwrite it")
+    return check_output_file(out, overwrite=True, instead="run train_tokenizer from another directory")
+
+
 def check_text_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     """Every training file must exist, be a readable regular file and hold some text."""
     if not paths:
@@ -640,41 +707,60 @@ def _safe_cut(text: str) -> int:
     return spaces[-1].start() + 1 if spaces else 0
 
 
+def _not_utf8(path: str | os.PathLike[str], byte: int, offset: int, line: int) -> TalmError:
+    """The one message for a text file that is not UTF-8 (train_tokenizer and download_data say the same)."""
+    return TalmError(
+        f"{str(path)!r} is not UTF-8 text: invalid byte 0x{byte:02x} at byte offset {offset} (line {line}): "
+        "convert it to UTF-8 first, e.g. `iconv -f latin1 -t utf-8`"
+    )
+
+
+def _utf8_blocks(f: Any, path: str | os.PathLike[str], block_bytes: int) -> Iterator[tuple[str, int, bool]]:
+    """Decode a binary file as UTF-8 block by block: (text, raw bytes read, final). Bytes that are not UTF-8
+    raise a TalmError naming the file, byte offset and line."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    offset = 0  # raw bytes read so far
+    newlines = 0  # b"\n" in fully decoded blocks
+    while True:
+        data = f.read(block_bytes)
+        final = not data
+        pending = decoder.getstate()[0]
+        try:
+            text = decoder.decode(data, final=final)
+        except UnicodeDecodeError as err:
+            seen = pending + data
+            line = newlines + seen[: err.start].count(b"\n") + 1
+            raise _not_utf8(path, seen[err.start], offset - len(pending) + err.start, line) from None
+        offset += len(data)
+        newlines += data.count(b"\n")
+        yield text, len(data), final
+        if final:
+            return
+
+
+def check_utf8(f: Any, path: str | os.PathLike[str], *, block_bytes: int = 1 << 20) -> None:
+    """Read binary file object `f` (named `path`) to its end; TalmError at the first byte that is not UTF-8."""
+    for _ in _utf8_blocks(f, path, block_bytes):
+        pass
+
+
 def read_text_blocks(path: Path, *, block_bytes: int = _READ_BLOCK_BYTES) -> Iterator[tuple[str, int]]:
     """Stream a UTF-8 file as (text block, raw bytes consumed) in bounded memory; blocks end at points where
     the pre-tokenizer's split is unchanged, so training on the stream equals training on the whole file.
     Bytes that are not UTF-8 raise a TalmError naming the file, byte offset and line."""
-    decoder = codecs.getincrementaldecoder("utf-8")("strict")
-    offset = 0  # raw bytes read so far
-    newlines = 0  # b"\n" in fully decoded blocks
     carry = ""
     with open(path, "rb") as f:
-        while True:
-            data = f.read(block_bytes)
-            final = not data
-            pending = decoder.getstate()[0]
-            try:
-                text = decoder.decode(data, final=final)
-            except UnicodeDecodeError as err:
-                seen = pending + data
-                at = offset - len(pending) + err.start
-                line = newlines + seen[: err.start].count(b"\n") + 1
-                raise TalmError(
-                    f"{str(path)!r} is not UTF-8 text: invalid byte 0x{seen[err.start]:02x} at byte offset {at} "
-                    f"(line {line}): convert it to UTF-8 first, e.g. `iconv -f latin1 -t utf-8`"
-                ) from None
-            offset += len(data)
-            newlines += data.count(b"\n")
+        for text, n_bytes, final in _utf8_blocks(f, path, block_bytes):
             text = carry + text
             if final:
                 if text:
-                    yield text, len(data)
+                    yield text, n_bytes
                 return
             cut = _safe_cut(text)
             if cut == 0 and len(text) > _MAX_CARRY_CHARS:
                 cut = len(text)  # no safe point in 1M chars: cut anyway, memory must stay bounded
             carry = text[cut:]
-            yield text[:cut], len(data)
+            yield text[:cut], n_bytes
 
 
 def train(

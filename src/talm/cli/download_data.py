@@ -14,19 +14,9 @@ from talm.cli.common import HelpFormatter, add_config_flags, collect_config_flag
 from talm.config import DATASET_PRESETS, DownloadConfig, validate
 
 
-def _limit_cores(num_proc: int | None) -> None:
-    """--num-proc N: run this process (and the tokenizer's threads, created later) on N cores."""
-    if num_proc is None or not hasattr(os, "sched_setaffinity"):
-        return
-    cores = sorted(os.sched_getaffinity(0))
-    if num_proc < len(cores):
-        os.sched_setaffinity(0, cores[:num_proc])
-
-
 def run(cfg: DownloadConfig) -> None:
     from talm.shards import prepare
 
-    _limit_cores(cfg.num_proc)
     try:
         result = prepare(cfg, progress=sys.stderr.isatty() or os.environ.get("TALM_PROGRESS") == "1")
     except KeyboardInterrupt:
@@ -50,6 +40,8 @@ def run(cfg: DownloadConfig) -> None:
     stats = result.stats
     assert stats is not None
     resumed = " (resumed)" if result.status == "resume" else ""
+    if result.repaired:
+        resumed = f" (resumed from the last good shard: {result.repaired})"
     print(
         f"wrote {result.out_dir}{resumed}: {layout}; this run {stats.tokens:,} tokens, {stats.documents:,} documents"
         f" ({stats.empty_documents:,} empty skipped) in {stats.seconds:.1f} s, {stats.tokens_per_s:,.0f} tokens/s, "

@@ -8,43 +8,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from talm.cli.common import HelpFormatter, add_config_flags, collect_config_flags, run_main
 from talm.config import SPECIAL_TOKENS, TokenizerConfig, validate
 from talm.errors import TalmError
 
-TOKENIZER_DIR = Path("tokenizers")
-
-
-def prepare_output(config: TokenizerConfig) -> Path:
-    """Check, before spending any time training, that tokenizers/NAME.json can be written."""
-    out = TOKENIZER_DIR / f"{config.name}.json"
-    if TOKENIZER_DIR.exists() and not TOKENIZER_DIR.is_dir():
-        raise TalmError(
-            f"{str(TOKENIZER_DIR)!r} exists but is not a directory: move that file out of the way"
-        )
-    if out.is_dir():
-        raise TalmError(f"{str(out)!r} is a directory: pick another name, or remove that directory")
-    if out.exists() and not config.force:
-        raise TalmError(f"{str(out)!r} already exists: pick another name, or pass --force to overwrite it")
-    try:
-        TOKENIZER_DIR.mkdir(parents=True, exist_ok=True)
-        probe = TOKENIZER_DIR / f".{config.name}.json.probe"
-        probe.touch()
-        probe.unlink()
-    except OSError as err:
-        raise TalmError(
-            f"cannot write to {str(TOKENIZER_DIR)!r} ({err.strerror}): run from a directory you can write to"
-        ) from None
-    return out
-
 
 def run(config: TokenizerConfig) -> None:
-    from talm.tokenizer import check_text_files, train
+    from talm.tokenizer import check_text_files, output_path, train
 
     check_text_files(config.text_files)
-    out = prepare_output(config)
+    out = output_path(config.name, overwrite=config.force)
     tokenizer, stats = train(
         config.text_files, config.vocab_size, name=config.name, progress=sys.stderr.isatty()
     )
