@@ -188,9 +188,11 @@ class RunLock:
             ...
     """
 
-    def __init__(self, directory: str | os.PathLike[str], command: str, *, instead: str = "") -> None:
+    def __init__(
+        self, directory: str | os.PathLike[str], command: str, *, instead: str = "", name: str = LOCK_FILE
+    ) -> None:
         self.directory = Path(directory)
-        self.path = self.directory / LOCK_FILE
+        self.path = self.directory / name  # `name`: several locks in one directory (download_data's workers)
         self.command = command
         self.instead = instead or "wait for it to finish or stop it (Ctrl-C), then rerun"
         self._fd: int | None = None

@@ -627,9 +627,7 @@ def locked(out_dir: Path, tag: str) -> Iterator[None]:
     and may run at once) for the whole run. A directory the lock had to create is removed again if the run
     leaves nothing else in it (a run refused for bad input leaves nothing behind)."""
     created = [p for p in [out_dir, *out_dir.parents] if not p.exists()]
-    lock = RunLock(out_dir, "download_data")
-    if tag:
-        lock.path = out_dir / f".talm{tag}.lock"
+    lock = RunLock(out_dir, "download_data", name=f".talm{tag}.lock")
     lock.acquire()
     try:
         yield
