@@ -39,6 +39,10 @@ def make(tmp_path: Path, step: int = 3) -> tuple[GPT, torch.optim.Optimizer, Pat
         "val_bpb": 0.9,
     }
     state = {
+        "step": step,
+        "tokens_seen": 32 * step,
+        "elapsed": 1.0,
+        "best_val_loss": 1.5,
         "optimizer": opt.state_dict(),
         "loader": {"epoch": 0, "cursor": 5, "seed": 1},
         "rng": [torch.get_rng_state()],
