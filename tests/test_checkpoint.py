@@ -39,6 +39,10 @@ def make(tmp_path: Path, step: int = 3) -> tuple[GPT, torch.optim.Optimizer, Pat
         "val_bpb": 0.9,
     }
     state = {
+        "step": step,
+        "tokens_seen": 32 * step,
+        "elapsed": 1.0,
+        "best_val_loss": 1.5,
         "optimizer": opt.state_dict(),
         "loader": {"epoch": 0, "cursor": 5, "seed": 1},
         "rng": [torch.get_rng_state()],
@@ -114,3 +118,62 @@ def test_foreign_or_damaged_checkpoints_are_refused(tmp_path: Path) -> None:
     (path / "checkpoint.json").write_text(json.dumps(meta))
     with pytest.raises(TalmError, match="another architecture"):
         load_model(path)
+
+
+def test_every_file_of_a_checkpoint_gets_the_same_mode(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        _, _, path = make(tmp_path)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in path.iterdir()}
+    assert modes == {"checkpoint.json": 0o644, "model.safetensors": 0o644, "trainer_state.pt": 0o644}
+
+
+@pytest.mark.parametrize("fails", ["weights", "trainer state", "rename"])
+def test_a_failed_save_keeps_the_previous_checkpoint_and_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails: str
+) -> None:
+    import errno
+
+    import talm.checkpoint
+    import talm.files
+
+    _, _, path = make(tmp_path, step=3)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+
+    failed = []
+
+    def disk_full(*args, **kwargs):
+        if fails == "rename" and (failed or ".tmp-" not in str(args[0])):
+            return real_replace(*args, **kwargs)  # moving the old one aside works, renaming the new one fails
+        failed.append(args)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_replace = os.replace
+    if fails == "weights":
+        monkeypatch.setattr(talm.checkpoint, "save_safetensors_from", disk_full)
+    elif fails == "trainer state":
+        monkeypatch.setattr(talm.checkpoint.torch, "save", disk_full)
+    else:
+        monkeypatch.setattr(talm.files.os, "replace", disk_full)
+    with pytest.raises(TalmError) as info:
+        make(tmp_path, step=4)
+    monkeypatch.undo()
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(
+        f"could not save checkpoint {str(path)!r} (OSError: [Errno 28]"
+    )
+    assert "the previous checkpoint is kept" in message
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["latest"]  # no .latest.tmp-PID/, no .latest.old/
+
+
+def test_damaged_meta_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    _, _, path = make(tmp_path)
+    for text in ("[1, 2]", '{"format": "talm.checkpoint/1"}', "\xff\xfe garbage"):
+        (path / "checkpoint.json").write_text(text, encoding="latin-1")
+        with pytest.raises(
+            TalmError, match=r"cannot load '.*checkpoint\.json' \(.*\): the checkpoint is damaged"
+        ):
+            read_meta(path)

@@ -55,3 +55,37 @@ def test_two_process_ddp_matches_one_process(tiny_data: Path, in_tmp: Path) -> N
     for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
         assert (a - b).abs().max().item() < 1e-4
     assert len(load_trainer_state("models/ddp/latest")["rng"]) == 2  # every rank's RNG state
+
+    # Resume under torchrun after a save interrupted between its renames, with a stale temporary: rank 0 alone
+    # recovers them, after the process group exists, while the other rank waits.
+    model_dir = Path("models/ddp")
+    os.replace(model_dir / "latest", model_dir / ".latest.old")
+    (model_dir / ".best.tmp-999999").mkdir()
+    resumed = subprocess.run(
+        [
+            *torchrun,
+            "-m",
+            "talm.cli.train_model",
+            "-d",
+            str(tiny_data),
+            *ARGS,
+            "-n",
+            "ddp",
+            "--max-steps",
+            "10",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stderr.count("resuming models/ddp from step 8") == 1
+    assert sorted(p.name for p in model_dir.glob(".*")) == [".talm.lock"]
+    assert load_model("models/ddp/latest")[1]["step"] == 10
+    # and on one process (the data order is kept, dropout reseeded)
+    single = subprocess.run(
+        [*train, "-n", "ddp", "--max-steps", "12"], env=env, capture_output=True, text=True
+    )
+    assert single.returncode == 0 and "resuming models/ddp from step 10" in single.stderr, single.stderr
+    assert len(load_trainer_state("models/ddp/latest")["rng"]) == 1

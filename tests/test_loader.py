@@ -142,3 +142,18 @@ def test_bad_data_directories(tiny_data: Path, tmp_path: Path) -> None:
         EvalSlice(data, eval_tokens=100, context_length=100_000, batch_size=1)
     with pytest.raises(TalmError, match="fewer than one batch"):
         TokenLoader(data, batch_size=10_000, context_length=T, seed=0)
+
+
+def test_check_shards_and_seed_range(tiny_data: Path, tmp_path: Path) -> None:
+    from talm.loader import check_shards
+
+    check_shards(read_data(tiny_data))  # intact: nothing to say
+    d = tmp_path / "data"
+    shutil.copytree(tiny_data, d)
+    shard = sorted(d.glob("train_*.npy"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(TalmError, match=rf"shard '{shard}' is .* bytes, not the .* its header promises"):
+        check_shards(read_data(d))
+    for seed in (-1, 2**63):
+        with pytest.raises(TalmError, match=f"--seed {seed} is out of range"):
+            TokenLoader(read_data(tiny_data), batch_size=4, context_length=T, seed=seed)

@@ -71,7 +71,8 @@ def test_overfits_one_batch() -> None:
 
 
 def test_training_run_writes_metrics_and_checkpoints(tiny_data: Path, in_tmp: Path) -> None:
-    result = Trainer(run_config(tiny_data), "models/m").run()
+    trainer = Trainer(run_config(tiny_data), "models/m")
+    result = trainer.run()
     assert result.step == 6 and result.tokens_seen == 6 * 4 * 32
     records = read_metrics("models/m")
     train = [r for r in records if "train_loss" in r]
@@ -95,8 +96,16 @@ def test_training_run_writes_metrics_and_checkpoints(tiny_data: Path, in_tmp: Pa
     assert best["val_loss"] == min(r["val_loss"] for r in evals)
     state = load_trainer_state("models/m/latest")
     assert state["step"] == 6 and state["loader"]["cursor"] == 6 * 4 and len(state["rng"]) == 1
-    model, _ = load_model("models/m/latest")
-    assert model.num_params() > 0
+    model, _ = load_model("models/m/latest")  # the trained weights, not the initial ones, were saved
+    for (name, saved), trained in zip(
+        model.state_dict().items(), trainer.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(saved, trained), name
+    x = torch.randint(0, 1024, (2, 32))
+    assert torch.equal(model(x)[0], trainer.model.eval()(x)[0])
+    assert not torch.equal(
+        model.state_dict()["tok_emb.weight"], GPT(ModelConfig(**TINY)).state_dict()["tok_emb.weight"]
+    )
 
 
 def test_resume_config_and_architecture_check(tiny_data: Path, in_tmp: Path) -> None:
@@ -233,3 +242,28 @@ def test_sinks_refresh_at_the_end_of_an_interrupted_run(tiny_data, in_tmp, monke
     with pytest.raises(KeyboardInterrupt):
         trainer.run()
     assert sink.evals == 1 and sink.closed and [r["step"] for r in sink.records] == [1, 2, 3]
+
+
+def test_evaluate_makes_no_float64_tensor_and_keeps_its_value(tiny_data: Path, in_tmp: Path) -> None:
+    """MPS has no float64: evaluation accumulates float32 losses and sums them in float64 on the host only."""
+    from torch.overrides import TorchFunctionMode
+
+    trainer = Trainer(run_config(tiny_data), "models/m")
+
+    class NoFloat64(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                assert not (isinstance(t, torch.Tensor) and t.dtype == torch.float64), func
+            return out
+
+    with NoFloat64():
+        val_loss, bpb = trainer.evaluate()
+    # the same mean computed in float64 throughout
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    trainer.model.eval()
+    with torch.no_grad():
+        for x, y in trainer.eval_slice:
+            total += trainer.model(x, y)[1].double() * y.numel()
+            count += y.numel()
+    assert val_loss == (total / count).item() and bpb is not None

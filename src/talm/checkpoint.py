@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_model as load_safetensors_into
 from safetensors.torch import save_model as save_safetensors_from
 
@@ -36,6 +38,23 @@ WEIGHTS = "model.safetensors"
 META = "checkpoint.json"
 TRAINER_STATE = "trainer_state.pt"
 
+# What to do about a damaged checkpoint file, for every command that loads one.
+DAMAGED_FIX = (
+    "the checkpoint is damaged: use another one (--checkpoint best), or move it away (train_model then resumes "
+    "from best/), or start the run over (train_model --restart)"
+)
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def damaged(path: Path, err: BaseException | str) -> TalmError:
+    """The one-line error for a checkpoint file that cannot be loaded."""
+    reason = err if isinstance(err, str) else _reason(err)
+    return TalmError(f"cannot load {str(path)!r} ({reason}): {DAMAGED_FIX}")
+
 
 def save_checkpoint(
     target: str | Path,
@@ -48,12 +67,29 @@ def save_checkpoint(
     `model` must be the plain GPT (not its torch.compile or DDP wrapper) so that the weight names are clean.
     """
     target = Path(target)
-    tmp = staging_dir(target)
-    save_safetensors_from(model, str(tmp / WEIGHTS))
-    (tmp / META).write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n", encoding="utf-8")
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / TRAINER_STATE)
-    replace_dir(tmp, target)
+    tmp: Path | None = None
+    try:
+        tmp = staging_dir(target)
+        (tmp / META).write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n", encoding="utf-8")
+        save_safetensors_from(model, str(tmp / WEIGHTS))
+        # safetensors writes through a private temporary (mode 0600): give the weights the mode of every other
+        # file (what the umask makes of 0666, as checkpoint.json got)
+        os.chmod(tmp / WEIGHTS, (tmp / META).stat().st_mode & 0o777)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+        replace_dir(tmp, target)
+    except (OSError, SafetensorError, RuntimeError) as err:
+        # A full disk, say: drop the half-written staging directory and keep (or put back) the previous one.
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            recover_interrupted_save(target)
+        except OSError:
+            pass
+        raise TalmError(
+            f"could not save checkpoint {str(target)!r} ({_reason(err)}): free some disk space (or fix the "
+            "directory's permissions) and rerun the same command to resume; the previous checkpoint is kept"
+        ) from None
     return target
 
 
@@ -112,18 +148,28 @@ def resolve_checkpoint(model_dir: str | Path, which: str = "latest") -> Path:
 
 
 def read_meta(checkpoint_dir: str | Path) -> dict[str, Any]:
-    """checkpoint.json of a checkpoint directory, checked for its format."""
+    """checkpoint.json of a checkpoint directory, checked for its format and the fields every reader uses."""
     path = Path(checkpoint_dir) / META
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise TalmError(
-            f"cannot read {str(path)!r} ({err}): the checkpoint is damaged; use another"
-        ) from None
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
+        raise damaged(path, err) from None
+    if not isinstance(meta, dict):
+        raise damaged(path, f"holds a JSON {type(meta).__name__}, not an object")
     if meta.get("format") != FORMAT:
         raise TalmError(
             f"{str(path)!r} has format {meta.get('format')!r}, not {FORMAT!r}: it was not written by this talm"
         )
+    config, tokenizer = meta.get("config"), meta.get("tokenizer")
+    problem = None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        problem = "no config.model settings"
+    elif not isinstance(tokenizer, dict) or not isinstance(tokenizer.get("fingerprint"), str):
+        problem = "no tokenizer fingerprint"
+    elif not isinstance(meta.get("step"), int) or isinstance(meta.get("step"), bool):
+        problem = "no integer step"
+    if problem:
+        raise damaged(path, problem)
     return meta
 
 
@@ -131,7 +177,13 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -
     """The GPT stored in a checkpoint directory, on `device` in eval mode, and its checkpoint.json."""
     checkpoint_dir = Path(checkpoint_dir)
     meta = read_meta(checkpoint_dir)
-    model = GPT(ModelConfig.model_validate(meta["config"]["model"]))
+    try:
+        config = ModelConfig.model_validate(meta["config"]["model"])
+    except ValidationError as err:
+        raise damaged(
+            checkpoint_dir / META, f"invalid model settings: {err.errors()[0].get('msg')}"
+        ) from None
+    model = GPT(config)
     load_weights(model, checkpoint_dir, device)
     return model.eval(), meta
 
@@ -142,16 +194,31 @@ def load_weights(model: GPT, checkpoint_dir: str | Path, device: str | torch.dev
     path = Path(checkpoint_dir) / WEIGHTS
     try:
         load_safetensors_into(model, str(path), strict=True, device=str(device))
-    except (RuntimeError, OSError) as err:
+    except RuntimeError as err:  # missing or unexpected tensors, wrong shapes
         raise TalmError(
-            f"cannot load weights from {str(path)!r} ({str(err).splitlines()[0]}): the checkpoint is damaged "
-            "or belongs to another architecture"
+            f"cannot load weights from {str(path)!r} ({str(err).strip().splitlines()[0]}): it belongs to another "
+            "architecture than its checkpoint.json says, or " + DAMAGED_FIX
         ) from None
+    except (
+        SafetensorError,
+        OSError,
+        ValueError,
+    ) as err:  # truncated or garbled: SafetensorError is no OSError
+        raise damaged(path, err) from None
+
+
+TRAINER_STATE_KEYS = ("step", "tokens_seen", "elapsed", "best_val_loss", "optimizer", "loader", "rng")
 
 
 def load_trainer_state(checkpoint_dir: str | Path) -> dict[str, Any]:
-    """trainer_state.pt of a checkpoint directory (plain tensors and containers only)."""
+    """trainer_state.pt of a checkpoint directory (plain tensors and containers only: no code is executed)."""
     path = Path(checkpoint_dir) / TRAINER_STATE
     if not path.is_file():
         raise TalmError(f"{str(path)!r} is missing: this checkpoint holds weights only and cannot be resumed")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- truncated or garbled: zip, pickle, EOF or unpickler errors
+        raise damaged(path, err) from None
+    if not isinstance(state, dict) or any(k not in state for k in TRAINER_STATE_KEYS):
+        raise damaged(path, "not a talm trainer state")
+    return state

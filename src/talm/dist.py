@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as tdist
@@ -95,6 +96,33 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * tdist.get_world_size()
     tdist.all_gather_object(out, obj)
     return out
+
+
+T = TypeVar("T")
+
+
+def on_main(fn: Callable[[], T], ctx: DistContext) -> T | None:
+    """Run `fn` on rank 0 alone (what writes files), then let every rank go on together (a barrier).
+
+    If `fn` raises TalmError, rank 0 raises it and every other rank leaves quietly with exit status 2, instead
+    of waiting in the next collective for a rank that is gone. Returns `fn`'s result on rank 0, None elsewhere.
+    """
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except TalmError as err:
+            if not tdist.is_initialized():
+                raise
+            error = err
+    if tdist.is_initialized():
+        message = [str(error) if error is not None else None]
+        tdist.broadcast_object_list(message, src=0)
+        if error is not None:
+            raise error
+        if message[0] is not None:
+            raise SystemExit(2)  # rank 0 prints the one line; the other ranks say nothing
+    return result
 
 
 def print0(*args: Any, ctx: DistContext | None = None, **kwargs: Any) -> None:

@@ -12,6 +12,10 @@ sequence, which is all `state_dict` needs for an exact resume. A single process 
 N micro-batches sees the same windows per optimizer step as N processes with one micro-batch each.
 
 `EvalSlice` is the fixed validation slice: the first `eval_tokens` tokens of the val split, split over ranks.
+
+Damaged data fails in one line naming the shard (`manifest.open_shard`): `check_shards` compares every listed
+shard's header and size with the manifest when a run starts (cheap: no token is read), and each shard's ids are
+checked against the vocabulary when it is first mapped.
 """
 
 from __future__ import annotations
@@ -24,20 +28,36 @@ import numpy as np
 import torch
 
 from talm.errors import TalmError
-from talm.manifest import DataSet, Shard, open_shard
+from talm.manifest import DataSet, Shard, open_shard, shard_problem
+
+SEED_LIMIT = 2**63
+
+
+def check_shards(data: DataSet) -> None:
+    """TalmError naming the first listed shard whose header or size disagrees with the manifest (truncated,
+    overwritten, missing). Reads headers and sizes only."""
+    for shard in data.shards:
+        problem = shard_problem(shard.path, shard.tokens, data.dtype)
+        if problem:
+            raise TalmError(
+                f"shard {str(shard.path)!r} {problem}: rerun download_data with --overwrite to recreate the data "
+                "directory"
+            )
 
 
 class ShardCache:
-    """Memory maps of the shards, opened on first use (they cost address space, not memory)."""
+    """Memory maps of the shards, opened on first use (they cost address space, not memory); given
+    `vocab_size`, each shard's ids are checked to be below it when it is first mapped."""
 
-    def __init__(self, dtype: np.dtype) -> None:
+    def __init__(self, dtype: np.dtype, vocab_size: int | None = None) -> None:
         self.dtype = dtype
+        self.vocab_size = vocab_size
         self._maps: dict[Path, np.ndarray] = {}
 
     def __getitem__(self, shard: Shard) -> np.ndarray:
         mm = self._maps.get(shard.path)
         if mm is None:
-            mm = self._maps[shard.path] = open_shard(shard, self.dtype)
+            mm = self._maps[shard.path] = open_shard(shard, self.dtype, self.vocab_size)
         return mm
 
 
@@ -65,7 +85,10 @@ class TokenLoader:
         world_size: int = 1,
         device: torch.device | str = "cpu",
         split: str = "train",
+        vocab_size: int | None = None,
     ) -> None:
+        if not 0 <= seed < SEED_LIMIT:
+            raise TalmError(f"--seed {seed} is out of range: use a whole number from 0 to {SEED_LIMIT - 1}")
         self.batch_size, self.context_length = batch_size, context_length
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device = torch.device(device)
@@ -79,7 +102,7 @@ class TokenLoader:
                 f"tokens, fewer than one batch ({batch_size} x {world_size} process(es)): lower "
                 "--batch-size or --model.context_length, or prepare more data"
             )
-        self._maps = ShardCache(data.dtype)
+        self._maps = ShardCache(data.dtype, vocab_size)
         self.epoch, self.cursor = 0, 0
         self._order_epoch = -1
         self._perms: dict[int, np.ndarray] = {}
@@ -118,11 +141,20 @@ class TokenLoader:
             rows[i] = self._maps[self.shards[shard_index]][window * T : window * T + T + 1]
         return rows
 
+    def _advance_epoch(self) -> None:
+        if self.cursor + self.batch_size * self.world_size > self.total_windows:  # the remainder is too short
+            self.epoch, self.cursor = self.epoch + 1, 0
+
+    def check_next(self) -> None:
+        """Map (and so check) the shard the next batch starts in, without consuming anything: a damaged shard
+        fails before the run writes anything."""
+        self._advance_epoch()
+        self._rows(self.cursor + self.rank * self.batch_size, 1)
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (x, y) for this rank; all ranks advance together by world_size * batch_size windows."""
         per_step = self.batch_size * self.world_size
-        if self.cursor + per_step > self.total_windows:  # the epoch's remainder is too short: next epoch
-            self.epoch, self.cursor = self.epoch + 1, 0
+        self._advance_epoch()
         rows = self._rows(self.cursor + self.rank * self.batch_size, self.batch_size)
         self.cursor += per_step
         return to_device(rows, self.device)
@@ -156,6 +188,7 @@ class EvalSlice:
         rank: int = 0,
         world_size: int = 1,
         device: torch.device | str = "cpu",
+        vocab_size: int | None = None,
     ) -> None:
         T = context_length
         wanted = max(1, math.ceil(eval_tokens / T))
@@ -175,7 +208,9 @@ class EvalSlice:
         self.batch_size, self.context_length = batch_size, T
         self.device = torch.device(device)
         self.tokens_per_byte = data.tokens_per_byte("val")
-        self._maps = ShardCache(data.dtype)
+        self._maps = ShardCache(data.dtype, vocab_size)
+        for shard in {s.path: s for s, _ in self.mine}.values():  # map (and check) them now, not mid-run
+            self._maps[shard]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         T = self.context_length

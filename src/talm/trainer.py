@@ -1,9 +1,14 @@
 """The training loop: accumulate, clip, step; evaluate (loss, perplexity, bits per byte); log; checkpoint.
 
 `resolve_run` turns a preset, a TOML file and command-line overrides into one validated `RunConfig`, and
-decides whether the run resumes from `models/NAME/latest`. `train` runs it on one process or, under torchrun,
-on many (DDP, gradients synced only on the last micro-step). Everything written (checkpoints, metrics.jsonl,
-tokenizer.json) is written by rank 0 only, atomically.
+decides whether the run resumes from `models/NAME/latest` (or `best/`). `run_training` is train_model's whole
+run: it holds a lock on models/NAME and validates everything (config, device, data and shards, tokenizer,
+writability) before it writes or deletes anything; `train` runs a resolved config on one process or, under
+torchrun, on many (DDP, gradients synced only on the last micro-step). Everything written (checkpoints,
+metrics.jsonl, tokenizer.json) is written by rank 0 only, atomically.
+
+A model directory holding any trace of a run (checkpoints, metrics, logs) is never wiped without --restart:
+without a resumable latest/, the run resumes from best/ or is refused with the choices spelled out.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from tqdm import tqdm
 
 from talm import dist
 from talm.checkpoint import (
+    TRAINER_STATE,
     is_checkpoint,
     load_trainer_state,
     load_weights,
@@ -35,8 +41,8 @@ from talm.checkpoint import (
 )
 from talm.config import PRESETS, RunConfig, merge, validate
 from talm.errors import TalmError
-from talm.files import write_atomically
-from talm.loader import EvalSlice, TokenLoader
+from talm.files import RunLock, aside_path, check_writable_dir, sweep_stale_temps, write_file
+from talm.loader import EvalSlice, TokenLoader, check_shards
 from talm.manifest import DataSet, read_data
 from talm.metrics import MetricsLog, truncate_after
 from talm.model import GPT
@@ -44,6 +50,9 @@ from talm.optim import build_optimizer, schedule
 from talm.report import make_sinks
 
 TOKENIZER_FILE = "tokenizer.json"
+# What a run writes into models/NAME beside tokenizer.json: what --restart deletes, and a trace of an earlier run.
+RUN_OUTPUTS = ("latest", "best", "metrics.jsonl", "loss.png", "tensorboard", "wandb_run_id")
+OTHER_NAME = "pick another --model-name"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -56,28 +65,73 @@ def preset(name: str) -> dict[str, Any]:
     return PRESETS[name]
 
 
+def run_traces(model_dir: Path) -> list[str]:
+    """What an earlier run left in models/NAME (checkpoints, metrics, logs): what --restart would delete."""
+    found = []
+    for name in RUN_OUTPUTS:
+        p = model_dir / name
+        if not (p.exists() or p.is_symlink()):
+            continue
+        if name == "latest" and p.is_dir() and not any(p.iterdir()):
+            continue  # an empty latest/ holds nothing to lose
+        if name == "metrics.jsonl" and p.is_file() and p.stat().st_size == 0:
+            continue
+        found.append(name + ("/" if p.is_dir() else ""))
+    return found
+
+
+def is_resumable(path: Path) -> bool:
+    """A full checkpoint: weights, checkpoint.json and the trainer state a run continues from."""
+    return is_checkpoint(path) and (path / TRAINER_STATE).is_file()
+
+
+def refuse_to_wipe(model_dir: Path, traces: list[str]) -> TalmError:
+    return TalmError(
+        f"{str(model_dir)!r} holds an earlier run ({', '.join(traces)}) but no checkpoint to resume it from "
+        f"(latest/ is missing or incomplete and best/ is not a full checkpoint): pass --restart to delete it and "
+        f"start over, or {OTHER_NAME}"
+    )
+
+
+def resume_point(model_dir: Path, *, probe: bool = False) -> Path | None:
+    """The checkpoint a run without --restart continues from: latest/, else best/ if an earlier run left traces;
+    None for a directory without any. TalmError (the choices spelled out) if there are traces but nothing to
+    resume. `probe`: before the run holds the directory's lock, also look at a checkpoint an interrupted save
+    moved aside, and never refuse (the decision is taken again under the lock)."""
+    latest = model_dir / "latest"
+    if is_checkpoint(latest):
+        return latest
+    if probe and is_checkpoint(aside_path(latest)):
+        return aside_path(latest)
+    traces = run_traces(model_dir)
+    if not traces:
+        return None
+    if is_resumable(model_dir / "best"):
+        return model_dir / "best"
+    if probe:
+        return None
+    raise refuse_to_wipe(model_dir, traces)
+
+
 def resolve_run(
     model_dir: str | Path,
     layers: list[dict[str, Any]],
     *,
     restart: bool = False,
     flag_names: dict[str, str] | None = None,
+    probe: bool = False,
 ) -> tuple[RunConfig, Path | None]:
-    """The run's config and the checkpoint to resume from (None for a fresh start).
+    """The run's config and the checkpoint to resume from (None for a fresh start). Reads, never writes.
 
     `layers` (preset, TOML file, flags: later wins) are merged on top of the defaults, or, when models/NAME
     already has a checkpoint and `restart` is False, on top of that checkpoint's config, so rerunning the same
-    command resumes the same run.
+    command resumes the same run (see `resume_point`, also for `probe`).
     """
     model_dir = Path(model_dir)
     resume_from = None
-    base: dict[str, Any] = {}
     if not restart and model_dir.is_dir():
-        latest = model_dir / "latest"
-        recover_interrupted_save(latest)
-        if is_checkpoint(latest):
-            resume_from = latest
-            base = read_meta(latest)["config"]
+        resume_from = resume_point(model_dir, probe=probe)
+    base: dict[str, Any] = read_meta(resume_from)["config"] if resume_from is not None else {}
     data = base
     for layer in layers:
         data = merge(data, layer)
@@ -94,6 +148,64 @@ def resolve_run(
                 "--model-name, drop the differing settings to resume it, or pass --restart to start it over"
             )
     return cfg, resume_from
+
+
+def _take_model_dir(model_dir: Path, lock: RunLock) -> None:
+    """Rank 0, before anything is written: check models/NAME can be written, lock it, then (no other run can
+    be writing) undo an interrupted checkpoint save and sweep the temporaries crashed writers left."""
+    check_writable_dir(model_dir, instead=OTHER_NAME)
+    lock.acquire()
+    for which in ("latest", "best"):
+        recover_interrupted_save(model_dir / which)
+    sweep_stale_temps(model_dir)
+    for name in ("latest", "best", "tensorboard"):
+        p = model_dir / name
+        if p.exists() or p.is_symlink():
+            check_writable_dir(p, instead=OTHER_NAME)
+    for name in ("metrics.jsonl", TOKENIZER_FILE, "loss.png", "wandb_run_id"):
+        if (model_dir / name).is_dir():
+            raise TalmError(
+                f"{str(model_dir / name)!r} is a directory, where the run writes a file: move it away or "
+                f"{OTHER_NAME}"
+            )
+
+
+def run_training(
+    model_dir: str | Path,
+    layers: list[dict[str, Any]],
+    *,
+    restart: bool = False,
+    flag_names: dict[str, str] | None = None,
+) -> TrainResult:
+    """train_model's run, in the order that keeps a user's work safe:
+
+    1. resolve and validate the config (read only), pick the device and join the process group;
+    2. rank 0: check models/NAME is writable, lock it for the whole run (a second run is refused with one line
+       naming the holder), recover an interrupted save, sweep stale temporaries; the other ranks wait;
+    3. decide again, under the lock, whether to resume (latest/, else best/, else refuse) or start fresh;
+    4. build the Trainer: data, every shard's header, tokenizer, model, optimizer, the checkpoint to resume;
+    5. only then (`Trainer.run`) delete an old run for --restart, and train.
+    The lock is released and the process group torn down on any exit.
+    """
+    model_dir = Path(model_dir)
+    cfg, _ = resolve_run(model_dir, layers, restart=restart, flag_names=flag_names, probe=True)
+    ctx = dist.setup(cfg.train.device)
+    lock = RunLock(
+        model_dir, "train_model", instead=f"wait for it to finish or stop it (Ctrl-C), or {OTHER_NAME}"
+    )
+    try:
+        dist.on_main(lambda: _take_model_dir(model_dir, lock), ctx)
+        cfg, resume_from = resolve_run(model_dir, layers, restart=restart, flag_names=flag_names)
+        if resume_from is not None and resume_from.name == "best":
+            dist.print0(
+                f"{model_dir / 'latest'} is missing or incomplete: resuming from {resume_from} (step "
+                f"{read_meta(resume_from)['step']}), the best checkpoint; the steps after it are trained again",
+                ctx=ctx,
+            )
+        return Trainer(cfg, model_dir, resume_from=resume_from, restart=restart).run()
+    finally:
+        lock.release()
+        dist.teardown()
 
 
 def load_tokenizer(cfg: RunConfig, data: DataSet):
@@ -218,15 +330,29 @@ class TrainResult:
 class Trainer:
     """One training run: owns the model, optimizer, loaders, checkpoints and metrics of models/NAME."""
 
-    def __init__(self, cfg: RunConfig, model_dir: str | Path, *, resume_from: Path | None = None) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model_dir: str | Path,
+        *,
+        resume_from: Path | None = None,
+        restart: bool = False,
+    ) -> None:
+        """Build (and so validate) everything the run needs; writes nothing. Without `resume_from`, the run starts
+        fresh and deletes an earlier run's outputs when it starts, which needs `restart` if there are any."""
+        self.model_dir = Path(model_dir)
+        if resume_from is None and not restart and self.model_dir.is_dir():
+            traces = run_traces(self.model_dir)
+            if traces:
+                raise refuse_to_wipe(self.model_dir, traces)
         self.ctx = dist.setup(cfg.train.device)
         self.device = self.ctx.device
         t = cfg.train
         if t.deterministic:
             set_deterministic(self.device)
-        self.model_dir = Path(model_dir)
 
-        self.data = read_data(cfg.data.dir)
+        self.data = read_data(cfg.data.dir, splits=("train",))  # without a val split: no evaluation
+        check_shards(self.data)  # a truncated or overwritten shard fails now, before anything is written
         self.tokenizer = load_tokenizer(cfg, self.data)
         if cfg.model.vocab_size is None:
             cfg.model.vocab_size = self.tokenizer.vocab_size
@@ -247,14 +373,17 @@ class Trainer:
             )
         self.accum = self.tokens_per_step // micro_tokens
 
+        vocab = self.tokenizer.vocab_size  # every id in the data must be one of the tokenizer's
         self.loader = TokenLoader(
             self.data, batch_size=B, context_length=T, seed=t.seed, rank=self.ctx.rank, world_size=W,
-            device=self.device,
+            device=self.device, vocab_size=vocab,
         )  # fmt: skip
-        self.eval_slice = EvalSlice(
-            self.data, eval_tokens=t.eval_tokens, context_length=T, batch_size=B, rank=self.ctx.rank,
-            world_size=W, device=self.device,
-        )  # fmt: skip
+        self.eval_slice: EvalSlice | None = None
+        if any(s.tokens > 0 for s in self.data.split("val")):
+            self.eval_slice = EvalSlice(
+                self.data, eval_tokens=t.eval_tokens, context_length=T, batch_size=B, rank=self.ctx.rank,
+                world_size=W, device=self.device, vocab_size=vocab,
+            )  # fmt: skip
 
         torch.manual_seed(t.seed)
         self.model = GPT(cfg.model).to(self.device)
@@ -269,11 +398,13 @@ class Trainer:
         self.best_val_loss = math.inf
         self.last_val: tuple[float, float | None] | None = None
         self.data_wait = 0.0  # seconds spent waiting for batches in this session
+        self.resume_from = resume_from
         self.resumed = resume_from is not None
         if resume_from is not None:
             self._resume(resume_from)
         else:  # the init above was the same on every rank; dropout must differ per rank
             torch.manual_seed(t.seed + self.ctx.rank)
+        self.loader.check_next()  # the shard of the first batch: ids out of range fail before any write
 
         net: torch.nn.Module = self.model
         if t.compile:
@@ -293,7 +424,13 @@ class Trainer:
             )
         load_weights(self.model, checkpoint_dir, self.device)
         state = load_trainer_state(checkpoint_dir)
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise TalmError(
+                f"cannot resume from {str(checkpoint_dir / TRAINER_STATE)!r}: its optimizer state does not fit "
+                f"this model ({err}): pass --restart to start over, or {OTHER_NAME}"
+            ) from None
         fused = self.optimizer.defaults.get("fused")
         for group in self.optimizer.param_groups:  # the saved run may have used another device's kernel
             group["fused"], group["foreach"] = fused, self.optimizer.defaults.get("foreach")
@@ -310,9 +447,11 @@ class Trainer:
             torch.manual_seed(self.cfg.train.seed + self.step + self.ctx.rank)
 
     def save(self, which: str, val: tuple[float, float | None] | None = None) -> None:
-        """Write models/NAME/<which> (every rank takes part: each contributes its RNG state)."""
+        """Write models/NAME/<which> (every rank takes part: each contributes its RNG state). A failed save (a
+        full disk) is one line on rank 0, the previous checkpoint kept; the other ranks stop with it."""
         rngs = dist.all_gather_objects({k: v.cpu() for k, v in rng_state(self.device).items()})
-        if self.ctx.is_main:
+
+        def write() -> None:
             state = {
                 "step": self.step,
                 "tokens_seen": self.tokens_seen,
@@ -332,23 +471,25 @@ class Trainer:
                 "val_bpb": val[1] if val else None,
             }
             save_checkpoint(self.model_dir / which, self.model, meta, state)
-        dist.barrier()
+
+        dist.on_main(write, self.ctx)
 
     def _prepare_model_dir(self) -> None:
-        """Rank 0: fresh start clears old checkpoints/metrics; copy the tokenizer; drop metrics past the resume."""
+        """Rank 0, once everything is validated: a fresh start (--restart) deletes the earlier run's outputs;
+        copy the tokenizer; on resume, drop metrics past the checkpoint."""
         d = self.model_dir
         if not self.resumed:
             # Everything a run derives from its metrics goes too, so no stale curve outlives a restart.
-            for name in ("latest", "best", "metrics.jsonl", "loss.png", "tensorboard", "wandb_run_id"):
+            for name in RUN_OUTPUTS:
                 p = d / name
-                if p.is_dir():
+                if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p)
-                elif p.exists():
+                elif p.exists() or p.is_symlink():
                     p.unlink()
         d.mkdir(parents=True, exist_ok=True)
         tok_copy = d / TOKENIZER_FILE
         if not self.resumed or not tok_copy.is_file():
-            write_atomically(tok_copy, lambda f: f.write(Path(self.tokenizer.path).read_bytes()))
+            write_file(tok_copy, Path(self.tokenizer.path).read_bytes())
         if self.resumed:
             truncate_after(d, self.step)
 
@@ -361,17 +502,25 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float | None]:
-        """Mean loss (nats/token) on the fixed val slice, over all ranks, and bits per byte."""
+        """Mean loss (nats/token) on the fixed val slice, over all ranks, and bits per byte.
+
+        The per-batch losses stay float32 on the device (MPS has no float64) and are summed in float64 on the
+        CPU, with one transfer at the end; only the cross-rank sum (CUDA or CPU, never MPS) uses a float64
+        tensor."""
+        assert self.eval_slice is not None
         self.model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        losses, counts = [], []
         for x, y in self.eval_slice:
             with self.autocast():
                 _, loss = self.model(x, y)
-            total[0] += loss.double() * y.numel()
-            total[1] += y.numel()
+            losses.append(loss.detach().float())
+            counts.append(y.numel())
         self.model.train()
-        dist.all_reduce_sum(total)
-        loss_sum, count = total.tolist()
+        loss_sum = sum(v * n for v, n in zip(torch.stack(losses).cpu().tolist(), counts, strict=True))
+        count = float(sum(counts))
+        if self.ctx.distributed:
+            total = torch.tensor([loss_sum, count], dtype=torch.float64, device=self.device)
+            loss_sum, count = dist.all_reduce_sum(total).tolist()
         val_loss = loss_sum / count
         tpb = self.eval_slice.tokens_per_byte
         bpb = val_loss / math.log(2) * tpb if tpb else None
@@ -460,14 +609,14 @@ class Trainer:
             f"{cfg.model.context_length} per process), precision {self.amp_dtype or torch.float32}"
         )
         say(describe(cfg))
+        if self.eval_slice is None:
+            say(f"no val split in {self.data.dir}: training without evaluation, so no best/ checkpoint")
         if not self.data.complete:
             say(f"note: {self.data.dir} is not complete (download_data is still writing or was stopped)")
         if self.step >= t.max_steps:
-            meta = read_meta(self.model_dir / "latest")
+            meta = read_meta(self.resume_from or self.model_dir / "latest")
             val_loss, bpb = meta.get("val_loss"), meta.get("val_bpb")
-            scores = (
-                f"val loss {val_loss:.4f}, val bits/byte {bpb:.4f}" if val_loss and bpb else "not evaluated"
-            )
+            scores = scores_text(val_loss, bpb)
             dist.print0(
                 f"{self.model_dir} is already trained to step {self.step} ({scores}): raise --max-steps to train "
                 "further, or pass --restart to start over",
@@ -523,7 +672,7 @@ class Trainer:
                     bar.update(1)
                     if interrupted:
                         break
-                    if self.step % t.eval_every == 0 or last:
+                    if self.eval_slice is not None and (self.step % t.eval_every == 0 or last):
                         self._eval_and_log(log)
                     if self.step % t.save_every == 0 or last:
                         self.save("latest", self.last_val)
@@ -542,19 +691,25 @@ class Trainer:
         tokens = self.tokens_seen - start_tokens
         tps = tokens / train_seconds if train_seconds else 0.0
         val_loss, bpb = self.last_val if self.last_val else (None, None)
-        bpb_text = f"{bpb:.4f}" if bpb is not None else "n/a"
         dist.print0(
             f"done: {self.step - start_step} steps, {tokens:,} tokens in {train_seconds:.1f}s "
             f"({tps:,.0f} tokens/s, data wait {100 * self.data_wait / max(train_seconds, 1e-9):.1f}%); "
-            f"val loss {val_loss:.4f}, val bits/byte {bpb_text}; saved {self.model_dir / 'latest'}",
+            f"{scores_text(val_loss, bpb)}; saved {self.model_dir / 'latest'}",
             ctx=ctx,
             file=sys.stdout,
         )
         return TrainResult(self.step, self.tokens_seen, seconds, tps, val_loss, bpb, self.model_dir)
 
 
+def scores_text(val_loss: float | None, bpb: float | None) -> str:
+    if val_loss is None:
+        return "not evaluated"
+    return f"val loss {val_loss:.4f}, val bits/byte " + (f"{bpb:.4f}" if bpb is not None else "n/a")
+
+
 def train(cfg: RunConfig, model_dir: str | Path, *, resume_from: Path | None = None) -> TrainResult:
-    """Train (or resume) models/NAME with a resolved config; tears the process group down at the end."""
+    """Train (or resume) models/NAME with a resolved config, without the lock and checks of `run_training`;
+    tears the process group down at the end."""
     try:
         return Trainer(cfg, model_dir, resume_from=resume_from).run()
     finally:

@@ -59,7 +59,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     parser.add_argument(
         "--restart",
         action="store_true",
-        help="start models/NAME over, deleting its checkpoints and metrics (default: resume it if it exists)",
+        help="start models/NAME over, deleting its checkpoints and metrics once every other input is checked "
+        "(default: resume it from latest/, or best/ if latest/ is gone)",
     )
     common = parser.add_argument_group("common settings (shortcuts for --train.*)")
     names = {}
@@ -89,7 +90,7 @@ def main() -> None:
     def command() -> None:
         # torch is imported only once the arguments parsed
         from talm.trainer import preset as preset_layer
-        from talm.trainer import resolve_run, train
+        from talm.trainer import run_training
 
         model_dir = model_dir_for(args.model_name)
         flags: dict[str, Any] = {}
@@ -109,8 +110,7 @@ def main() -> None:
         if args.config:
             layers.append(load_toml(args.config))
         layers.append(flags)
-        cfg, resume_from = resolve_run(model_dir, layers, restart=args.restart, flag_names=names)
-        train(cfg, model_dir, resume_from=resume_from)
+        run_training(model_dir, layers, restart=args.restart, flag_names=names)
 
     run_main(command, names)
 
