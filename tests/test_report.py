@@ -305,3 +305,22 @@ def test_wandb_sink_logs_scalars_and_resumes_the_same_run(
     assert logged[2][1]["val/bpb"] == 2.5 and finished == [True]
     make_sinks(["wandb"], model_dir, config)  # the run resumed: the same W&B run id
     assert inits[1]["id"] == inits[0]["id"] and inits[1]["resume"] == "allow"
+
+
+def test_a_full_disk_while_appending_metrics_is_one_line(tmp_path: Path) -> None:
+    import errno
+
+    class FullDisk:
+        def write(self, _: str) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self) -> None: ...
+
+        def close(self) -> None: ...
+
+    log = MetricsLog(tmp_path, [])
+    log.log({"step": 1, "tokens": 1, "time": 1.0, "train_loss": 2.0})
+    log._file = FullDisk()
+    with pytest.raises(TalmError, match="No space left on device.*free disk space, then rerun"):
+        log.log({"step": 2, "tokens": 2, "time": 2.0, "train_loss": 1.5})
+    assert len(read_metrics(tmp_path)) == 1

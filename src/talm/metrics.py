@@ -198,8 +198,14 @@ class MetricsLog:
         if self._file is None:
             return
         check_record(record)
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as err:  # disk full: the checkpoints so far are intact, a rerun resumes from them
+            raise TalmError(
+                f"cannot append to {str(self.model_dir / FILE)!r} ({err.strerror or err}): free disk space, then "
+                "rerun the same command to resume from the last checkpoint"
+            ) from None
         for sink in self.sinks:
             sink.log(record)
         self._unseen = True
