@@ -319,8 +319,8 @@ def test_a_full_disk_while_appending_metrics_is_one_line(tmp_path: Path) -> None
         def close(self) -> None: ...
 
     log = MetricsLog(tmp_path, [])
-    log.log({"step": 1, "tokens": 1, "time": 1.0, "train_loss": 2.0})
+    log.log({"step": 1, "tokens": 1, "time": 1.0, "train_loss": 2.0, "lr": 0.1, "tokens_per_s": 5.0})
     log._file = FullDisk()
     with pytest.raises(TalmError, match="No space left on device.*free disk space, then rerun"):
-        log.log({"step": 2, "tokens": 2, "time": 2.0, "train_loss": 1.5})
+        log.log({"step": 2, "tokens": 2, "time": 2.0, "train_loss": 1.5, "lr": 0.1, "tokens_per_s": 5.0})
     assert len(read_metrics(tmp_path)) == 1
