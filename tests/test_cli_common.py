@@ -155,3 +155,28 @@ def test_every_console_script_says_a_bad_flag_in_one_line(tmp_path: Path, script
         assert expected in lines[0] and "usage:" not in err and "Traceback" not in err, err
         assert out == ""
         assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() if p.is_file() else b"<dir>" for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize("seed", ["-1", "99999999999999999999999"])  # 2**63: tests/test_config.py
+def test_seeds_out_of_range_are_refused_by_train_model_and_generate(
+    seed: str, tiny_model_dir: Path, tiny_data: Path
+) -> None:
+    root = tiny_model_dir.parent.parent  # holds models/tiny: a run that must survive
+    before = snapshot(root)
+    expected = f"seed={seed}: must be from 0 to 2**63-1 ({2**63 - 1}): pass e.g. 0"
+    for script, argv in [
+        ("train_model", ["-n", "tiny", "-d", str(tiny_data), "--restart", "--seed", seed, "--device", "cpu"]),
+        ("train_model", ["-n", "fresh", "-d", str(tiny_data), "-s", seed, "--device", "cpu"]),
+        ("generate", ["-m", "models/tiny", "-p", "ROMEO:", "--seed", seed, "--device", "cpu"]),
+    ]:
+        code, out, err = run_script(root, script, argv)
+        assert code == 2, err
+        assert err.count("\n") == 1 and err.startswith(f"{script}: error: ") and expected in err, err
+        assert out == ""
+        assert snapshot(root) == before  # nothing deleted, changed or created (no models/fresh)
