@@ -5,6 +5,11 @@ command-line flags (see `talm.cli.common`), unknown keys rejected (`extra="forbi
 validators. Configs can be read from TOML files and overridden field by field; a validation failure becomes a
 one-line `TalmError` naming the field, the value and the rule.
 
+Field values are strict (pydantic strict mode): a bool is not an int and a string is not a number, whether
+the value comes from a TOML file or from Python (`n_layer = true` is refused, not read as 1). Command-line flags
+are text, so `talm.cli.common` converts each flag to its field's type before validation. Every float field
+refuses nan and inf ("must be a finite number"), for every config, through the base class.
+
 This module is a leaf: it imports nothing else from talm but `errors`, and never torch.
 """
 
@@ -12,23 +17,83 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from talm.errors import TalmError
 
 
 class Config(BaseModel):
-    """Base of every talm config: strict about unknown keys, documented field by field."""
+    """Base of every talm config: strict about unknown keys and value types, finite floats, documented field
+    by field."""
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,  # a bool is not an int, a string is not a number (ints are still accepted as floats)
+        allow_inf_nan=False,  # every float field of every config: nan and inf are refused
         use_attribute_docstrings=True,
         validate_assignment=True,
         validate_default=True,
     )
+
+
+@dataclass(frozen=True)
+class FlagType:
+    """Field metadata for `talm.cli.common`: how to turn the text of the field's command-line flag into a value
+    (used instead of the converter derived from the field's type). `parse` raises ValueError on bad text."""
+
+    parse: Callable[[str], Any]
+    expected: str
+    """What the text should look like, for the error message ("a token count such as 1e9")."""
+
+
+# A file or directory path: a string is a fine spelling of a path, so paths are not strict.
+PathField = Annotated[Path, Strict(False)]
+
+SEED_LIMIT = 2**63
+
+
+def _check_seed(seed: int) -> int:
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"must be from 0 to 2**63-1 ({SEED_LIMIT - 1}): pass e.g. 0")
+    return seed
+
+
+# A random seed: torch and numpy take seeds in [0, 2**63).
+Seed = Annotated[int, AfterValidator(_check_seed)]
+
+# Names of value types in messages, as a TOML or Python user would call them.
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "a list"}
+_EXPECTED = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "path_type": "a path",
+    "model_type": "a table",
+    "dict_type": "a table",
+}
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a table"
+    return _TYPE_NAMES.get(type(value), f"a {type(value).__name__}")
 
 
 def describe_validation_error(err: ValidationError, flag_names: dict[str, str] | None = None) -> str:
@@ -49,6 +114,10 @@ def describe_validation_error(err: ValidationError, flag_names: dict[str, str] |
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         value = e.get("input")
+        if e["type"] in _EXPECTED:
+            msg = f"must be {_EXPECTED[e['type']]}, not {_type_name(value)}"
+        elif e["type"] == "finite_number":
+            msg = "must be a finite number"
         if isinstance(value, dict) or path == "":
             parts.append(f"{name}: {msg}")
         else:
@@ -182,7 +251,7 @@ class TokenizerConfig(Config):
     """Total token ids, counting the 256 byte tokens and the 4 special tokens (so merges = vocab_size - 260)."""
     name: str
     """Name of the tokenizer: it is written to tokenizers/NAME.json."""
-    text_files: list[Path] = Field(default_factory=lambda: [Path("tiny-shakespeare.txt")], min_length=1)
+    text_files: list[PathField] = Field(default_factory=lambda: [Path("tiny-shakespeare.txt")], min_length=1)
     """UTF-8 text file(s) to train on, read as a stream (they may be larger than memory)."""
     force: bool = False
     """Overwrite tokenizers/NAME.json if it already exists."""
@@ -291,7 +360,7 @@ DEFAULT_VAL_TOKENS = 1_000_000
 
 
 def _int_from_text(value: Any) -> Any:
-    """Accept 1e8, 100_000_000 or 1,000,000 for token counts typed on the command line."""
+    """Accept 1e8, 100_000_000 or 1,000,000 for token counts (other values are left to validation)."""
     if isinstance(value, str):
         text = value.strip().replace("_", "").replace(",", "")
         try:
@@ -303,6 +372,21 @@ def _int_from_text(value: Any) -> Any:
     return value
 
 
+def _count_from_text(text: str) -> int:
+    value = _int_from_text(text)
+    if not isinstance(value, int):
+        raise ValueError(text)
+    return value
+
+
+# A number of tokens: an int, or text such as "1e9", "100_000_000" or "1,000,000" (typed on the command line).
+TokenCount = Annotated[
+    int,
+    BeforeValidator(_int_from_text),
+    FlagType(_count_from_text, "a whole number of tokens (e.g. 100000, 1e9 or 1_000_000)"),
+]
+
+
 class DownloadConfig(Config):
     """What `download_data` streams, how it tokenizes it, and where the shards go."""
 
@@ -310,18 +394,18 @@ class DownloadConfig(Config):
     """A preset (fineweb, fineweb-edu, smol, tinyshakespeare) or, with --data-files, any name for your corpus."""
     ds_sample: str | None = None
     """The dataset's config (subset), e.g. sample-10BT or CC-MAIN-2024-10; unset means the preset's default."""
-    tokenizer_path: Path = Path("tokenizers/base.json")
+    tokenizer_path: PathField = Path("tokenizers/base.json")
     """Tokenizer file (talm or original talm format) used to encode the text."""
     dir_prefix: str | None = None
     """Prefix of the output directory's name: data/DATASET/PREFIX_SAMPLE/."""
-    data_root: Path = Path("data")
+    data_root: PathField = Path("data")
     """Directory holding all prepared datasets."""
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: TokenCount | None = Field(default=None, ge=1)
     """Stop after this many training tokens (accepts 1e9); unset means the whole sample."""
-    val_tokens: int | None = Field(default=None, ge=0)
+    val_tokens: TokenCount | None = Field(default=None, ge=0)
     """Tokens of the validation split, whole documents from the start of the stream (0: none). Unset means the
     preset's default (10M for the web corpora), capped at a tenth of --max-tokens."""
-    shard_size: int = Field(default=100_000_000, ge=1)
+    shard_size: TokenCount = Field(default=100_000_000, ge=1)
     """Tokens per shard file (the last shard of each split may be shorter)."""
     num_proc: int | None = Field(default=None, ge=1)
     """Cores this process may use (tokenizing runs on all of them); unset means every core."""
@@ -335,11 +419,6 @@ class DownloadConfig(Config):
     """Your own text instead of the Hub: files, globs or directories of parquet, jsonl/json, csv or txt."""
     text_column: str | None = None
     """Column holding the text (default: the preset's, else "text"); txt files are split at blank lines."""
-
-    @field_validator("max_tokens", "val_tokens", "shard_size", mode="before")
-    @classmethod
-    def _parse_counts(cls, value: Any) -> Any:
-        return _int_from_text(value)
 
     @model_validator(mode="after")
     def _check(self) -> DownloadConfig:
@@ -453,7 +532,7 @@ class TrainConfig(Config):
     """Compile the model with torch.compile (faster on GPU after a warm-up; slow to start)."""
     deterministic: bool = False
     """Bitwise-reproducible runs (deterministic kernels; on CPU a resumed run repeats the same losses)."""
-    seed: int = 1337
+    seed: Seed = 1337
     """Seed of the model initialisation, the data order and dropout."""
     report_to: list[Literal["tensorboard", "wandb"]] = []
     """Also send metrics to these trackers (optional extras: pip install talm[tensorboard] / talm[wandb])."""
@@ -533,5 +612,5 @@ class SampleConfig(Config):
     """Nucleus sampling: sample only among the likeliest tokens whose probabilities add up to top_p (1: all)."""
     num_samples: int = Field(default=1, ge=1)
     """Samples to generate for each prompt."""
-    seed: int | None = None
+    seed: Seed | None = None
     """Random seed: the same seed, prompt and settings give the same text (unset: different every run)."""

@@ -176,10 +176,18 @@ class GPT(nn.Module):
         return n if embeddings else n - self.tok_emb.weight.numel()
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward): 6 per weight plus the attention scores (PaLM, app. B)."""
+        """Training FLOPs per token (forward + backward), as PaLM (app. B) and nanoGPT count them: 6 per weight
+        of every matmul, the output layer included, plus 12 * n_layer * d_model * seq_len for the attention
+        scores and their weighted sum. The token embedding is a lookup, not a matmul, so it is left out; with
+        tied embeddings the same matrix is still the output layer's, and counted as such."""
         c = self.config
         t = seq_len or c.context_length
-        return 6 * self.num_params(embeddings=False) + 12 * c.n_layer * c.d_model * t
+        matmul_params = self.num_params(
+            embeddings=False
+        )  # without the token embedding (shared: counted once)
+        if c.tie_embeddings:
+            matmul_params += self.lm_head.weight.numel()  # the shared matrix is the output layer's weight too
+        return 6 * matmul_params + 12 * c.n_layer * c.d_model * t
 
     def forward(
         self,

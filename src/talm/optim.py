@@ -6,7 +6,6 @@ gains) do not. `lr_at` is a pure function of the step, so the schedule needs no 
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -53,9 +52,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def fused_available(device: torch.device) -> bool:
-    """torch's fused AdamW runs on CUDA and (since torch 2.4) CPU; elsewhere use the foreach version."""
-    if "fused" not in inspect.signature(torch.optim.AdamW).parameters:
-        return False
+    """torch's fused AdamW runs on CUDA and CPU (torch >= 2.4, which talm requires); elsewhere (mps) use the
+    foreach version."""
     return device.type in ("cuda", "cpu")
 
 

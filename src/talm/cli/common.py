@@ -1,9 +1,11 @@
 """What every console script shares: flags generated from config fields, and one-line errors.
 
 `add_config_flags` turns the fields of a `talm.config.Config` class into argparse flags whose help text is the
-field's docstring and default; `collect_config_flags` gives back only the flags the user passed, as plain data
-for pydantic to validate (so a config file or preset can supply the rest). `run_main` runs a command and turns
-the errors a user can cause into one line on stderr and exit status 2, never a traceback.
+field's docstring and default, and whose text is converted to the field's type (configs are strict: "3" is not
+an int); `collect_config_flags` gives back only the flags the user passed, as plain data for pydantic to
+validate (so a config file or preset can supply the rest). `ArgumentParser` is the parser of every console
+script: a bad flag (unknown, bad choice, bad number) is one line, not argparse's usage block. `run_main` runs a
+command and turns the errors a user can cause into one line on stderr and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import sys
 import types
 import typing
 from collections.abc import Callable
-from typing import Any, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal, NoReturn
 
 from pydantic import ValidationError
 
-from talm.config import Config, describe_validation_error
+from talm.config import Config, FlagType, describe_validation_error
 from talm.errors import TalmError
 
 EXIT_USAGE = 2
@@ -31,6 +34,20 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, max_help_position=32, width=110)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """The parser of every console script: a usage error (unknown flag, invalid choice, a number that is not
+    one, a missing argument) is one line on stderr and exit status 2, without argparse's usage block
+    (`--help` still shows it)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        line = " ".join(message.split())
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {line}\n")
+
+
 def _unwrap_optional(annotation: Any) -> Any:
     """`int | None` -> `int`; anything else unchanged."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
@@ -38,6 +55,39 @@ def _unwrap_optional(annotation: Any) -> Any:
         if len(args) == 1:
             return args[0]
     return annotation
+
+
+def _strip_annotated(annotation: Any) -> tuple[Any, list[Any]]:
+    """`Annotated[int, m1, m2]` -> (int, [m1, m2]); anything else -> (annotation, [])."""
+    if typing.get_origin(annotation) is Annotated:
+        return annotation.__origin__, list(annotation.__metadata__)
+    return annotation, []
+
+
+def _converter(annotation: Any, metadata: list[Any]) -> Callable[[str], Any] | None:
+    """How the text of a flag becomes a value of the field's type (None: keep the text, a str)."""
+    for item in metadata:
+        if isinstance(item, FlagType):
+            return _checked(item.parse, item.expected)
+    if annotation is int:
+        return _checked(int, "a whole number (e.g. 12)")
+    if annotation is float:
+        return _checked(float, "a number (e.g. 0.5 or 3e-4)")
+    if annotation is Path:
+        return Path
+    return None
+
+
+def _checked(parse: Callable[[str], Any], expected: str) -> Callable[[str], Any]:
+    """`parse`, turning its ValueError into argparse's one-line "argument --x: 'abc' is not ..." message."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except (ValueError, TypeError, OverflowError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {expected}") from None
+
+    return convert
 
 
 def flag_for(field: str, prefix: str = "") -> str:
@@ -69,8 +119,11 @@ def add_config_flags(
         flag = flag_for(name, prefix)
         spellings = [short[name], flag] if name in short else [flag]
         names[prefix + name] = "/".join(spellings)
-        annotation = _unwrap_optional(field.annotation)
-        origin = typing.get_origin(annotation)
+        annotation, metadata = _strip_annotated(_unwrap_optional(field.annotation))
+        metadata = [*field.metadata, *metadata]
+        many = typing.get_origin(annotation) in (list, tuple)
+        if many:  # one flag, several values: each converted like a single value of the item type
+            annotation, metadata = _strip_annotated(typing.get_args(annotation)[0])
         # Required fields have no default to show; default_factory fields show what the factory makes.
         default = defaults.get(
             name, None if field.is_required() else field.get_default(call_default_factory=True)
@@ -83,10 +136,14 @@ def add_config_flags(
         if annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            if origin in (list, tuple):
+            if many:
                 kwargs["nargs"] = "+"
-            if origin is Literal:
+            if typing.get_origin(annotation) is Literal:
                 kwargs["choices"] = [str(c) for c in typing.get_args(annotation)]
+            else:
+                convert = _converter(annotation, metadata)
+                if convert is not None:
+                    kwargs["type"] = convert
             kwargs["metavar"] = name.upper().rsplit(".", 1)[-1]
         parser.add_argument(*spellings, **kwargs)
     return names

@@ -6,11 +6,10 @@ with one summary line. All the work is `talm.shards.prepare`; this module only p
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from talm.cli.common import HelpFormatter, add_config_flags, collect_config_flags, run_main
+from talm.cli.common import ArgumentParser, HelpFormatter, add_config_flags, collect_config_flags, run_main
 from talm.config import DATASET_PRESETS, DownloadConfig, validate
 
 
@@ -54,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         f"  {name:<16}{p.source}  (configs: {', '.join(p.configs)}{', CC-MAIN-YYYY-WW' if p.config_pattern else ''})"
         for name, p in DATASET_PRESETS.items()
     )
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="download_data",
         description=(
             "Stream a text corpus, tokenize it on all cores and write resumable token shards to "

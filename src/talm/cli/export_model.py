@@ -13,14 +13,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from talm.cli.common import HelpFormatter, run_main
+from talm.cli.common import ArgumentParser, HelpFormatter, run_main
 from talm.errors import TalmError
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="export_model",
         description=__doc__,
         formatter_class=HelpFormatter,

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from talm.cli.common import HelpFormatter, add_config_flags, collect_config_flags, run_main
+from talm.cli.common import ArgumentParser, HelpFormatter, add_config_flags, collect_config_flags, run_main
 from talm.config import SampleConfig, validate
 from talm.errors import TalmError
 
@@ -27,7 +27,7 @@ SEPARATOR = "-" * 40
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="generate",
         description=__doc__,
         formatter_class=HelpFormatter,

@@ -12,14 +12,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from talm.cli.common import HelpFormatter, run_main
+from talm.cli.common import ArgumentParser, HelpFormatter, run_main
 from talm.metrics import FILE
 
 
 def build_parser() -> argparse.ArgumentParser:
     from talm.plots import X_AXES
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="plot_metrics",
         description=__doc__,
         formatter_class=HelpFormatter,

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from talm.cli.common import HelpFormatter, add_config_flags, collect_config_flags, run_main
+from talm.cli.common import ArgumentParser, HelpFormatter, add_config_flags, collect_config_flags, run_main
 from talm.config import PRESETS, ModelConfig, OptimConfig, TrainConfig, load_toml, merge
 from talm.errors import TalmError
 
@@ -36,7 +36,7 @@ SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "train": TrainConfig}
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="train_model",
         description=__doc__,
         formatter_class=HelpFormatter,

@@ -6,10 +6,9 @@ Imports no torch and no datasets, so it starts in well under a second.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from talm.cli.common import HelpFormatter, add_config_flags, collect_config_flags, run_main
+from talm.cli.common import ArgumentParser, HelpFormatter, add_config_flags, collect_config_flags, run_main
 from talm.config import SPECIAL_TOKENS, TokenizerConfig, validate
 from talm.errors import TalmError
 
@@ -40,7 +39,7 @@ def run(config: TokenizerConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="train_tokenizer",
         description=(
             "Train a byte-level BPE tokenizer (GPT-4-style regex pre-split, special tokens "
