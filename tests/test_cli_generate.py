@@ -220,13 +220,13 @@ def test_tokenizer_missing_or_another(tiny_model_dir: Path, capsys) -> None:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--top-p", "0"], "--top-p='0': Input should be greater than 0"),
-        (["--top-p", "1.01"], "--top-p='1.01': Input should be less than or equal to 1"),
-        (["--temperature", "inf"], "finite"),  # needs config.py's finite floats (helper on config)
+        (["--top-p", "0"], "--top-p=0.0: Input should be greater than 0"),
+        (["--top-p", "1.01"], "--top-p=1.01: Input should be less than or equal to 1"),
+        (["--temperature", "inf"], "finite"),
         (["--top-p", "nan"], "finite"),
-        (["--temperature", "-0.5"], "--temperature='-0.5': Input should be greater than or equal to 0"),
-        (["--top-k", "0"], "--top-k='0'"),
-        (["--max-new-tokens", "0"], "--max-new-tokens='0'"),
+        (["--temperature", "-0.5"], "--temperature=-0.5: Input should be greater than or equal to 0"),
+        (["--top-k", "0"], "--top-k=0"),
+        (["--max-new-tokens", "0"], "--max-new-tokens=0"),
         (["-p", "<|endoftext|>"], "--allow-special"),
         (["-p", "<|user|>", "--allow-special"], "nothing to continue"),
         (["--checkpoint", "no/such/dir", "-p", "x"], "not a checkpoint directory"),
