@@ -53,9 +53,9 @@ if TYPE_CHECKING:
     from talm.config import ModelConfig, SampleConfig
     from talm.errors import TalmError
     from talm.export import export_hf, push_to_hub
+    from talm.loading import load
     from talm.model import GPT, KVCache
     from talm.plots import plot_runs
-    from talm.loading import load
     from talm.sample import generate, generate_ids
     from talm.tokenizer import Tokenizer
 
