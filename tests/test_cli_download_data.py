@@ -256,7 +256,10 @@ def test_no_network_fails_fast_in_one_line(project: Path) -> None:
             "so no training tokens are left: lower --val-tokens",
         ),
         (["tinyshakespeare", "--shard-size", "-5"], "--shard-size=-5"),
-        (["tinyshakespeare", "--max-tokens", "lots"], "argument --max-tokens: 'lots' is not a whole number of tokens"),
+        (
+            ["tinyshakespeare", "--max-tokens", "lots"],
+            "argument --max-tokens: 'lots' is not a whole number of tokens",
+        ),
     ],
 )
 def test_bad_input_one_line_and_nothing_left_behind(

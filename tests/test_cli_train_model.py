@@ -141,7 +141,10 @@ def test_bad_inputs_fail_in_one_line_and_overwrite_nothing(
         "heads": (["-d", d, "--model.d_model", "100", "--model.n_head", "3"], "not divisible by n_head"),
         "unknown key": (["-d", d, "--config", "bad.toml"], "unknown setting 'model.n_layr'"),
         "bad toml": (["-d", d, "--config", "broken.toml"], "not valid TOML"),
-        "ill-typed": (["-d", d, "--model.n_layer", "two"], "argument --model.n_layer: 'two' is not a whole number"),
+        "ill-typed": (
+            ["-d", d, "--model.n_layer", "two"],
+            "argument --model.n_layer: 'two' is not a whole number",
+        ),
         "negative": (["-d", d, "--batch-size", "0"], "--batch-size=0"),
         "architecture": (["-d", d, "--model.n_layer", "3"], "another architecture (n_layer 2 -> 3)"),
         "accumulation": (["-d", d, "--train.tokens_per_step", "100"], "not a multiple of batch_size"),

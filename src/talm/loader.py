@@ -86,6 +86,7 @@ class TokenLoader:
         device: torch.device | str = "cpu",
         split: str = "train",
         vocab_size: int | None = None,
+        accum_steps: int = 1,
     ) -> None:
         if not 0 <= seed < SEED_LIMIT:
             raise TalmError(f"--seed {seed} is out of range: use a whole number from 0 to {SEED_LIMIT - 1}")
@@ -95,15 +96,19 @@ class TokenLoader:
         self.shards = [s for s in data.split(split) if s.tokens > context_length]
         self.windows = np.array([(s.tokens - 1) // context_length for s in self.shards], dtype=np.int64)
         self.total_windows = int(self.windows.sum())
-        per_step = batch_size * world_size
-        if self.total_windows < per_step:
+        # An epoch ends at an optimizer step's boundary, whatever the mix of processes and micro-steps.
+        self.accum_steps = accum_steps
+        self.step_windows = batch_size * world_size * accum_steps
+        if self.total_windows < self.step_windows:
             raise TalmError(
                 f"the {split} split holds {self.total_windows} windows of context_length+1={context_length + 1} "
-                f"tokens, fewer than one batch ({batch_size} x {world_size} process(es)): lower "
+                f"tokens, fewer than one batch ({batch_size} x {world_size} process(es) x {accum_steps} "
+                "micro-step(s)): lower "
                 "--batch-size or --model.context_length, or prepare more data"
             )
         self._maps = ShardCache(data.dtype, vocab_size)
         self.epoch, self.cursor = 0, 0
+        self._micro = 0  # micro-batch within the optimizer step (0 at every saved state)
         self._order_epoch = -1
         self._perms: dict[int, np.ndarray] = {}
 
@@ -142,7 +147,7 @@ class TokenLoader:
         return rows
 
     def _advance_epoch(self) -> None:
-        if self.cursor + self.batch_size * self.world_size > self.total_windows:  # the remainder is too short
+        if self._micro == 0 and self.cursor + self.step_windows > self.total_windows:  # too short for a step
             self.epoch, self.cursor = self.epoch + 1, 0
 
     def check_next(self) -> None:
@@ -157,6 +162,7 @@ class TokenLoader:
         self._advance_epoch()
         rows = self._rows(self.cursor + self.rank * self.batch_size, self.batch_size)
         self.cursor += per_step
+        self._micro = (self._micro + 1) % self.accum_steps
         return to_device(rows, self.device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -168,7 +174,7 @@ class TokenLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.cursor, self.seed = int(state["epoch"]), int(state["cursor"]), int(state["seed"])
-        self._order_epoch = -1
+        self._micro, self._order_epoch = 0, -1
 
 
 class EvalSlice:

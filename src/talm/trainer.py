@@ -376,7 +376,7 @@ class Trainer:
         vocab = self.tokenizer.vocab_size  # every id in the data must be one of the tokenizer's
         self.loader = TokenLoader(
             self.data, batch_size=B, context_length=T, seed=t.seed, rank=self.ctx.rank, world_size=W,
-            device=self.device, vocab_size=vocab,
+            device=self.device, vocab_size=vocab, accum_steps=self.accum,
         )  # fmt: skip
         self.eval_slice: EvalSlice | None = None
         if any(s.tokens > 0 for s in self.data.split("val")):
