@@ -16,10 +16,11 @@ import time
 
 import torch
 
-from talm.config import PRESETS, ModelConfig
-from talm.dist import pick_device
-from talm.model import GPT
-from talm.sample import generate_ids
+from talm.model.config import ModelConfig
+from talm.model.gpt import GPT
+from talm.train.config import PRESETS
+from talm.train.dist import pick_device
+from talm.use.sample import generate_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -42,7 +42,7 @@ BIN = Path(sys.executable).parent
 BARE_HF_SCRIPT = """
 import sys
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from talm.tokenizer import SPLIT_PATTERN  # a string constant; talm.tokenizer imports no torch
+from talm.tokenizer.api import SPLIT_PATTERN  # a string constant; talm.tokenizer.api imports no torch
 tok = Tokenizer(models.BPE())
 tok.pre_tokenizer = pre_tokenizers.Sequence([
     pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
@@ -185,7 +185,7 @@ def bench_training(workdir: Path, corpus: Path) -> None:
 
 
 def bench_encoding(tokenizer_path: Path, corpus: Path, encode_mb: int) -> list[str]:
-    from talm.tokenizer import Tokenizer
+    from talm.tokenizer.api import Tokenizer
 
     tok = Tokenizer.from_file(tokenizer_path)
     assert tok._tiktoken is not None, "the fast engine was refused for a freshly trained tokenizer"
@@ -222,7 +222,7 @@ def bench_encoding(tokenizer_path: Path, corpus: Path, encode_mb: int) -> list[s
 
 
 def check_equality(tokenizer_path: Path, docs: list[str], sweep: bool) -> int:
-    from talm.tokenizer import Tokenizer
+    from talm.tokenizer.api import Tokenizer
 
     tok = Tokenizer.from_file(tokenizer_path)
     docs = docs + EXTRA_TEXTS + [a + b for a in EXTRA_TEXTS for b in EXTRA_TEXTS]

@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from talm.config import PRESETS, RunConfig, merge
-from talm.model import GPT
-from talm.tokenizer import Tokenizer
-from talm.trainer import StopRequest, Trainer
+from talm.config import merge
+from talm.model.gpt import GPT
+from talm.tokenizer.api import Tokenizer
+from talm.train.config import PRESETS, RunConfig
+from talm.train.loop import StopRequest, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
@@ -48,7 +49,7 @@ def make_shards(directory: Path, tokenizer: Tokenizer, tokens: int, seed: int = 
         )
         shards.append({"file": name, "split": split, "tokens": n, "documents": 1, "bytes": 4 * n})
     meta = {
-        "format": "talm.shards/1",
+        "format": "talm.data.writer/1",
         "tokenizer": {
             "path": str(tokenizer.path),
             "fingerprint": tokenizer.fingerprint,

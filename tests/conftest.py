@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from pathlib import Path
 
@@ -44,7 +46,7 @@ def write_token_shards(
 
     import numpy as np
 
-    from talm.tokenizer import Tokenizer
+    from talm.tokenizer.api import Tokenizer
 
     tok = Tokenizer.from_file(tokenizer_path)
     docs = [d for d in text.split("\n\n") if d.strip()]
@@ -76,7 +78,7 @@ def write_token_shards(
             }
         )
     meta = {
-        "format": "talm.shards/1",
+        "format": "talm.data.writer/1",
         "dataset": "test",
         "source": "test",
         "config": "default",
@@ -110,10 +112,10 @@ def tiny_model_dir(tmp_path: Path) -> Path:
 
     import torch
 
-    from talm.checkpoint import save_checkpoint
-    from talm.config import ModelConfig
-    from talm.model import GPT
-    from talm.tokenizer import Tokenizer
+    from talm.model.config import ModelConfig
+    from talm.model.gpt import GPT
+    from talm.tokenizer.api import Tokenizer
+    from talm.train.checkpoint import save_checkpoint
 
     tokenizer = Tokenizer.from_file(BASE_TOKENIZER)
     config = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=64, n_layer=2, n_head=4, d_model=64)
@@ -133,3 +135,43 @@ def tiny_model_dir(tmp_path: Path) -> Path:
     for which in ("latest", "best"):
         save_checkpoint(model_dir / which, model, meta)
     return model_dir
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_metrics(model_dir: Path, steps: int = 60, eval_every: int = 20, scale: float = 1.0) -> list[dict]:
+    """A metrics.jsonl as the trainer writes it (CONTRACTS §4): a falling loss, an evaluation every few steps."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for step in range(1, steps + 1):
+        tokens = step * 4096
+        loss = 2.0 + 5.0 * math.exp(-step / (15 * scale)) + 0.05 * math.sin(step)
+        records.append(
+            {
+                "step": step,
+                "tokens": tokens,
+                "time": step * 0.3,
+                "train_loss": loss,
+                "lr": 1e-3,
+                "tokens_per_s": 1e4,
+            }
+        )
+        if step % eval_every == 0:
+            val = loss + 0.1
+            records.append(
+                {
+                    "step": step,
+                    "tokens": tokens,
+                    "time": step * 0.3,
+                    "val_loss": val,
+                    "val_ppl": math.exp(val),
+                    "val_bpb": val / math.log(2) / 3,
+                }
+            )
+    (model_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 10_000 and path.read_bytes()[:8] == PNG_MAGIC

@@ -4,6 +4,7 @@ field, the value and what is expected."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 import types
@@ -13,20 +14,13 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-import talm.config as config_module
-from talm.config import (
-    Config,
-    DownloadConfig,
-    ModelConfig,
-    OptimConfig,
-    RunConfig,
-    SampleConfig,
-    TokenizerConfig,
-    TrainConfig,
-    load_toml,
-    validate,
-)
+from talm.config import Config, load_toml, validate
+from talm.data.config import DownloadConfig
 from talm.errors import TalmError
+from talm.model.config import ModelConfig
+from talm.tokenizer.config import TokenizerConfig
+from talm.train.config import OptimConfig, RunConfig, TrainConfig
+from talm.use.config import SampleConfig
 
 
 def refusal(cls: type[Config], data: dict) -> str:
@@ -124,13 +118,23 @@ def _is_float(annotation: object) -> bool:
     return annotation is float
 
 
+STAGE_CONFIGS = [
+    importlib.import_module(f"talm.{stage}.config")
+    for stage in ("tokenizer", "data", "model", "train", "use")
+]
+
+
 def float_fields() -> list[tuple[type[Config], str]]:
-    """Every float field of every config class talm.config defines (found, not listed: new ones are covered)."""
-    classes = [
-        c
-        for _, c in inspect.getmembers(config_module, inspect.isclass)
-        if issubclass(c, Config) and c is not Config
-    ]
+    """Every float field of every config class the stages define (found, not listed: new ones are covered)."""
+    classes = sorted(
+        {
+            c
+            for module in STAGE_CONFIGS
+            for _, c in inspect.getmembers(module, inspect.isclass)
+            if issubclass(c, Config) and c is not Config
+        },
+        key=lambda c: c.__name__,
+    )
     return [(c, name) for c in classes for name, f in c.model_fields.items() if _is_float(f.annotation)]
 
 

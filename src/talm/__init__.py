@@ -19,18 +19,18 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "Tokenizer": "talm.tokenizer",
+    "Tokenizer": "talm.tokenizer.api",
     "TalmError": "talm.errors",
-    "ModelConfig": "talm.config",
-    "SampleConfig": "talm.config",
-    "GPT": "talm.model",
-    "KVCache": "talm.model",
-    "load": "talm.loading",
-    "generate": "talm.sample",
-    "generate_ids": "talm.sample",
-    "export_hf": "talm.export",
-    "push_to_hub": "talm.export",
-    "plot_runs": "talm.plots",
+    "ModelConfig": "talm.model.config",
+    "SampleConfig": "talm.use.config",
+    "GPT": "talm.model.gpt",
+    "KVCache": "talm.model.gpt",
+    "load": "talm.use.load",
+    "generate": "talm.use.sample",
+    "generate_ids": "talm.use.sample",
+    "export_hf": "talm.use.export",
+    "push_to_hub": "talm.use.export",
+    "plot_runs": "talm.train.plots",
 }
 
 __all__ = [  # the names of _EXPORTS, spelled out for type checkers and linters
@@ -50,14 +50,15 @@ __all__ = [  # the names of _EXPORTS, spelled out for type checkers and linters
 ]
 
 if TYPE_CHECKING:
-    from talm.config import ModelConfig, SampleConfig
     from talm.errors import TalmError
-    from talm.export import export_hf, push_to_hub
-    from talm.loading import load
-    from talm.model import GPT, KVCache
-    from talm.plots import plot_runs
-    from talm.sample import generate, generate_ids
-    from talm.tokenizer import Tokenizer
+    from talm.model.config import ModelConfig
+    from talm.model.gpt import GPT, KVCache
+    from talm.tokenizer.api import Tokenizer
+    from talm.train.plots import plot_runs
+    from talm.use.config import SampleConfig
+    from talm.use.export import export_hf, push_to_hub
+    from talm.use.load import load
+    from talm.use.sample import generate, generate_ids
 
 
 def __getattr__(name: str) -> Any:

@@ -81,7 +81,7 @@ def aside_path(target: Path) -> Path:
 def replace_dir(staged: Path, target: Path) -> None:
     """Make the directory built in `staged` the new `target`: fsync it, move the old one aside, rename, and
     only then delete the old one. A crash in between leaves either directory complete (see
-    `talm.checkpoint.recover_interrupted_save`)."""
+    `talm.train.checkpoint.recover_interrupted_save`)."""
     for f in staged.iterdir():
         fsync(f)
     fsync(staged)

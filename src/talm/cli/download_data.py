@@ -1,7 +1,7 @@
 """`download_data DATASET [--ds-sample S] [-t TOKENIZER] ...`: stream a corpus into token shards.
 
-Writes data/DATASET/[PREFIX_]SAMPLE/ (shards + meta.json, see talm.shards), resumes an interrupted run, and ends
-with one summary line. All the work is `talm.shards.prepare`; this module only parses and reports.
+Writes data/DATASET/[PREFIX_]SAMPLE/ (shards + meta.json, see talm.data.writer), resumes an interrupted run, and ends
+with one summary line. All the work is `talm.data.writer.prepare`; this module only parses and reports.
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ import os
 import sys
 
 from talm.cli.common import ArgumentParser, HelpFormatter, add_config_flags, collect_config_flags, run_main
-from talm.config import DATASET_PRESETS, DownloadConfig, validate
+from talm.config import validate
+from talm.data.config import DATASET_PRESETS, DownloadConfig
 
 
 def run(cfg: DownloadConfig) -> None:
-    from talm.shards import prepare
+    from talm.data.writer import prepare
 
     try:
         result = prepare(cfg, progress=sys.stderr.isatty() or os.environ.get("TALM_PROGRESS") == "1")

@@ -59,8 +59,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 def run(args: argparse.Namespace) -> None:
     if args.private and not args.push_to_hub:
         raise TalmError("--private only applies to --push-to-hub REPO_ID: add it, or leave out --private")
-    from talm.export import check_export_dir, check_repo_id, export_hf, hub_token, push_to_hub
-    from talm.loading import load_checkpoint
+    from talm.use.export import check_export_dir, check_repo_id, export_hf, hub_token, push_to_hub
+    from talm.use.load import load_checkpoint
 
     out = Path(args.output)
     # everything that can be refused is refused before any work

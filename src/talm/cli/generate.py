@@ -15,13 +15,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from talm.cli.common import ArgumentParser, HelpFormatter, add_config_flags, collect_config_flags, run_main
-from talm.config import SampleConfig, validate
+from talm.config import validate
 from talm.errors import TalmError
+from talm.use.config import SampleConfig
 
 if TYPE_CHECKING:
-    from talm.model import GPT
-    from talm.sample import GenerationStats
-    from talm.tokenizer import Tokenizer
+    from talm.model.gpt import GPT
+    from talm.tokenizer.api import Tokenizer
+    from talm.use.sample import GenerationStats
 
 SEPARATOR = "-" * 40
 
@@ -74,8 +75,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 def run(args: argparse.Namespace, names: dict[str, str]) -> None:
     config = validate(SampleConfig, collect_config_flags(args, SampleConfig), names)
     # these import torch: after validation
-    from talm.loading import load_checkpoint
-    from talm.sample import GenerationStats, encode_prompt
+    from talm.use.load import load_checkpoint
+    from talm.use.sample import GenerationStats, encode_prompt
 
     model, tokenizer, meta = load_checkpoint(args.model, args.checkpoint, args.device)
     device = next(model.parameters()).device
@@ -147,7 +148,7 @@ def generate_and_print(
     echo: bool,
 ) -> None:
     """Generate every prompt's samples in one batch and write them to stdout, one after the other."""
-    from talm.sample import cut_notice, fit_prompt, stream_samples
+    from talm.use.sample import cut_notice, fit_prompt, stream_samples
 
     context = model.config.context_length
     fitted = []

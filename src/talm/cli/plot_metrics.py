@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from talm.cli.common import ArgumentParser, HelpFormatter, run_main
-from talm.metrics import FILE
+from talm.train.metrics import FILE
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from talm.plots import X_AXES
+    from talm.train.plots import X_AXES
 
     parser = ArgumentParser(
         prog="plot_metrics",
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from talm.plots import metrics_path, plot_model, plot_runs
+    from talm.train.plots import metrics_path, plot_model, plot_runs
 
     runs = [Path(r) for r in args.runs]
     if len(runs) == 1 and runs[0].is_dir() and args.title is None:

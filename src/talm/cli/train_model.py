@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from talm.cli.common import ArgumentParser, HelpFormatter, add_config_flags, collect_config_flags, run_main
-from talm.config import PRESETS, ModelConfig, OptimConfig, TrainConfig, load_toml, merge
+from talm.config import load_toml, merge
 from talm.errors import TalmError
+from talm.model.config import ModelConfig
+from talm.train.config import PRESETS, OptimConfig, TrainConfig
 
 # TrainConfig fields that also get a plain flag (`--max-steps` beside `--train.max_steps`).
 PLAIN_TRAIN_FLAGS = (
@@ -89,8 +91,8 @@ def main() -> None:
 
     def command() -> None:
         # torch is imported only once the arguments parsed
-        from talm.trainer import preset as preset_layer
-        from talm.trainer import run_training
+        from talm.train.loop import preset as preset_layer
+        from talm.train.loop import run_training
 
         model_dir = model_dir_for(args.model_name)
         flags: dict[str, Any] = {}

@@ -9,12 +9,13 @@ from __future__ import annotations
 import sys
 
 from talm.cli.common import ArgumentParser, HelpFormatter, add_config_flags, collect_config_flags, run_main
-from talm.config import SPECIAL_TOKENS, TokenizerConfig, validate
+from talm.config import validate
 from talm.errors import TalmError
+from talm.tokenizer.config import SPECIAL_TOKENS, TokenizerConfig
 
 
 def run(config: TokenizerConfig) -> None:
-    from talm.tokenizer import check_text_files, output_path, train
+    from talm.tokenizer.api import check_text_files, output_path, train
 
     check_text_files(config.text_files)
     out = output_path(config.name, overwrite=config.force)

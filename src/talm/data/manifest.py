@@ -1,0 +1,185 @@
+"""The one definition of a talm data directory: its file names, its manifest (meta.json) and its shards.
+
+A data directory holds 1-D `.npy` shards of token ids and a manifest per worker (`meta.json`, or
+`meta.wIII-of-WWW.json` when several workers fill it) listing them: format, tokenizer, dtype, and per shard its
+file, split, token, document and UTF-8 byte counts. The writer (shards.py), the reader (`read_data`, used by the
+loader) and the tests all name files and check shards through this module.
+
+This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from talm.errors import TalmError
+
+FORMAT = "talm.data.writer/1"
+MANIFEST_RE = re.compile(r"meta(\.w\d{3,}-of-(\d{3,}))?\.json")
+
+
+def worker_tag(index: int, count: int) -> str:
+    """The tag in a worker's file names: empty for a single worker, else ".wIII-of-WWW"."""
+    return "" if count == 1 else f".w{index:03d}-of-{count:03d}"
+
+
+def manifest_name(tag: str) -> str:
+    return f"meta{tag}.json"
+
+
+def shard_name(split: str, index: int, tag: str) -> str:
+    return f"{split}{tag}_{index:06d}.npy"
+
+
+def layout(manifest: str) -> int:
+    """Number of workers a manifest file name belongs to."""
+    match = MANIFEST_RE.fullmatch(manifest)
+    assert match
+    return 1 if match.group(2) is None else int(match.group(2))
+
+
+def manifest_paths(data_dir: Path) -> list[Path]:
+    """Every manifest file of a data directory, sorted by name."""
+    return sorted(p for p in data_dir.glob("meta*.json") if MANIFEST_RE.fullmatch(p.name))
+
+
+# ------------------------------------------------------------------------------------------------ shards
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: Path
+    split: str
+    tokens: int
+    bytes: int | None
+
+
+def shard_problem(path: Path, tokens: int, dtype: np.dtype) -> str | None:
+    """What is wrong with a shard file compared with its manifest entry, or None. Cheap: reads the header and
+    the file size, never the tokens."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, found = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, fortran, found = np.lib.format.read_array_header_2_0(f)
+            offset = f.tell()
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "is missing"
+    except (OSError, ValueError, SyntaxError) as err:
+        return f"has no valid .npy header ({type(err).__name__}: {err})"
+    if found.hasobject or len(shape) != 1 or fortran:
+        return f"holds a {found} array of shape {shape}, not 1-D token ids"
+    if found != dtype or shape[0] != tokens:
+        return f"holds {shape[0]:,} tokens of {found}, but the manifest lists {tokens:,} of {dtype}"
+    if size != offset + tokens * dtype.itemsize:
+        return f"is {size:,} bytes, not the {offset + tokens * dtype.itemsize:,} its header promises (truncated?)"
+    return None
+
+
+def open_shard(shard: Shard, dtype: np.dtype, vocab_size: int | None = None) -> np.ndarray:
+    """A shard as a read-only memory map, checked against its manifest entry (and, given `vocab_size`, that
+    every id is below it: one vectorised pass, done once per shard); TalmError naming the shard otherwise."""
+    problem = shard_problem(shard.path, shard.tokens, dtype)
+    fix = "rerun download_data with --overwrite to recreate the data directory"
+    if problem:
+        raise TalmError(f"shard {str(shard.path)!r} {problem}: {fix}")
+    mm = np.load(shard.path, mmap_mode="r", allow_pickle=False)
+    if vocab_size is not None and len(mm) and int(mm.max()) >= vocab_size:
+        raise TalmError(
+            f"shard {str(shard.path)!r} holds token id {int(mm.max())}, outside the vocabulary of {vocab_size}: "
+            f"the data was made with another tokenizer or is damaged; {fix}"
+        )
+    return mm
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+@dataclass(frozen=True)
+class DataSet:
+    """The merged manifests of one data directory."""
+
+    dir: Path
+    tokenizer: dict[str, Any]  # path, fingerprint, vocab_size, eot_id (as the manifest recorded them)
+    dtype: np.dtype
+    shards: list[Shard]
+    complete: bool
+
+    def split(self, name: str) -> list[Shard]:
+        return [s for s in self.shards if s.split == name]
+
+    def tokens_per_byte(self, split: str = "val") -> float | None:
+        """Tokens per UTF-8 byte of a split, from the manifest (what turns nats/token into bits/byte)."""
+        shards = self.split(split)
+        if not shards or any(s.bytes is None for s in shards):
+            return None
+        total_bytes = sum(s.bytes for s in shards)
+        return sum(s.tokens for s in shards) / total_bytes if total_bytes else None
+
+
+def _manifest_error(path: Path, problem: str) -> TalmError:
+    return TalmError(f"manifest {str(path)!r} {problem}: recreate the data directory with download_data")
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """One manifest file, parsed and checked for the fields every reader needs; TalmError if it is not one."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        fmt, _, _, listed = meta["format"], meta["tokenizer"], np.dtype(meta["dtype"]), meta["shards"]
+        for entry in listed:
+            _ = str(entry["file"]), str(entry["split"]), int(entry["tokens"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise _manifest_error(path, f"cannot be read ({type(err).__name__}: {err})") from None
+    if fmt != FORMAT:
+        raise _manifest_error(path, f"has format {fmt!r}, not {FORMAT!r}")
+    return meta
+
+
+def read_data(data_dir: str | Path, *, splits: tuple[str, ...] = ("train", "val")) -> DataSet:
+    """Read and merge every manifest of `data_dir`; TalmError if there is no usable data (each of `splits` must
+    hold tokens)."""
+    data_dir = Path(data_dir)
+    hint = "prepare one with `download_data tinyshakespeare` (or another dataset) and pass its directory"
+    if not data_dir.is_dir():
+        raise TalmError(f"data directory {str(data_dir)!r} not found: {hint}")
+    manifests = manifest_paths(data_dir)
+    if not manifests:
+        raise TalmError(f"no manifest (meta.json) in {str(data_dir)!r}, so it holds no talm shards: {hint}")
+    tokenizer: dict[str, Any] | None = None
+    dtype: np.dtype | None = None
+    shards: list[Shard] = []
+    complete = True
+    for path in manifests:
+        meta = read_manifest(path)
+        tok, dt = meta["tokenizer"], np.dtype(meta["dtype"])
+        if tokenizer is None:
+            tokenizer, dtype = tok, dt
+        elif tok.get("fingerprint") != tokenizer.get("fingerprint") or dt != dtype:
+            raise TalmError(
+                f"the manifests in {str(data_dir)!r} disagree on the tokenizer or dtype ({path.name}): "
+                "every worker must use the same tokenizer; remove the odd ones or recreate the directory"
+            )
+        complete = complete and bool(meta.get("complete", False))
+        for entry in meta["shards"]:
+            shard_path = data_dir / entry["file"]
+            if not shard_path.is_file():
+                raise _manifest_error(path, f"lists {entry['file']!r}, which is missing")
+            shards.append(Shard(shard_path, entry["split"], int(entry["tokens"]), entry.get("bytes")))
+    shards.sort(key=lambda s: s.path.name)
+    data = DataSet(data_dir, tokenizer or {}, dtype or np.dtype("uint16"), shards, complete)
+    for split in splits:
+        if not any(s.tokens > 0 for s in data.split(split)):
+            raise TalmError(
+                f"{str(data_dir)!r} has no {split} shards: rerun download_data to completion "
+                f"(with --val-tokens > 0 for the val split)"
+            )
+    return data

@@ -1,0 +1,1 @@
+"""The GPT: one readable model file and its config."""

@@ -1,0 +1,232 @@
+"""The transformer: a modern decoder-only GPT in plain PyTorch, architecture only.
+
+Token embedding -> n_layer pre-norm blocks (RMSNorm, causal self-attention with rotary position embeddings and
+optional grouped-query attention, SwiGLU MLP) -> RMSNorm -> output layer. No biases anywhere. This is the
+Llama layout, so the weights map one to one onto Hugging Face's `LlamaForCausalLM` (see `export.py`).
+
+Optimizers, distributed wrappers and files live elsewhere; this file only says what the network computes.
+`KVCache` lets generation feed one new token at a time instead of the whole sequence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from talm.model.config import ModelConfig
+
+
+def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's rotation angles, shape (max_positions, head_dim), in float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)  # "rotate half" layout, as in Llama
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (x_i, x_{i + d/2}) pair of x (..., T, head_dim) by its position's angle."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # under autocast x is bf16/fp16; keep it so
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Keys and values of every layer for a batch of sequences being generated.
+
+    Prompts of different lengths are left-padded to one length; `pad[b]` is the number of padding positions in
+    front of row b. Those positions are never attended to and each row's positions count from its first real
+    token, so a padded row computes exactly what it would alone.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        pad: torch.Tensor | None = None,
+    ) -> None:
+        if max_len > config.context_length:
+            raise ValueError(f"max_len={max_len} exceeds the model's context_length={config.context_length}")
+        shape = (batch_size, config.kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.max_len = max_len
+        self.length = 0  # positions filled so far (the same for every row)
+        self.pad = torch.zeros(batch_size, dtype=torch.long, device=device) if pad is None else pad.to(device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's keys/values for `layer`; return all of them so far."""
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        # One matmul for queries, keys and values; export.py splits it into Llama's q/k/v projections.
+        self.qkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
+        self.proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
+        self.dropout = config.dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim],
+            dim=-1,
+        )
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        if self.n_kv_head != self.n_head:  # grouped-query attention: each kv head serves a group of q heads
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.hidden = config.hidden_dim
+        # Gate and up projections in one matmul; export.py splits them.
+        self.gate_up = nn.Linear(config.d_model, 2 * self.hidden, bias=False)
+        self.down = nn.Linear(self.hidden, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.hidden, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mlp = SwiGLU(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, mask, cache))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vocab_size = config.vocab_size
+        self.tok_emb = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = rope_tables(config.head_dim, config.context_length, config.rope_theta)
+        # Derived from the config, so not saved with the weights.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02), with the projections into the residual stream scaled by 1/sqrt(2 * n_layer)
+        so the stream's variance does not grow with depth."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                std = residual_std if name.endswith(("attn.proj.weight", "mlp.down.weight")) else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+            else:
+                nn.init.ones_(p)  # the RMSNorm gains
+        for name in ("rope_cos", "rope_sin"):  # buffers are lost when a model is built on the meta device
+            table = rope_tables(self.config.head_dim, self.config.context_length, self.config.rope_theta)
+            getattr(self, name).copy_(table[0] if name == "rope_cos" else table[1])
+
+    def num_params(self, *, embeddings: bool = True) -> int:
+        """Parameter count (shared tensors counted once); without the token embedding if `embeddings=False`."""
+        n = sum(p.numel() for p in self.parameters())
+        return n if embeddings else n - self.tok_emb.weight.numel()
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), as PaLM (app. B) and nanoGPT count them: 6 per weight
+        of every matmul, the output layer included, plus 12 * n_layer * d_model * seq_len for the attention
+        scores and their weighted sum. The token embedding is a lookup, not a matmul, so it is left out; with
+        tied embeddings the same matrix is still the output layer's, and counted as such."""
+        c = self.config
+        t = seq_len or c.context_length
+        matmul_params = self.num_params(
+            embeddings=False
+        )  # without the token embedding (shared: counted once)
+        if c.tie_embeddings:
+            matmul_params += self.lm_head.weight.numel()  # the shared matrix is the output layer's weight too
+        return 6 * matmul_params + 12 * c.n_layer * c.d_model * t
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab_size) for token ids `idx` (B, T), and the mean cross-entropy if `targets` (B, T)
+        are given (positions whose target is -1 are ignored).
+
+        With a `cache`, `idx` continues the sequences the cache holds: only the new positions are computed.
+        """
+        B, T = idx.shape
+        start = 0 if cache is None else cache.length
+        if start + T > self.config.context_length:
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds the model's context_length={self.config.context_length}"
+            )
+        if cache is None:
+            cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None  # is_causal: flash kernels on GPU
+        else:
+            q_pos = torch.arange(start, start + T, device=idx.device)
+            k_pos = torch.arange(start + T, device=idx.device)
+            rel = (q_pos[None, :] - cache.pad[:, None]).clamp(min=0)  # (B, T): each row counts from its start
+            cos, sin = self.rope_cos[rel].unsqueeze(1), self.rope_sin[rel].unsqueeze(1)
+            causal = k_pos[None, :] <= q_pos[:, None]  # (T, S)
+            real = k_pos[None, None, :] >= cache.pad[:, None, None]  # (B, 1, S): padding is never attended
+            # A padding query may see itself, so no row of the mask is empty (which would give NaN).
+            mask = ((causal[None] & real) | (k_pos[None, :] == q_pos[:, None])[None]).unsqueeze(1)
+
+        x = self.dropout(self.tok_emb(idx))
+        for block in self.blocks:
+            x = block(x, cos, sin, mask, cache)
+        logits = self.lm_head(self.norm(x))[..., : self.vocab_size]
+        if cache is not None:
+            cache.length += T
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
+            )
+        return logits, loss

@@ -1,0 +1,224 @@
+"""Checkpoints on disk: atomic save and code-free load of weights, trainer state, config and tokenizer id.
+
+A checkpoint is a directory (see README, "Training"):
+
+    model.safetensors   the GPT's weights (clean keys: no "_orig_mod." / "module." prefixes)
+    checkpoint.json     {"format": "talm.train.checkpoint/1", "step", "tokens_seen", "config", "tokenizer",
+                         "val_loss", "val_bpb"}
+    trainer_state.pt    optimizer, loader position, every rank's RNG states: plain tensors and containers,
+                        loaded with torch.load(weights_only=True)
+
+A model directory `models/NAME/` holds `latest/` and `best/`. A save writes a fresh temporary directory,
+fsyncs it, moves the old checkpoint aside, renames the new one into place and only then deletes the old one,
+so a crash at any instant leaves either the old or the new checkpoint complete (`resolve_checkpoint` finds the
+old one if the crash fell between the two renames).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_model as load_safetensors_into
+from safetensors.torch import save_model as save_safetensors_from
+
+from talm.errors import TalmError
+from talm.files import aside_path, replace_dir, staging_dir
+from talm.model.config import ModelConfig
+from talm.model.gpt import GPT
+
+FORMAT = "talm.train.checkpoint/1"
+WEIGHTS = "model.safetensors"
+META = "checkpoint.json"
+TRAINER_STATE = "trainer_state.pt"
+
+# What to do about a damaged checkpoint file, for every command that loads one.
+DAMAGED_FIX = (
+    "the checkpoint is damaged: use another one (--checkpoint best), or move it away (train_model then resumes "
+    "from best/), or start the run over (train_model --restart)"
+)
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def damaged(path: Path, err: BaseException | str) -> TalmError:
+    """The one-line error for a checkpoint file that cannot be loaded."""
+    reason = err if isinstance(err, str) else _reason(err)
+    return TalmError(f"cannot load {str(path)!r} ({reason}): {DAMAGED_FIX}")
+
+
+def save_checkpoint(
+    target: str | Path,
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    trainer_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write `model`'s weights, `meta` (checkpoint.json) and `trainer_state` atomically as directory `target`.
+
+    `model` must be the plain GPT (not its torch.compile or DDP wrapper) so that the weight names are clean.
+    """
+    target = Path(target)
+    tmp: Path | None = None
+    try:
+        tmp = staging_dir(target)
+        (tmp / META).write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n", encoding="utf-8")
+        save_safetensors_from(model, str(tmp / WEIGHTS))
+        # safetensors writes through a private temporary (mode 0600): give the weights the mode of every other
+        # file (what the umask makes of 0666, as checkpoint.json got)
+        os.chmod(tmp / WEIGHTS, (tmp / META).stat().st_mode & 0o777)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+        replace_dir(tmp, target)
+    except (OSError, SafetensorError, RuntimeError) as err:
+        # A full disk, say: drop the half-written staging directory and keep (or put back) the previous one.
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            recover_interrupted_save(target)
+        except OSError:
+            pass
+        raise TalmError(
+            f"could not save checkpoint {str(target)!r} ({_reason(err)}): free some disk space (or fix the "
+            "directory's permissions) and rerun the same command to resume; the previous checkpoint is kept"
+        ) from None
+    return target
+
+
+def recover_interrupted_save(target: str | Path) -> None:
+    """Undo what a crash mid-save can leave: put a moved-aside checkpoint back, drop temporary directories."""
+    target = Path(target)
+    old = aside_path(target)
+    if old.exists():
+        if target.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, target)
+    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / META).is_file() and (path / WEIGHTS).is_file()
+
+
+def resolve_checkpoint(model_dir: str | Path, which: str = "latest") -> Path:
+    """The checkpoint directory for `which` ("latest", "best" or a checkpoint directory path) of a model.
+
+    `model_dir` is `models/NAME` (or a checkpoint directory itself). Raises TalmError naming the fix if absent.
+    """
+    model_dir = Path(model_dir)
+    if which not in ("latest", "best"):
+        path = Path(which)
+        if not path.is_dir() or not is_checkpoint(path):
+            raise TalmError(
+                f"{str(path)!r} is not a checkpoint directory (it needs {META} and {WEIGHTS}): "
+                "pass latest, best or the path of a checkpoint directory"
+            )
+        return path
+    if is_checkpoint(model_dir):
+        return model_dir
+    if not model_dir.is_dir():
+        raise TalmError(
+            f"model directory {str(model_dir)!r} not found: train one with `train_model -n NAME` "
+            "or pass the path of an existing models/NAME directory"
+        )
+    path = model_dir / which
+    if is_checkpoint(path):
+        return path
+    if is_checkpoint(aside_path(path)):  # a save was interrupted between its two renames
+        return aside_path(path)
+    if which == "best":
+        raise TalmError(
+            f"{str(model_dir)!r} has no best checkpoint yet (it is written at the first evaluation): "
+            "use --checkpoint latest, or train longer"
+        )
+    raise TalmError(
+        f"{str(model_dir)!r} holds no checkpoint: train it with `train_model -n {model_dir.name}` first "
+        "(checkpoints are saved every --save-every steps and at the end)"
+    )
+
+
+def read_meta(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """checkpoint.json of a checkpoint directory, checked for its format and the fields every reader uses."""
+    path = Path(checkpoint_dir) / META
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
+        raise damaged(path, err) from None
+    if not isinstance(meta, dict):
+        raise damaged(path, f"holds a JSON {type(meta).__name__}, not an object")
+    if meta.get("format") != FORMAT:
+        raise TalmError(
+            f"{str(path)!r} has format {meta.get('format')!r}, not {FORMAT!r}: it was not written by this talm"
+        )
+    config, tokenizer = meta.get("config"), meta.get("tokenizer")
+    problem = None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        problem = "no config.model settings"
+    elif not isinstance(tokenizer, dict) or not isinstance(tokenizer.get("fingerprint"), str):
+        problem = "no tokenizer fingerprint"
+    elif not isinstance(meta.get("step"), int) or isinstance(meta.get("step"), bool):
+        problem = "no integer step"
+    if problem:
+        raise damaged(path, problem)
+    return meta
+
+
+def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any]]:
+    """The GPT stored in a checkpoint directory, on `device` in eval mode, and its checkpoint.json."""
+    checkpoint_dir = Path(checkpoint_dir)
+    meta = read_meta(checkpoint_dir)
+    try:
+        config = ModelConfig.model_validate(meta["config"]["model"])
+    except ValidationError as err:
+        raise damaged(
+            checkpoint_dir / META, f"invalid model settings: {err.errors()[0].get('msg')}"
+        ) from None
+    model = GPT(config)
+    load_weights(model, checkpoint_dir, device)
+    return model.eval(), meta
+
+
+def load_weights(model: GPT, checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> None:
+    """Fill `model` (moved to `device`) with the weights of a checkpoint directory; no code is executed."""
+    model.to(device)
+    path = Path(checkpoint_dir) / WEIGHTS
+    try:
+        load_safetensors_into(model, str(path), strict=True, device=str(device))
+    except RuntimeError as err:  # missing or unexpected tensors, wrong shapes
+        raise TalmError(
+            f"cannot load weights from {str(path)!r} ({str(err).strip().splitlines()[0]}): it belongs to another "
+            "architecture than its checkpoint.json says, or " + DAMAGED_FIX
+        ) from None
+    except (
+        SafetensorError,
+        OSError,
+        ValueError,
+    ) as err:  # truncated or garbled: SafetensorError is no OSError
+        raise damaged(path, err) from None
+
+
+TRAINER_STATE_KEYS = ("step", "tokens_seen", "elapsed", "best_val_loss", "optimizer", "loader", "rng")
+
+
+def load_trainer_state(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """trainer_state.pt of a checkpoint directory (plain tensors and containers only: no code is executed)."""
+    path = Path(checkpoint_dir) / TRAINER_STATE
+    if not path.is_file():
+        raise TalmError(f"{str(path)!r} is missing: this checkpoint holds weights only and cannot be resumed")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- truncated or garbled: zip, pickle, EOF or unpickler errors
+        raise damaged(path, err) from None
+    if not isinstance(state, dict) or any(k not in state for k in TRAINER_STATE_KEYS):
+        raise damaged(path, "not a talm trainer state")
+    return state

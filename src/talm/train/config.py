@@ -1,0 +1,126 @@
+"""The train stage's configuration (talm.config holds the Config base: strict fields, TOML and flag layering, docstrings as --help)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import (
+    Field,
+)
+
+from talm.config import Config, Seed
+from talm.model.config import ModelConfig
+
+# ================================================================================================================
+# Training stage (loader.py, optim.py, trainer.py, checkpoint.py, cli/train_model.py)
+# ================================================================================================================
+
+
+class OptimConfig(Config):
+    """AdamW and its learning-rate schedule: linear warmup, then cosine decay to a floor."""
+
+    lr: float = Field(default=6e-4, gt=0)
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    """The floor the cosine decays to, as a fraction of lr (0.1 = lr/10)."""
+    warmup_steps: int = Field(default=100, ge=0)
+    """Optimizer steps of linear warmup from ~0 to lr."""
+    weight_decay: float = Field(default=0.1, ge=0.0)
+    """AdamW weight decay, applied to matrices only (not to norms' gains)."""
+    beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
+    """AdamW beta1 (momentum of the gradient average)."""
+    beta2: float = Field(default=0.95, ge=0.0, lt=1.0)
+    """AdamW beta2 (momentum of the squared-gradient average)."""
+    eps: float = Field(default=1e-8, gt=0)
+    """AdamW epsilon."""
+    grad_clip: float = Field(default=1.0, ge=0.0)
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+
+
+class TrainConfig(Config):
+    """The training loop: batch, length, evaluation, checkpoints, device and precision."""
+
+    max_steps: int = Field(default=5000, ge=1)
+    """Optimizer steps to train for (the cosine schedule ends here)."""
+    batch_size: int = Field(default=16, ge=1)
+    """Sequences per micro-batch on each process."""
+    tokens_per_step: int | None = Field(default=None, ge=1)
+    """Tokens per optimizer step, over all processes; reached by gradient accumulation. Must be a multiple of
+    batch_size * context_length * processes. Unset means one micro-batch per process per step."""
+    eval_every: int = Field(default=250, ge=1)
+    """Evaluate on the validation slice every this many steps (and at the end)."""
+    eval_tokens: int = Field(default=262144, ge=1)
+    """Tokens of the validation split evaluated each time (a fixed slice from its start)."""
+    save_every: int = Field(default=500, ge=1)
+    """Save the latest checkpoint every this many steps (and at the end, and on Ctrl-C)."""
+    log_every: int = Field(default=10, ge=1)
+    """Write a train-loss line to metrics.jsonl every this many steps."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """Where to train: auto picks cuda, then mps, then cpu."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Autocast precision: auto = bfloat16 on GPUs that support it, float16 (with loss scaling) on older GPUs,
+    float32 on cpu and mps."""
+    compile: bool = False
+    """Compile the model with torch.compile (faster on GPU after a warm-up; slow to start)."""
+    deterministic: bool = False
+    """Bitwise-reproducible runs (deterministic kernels; on CPU a resumed run repeats the same losses)."""
+    seed: Seed = 1337
+    """Seed of the model initialisation, the data order and dropout."""
+    report_to: list[Literal["tensorboard", "wandb"]] = []
+    """Also send metrics to these trackers (optional extras: pip install talm[tensorboard] / talm[wandb])."""
+
+
+class DataConfig(Config):
+    """Where the training tokens come from."""
+
+    dir: str = ""
+    """Directory of .npy shards and meta*.json manifest(s) written by download_data."""
+    tokenizer_path: str | None = None
+    """Tokenizer file; unset means the one the data was made with (from the manifest)."""
+
+
+class RunConfig(Config):
+    """Everything one training run needs; saved beside every checkpoint."""
+
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+
+
+# Named starting points for `train_model --preset NAME`; a TOML file and flags override them field by field.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Trains on tiny-shakespeare in about two minutes on a 2-core CPU (val bits/byte ~2.1 from ~5 at start).
+    "tiny": {
+        "model": {"context_length": 128, "n_layer": 4, "n_head": 4, "d_model": 128},
+        "optim": {"lr": 3e-3, "warmup_steps": 30, "weight_decay": 0.1, "min_lr_ratio": 0.1},
+        "train": {
+            "max_steps": 600,
+            "batch_size": 16,
+            "eval_every": 100,
+            "eval_tokens": 32768,
+            "save_every": 200,
+            "log_every": 10,
+        },
+    },
+    # A ~10M-parameter model for one small GPU (or a patient CPU).
+    "small": {
+        "model": {"context_length": 512, "n_layer": 6, "n_head": 6, "d_model": 384},
+        "optim": {"lr": 1e-3, "warmup_steps": 200},
+        "train": {"max_steps": 5000, "batch_size": 32, "eval_every": 250, "save_every": 500},
+    },
+    # GPT-2 small (124M with GPT-2's vocab): 12 layers, 768 wide, 1024 context, ~0.5M tokens per step.
+    "gpt2-124m": {
+        "model": {"context_length": 1024, "n_layer": 12, "n_head": 12, "d_model": 768},
+        "optim": {"lr": 6e-4, "warmup_steps": 700, "weight_decay": 0.1},
+        "train": {
+            "max_steps": 19073,
+            "batch_size": 16,
+            "tokens_per_step": 524288,
+            "eval_every": 250,
+            "eval_tokens": 524288,
+            "save_every": 1000,
+            "compile": True,
+        },
+    },
+}

@@ -1,0 +1,186 @@
+"""Training curves as pictures: train and val loss, and val bits per byte, against tokens seen.
+
+The runs' metrics.jsonl are read with `talm.train.metrics` (the one definition of that format); `plot_runs` draws one
+or several runs on one chart and writes the PNG atomically, to a path checked before any work
+(`talm.files.check_output_file`). matplotlib is an optional extra (`pip install 'talm[plot]'`) and is
+imported only here, with its non-interactive Agg canvas (no display needed, safe inside a training run).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from talm.errors import TalmError
+from talm.files import check_output_file, write_atomically
+from talm.train.metrics import finite_points, metrics_path, read_timelines
+
+X_AXES = {"tokens": "tokens seen", "step": "optimizer step", "time": "time"}
+INSTEAD = "pick another -o/--output"
+
+
+def matplotlib_available() -> bool:
+    try:
+        return importlib.util.find_spec("matplotlib") is not None
+    except ValueError:  # a module set to None in sys.modules (how tests simulate its absence)
+        return False
+
+
+def check_plot_path(out: str | Path, runs: list[str | Path] = ()) -> Path:
+    """Refuse, before any work, a picture path that cannot be written (a directory, a file where a folder must
+    be, an unwritable place) or that is one of the metrics files being drawn."""
+    out = check_output_file(out, overwrite=True, instead=INSTEAD)
+    for run in runs:
+        source = metrics_path(run)
+        if source.exists() and out.resolve() == source.resolve():
+            raise TalmError(f"-o/--output {str(out)!r} is the metrics file being drawn: {INSTEAD}")
+    return out
+
+
+def _smooth(values: list[float], span: int) -> list[float]:
+    """Exponential moving average (debiased, so the first points are not pulled toward 0)."""
+    alpha = 2 / (span + 1)
+    out, avg, weight = [], 0.0, 0.0
+    for v in values:
+        avg = (1 - alpha) * avg + alpha * v
+        weight = (1 - alpha) * weight + alpha
+        out.append(avg / weight)
+    return out
+
+
+def _time_scale(seconds: float) -> tuple[float, str]:
+    if seconds > 3 * 3600:
+        return 3600.0, "time (hours)"
+    if seconds > 300:
+        return 60.0, "time (minutes)"
+    return 1.0, "time (s)"
+
+
+def plot_runs(
+    runs: list[tuple[str, str | Path]],
+    out: str | Path,
+    *,
+    x: str = "tokens",
+    title: str | None = None,
+) -> Path:
+    """Draw the runs ((label, model dir or metrics.jsonl), ...) on one chart and save it as PNG at `out`.
+
+    Left: train loss (faint: as logged; solid: smoothed) and val loss. Right: val bits per byte, the number
+    that compares runs with different tokenizers. The file is replaced atomically.
+    """
+    if x not in X_AXES:
+        raise TalmError(f"unknown x axis {x!r}: use one of {', '.join(X_AXES)}")
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import EngFormatter
+    except ImportError:
+        raise TalmError(
+            "plotting needs matplotlib, which is not installed: pip install 'talm[plot]'"
+        ) from None
+
+    out = check_plot_path(out, [path for _, path in runs])
+    data = [(label, *read_timelines(path)) for label, path in runs]
+    for (_, train, evals), (_, path) in zip(data, runs, strict=True):
+        if not train and not evals:
+            raise TalmError(
+                f"{str(metrics_path(path))!r} holds no metrics yet: plot it after the first log line"
+            )
+
+    fig = Figure(figsize=(12, 4.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    loss_ax, bpb_ax = fig.subplots(1, 2)
+    x_scale, x_label = 1.0, X_AXES[x]
+    if x == "time":
+        longest = max((r.get("time", 0.0) for _, t, e in data for r in t + e), default=0.0)
+        x_scale, x_label = _time_scale(longest)
+    single = len(data) == 1
+    colors = [f"C{i % 10}" for i in range(len(data))]
+
+    loss_values: list[float] = []
+    for (label, train, evals), color in zip(data, colors, strict=True):
+        tx, ty = finite_points(train, "train_loss", x)
+        vx, vy = finite_points(evals, "val_loss", x)
+        bx, by = finite_points(evals, "val_bpb", x)
+        tx, vx, bx = ([v / x_scale for v in xs] for xs in (tx, vx, bx))
+        train_color = "C0" if single else color
+        val_color = "C1" if single else color
+        name = "" if single else f"{label}: "
+        if ty:
+            loss_ax.plot(tx, ty, color=train_color, alpha=0.25, linewidth=0.8)
+            smooth = _smooth(ty, max(1, len(ty) // 50))
+            loss_ax.plot(tx, smooth, color=train_color, linewidth=1.5, label=f"{name}train")
+        if vy:
+            style = "-" if single else "--"
+            loss_ax.plot(
+                vx, vy, style, color=val_color, linewidth=1.8, marker="o", ms=3.5, label=f"{name}val"
+            )
+        if by:
+            bpb_ax.plot(bx, by, color=val_color, marker="o", markersize=3.5, linewidth=1.8, label=label)
+            if single:
+                end = (bx[-1], by[-1])
+                bpb_ax.annotate(
+                    f"{by[-1]:.3f}", end, textcoords="offset points", xytext=(4, 4), color=val_color
+                )
+        loss_values += ty[len(ty) // 20 :] + vy
+
+    if loss_values:  # leave out the first steps' spike so the part that matters is readable
+        low, high = min(loss_values), max(loss_values)
+        loss_ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low) + 1e-6)
+    loss_ax.set_title("loss (nats per token)")
+    bpb_ax.set_title("validation bits per byte (lower is better)")
+    for ax in (loss_ax, bpb_ax):
+        ax.set_xlabel(x_label)
+        ax.grid(True, alpha=0.3)
+        if x == "tokens":
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    if loss_ax.has_data():
+        loss_ax.legend(loc="upper right", fontsize=8)
+    if bpb_ax.has_data():
+        if not single:
+            bpb_ax.legend(loc="upper right", fontsize=8)
+    else:
+        bpb_ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=bpb_ax.transAxes)
+        bpb_ax.set_xticks([])
+        bpb_ax.set_yticks([])
+    fig.suptitle(title or ", ".join(label for label, _, _ in data))
+    return save_figure(fig, out)
+
+
+def save_figure(fig: Any, out: Path) -> Path:
+    """Write the figure as PNG, atomically (`talm.files.write_atomically`); a failure (a full disk) is one line."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(out, lambda f: fig.savefig(f, format="png", dpi=110))
+    except OSError as err:
+        raise TalmError(
+            f"could not write {str(out)!r} ({err.strerror or err}): free some disk space or {INSTEAD}"
+        ) from None
+    return out
+
+
+def run_title(model_dir: Path, evals: list[dict[str, Any]]) -> str:
+    """`NAME: val loss 1.532, 1.987 bits/byte at 12.3M tokens` (or just NAME before the first evaluation)."""
+    if not evals:
+        return model_dir.name
+    last = evals[-1]
+    parts = [f"val loss {last['val_loss']:.3f}"]
+    if isinstance(last.get("val_bpb"), (int, float)):
+        parts.append(f"{last['val_bpb']:.3f} bits/byte")
+    return f"{model_dir.name}: {', '.join(parts)} at {_count(last.get('tokens', 0))} tokens"
+
+
+def _count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(int(n))
+
+
+def plot_model(model_dir: str | Path, out: str | Path | None = None, *, x: str = "tokens") -> Path:
+    """loss.png of one model directory (default: models/NAME/loss.png)."""
+    model_dir = Path(model_dir)
+    target = check_plot_path(Path(out) if out else model_dir / "loss.png", [model_dir])
+    _, evals = read_timelines(model_dir)
+    return plot_runs([(model_dir.name, model_dir)], target, x=x, title=run_title(model_dir, evals))

@@ -1,0 +1,218 @@
+"""Dataset presets, source resolution and the resumable text stream (offline, on local copies of hub repos)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import SHAKESPEARE
+from fixtures.hub_layout import (
+    cosmopedia_table,
+    fineweb_edu_dedup_table,
+    fineweb_table,
+    python_edu_table,
+    sample_texts,
+    write_hub_repo,
+)
+
+from talm.config import validate
+from talm.data.config import DATASET_PRESETS, DownloadConfig
+from talm.data.corpus import TextStream, resolve_source
+from talm.errors import TalmError
+
+
+def config(**kw: object) -> DownloadConfig:
+    return validate(DownloadConfig, kw)
+
+
+def all_texts(stream: TextStream, target_bytes: int = 2000) -> list[str | None]:
+    return [t for batch in stream.batches(target_bytes, rows_per_read=16) for t in batch.texts]
+
+
+# ------------------------------------------------------------------------------------------------ presets
+
+
+def test_presets_are_data_with_the_real_repos() -> None:
+    assert DATASET_PRESETS["fineweb"].source == "HuggingFaceFW/fineweb"
+    assert DATASET_PRESETS["fineweb"].default_config == "sample-10BT"
+    assert DATASET_PRESETS["fineweb-edu"].source == "HuggingFaceFW/fineweb-edu"
+    assert DATASET_PRESETS["smol"].source == "HuggingFaceTB/smollm-corpus"
+    assert DATASET_PRESETS["smol"].configs == ["cosmopedia-v2", "fineweb-edu-dedup"]
+    assert config(dataset="smol").out_dir == Path("data/smol/cosmopedia-v2")
+    assert config(dataset="fineweb", ds_sample="CC-MAIN-2024-10", dir_prefix="x").out_dir == Path(
+        "data/fineweb/x_CC-MAIN-2024-10"
+    )
+    assert config(dataset="fineweb-edu", ds_sample="sample-350BT").sample == "sample-350BT"
+    assert config(dataset="tinyshakespeare").out_dir == Path("data/tinyshakespeare/default")
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (
+            {"dataset": "webtext"},
+            "unknown dataset 'webtext': choose one of fineweb, fineweb-edu, smol, tinyshakespeare",
+        ),
+        (
+            {"dataset": "fineweb", "ds_sample": "sample-1T"},
+            "one of sample-10BT, sample-100BT, sample-350BT, default",
+        ),
+        ({"dataset": "fineweb", "ds_sample": "CC-MAIN-24"}, "or a dump like CC-MAIN-2024-10"),
+        ({"dataset": "smol", "ds_sample": "fineweb-edu"}, "one of cosmopedia-v2, fineweb-edu-dedup"),
+        (
+            {"dataset": "smol", "ds_sample": "python-edu"},
+            "python-edu' of HuggingFaceTB/smollm-corpus holds no text",
+        ),
+        ({"dataset": "../etc"}, "not a plain name"),
+        ({"dataset": "fineweb", "dir_prefix": "a/b"}, "--dir-prefix 'a/b' is not a plain name"),
+        ({"dataset": "fineweb", "num_workers": 4, "worker_index": 4}, "pass an index from 0 to 3"),
+        ({"dataset": "fineweb", "shard_size": 0}, "shard_size=0"),
+    ],
+)
+def test_bad_configs_say_what_is_valid(kw: dict, message: str) -> None:
+    with pytest.raises(TalmError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config(**kw)
+
+
+def test_token_counts_accept_scientific_notation() -> None:
+    cfg = config(dataset="fineweb", max_tokens="1e9", shard_size="5e7")
+    assert (cfg.max_tokens, cfg.shard_size) == (1_000_000_000, 50_000_000)
+    assert cfg.val_target == 10_000_000
+    assert config(dataset="fineweb", max_tokens="1e6").val_target == 100_000  # capped at a tenth
+    assert config(dataset="x", data_files=["f"], val_tokens=0).val_target == 0
+
+
+# ------------------------------------------------------------------------------------------------ local files
+
+
+def test_data_files_globs_directories_and_types(in_tmp: Path) -> None:
+    (in_tmp / "corpus" / "sub").mkdir(parents=True)
+    for name in ("a.jsonl", "sub/b.jsonl", "sub/c.jsonl.gz", "notes.md"):
+        (in_tmp / "corpus" / name).write_bytes(b"")
+    src = resolve_source(config(dataset="mine", data_files=["corpus"]))
+    assert src.files == ["corpus/a.jsonl", "corpus/sub/b.jsonl", "corpus/sub/c.jsonl.gz"]
+    assert src.load_args["path"] == "json" and src.config == "default"
+    src = resolve_source(config(dataset="mine", data_files=["corpus/*.jsonl"]))
+    assert src.files == ["corpus/a.jsonl"]
+    with pytest.raises(TalmError, match="matches no file"):
+        resolve_source(config(dataset="mine", data_files=["nothing*.parquet"]))
+    (in_tmp / "x.txt").write_text("hi")
+    with pytest.raises(TalmError, match="mixes file types"):
+        resolve_source(config(dataset="mine", data_files=["x.txt", "corpus/a.jsonl"]))
+    with pytest.raises(TalmError, match=r"cannot read .*notes\.md"):
+        resolve_source(config(dataset="mine", data_files=["corpus/notes.md"]))
+
+
+def test_tinyshakespeare_streams_passages(in_tmp: Path) -> None:
+    with pytest.raises(TalmError, match="not found in the current directory.*project root"):
+        resolve_source(config(dataset="tinyshakespeare"))
+    (in_tmp / "tiny-shakespeare.txt").write_bytes(SHAKESPEARE.read_bytes())
+    texts = all_texts(TextStream(resolve_source(config(dataset="tinyshakespeare"))), 1 << 20)
+    passages = SHAKESPEARE.read_text(encoding="utf-8").split("\n\n")
+    assert texts[0] == "First Citizen:\nBefore we proceed any further, hear me speak."
+    assert len(texts) == len(passages) and texts[:50] == passages[:50]
+
+
+def test_jsonl_and_text_columns(in_tmp: Path) -> None:
+    rows = [{"content": f"doc {i}", "n": i} for i in range(50)] + [{"content": None, "n": 50}]
+    Path("c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config(dataset="mine", data_files=["c.jsonl"], text_column="content")
+    assert all_texts(TextStream(resolve_source(cfg))) == [r["content"] for r in rows]
+    with pytest.raises(TalmError, match="has no column 'text'.*--text-column.*content, n"):
+        all_texts(TextStream(resolve_source(config(dataset="mine", data_files=["c.jsonl"]))))
+    with pytest.raises(TalmError, match="column 'n' .* holds int64, not text"):
+        all_texts(TextStream(resolve_source(config(dataset="mine", data_files=["c.jsonl"], text_column="n"))))
+
+
+# ------------------------------------------------------------------------------------------------ hub layouts
+
+
+def test_hub_layouts_with_real_schemas(in_tmp: Path) -> None:
+    texts = sample_texts(300)
+    write_hub_repo(
+        in_tmp,
+        "HuggingFaceFW/fineweb",
+        {"sample-10BT": [fineweb_table(texts[:120]), fineweb_table(texts[120:])]},
+    )
+    write_hub_repo(
+        in_tmp,
+        "HuggingFaceTB/smollm-corpus",
+        {
+            "cosmopedia-v2": [cosmopedia_table(texts[:100])],
+            "fineweb-edu-dedup": [fineweb_edu_dedup_table(texts[100:200])],
+            "python-edu": [python_edu_table(10)],
+        },
+    )
+    assert all_texts(TextStream(resolve_source(config(dataset="fineweb")))) == texts
+    assert all_texts(TextStream(resolve_source(config(dataset="smol")))) == texts[:100]
+    edu = resolve_source(config(dataset="smol", ds_sample="fineweb-edu-dedup"))
+    assert all_texts(TextStream(edu)) == texts[100:200]
+    # python-edu read as plain files (the preset refuses it): no text column, and the error lists the real ones
+    files = config(dataset="py", data_files=["HuggingFaceTB/smollm-corpus/python-edu"])
+    with pytest.raises(TalmError, match="no column 'text'.*blob_id, repo_name, path, length_bytes"):
+        TextStream(resolve_source(files))
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_stream_resumes_exactly_from_its_state(in_tmp: Path, workers: int) -> None:
+    texts = sample_texts(500)
+    write_hub_repo(
+        in_tmp,
+        "HuggingFaceFW/fineweb",
+        {"sample-10BT": [fineweb_table(texts[i : i + 125]) for i in range(0, 500, 125)]},
+    )
+    source = resolve_source(config(dataset="fineweb"))
+    texts = all_texts(TextStream(source, num_workers=workers, worker_index=workers - 1))  # this worker's part
+    for stop_after in (1, 2, 3):
+        stream = TextStream(source, num_workers=workers, worker_index=workers - 1)
+        seen: list[str | None] = []
+        for k, batch in enumerate(stream.batches(3000, rows_per_read=16)):
+            seen += batch.texts
+            if k == stop_after:
+                state = batch.state
+                break
+        else:
+            raise AssertionError("the stream is too short for this test")
+        resumed = TextStream(source, num_workers=workers, worker_index=workers - 1)
+        resumed.load_state_dict(json.loads(json.dumps(state)))  # the manifest stores it as JSON
+        assert resumed.state_dict() == state  # where it stands before reading again (datasets would say 0)
+        assert seen + all_texts(resumed, 3000) == texts
+
+
+def test_worker_split_covers_every_document_once(in_tmp: Path) -> None:
+    texts = sample_texts(200)
+    Path("p").mkdir()
+    for i in range(4):
+        pq.write_table(pa.table({"text": texts[i * 50 : (i + 1) * 50]}), f"p/{i}.parquet", row_group_size=16)
+    source = resolve_source(config(dataset="mine", data_files=["p"]))
+    for workers in (2, 3):  # 4 files: split by file for 2 workers, by example for 3
+        parts = [all_texts(TextStream(source, num_workers=workers, worker_index=i)) for i in range(workers)]
+        assert all(parts)
+        assert sorted(t for part in parts for t in part) == sorted(texts)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_hub_fails_fast_with_the_way_out(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    source = resolve_source(config(dataset="fineweb"))
+    assert source.from_hub
+    start = time.monotonic()
+    with pytest.raises(TalmError) as err:
+        TextStream(source)
+    assert time.monotonic() - start < 10
+    message = str(err.value)
+    assert "could not reach the Hugging Face Hub" in message
+    assert "--data-files" in message and "./HuggingFaceFW/fineweb" in message and "HF_ENDPOINT" in message

@@ -1,0 +1,321 @@
+"""ShardWriter and the tokenize pipeline: shard boundaries, counts, dtype, manifest, val/train split, resume."""
+
+from __future__ import annotations
+
+import errno
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import BASE_TOKENIZER
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from talm.data.manifest import manifest_paths, shard_name
+from talm.data.writer import (
+    ShardWriter,
+    TokenBatch,
+    tokenize_batch,
+    write_shards,
+)
+from talm.errors import TalmError
+from talm.tokenizer.api import Tokenizer
+
+EOT = 1000
+
+
+def make_writer(out_dir: Path, **kw: Any) -> ShardWriter:
+    args = {"dtype": np.uint16, "shard_size": 10, "val_tokens": 0, "max_tokens": None}
+    args.update(kw)
+    return ShardWriter(
+        out_dir, header={"dataset": "t", "source": "s", "config": "c"}, arguments={"a": 1}, **args
+    )
+
+
+def batches_of(docs: list[list[int]], cuts: list[int], dtype: Any = np.uint16) -> list[TokenBatch]:
+    """Token batches of the documents (each: eot + ids; [] is a document without text), cut at `cuts`."""
+    edges = [0, *sorted(set(c for c in cuts if 0 < c < len(docs))), len(docs)]
+    out = []
+    for k, (a, b) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+        group = docs[a:b]
+        parts = [np.array([EOT, *d], dtype=dtype) for d in group if d]
+        tokens = np.concatenate(parts) if parts else np.empty(0, dtype)
+        lens = np.array([len(d) + 1 if d else 0 for d in group], dtype=np.int64)
+        nbytes = np.array([3 * len(d) for d in group], dtype=np.int64)
+        out.append(TokenBatch(tokens, lens, nbytes, {"batch": k}))
+    return out
+
+
+class Killed(Exception):
+    pass
+
+
+def run_writer(
+    writer: ShardWriter, batches: list[TokenBatch], *, kill_after_manifests: int | None = None
+) -> None:
+    """Feed the batches (from the resume position, if any) like write_shards does; optionally die right after
+    the n-th manifest write, as a kill -9 would."""
+    if kill_after_manifests is not None:
+        original, count = writer._write_manifest, [0]
+
+        def write_then_maybe_die() -> None:
+            original()
+            count[0] += 1
+            if count[0] == kill_after_manifests:
+                raise Killed
+
+        writer._write_manifest = write_then_maybe_die  # type: ignore[method-assign]
+    start = writer.resume_state["batch"] if writer.resume_state else 0
+    for batch in batches[start:]:
+        if writer.add(batch):
+            return
+    writer.finish()
+
+
+def dir_contents(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_shard_boundaries_counts_and_manifest(tmp_path: Path) -> None:
+    docs = [[1, 2, 3], [4, 5], [], [6, 7, 8, 9, 10, 11], [12], [], [13, 14, 15, 16]]
+    writer = make_writer(tmp_path / "d", shard_size=5, val_tokens=6)
+    assert writer.open() == "new"
+    run_writer(writer, batches_of(docs, [2, 5]))
+    m = json.loads((tmp_path / "d" / "meta.json").read_text())
+    # val = whole documents until >= 6 tokens: [eot 1 2 3][eot 4 5] = 7 tokens, cut into shards of 5 + 2;
+    # train = the other 14 tokens: 5 + 5 + 4
+    assert [(s["file"], s["split"], s["tokens"]) for s in m["shards"]] == [
+        ("val_000000.npy", "val", 5),
+        ("val_000001.npy", "val", 2),
+        ("train_000002.npy", "train", 5),
+        ("train_000003.npy", "train", 5),
+        ("train_000004.npy", "train", 4),
+    ]
+    stream = np.concatenate([np.array([EOT, *d]) for d in docs if d])
+    written = np.concatenate([np.load(tmp_path / "d" / s["file"]) for s in m["shards"]])
+    assert written.dtype == np.uint16 and np.array_equal(written, stream)
+    # documents are counted in the shard holding their eot; bytes (3 per token here) add up per split
+    assert [s["documents"] for s in m["shards"]] == [2, 0, 1, 2, 0]
+    assert sum(s["bytes"] for s in m["shards"] if s["split"] == "val") == 3 * 5
+    assert sum(s["bytes"] for s in m["shards"] if s["split"] == "train") == 3 * 11
+    assert m["totals"] == {"tokens": 21, "documents": 5, "bytes": 48, "empty_documents": 2}
+    assert m["complete"] is True and m["resume"] is None
+    for key in ("format", "dataset", "source", "config", "dtype", "shard_size", "shards"):
+        assert key in m
+    assert m["format"] == "talm.data.writer/1" and m["dtype"] == "uint16" and m["shard_size"] == 5
+    assert [s["file"] for s in m["shards"] if s["split"] == "val"] == [
+        shard_name("val", i, "") for i in (0, 1)
+    ]
+    assert manifest_paths(tmp_path / "d") == [tmp_path / "d" / "meta.json"]
+
+
+def test_max_tokens_cuts_training_exactly_and_val_is_extra(tmp_path: Path) -> None:
+    docs = [[i] * 4 for i in range(1, 20)]
+    writer = make_writer(tmp_path / "d", shard_size=7, val_tokens=3, max_tokens=12)
+    writer.open()
+    run_writer(writer, batches_of(docs, [3, 4, 9]))
+    m = writer.state_dict()
+    assert sum(s["tokens"] for s in m["shards"] if s["split"] == "train") == 12
+    assert [s["tokens"] for s in m["shards"] if s["split"] == "val"] == [5]  # one whole document
+    assert m["complete"]
+
+
+def test_uint32_keeps_ids_above_65535(tmp_path: Path) -> None:
+    docs = [[65535, 65536, 70000], [99999]]
+    writer = make_writer(tmp_path / "d", dtype=np.uint32, shard_size=100)
+    writer.open()
+    run_writer(writer, batches_of(docs, [], dtype=np.uint32))
+    shard = np.load(tmp_path / "d" / "train_000000.npy")
+    assert shard.dtype == np.uint32 and shard.tolist() == [EOT, 65535, 65536, 70000, EOT, 99999]
+    assert json.loads((tmp_path / "d" / "meta.json").read_text())["dtype"] == "uint32"
+
+
+def test_tokenize_batch_dtype_follows_the_tokenizer() -> None:
+    class Big:  # a tokenizer whose vocabulary needs uint32
+        eot_id = 70_000
+        token_dtype = np.dtype(np.uint32)
+
+        def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+            return [np.array([66_000 + len(t)], dtype=np.uint32) for t in texts]
+
+    batch = tokenize_batch(Big(), ["ab", None, "", "abc"], np.array([2, 0, 0, 3]), {})
+    assert batch.tokens.dtype == np.uint32
+    assert batch.tokens.tolist() == [70_000, 66_002, 70_000, 66_003]
+    assert batch.doc_tokens.tolist() == [2, 0, 0, 2]
+
+
+@pytest.mark.slow
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 12), min_size=1, max_size=40),
+    cuts=st.lists(st.integers(0, 40), max_size=8),
+    shard_size=st.integers(1, 30),
+    val_tokens=st.integers(0, 40),
+    max_tokens=st.one_of(st.none(), st.integers(1, 200)),
+    kill=st.integers(1, 12),
+)
+def test_resume_after_a_kill_is_identical(
+    lengths: list[int], cuts: list[int], shard_size: int, val_tokens: int, max_tokens: int | None, kill: int
+) -> None:
+    docs = [list(range(1 + i, 1 + i + n)) for i, n in enumerate(lengths)]
+    if not any(docs):
+        docs[0] = [7]
+    batches = batches_of(docs, cuts)
+    kw = {"shard_size": shard_size, "val_tokens": val_tokens, "max_tokens": max_tokens}
+    with tempfile.TemporaryDirectory() as tmp:
+        clean, interrupted = Path(tmp) / "clean", Path(tmp) / "interrupted"
+        try:
+            writer = make_writer(clean, **kw)
+            writer.open()
+            run_writer(writer, batches)
+        except TalmError as err:
+            assert "validation split" in str(err)  # the stream ended inside the val split: nothing is left
+            assert not clean.exists()
+            return
+        expected = dir_contents(clean)
+        writer = make_writer(interrupted, **kw)
+        writer.open()
+        try:
+            run_writer(writer, batches, kill_after_manifests=kill)
+        except Killed:
+            resumed = make_writer(interrupted, **kw)
+            assert resumed.open() in ("resume", "complete")
+            run_writer(resumed, batches)
+        assert dir_contents(interrupted) == expected
+        # the stream is the documents in order, cut after max_tokens training tokens
+        m = json.loads(expected["meta.json"])
+        stream = np.concatenate([np.array([EOT, *d]) for d in docs if d])
+        got = np.concatenate([np.frombuffer(expected[s["file"]][128:], np.uint16) for s in m["shards"]])
+        assert np.array_equal(got, stream[: len(got)])
+        val = sum(s["tokens"] for s in m["shards"] if s["split"] == "val")
+        ends = np.cumsum([len(d) + 1 for d in docs if d])
+        assert val == 0 if val_tokens == 0 else (val in ends and val >= val_tokens)  # whole documents only
+        train = sum(s["tokens"] for s in m["shards"] if s["split"] == "train")
+        assert train == (len(stream) - val if max_tokens is None else min(max_tokens, len(stream) - val))
+        assert all(s["tokens"] == shard_size for s in m["shards"][:-1] if s["split"] == "train")
+        if max_tokens is None:
+            assert m["totals"]["empty_documents"] == lengths.count(0) - (not any(lengths))
+            assert m["totals"]["documents"] == sum(1 for d in docs if d)
+
+
+def test_disk_full_mid_shard_keeps_directory_consistent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = [[i, i + 1, i + 2] for i in range(1, 40)]
+    batches = batches_of(docs, [10, 20, 30])
+    clean = make_writer(tmp_path / "clean", shard_size=16, val_tokens=8)
+    clean.open()
+    run_writer(clean, batches)
+
+    real_write_array = np.lib.format.write_array
+    calls = [0]
+
+    def fill_disk(f: Any, array: np.ndarray, **kw: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 4:  # the 4th shard: half of it reaches the disk, then the disk is full
+            f.write(b"\x93NUMPY half a shard")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_array(f, array, **kw)
+
+    monkeypatch.setattr(np.lib.format, "write_array", fill_disk)
+    out = tmp_path / "full"
+    writer = make_writer(out, shard_size=16, val_tokens=8)
+    writer.open()
+    with pytest.raises(TalmError, match="No space left on device.*rerun the same command to resume"):
+        run_writer(writer, batches)
+    m = json.loads((out / "meta.json").read_text())
+    assert len(m["shards"]) == 3 and not m["complete"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["meta.json", *(s["file"] for s in m["shards"])])
+    for s in m["shards"]:
+        assert len(np.load(out / s["file"])) == s["tokens"]
+    monkeypatch.setattr(np.lib.format, "write_array", real_write_array)
+    resumed = make_writer(out, shard_size=16, val_tokens=8)
+    assert resumed.open() == "resume"
+    run_writer(resumed, batches)
+    assert dir_contents(out) == dir_contents(tmp_path / "clean")
+
+
+def test_open_refuses_other_arguments_and_cleans_strays(tmp_path: Path) -> None:
+    out = tmp_path / "d"
+    writer = make_writer(out, shard_size=4)
+    writer.open()
+    with pytest.raises(Killed):
+        run_writer(writer, batches_of([[1, 2, 3]] * 5, [2]), kill_after_manifests=2)
+    (out / "train_000002.npy").write_bytes(b"written but not yet in the manifest")
+    (out / ".train_000003.npy.tmp").write_bytes(b"half")
+    other = ShardWriter(out, header={}, arguments={"a": 2}, dtype=np.uint16, shard_size=4, val_tokens=0)
+    with pytest.raises(TalmError, match=r"other arguments \(a 1 -> 2\).*--overwrite"):
+        other.open()
+    again = make_writer(out, shard_size=4)
+    assert again.open() == "resume"
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train_000000.npy", "train_000001.npy"]
+    fresh = ShardWriter(out, header={}, arguments={"a": 2}, dtype=np.uint16, shard_size=4, val_tokens=0)
+    assert fresh.open(overwrite=True) == "new"
+    assert list(out.iterdir()) == []
+
+
+def test_worker_layouts_do_not_mix(tmp_path: Path) -> None:
+    out = tmp_path / "d"
+    for index in range(2):
+        w = make_writer(out, worker_index=index, num_workers=2)
+        w.open()
+        run_writer(w, batches_of([[index + 1] * 3] * 4, []))
+    assert sorted(p.name for p in out.glob("meta*")) == ["meta.w000-of-002.json", "meta.w001-of-002.json"]
+    assert (out / "train.w001-of-002_000000.npy").exists()
+    single = make_writer(out)
+    with pytest.raises(TalmError, match="different number of workers"):
+        single.open()
+    assert single.open(overwrite=True) == "new"
+    assert list(out.iterdir()) == []
+
+
+class ListStream:
+    """A stand-in for corpus.TextStream: batches of texts with integer positions as the state."""
+
+    def __init__(self, batches: list[list[str | None]], fail_at: int | None = None) -> None:
+        self._batches, self._next, self._fail_at = batches, 0, fail_at
+
+    def state_dict(self) -> dict[str, int]:
+        return {"next": self._next}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._next = state["next"]
+
+    def batches(self, target_bytes: int) -> Any:
+        from talm.data.corpus import TextBatch
+
+        while self._next < len(self._batches):
+            if self._next == self._fail_at:
+                raise TalmError("the source broke")
+            texts = self._batches[self._next]
+            self._next += 1
+            sizes = np.array([len((t or "").encode()) for t in texts], dtype=np.int64)
+            yield TextBatch(texts, sizes, self.state_dict())
+
+
+def test_write_shards_pipeline_with_the_real_tokenizer(tmp_path: Path) -> None:
+    tok = Tokenizer.from_file(BASE_TOKENIZER)
+    texts = [f"Document {i}: some text, ünïcode ✓ {'la ' * (i % 13)}" for i in range(300)]
+    texts[5], texts[17] = None, ""
+    batches = [texts[i : i + 37] for i in range(0, 300, 37)]
+    writer = make_writer(tmp_path / "d", shard_size=500, val_tokens=200, dtype=tok.token_dtype)
+    writer.open()
+    stats = write_shards(ListStream(batches), tok, writer, progress=False)
+    m = writer.state_dict()
+    assert m["complete"] and stats.empty_documents == 2 and stats.documents == 298
+    stream = np.concatenate([np.load(tmp_path / "d" / s["file"]) for s in m["shards"]])
+    docs = [tok.decode(part[1:]) for part in np.split(stream, np.flatnonzero(stream == tok.eot_id))[1:]]
+    assert docs == [t for t in texts if t]
+    assert m["totals"]["bytes"] == sum(len(t.encode()) for t in texts if t)
+
+
+def test_write_shards_raises_the_readers_error(tmp_path: Path) -> None:
+    tok = Tokenizer.from_file(BASE_TOKENIZER)
+    writer = make_writer(tmp_path / "d", shard_size=50, dtype=tok.token_dtype)
+    writer.open()
+    with pytest.raises(TalmError, match="the source broke"):
+        write_shards(ListStream([["a b c"] * 20] * 5, fail_at=3), tok, writer, progress=False)
+    assert not writer.state_dict()["complete"]
