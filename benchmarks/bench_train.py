@@ -49,7 +49,7 @@ def make_shards(directory: Path, tokenizer: Tokenizer, tokens: int, seed: int = 
         )
         shards.append({"file": name, "split": split, "tokens": n, "documents": 1, "bytes": 4 * n})
     meta = {
-        "format": "talm.data.writer/1",
+        "format": "talm.shards/1",
         "tokenizer": {
             "path": str(tokenizer.path),
             "fingerprint": tokenizer.fingerprint,

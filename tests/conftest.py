@@ -78,7 +78,7 @@ def write_token_shards(
             }
         )
     meta = {
-        "format": "talm.data.writer/1",
+        "format": "talm.shards/1",
         "dataset": "test",
         "source": "test",
         "config": "default",

@@ -36,11 +36,11 @@ def garble_all(path: Path) -> None:
 
 
 def bad_json(path: Path) -> None:
-    path.write_text('{"format": "talm.train.checkpoint/1", "step": ')
+    path.write_text('{"format": "talm.checkpoint/1", "step": ')
 
 
 def json_without_fields(path: Path) -> None:
-    path.write_text(json.dumps({"format": "talm.train.checkpoint/1", "step": 3}))
+    path.write_text(json.dumps({"format": "talm.checkpoint/1", "step": 3}))
 
 
 DAMAGE: dict[str, tuple[str, Callable[[Path], None]]] = {

@@ -105,7 +105,7 @@ def test_shard_boundaries_counts_and_manifest(tmp_path: Path) -> None:
     assert m["complete"] is True and m["resume"] is None
     for key in ("format", "dataset", "source", "config", "dtype", "shard_size", "shards"):
         assert key in m
-    assert m["format"] == "talm.data.writer/1" and m["dtype"] == "uint16" and m["shard_size"] == 5
+    assert m["format"] == "talm.shards/1" and m["dtype"] == "uint16" and m["shard_size"] == 5
     assert [s["file"] for s in m["shards"] if s["split"] == "val"] == [
         shard_name("val", i, "") for i in (0, 1)
     ]

@@ -60,7 +60,7 @@ def test_round_trip(tmp_path: Path) -> None:
         "trainer_state.pt",
     ]
     loaded, meta = load_model(resolve_checkpoint(tmp_path / "models" / "m"))
-    assert not loaded.training and meta["format"] == "talm.train.checkpoint/1" and meta["step"] == 3
+    assert not loaded.training and meta["format"] == "talm.checkpoint/1" and meta["step"] == 3
     assert meta["config"]["model"]["vocab_size"] == 100
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
@@ -172,7 +172,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_no_temporary(
 
 def test_damaged_meta_is_one_line_naming_the_file(tmp_path: Path) -> None:
     _, _, path = make(tmp_path)
-    for text in ("[1, 2]", '{"format": "talm.train.checkpoint/1"}', "\xff\xfe garbage"):
+    for text in ("[1, 2]", '{"format": "talm.checkpoint/1"}', "\xff\xfe garbage"):
         (path / "checkpoint.json").write_text(text, encoding="latin-1")
         with pytest.raises(
             TalmError, match=r"cannot load '.*checkpoint\.json' \(.*\): the checkpoint is damaged"

@@ -20,7 +20,7 @@ import numpy as np
 
 from talm.errors import TalmError
 
-FORMAT = "talm.data.writer/1"
+FORMAT = "talm.shards/1"
 MANIFEST_RE = re.compile(r"meta(\.w\d{3,}-of-(\d{3,}))?\.json")
 
 

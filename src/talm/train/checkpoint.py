@@ -3,7 +3,7 @@
 A checkpoint is a directory (see README, "Training"):
 
     model.safetensors   the GPT's weights (clean keys: no "_orig_mod." / "module." prefixes)
-    checkpoint.json     {"format": "talm.train.checkpoint/1", "step", "tokens_seen", "config", "tokenizer",
+    checkpoint.json     {"format": "talm.checkpoint/1", "step", "tokens_seen", "config", "tokenizer",
                          "val_loss", "val_bpb"}
     trainer_state.pt    optimizer, loader position, every rank's RNG states: plain tensors and containers,
                         loaded with torch.load(weights_only=True)
@@ -33,7 +33,7 @@ from talm.files import aside_path, replace_dir, staging_dir
 from talm.model.config import ModelConfig
 from talm.model.gpt import GPT
 
-FORMAT = "talm.train.checkpoint/1"
+FORMAT = "talm.checkpoint/1"
 WEIGHTS = "model.safetensors"
 META = "checkpoint.json"
 TRAINER_STATE = "trainer_state.pt"
