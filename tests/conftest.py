@@ -39,7 +39,7 @@ def write_token_shards(
     val_docs: int = 80,
     shard_tokens: int = 40_000,
 ) -> Path:
-    """A data directory laid out as download_data writes it (CONTRACTS §2): documents = paragraphs of `text`,
+    """A data directory laid out as download_data writes it (docs/design.md §2): documents = paragraphs of `text`,
     each preceded by <|endoftext|>; the first `val_docs` go to val_000000.npy, the rest to train shards of
     about `shard_tokens` tokens (whole documents); meta.json describes them."""
     import json
@@ -141,7 +141,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def write_metrics(model_dir: Path, steps: int = 60, eval_every: int = 20, scale: float = 1.0) -> list[dict]:
-    """A metrics.jsonl as the trainer writes it (CONTRACTS §4): a falling loss, an evaluation every few steps."""
+    """A metrics.jsonl as the trainer writes it (docs/design.md §4): a falling loss, an evaluation every few steps."""
     model_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for step in range(1, steps + 1):
