@@ -121,7 +121,13 @@ def check_writable_dir(directory: str | os.PathLike[str], *, instead: str) -> No
                 f"or {instead}"
             )
         for p in reversed([p for p in chain if not p.exists()]):
-            p.mkdir()
+            try:
+                p.mkdir()
+            except OSError as err:
+                where = f"{str(p.parent)!r} does not allow new folders" if p.parent.exists() else str(err)
+                raise TalmError(
+                    f"cannot write to {str(p)!r} ({_reason(err)}; {where}): fix its permissions or {instead}"
+                ) from None
             created.append(p)
         probe.write_bytes(b"")
         probe.unlink()
