@@ -42,7 +42,7 @@ BIN = Path(sys.executable).parent
 BARE_HF_SCRIPT = """
 import sys
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from talm.tokenizer.api import SPLIT_PATTERN  # a string constant; talm.tokenizer.api imports no torch
+from talm.tokenizer.formats import SPLIT_PATTERN  # a string constant; talm.tokenizer.formats imports no torch
 tok = Tokenizer(models.BPE())
 tok.pre_tokenizer = pre_tokenizers.Sequence([
     pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),

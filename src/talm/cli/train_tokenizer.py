@@ -1,7 +1,8 @@
 """`train_tokenizer -vs N -n NAME [--text-file FILE ...] [--force]`: train a byte-level BPE tokenizer.
 
 Writes tokenizers/NAME.json (Hugging Face tokenizers JSON) atomically and ends with one summary line.
-Imports no torch and no datasets, so it starts in well under a second.
+All the work is `talm.tokenizer.train.train_file`; this module only parses and reports. Imports no torch and
+no datasets, so it starts in well under a second.
 """
 
 from __future__ import annotations
@@ -10,29 +11,24 @@ import sys
 
 from talm.cli.common import ArgumentParser, HelpFormatter, add_config_flags, collect_config_flags, run_main
 from talm.config import validate
-from talm.errors import TalmError
 from talm.tokenizer.config import SPECIAL_TOKENS, TokenizerConfig
 
 
 def run(config: TokenizerConfig) -> None:
-    from talm.tokenizer.api import check_text_files, output_path, train
+    from talm.tokenizer.train import train_file
 
-    check_text_files(config.text_files)
-    out = output_path(config.name, overwrite=config.force)
-    tokenizer, stats = train(
-        config.text_files, config.vocab_size, name=config.name, progress=sys.stderr.isatty()
+    tokenizer, stats = train_file(
+        config.text_files,
+        config.vocab_size,
+        config.name,
+        overwrite=config.force,
+        progress=sys.stderr.isatty(),
     )
-    try:
-        tokenizer.save(out, overwrite=config.force)
-    except OSError as err:
-        raise TalmError(
-            f"cannot write {str(out)!r} ({err.strerror}): free some space or fix its permissions"
-        ) from None
     short = ""
     if tokenizer.vocab_size < config.vocab_size:
         short = f" (asked for {config.vocab_size}: the text has no more pairs to merge)"
     print(
-        f"wrote {out}: vocab {tokenizer.vocab_size}{short} ({len(SPECIAL_TOKENS)} special), "
+        f"wrote {tokenizer.path}: vocab {tokenizer.vocab_size}{short} ({len(SPECIAL_TOKENS)} special), "
         f"{stats.text_bytes / 1e6:.1f} MB in {stats.seconds:.2f} s ({stats.mb_per_s:.1f} MB/s), "
         f"{stats.bytes_per_token:.2f} bytes/token on the training text"
         + ("" if stats.sample_bytes >= stats.text_bytes else f" (first {stats.sample_bytes / 1e6:.0f} MB)")

@@ -13,7 +13,7 @@ from pydantic import (
 from talm.config import Config, PathField
 
 # ================================================================================================================
-# Tokenizer stage (tokenizer.py, cli/train_tokenizer.py)
+# Tokenizer stage (talm.tokenizer, cli/train_tokenizer.py)
 # ================================================================================================================
 
 # Special tokens every talm tokenizer reserves, in id order after the ordinary tokens: the document separator,
@@ -22,6 +22,21 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>")
 # 256 byte tokens + the specials is the smallest useful vocabulary; 2**20 is far beyond any sensible one.
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 MAX_VOCAB_SIZE = 2**20
+
+
+def vocab_size_problem(vocab_size: int) -> str | None:
+    """Why `vocab_size` cannot be trained, or None: the one check, used by the flag/TOML validation below
+    and by `talm.tokenizer.train.train` (for Python callers, who skip the config)."""
+    if vocab_size < MIN_VOCAB_SIZE:
+        return (
+            f"must be at least {MIN_VOCAB_SIZE} (256 byte tokens + {len(SPECIAL_TOKENS)} special tokens): "
+            "pick e.g. 1024 for tiny-shakespeare, 32768 or more for web text"
+        )
+    if vocab_size > MAX_VOCAB_SIZE:
+        return f"must be at most {MAX_VOCAB_SIZE}: pick e.g. 32768 to 131072 for web text"
+    return None
+
+
 _TOKENIZER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -40,13 +55,9 @@ class TokenizerConfig(Config):
     @field_validator("vocab_size")
     @classmethod
     def _check_vocab_size(cls, vocab_size: int) -> int:
-        if vocab_size < MIN_VOCAB_SIZE:
-            raise ValueError(
-                f"must be at least {MIN_VOCAB_SIZE} (256 byte tokens + {len(SPECIAL_TOKENS)} special tokens): "
-                "pick e.g. 1024 for tiny-shakespeare, 32768 or more for web text"
-            )
-        if vocab_size > MAX_VOCAB_SIZE:
-            raise ValueError(f"must be at most {MAX_VOCAB_SIZE}: pick e.g. 32768 to 131072 for web text")
+        problem = vocab_size_problem(vocab_size)
+        if problem:
+            raise ValueError(problem)
         return vocab_size
 
     @field_validator("name")
