@@ -20,9 +20,8 @@ from talm.model.config import ModelConfig
 from talm.model.gpt import GPT
 from talm.train.config import PRESETS
 from talm.train.dist import pick_device
+from talm.use.config import DTYPES
 from talm.use.sample import generate_ids
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def timed(
@@ -47,7 +46,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument(
         "--repeats", type=int, default=1, help="time each case this many times, keep the best"
@@ -56,13 +55,12 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     shape = dict(PRESETS[args.preset].get("model", {}))
     shape["context_length"] = max(shape.get("context_length", 0), args.prompt_tokens + max(args.new_tokens))
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=args.vocab_size, **shape)).to(device, DTYPES[args.dtype]).eval()
+    model = GPT(ModelConfig(vocab_size=args.vocab_size, **shape))
+    model = model.to(device, getattr(torch, args.dtype)).eval()
     prompt = torch.randint(0, args.vocab_size, (args.prompt_tokens,)).tolist()
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(

@@ -159,7 +159,7 @@ def test_a_model_with_more_ids_than_its_tokenizer_exports_and_loads_in_transform
     from test_generate import EXTRA_IDS, write_padded_model
 
     transformers = pytest.importorskip("transformers")
-    from talm.use.sample import load
+    from talm.use.load import load
 
     model_dir = write_padded_model(tmp_path / "models" / "padded")
     out = tmp_path / "export"

@@ -12,7 +12,8 @@ import torch
 from conftest import BASE_TOKENIZER, ORIGINAL_TOKENIZER
 
 from talm.cli.generate import SEPARATOR, main
-from talm.use.sample import generate_ids, load
+from talm.use.load import load
+from talm.use.sample import generate_ids
 
 EXTRA_IDS = 40  # ids the model knows beyond its tokenizer's
 

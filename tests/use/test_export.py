@@ -15,7 +15,7 @@ from talm.model.config import ModelConfig
 from talm.model.gpt import GPT
 from talm.tokenizer.api import Tokenizer
 from talm.tokenizer.api import train as train_tokenizer
-from talm.use.export import export_hf, push_to_hub
+from talm.use.export import export_checkpoint, export_hf, push_to_hub
 from talm.use.sample import generate_ids
 
 transformers = pytest.importorskip("transformers")
@@ -283,6 +283,30 @@ def test_push_without_a_token(
 def test_push_with_a_bad_repo_id(tmp_path: Path, fake_hub: type[FakeHfApi]) -> None:
     with pytest.raises(TalmError, match="not a valid repo id"):
         push_to_hub(tmp_path, "not a/valid//id")
+
+
+def test_export_checkpoint_checks_the_hub_before_loading_then_exports(
+    tiny_model_dir: Path, tmp_path: Path, fake_hub: type[FakeHfApi], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "export"
+    with pytest.raises(TalmError, match="not a valid repo id"):
+        export_checkpoint(tiny_model_dir, out, hub_repo="not a/valid//id")
+    with pytest.raises(TalmError, match="unknown dtype 'int8'"):
+        export_checkpoint(tiny_model_dir, out, dtype="int8")
+    with pytest.raises(TalmError, match="would replace the model being exported"):
+        export_checkpoint(tiny_model_dir, tiny_model_dir, overwrite=True)
+    assert not out.exists()
+    exported = export_checkpoint(tiny_model_dir, out, checkpoint="best", hub_repo="someone/tiny")
+    assert exported.path == out and (out / "model.safetensors").is_file()
+    assert (
+        exported.hub_token == "hf_test_token"
+        and exported.meta["step"]
+        == json.loads((tiny_model_dir / "best" / "checkpoint.json").read_text())["step"]
+    )
+    from talm.use.load import load
+
+    assert exported.num_params == load(tiny_model_dir, device="cpu")[0].num_params()
+    assert fake_hub.calls == []  # pushing is the caller's next step
 
 
 @pytest.mark.parametrize("error", [ConnectionError("Name or service not known"), TimeoutError("timed out")])

@@ -11,12 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from talm.cli.common import ArgumentParser, HelpFormatter, run_main
 from talm.errors import TalmError
-
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+from talm.use.config import DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dtype",
         default="float32",
-        choices=DTYPE_CHOICES,
+        choices=DTYPES,
         help="dtype of the exported weights (default: float32)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
@@ -59,23 +57,22 @@ def main(argv: Sequence[str] | None = None) -> None:
 def run(args: argparse.Namespace) -> None:
     if args.private and not args.push_to_hub:
         raise TalmError("--private only applies to --push-to-hub REPO_ID: add it, or leave out --private")
-    from talm.use.export import check_export_dir, check_repo_id, export_hf, hub_token, push_to_hub
-    from talm.use.load import load_checkpoint
+    from talm.use.export import export_checkpoint, push_to_hub
 
-    out = Path(args.output)
-    # everything that can be refused is refused before any work
-    check_export_dir(out, args.overwrite, source=args.model)
-    token = None
-    if args.push_to_hub:
-        check_repo_id(args.push_to_hub)
-        token = hub_token()
-    model, tokenizer, meta = load_checkpoint(args.model, args.checkpoint, "cpu")
-    export_hf(model, tokenizer, out, dtype=args.dtype, overwrite=args.overwrite, meta=meta)
+    exported = export_checkpoint(
+        args.model,
+        args.output,
+        checkpoint=args.checkpoint,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        hub_repo=args.push_to_hub,
+    )
+    out = exported.path
     print(
-        f"exported {args.model} (step {meta.get('step')}, {model.num_params():,} parameters, {args.dtype}) to "
-        f"{out}/: load it with transformers' AutoModelForCausalLM.from_pretrained({str(out)!r})",
+        f"exported {args.model} (step {exported.meta.get('step')}, {exported.num_params:,} parameters, "
+        f"{args.dtype}) to {out}/: load it with transformers' AutoModelForCausalLM.from_pretrained({str(out)!r})",
         file=sys.stderr,
     )
     if args.push_to_hub:
-        url = push_to_hub(out, args.push_to_hub, private=args.private, token=token)
+        url = push_to_hub(out, args.push_to_hub, private=args.private, token=exported.hub_token)
         print(f"pushed {out}/ to {url}", file=sys.stderr)

@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from talm.cli.common import ArgumentParser, HelpFormatter, add_config_flags, collect_config_flags, run_main
 from talm.config import validate
@@ -75,31 +75,38 @@ def main(argv: Sequence[str] | None = None) -> None:
 def run(args: argparse.Namespace, names: dict[str, str]) -> None:
     config = validate(SampleConfig, collect_config_flags(args, SampleConfig), names)
     # these import torch: after validation
-    from talm.use.load import load_checkpoint
-    from talm.use.sample import GenerationStats, encode_prompt
+    from talm.use.load import describe_checkpoint, load_checkpoint
+    from talm.use.sample import GenerationStats, prepare_prompt
 
     model, tokenizer, meta = load_checkpoint(args.model, args.checkpoint, args.device)
     device = next(model.parameters()).device
+    context = model.config.context_length
+
+    def prepare(texts: list[str]) -> list[tuple[str, list[int]]]:
+        """Every prompt's ids (a bad prompt refuses them all), then a note for each prompt that was cut."""
+        prepared = [prepare_prompt(tokenizer, t, context, allow_special=args.allow_special) for t in texts]
+        for _, notice in prepared:
+            if notice:
+                print(f"note: {notice}", file=sys.stderr)
+        return [(text, ids) for text, (ids, _) in zip(texts, prepared, strict=True)]
+
     stats = GenerationStats()
     start = time.perf_counter()
     if args.prompt is not None:
-        prompts = [
-            (text, encode_prompt(tokenizer, text, allow_special=args.allow_special)) for text in args.prompt
-        ]
-        generate_and_print(model, tokenizer, prompts, config, stats, echo=True)
+        generate_and_print(model, tokenizer, prepare(args.prompt), config, stats, echo=True)
     else:
         print(
-            f"{describe(args.model, meta)}: type a prompt and press Enter; an empty line or Ctrl-D ends",
+            f"{describe_checkpoint(args.model, meta)}: type a prompt and press Enter; an empty line or Ctrl-D ends",
             file=sys.stderr,
         )
         while (text := read_prompt()) is not None:
             try:
-                ids = encode_prompt(tokenizer, text, allow_special=args.allow_special)
+                prompts = prepare([text])
             except TalmError as err:  # a bad prompt ends nothing: say why, ask for the next one
                 print(f"error: {err}", file=sys.stderr, flush=True)
                 continue
             try:
-                generate_and_print(model, tokenizer, [(text, ids)], config, stats, echo=False)
+                generate_and_print(model, tokenizer, prompts, config, stats, echo=False)
             except KeyboardInterrupt:
                 print("\n[stopped]", flush=True)
     seconds = time.perf_counter() - start
@@ -108,18 +115,6 @@ def run(args: argparse.Namespace, names: dict[str, str]) -> None:
         f"on {device}",
         file=sys.stderr,
     )
-
-
-def describe(model: str, meta: dict[str, Any]) -> str:
-    """`models/NAME (step 500, 8,192,000 training tokens, val bits/byte 1.712)`"""
-    facts = []
-    if isinstance(meta.get("step"), int):
-        facts.append(f"step {meta['step']}")
-    if isinstance(meta.get("tokens_seen"), int):
-        facts.append(f"{meta['tokens_seen']:,} training tokens")
-    if isinstance(meta.get("val_bpb"), (int, float)):
-        facts.append(f"val bits/byte {meta['val_bpb']:.3f}")
-    return f"{model} ({', '.join(facts)})" if facts else model
 
 
 def read_prompt() -> str | None:
@@ -147,20 +142,14 @@ def generate_and_print(
     *,
     echo: bool,
 ) -> None:
-    """Generate every prompt's samples in one batch and write them to stdout, one after the other."""
-    from talm.use.sample import cut_notice, fit_prompt, stream_samples
+    """Generate every prompt's samples in one batch (prompts as `prepare_prompt` gives them) and write them to
+    stdout, one after the other, each after its prompt's text if `echo`."""
+    from talm.use.sample import stream_samples
 
-    context = model.config.context_length
-    fitted = []
-    for _, ids in prompts:
-        kept, cut = fit_prompt(ids, context)
-        if cut:
-            print(f"note: {cut_notice(cut, len(ids), context)}", file=sys.stderr)
-        fitted.append(kept)
     texts = [text for text, _ in prompts for _ in range(config.num_samples)]
     started = -1
     out = sys.stdout
-    for row, piece in stream_samples(model, tokenizer, fitted, config, stats=stats):
+    for row, piece in stream_samples(model, tokenizer, [ids for _, ids in prompts], config, stats=stats):
         if row != started:
             if row > 0:
                 out.write(SEPARATOR + "\n")

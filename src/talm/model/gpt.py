@@ -2,10 +2,10 @@
 
 Token embedding -> n_layer pre-norm blocks (RMSNorm, causal self-attention with rotary position embeddings and
 optional grouped-query attention, SwiGLU MLP) -> RMSNorm -> output layer. No biases anywhere. This is the
-Llama layout, so the weights map one to one onto Hugging Face's `LlamaForCausalLM` (see `export.py`).
+Llama layout, so the weights map one to one onto Hugging Face's `LlamaForCausalLM` (see `talm.use.export`).
 
 Optimizers, distributed wrappers and files live elsewhere; this file only says what the network computes.
-`KVCache` lets generation feed one new token at a time instead of the whole sequence.
+`KVCache` lets generation (`talm.use.sample`) feed one new token at a time instead of the whole sequence.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
-        # One matmul for queries, keys and values; export.py splits it into Llama's q/k/v projections.
+        # One matmul for queries, keys and values; the export splits it into Llama's q/k/v projections.
         self.qkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
         self.proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
         self.dropout = config.dropout
@@ -115,7 +115,7 @@ class SwiGLU(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.hidden = config.hidden_dim
-        # Gate and up projections in one matmul; export.py splits them.
+        # Gate and up projections in one matmul; the export splits them.
         self.gate_up = nn.Linear(config.d_model, 2 * self.hidden, bias=False)
         self.down = nn.Linear(self.hidden, config.d_model, bias=False)
 
@@ -133,7 +133,14 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, mask, cache):
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, mask, cache))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
@@ -142,7 +149,6 @@ class GPT(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.vocab_size = config.vocab_size
         self.tok_emb = nn.Embedding(config.padded_vocab_size, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
@@ -166,9 +172,6 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std)
             else:
                 nn.init.ones_(p)  # the RMSNorm gains
-        for name in ("rope_cos", "rope_sin"):  # buffers are lost when a model is built on the meta device
-            table = rope_tables(self.config.head_dim, self.config.context_length, self.config.rope_theta)
-            getattr(self, name).copy_(table[0] if name == "rope_cos" else table[1])
 
     def num_params(self, *, embeddings: bool = True) -> int:
         """Parameter count (shared tensors counted once); without the token embedding if `embeddings=False`."""
@@ -182,11 +185,9 @@ class GPT(nn.Module):
         tied embeddings the same matrix is still the output layer's, and counted as such."""
         c = self.config
         t = seq_len or c.context_length
-        matmul_params = self.num_params(
-            embeddings=False
-        )  # without the token embedding (shared: counted once)
-        if c.tie_embeddings:
-            matmul_params += self.lm_head.weight.numel()  # the shared matrix is the output layer's weight too
+        matmul_params = self.num_params(embeddings=False)
+        if c.tie_embeddings:  # the shared matrix, left out with the embedding, is the output layer's too
+            matmul_params += self.lm_head.weight.numel()
         return 6 * matmul_params + 12 * c.n_layer * c.d_model * t
 
     def forward(
@@ -221,7 +222,8 @@ class GPT(nn.Module):
         x = self.dropout(self.tok_emb(idx))
         for block in self.blocks:
             x = block(x, cos, sin, mask, cache)
-        logits = self.lm_head(self.norm(x))[..., : self.vocab_size]
+        # The embedding's padding rows are never a token: their logits are cut off.
+        logits = self.lm_head(self.norm(x))[..., : self.config.vocab_size]
         if cache is not None:
             cache.length += T
         loss = None

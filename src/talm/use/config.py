@@ -8,6 +8,10 @@ from pydantic import (
 
 from talm.config import Config, Seed
 
+# The dtypes a model's weights can be exported (and benchmarked) in, by their torch names. Plain strings, so the
+# command line can offer them without importing torch.
+DTYPES = ("float32", "bfloat16", "float16")
+
 # ================================================================================================================
 # Using the model (sample.py, export.py, metrics plots, cli/generate.py, cli/export_model.py)
 # ================================================================================================================

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -38,13 +39,9 @@ from talm.errors import TalmError
 from talm.files import check_writable_dir, replace_dir, staging_dir
 from talm.model.config import ModelConfig
 from talm.model.gpt import GPT
-from talm.use.load import check_vocab
-
-if TYPE_CHECKING:
-    from talm.tokenizer.api import Tokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-EOT = "<|endoftext|>"
+from talm.tokenizer.api import EOT, Tokenizer
+from talm.use.config import DTYPES
+from talm.use.load import check_vocab, load_checkpoint
 
 
 def hf_config(config: ModelConfig, eot_id: int, dtype: str) -> dict[str, Any]:
@@ -185,8 +182,7 @@ def export_hf(
     """
     out_dir = Path(out_dir)
     check_export_dir(out_dir, overwrite)
-    if dtype not in DTYPES:
-        raise TalmError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    check_dtype(dtype)
     check_vocab(model, tokenizer, "the model")
     tmp = staging_dir(out_dir)
     try:
@@ -196,7 +192,9 @@ def export_hf(
             {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id},
         )
         save_file(
-            hf_state_dict(model, DTYPES[dtype]), str(tmp / "model.safetensors"), metadata={"format": "pt"}
+            hf_state_dict(model, getattr(torch, dtype)),
+            str(tmp / "model.safetensors"),
+            metadata={"format": "pt"},
         )
         write_tokenizer_files(tokenizer, tmp, model.config.context_length)
         (tmp / "README.md").write_text(model_card(out_dir.name, model, tokenizer, meta), encoding="utf-8")
@@ -214,6 +212,11 @@ def export_hf(
 
 
 INSTEAD = "choose another -o/--output"
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise TalmError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
 
 
 def check_export_dir(out_dir: Path, overwrite: bool, *, source: str | Path | None = None) -> None:
@@ -321,6 +324,45 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, toke
             raise TalmError(f"the Hub refused the upload to {repo_id!r}: {first_line}") from None
         raise
     return str(getattr(repo, "url", f"https://huggingface.co/{repo_id}"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A trained model directory, start to end (what `export_model` runs)
+
+
+@dataclass
+class Exported:
+    path: Path  # the export directory written
+    meta: dict[str, Any]  # the exported checkpoint's checkpoint.json
+    num_params: int
+    hub_token: str | None = None  # the token checked before the export, for `push_to_hub`
+
+
+def export_checkpoint(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    checkpoint: str = "latest",
+    dtype: str = "float32",
+    overwrite: bool = False,
+    hub_repo: str | None = None,
+) -> Exported:
+    """Export checkpoint `checkpoint` ("latest", "best" or a path) of the trained model `model_dir` to `out_dir`
+    (see `export_hf`). Everything that can be refused is refused before the model is loaded: an output that
+    cannot or must not be written (the model directory itself included), an unknown dtype and, when the export
+    is to be pushed to `hub_repo`, a bad repo id or a missing token. Then push it with
+    `push_to_hub(exported.path, hub_repo, token=exported.hub_token)`.
+    """
+    out_dir = Path(out_dir)
+    check_export_dir(out_dir, overwrite, source=model_dir)
+    check_dtype(dtype)
+    token = None
+    if hub_repo:
+        check_repo_id(hub_repo)
+        token = hub_token()
+    model, tokenizer, meta = load_checkpoint(model_dir, checkpoint, "cpu")
+    export_hf(model, tokenizer, out_dir, dtype=dtype, overwrite=overwrite, meta=meta)
+    return Exported(out_dir, meta, model.num_params(), token)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -84,3 +84,16 @@ def load(
     """
     model, tokenizer, _ = load_checkpoint(model_dir, checkpoint, device)
     return model, tokenizer
+
+
+def describe_checkpoint(name: str, meta: dict[str, Any]) -> str:
+    """`name` with what checkpoint.json says of its training, as one line:
+    `models/NAME (step 500, 8,192,000 training tokens, val bits/byte 1.712)`."""
+    facts = []
+    if isinstance(meta.get("step"), int):
+        facts.append(f"step {meta['step']}")
+    if isinstance(meta.get("tokens_seen"), int):
+        facts.append(f"{meta['tokens_seen']:,} training tokens")
+    if isinstance(meta.get("val_bpb"), (int, float)):
+        facts.append(f"val bits/byte {meta['val_bpb']:.3f}")
+    return f"{name} ({', '.join(facts)})" if facts else name

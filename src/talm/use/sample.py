@@ -9,10 +9,13 @@ Context limit: a row's window is its last `context_length` tokens. When the wind
 is dropped and the cache is rebuilt from the rest, so generation can go on past the context length. Both modes
 follow the same rule, so they stay identical however long the generation.
 
-`generate` is the text API (`talm.generate`): a prompt in, pieces of text out as they are generated, with a
-multi-byte character that spans several tokens held back until it is complete (`TextStream`).
-Loading a trained model (`load`, `load_checkpoint`: `talm.load`) lives in `talm.use.load`; the names are
-re-exported here for `talm.load` and existing callers.
+`prepare_prompt` turns a prompt's text into the token ids to generate from: encoded (`encode_prompt`) and cut
+to the model's context, with the notice to show when it was cut. `generate` (`talm.generate`) and the
+`generate` command both go through it.
+
+`generate` is the text API: a prompt in, pieces of text out as they are generated, with a multi-byte character
+that spans several tokens held back until it is complete (`IncrementalDecoder`). Loading a trained model
+(`talm.load`) is `talm.use.load`'s.
 """
 
 from __future__ import annotations
@@ -28,8 +31,6 @@ from talm.model.gpt import GPT, KVCache
 from talm.tokenizer.api import Tokenizer
 from talm.use.config import SampleConfig
 from talm.use.load import check_vocab
-from talm.use.load import load as load
-from talm.use.load import load_checkpoint as load_checkpoint
 
 FINISHED = -1  # what generate_ids yields for a row that already ended with <|endoftext|>
 
@@ -216,15 +217,24 @@ def fit_prompt(ids: list[int], context_length: int) -> tuple[list[int], int]:
     return ids[cut:], cut
 
 
-def cut_notice(cut: int, length: int, context_length: int) -> str:
-    return (
-        f"prompt is {length} tokens, longer than the model's context of {context_length}: "
-        f"its first {cut} tokens are left out"
-    )
+def prepare_prompt(
+    tokenizer: Tokenizer, prompt: str, context_length: int, *, allow_special: bool = False
+) -> tuple[list[int], str | None]:
+    """The token ids to generate `prompt`'s continuation from (`encode_prompt`, cut from the left to the
+    context), and, when its start had to be cut, the one-line notice saying so (else None)."""
+    ids = encode_prompt(tokenizer, prompt, allow_special=allow_special)
+    kept, cut = fit_prompt(ids, context_length)
+    notice = None
+    if cut:
+        notice = (
+            f"prompt is {len(ids)} tokens, longer than the model's context of {context_length}: "
+            f"its first {cut} tokens are left out"
+        )
+    return kept, notice
 
 
-class TextStream:
-    """Turns generated token ids into text as soon as it is printable.
+class IncrementalDecoder:
+    """Turns generated token ids, one at a time, into text as soon as it is printable.
 
     Byte-level tokens can end in the middle of a multi-byte UTF-8 character; such a token decodes to a trailing
     U+FFFD. Its text is held back until the next tokens complete the character (at most 3 more: a UTF-8
@@ -263,7 +273,7 @@ def stream_samples(
     use_cache: bool = True,
     stats: GenerationStats | None = None,
 ) -> Iterator[tuple[int, str | None]]:
-    """Generate `config.num_samples` continuations of each prompt (token ids, fitted to the context) in one
+    """Generate `config.num_samples` continuations of each prompt (token ids: see `prepare_prompt`) in one
     batch, and yield (row, text) pieces row after row: row 0's text as it is generated, then row 1's (what was
     generated meanwhile at once, the rest as it comes), ... Each row ends with (row, None).
 
@@ -272,7 +282,7 @@ def stream_samples(
     """
     check_vocab(model, tokenizer, "the model")
     rows = [list(p) for p in prompts for _ in range(config.num_samples)]
-    streams = [TextStream(tokenizer) for _ in rows]
+    decoders = [IncrementalDecoder(tokenizer) for _ in rows]
     buffered: list[list[str]] = [[] for _ in rows]
     ended = [False] * len(rows)
     current = 0  # the row being shown
@@ -308,16 +318,16 @@ def stream_samples(
                 stats.tokens += 1
             if token == tokenizer.eot_id:
                 ended[b] = True
-                text = streams[b].flush()
+                text = decoders[b].flush()
             else:
-                text = streams[b].push(token)
+                text = decoders[b].push(token)
             if text:
                 buffered[b].append(text)
         yield from drain()
     for b in range(len(rows)):  # the token budget ran out
         if not ended[b]:
             ended[b] = True
-            text = streams[b].flush()
+            text = decoders[b].flush()
             if text:
                 buffered[b].append(text)
     yield from drain()
@@ -345,10 +355,9 @@ def generate(
     config = SampleConfig(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
     )
-    ids = encode_prompt(tokenizer, prompt, allow_special=allow_special)
-    ids, cut = fit_prompt(ids, model.config.context_length)
-    if cut:
-        warnings.warn(cut_notice(cut, len(ids) + cut, model.config.context_length), stacklevel=2)
+    ids, notice = prepare_prompt(tokenizer, prompt, model.config.context_length, allow_special=allow_special)
+    if notice:
+        warnings.warn(notice, stacklevel=2)
     for _, piece in stream_samples(model, tokenizer, [ids], config):
         if piece is not None:
             yield piece
