@@ -14,7 +14,7 @@ from talm.errors import TalmError
 from talm.model.config import ModelConfig
 from talm.model.gpt import GPT
 from talm.tokenizer.api import Tokenizer
-from talm.tokenizer.api import train as train_tokenizer
+from talm.tokenizer.train import train as train_tokenizer
 from talm.use.export import export_checkpoint, export_hf, push_to_hub
 from talm.use.sample import generate_ids
 

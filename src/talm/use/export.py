@@ -39,7 +39,8 @@ from talm.errors import TalmError
 from talm.files import check_writable_dir, replace_dir, staging_dir
 from talm.model.config import ModelConfig
 from talm.model.gpt import GPT
-from talm.tokenizer.api import EOT, Tokenizer
+from talm.tokenizer.api import Tokenizer
+from talm.tokenizer.formats import EOT
 from talm.use.config import DTYPES
 from talm.use.load import check_vocab, load_checkpoint
 
