@@ -316,12 +316,13 @@ def test_disk_full_then_resume(
 def test_repeated_ctrl_c_then_resume_is_byte_identical(
     project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import talm.data.corpus
+    import talm.data.prepare
+    import talm.data.streaming
     import talm.data.writer
 
     # small reads and batches, so that shards end inside batches and runs resume mid-stream
-    monkeypatch.setattr(talm.data.corpus, "ROWS_PER_READ", 32)
-    monkeypatch.setattr(talm.data.writer, "BATCH_BYTES", 20_000)
+    monkeypatch.setattr(talm.data.streaming, "ROWS_PER_READ", 32)
+    monkeypatch.setattr(talm.data.prepare, "BATCH_BYTES", 20_000)
     texts = sample_texts(1500)
     write_hub_repo(
         project, "HuggingFaceFW/fineweb", {"sample-10BT": [fineweb_table(texts[i::3]) for i in range(3)]}
@@ -574,7 +575,7 @@ def test_unreadable_data_files_say_which_file_where_and_the_fix(
 NUM_PROC = """
 import os
 from talm.data.config import DownloadConfig
-from talm.data.writer import prepare
+from talm.data.prepare import prepare
 prepare(DownloadConfig(dataset="tinyshakespeare", num_proc=1), progress=False)
 print(len(os.sched_getaffinity(0)))
 """

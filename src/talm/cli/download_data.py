@@ -1,7 +1,7 @@
 """`download_data DATASET [--ds-sample S] [-t TOKENIZER] ...`: stream a corpus into token shards.
 
-Writes data/DATASET/[PREFIX_]SAMPLE/ (shards + meta.json, see talm.data.writer), resumes an interrupted run, and ends
-with one summary line. All the work is `talm.data.writer.prepare`; this module only parses and reports.
+Writes data/DATASET/[PREFIX_]SAMPLE/ (shards + meta.json, see talm.data.manifest), resumes an interrupted run, and
+ends with one summary line. All the work is `talm.data.prepare.prepare`; this module only parses and reports.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from talm.data.config import DATASET_PRESETS, DownloadConfig
 
 
 def run(cfg: DownloadConfig) -> None:
-    from talm.data.writer import prepare
+    from talm.data.prepare import prepare
 
     try:
         result = prepare(cfg, progress=sys.stderr.isatty() or os.environ.get("TALM_PROGRESS") == "1")
@@ -25,14 +25,9 @@ def run(cfg: DownloadConfig) -> None:
             file=sys.stderr,
         )
         raise
-    totals = result.manifest["totals"]
-    splits = {
-        split: sum(s["tokens"] for s in result.manifest["shards"] if s["split"] == split)
-        for split in ("train", "val")
-    }
     layout = (
-        f"{len(result.manifest['shards'])} shards, {splits['train']:,} train + {splits['val']:,} val tokens, "
-        f"{totals['documents']:,} documents"
+        f"{len(result.manifest['shards'])} shards, {result.split_tokens('train'):,} train + "
+        f"{result.split_tokens('val'):,} val tokens, {result.manifest['totals']['documents']:,} documents"
     )
     if result.status == "complete":
         print(f"{result.out_dir} is already complete ({layout}): nothing to do (--overwrite starts afresh)")

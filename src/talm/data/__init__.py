@@ -1,1 +1,2 @@
-"""Stage 2, text to token shards (no torch): sources and streaming, the data-directory format, the shard writer."""
+"""Stage 2, text to token shards (no torch): config, sources (what to read) and streaming (reading it), the
+data-directory format (manifest), the shard writer (writer, shard_dir) and the whole stage (prepare)."""

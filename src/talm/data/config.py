@@ -16,7 +16,7 @@ from talm.config import Config, FlagType, PathField
 from talm.errors import TalmError
 
 # ================================================================================================================
-# Data stage (corpus.py, shards.py, cli/download_data.py)
+# Data stage (sources.py, streaming.py, prepare.py, cli/download_data.py)
 # ================================================================================================================
 
 # Every Common Crawl dump is a config of fineweb / fineweb-edu, named like CC-MAIN-2024-10.

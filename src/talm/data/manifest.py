@@ -1,9 +1,30 @@
 """The one definition of a talm data directory: its file names, its manifest (meta.json) and its shards.
 
-A data directory holds 1-D `.npy` shards of token ids and a manifest per worker (`meta.json`, or
-`meta.wIII-of-WWW.json` when several workers fill it) listing them: format, tokenizer, dtype, and per shard its
-file, split, token, document and UTF-8 byte counts. The writer (shards.py), the reader (`read_data`, used by the
-loader) and the tests all name files and check shards through this module.
+A data directory (data/<dataset>/<[prefix_]sample>/) holds 1-D `.npy` shards of token ids (the tokenizer's
+token_dtype; every document preceded by <|endoftext|>) and a manifest per worker (`meta.json`, or
+`meta.wIII-of-WWW.json` when several workers fill it) listing them. The writer (writer.py, shard_dir.py), the
+reader (`read_data`, used by the training loader) and the tests all name files, build, read and check manifests
+and shards through this module, so the format is defined here and nowhere else.
+
+The manifest, a JSON object (written with `manifest_bytes`, read with `read_manifest`):
+
+    format        FORMAT ("talm.shards/1")
+    dataset, source, config, text_column, files    the text source (`sources.TextSource`)
+    tokenizer     {path, fingerprint, vocab_size, eot_id}
+    dtype         numpy dtype name of the shards' token ids
+    shard_size    tokens per shard (the last shard of each split may hold fewer)
+    worker        {index, count}: which worker's manifest this is
+    val_tokens, max_tokens   this worker's share of the validation split / training tokens (None: no limit)
+    arguments     what made the data; a rerun with other arguments is refused
+    shards        [{file, split ("val" | "train"), tokens, documents, bytes, resume}] in stream order
+    totals        {tokens, documents, bytes, empty_documents} of the listed shards
+    resume        None once complete, else a `resume_point`: where the stream stands after the last shard
+    complete      True once the stream (or max_tokens) ended and its last shard is listed
+
+A resume point is {stream_state, skip_tokens, split, empty_documents}: the stream position before the batch
+that the next shard starts in (`TextStream.state_dict()`), how many tokens of that batch are already in shards,
+which split is being filled, and the empty documents counted so far. Each shard entry records the resume point
+after it too, so a damaged later shard can be made again from there, identically.
 
 This module imports no torch.
 """
@@ -33,6 +54,11 @@ def manifest_name(tag: str) -> str:
     return f"meta{tag}.json"
 
 
+def lock_name(tag: str) -> str:
+    """The worker's run lock (`talm.files.RunLock`): one per tag, so the workers of a layout may run at once."""
+    return f".talm{tag}.lock"
+
+
 def shard_name(split: str, index: int, tag: str) -> str:
     return f"{split}{tag}_{index:06d}.npy"
 
@@ -47,6 +73,100 @@ def layout(manifest: str) -> int:
 def manifest_paths(data_dir: Path) -> list[Path]:
     """Every manifest file of a data directory, sorted by name."""
     return sorted(p for p in data_dir.glob("meta*.json") if MANIFEST_RE.fullmatch(p.name))
+
+
+def _files_re(tag: str) -> re.Pattern[str]:
+    """Shards and manifests with a tag matching the regex `tag`, and their temp files (`talm.files.temp_path`)."""
+    return re.compile(rf"\.?(val|train){tag}_\d{{6}}\.npy(\.tmp)?|\.?meta{tag}\.json(\.tmp)?")
+
+
+def worker_files_re(tag: str) -> re.Pattern[str]:
+    """One worker's files (never another worker's): its shards, its manifest and their temp files."""
+    return _files_re(re.escape(tag))
+
+
+def layout_files_re(manifest: str) -> re.Pattern[str]:
+    """Every file of the worker layout a manifest name belongs to (all workers' shards, manifests, temps)."""
+    match = MANIFEST_RE.fullmatch(manifest)
+    assert match
+    return _files_re("" if match.group(1) is None else rf"\.w\d{{3,}}-of-{match.group(2)}")
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def manifest_header(
+    source: dict[str, Any],
+    *,
+    dtype: np.dtype,
+    shard_size: int,
+    worker_index: int,
+    num_workers: int,
+    val_tokens: int,
+    max_tokens: int | None,
+    arguments: dict[str, Any],
+) -> dict[str, Any]:
+    """The manifest's fixed part; `source` holds dataset, source, config, text_column, files and tokenizer."""
+    return {
+        "format": FORMAT,
+        **source,
+        "dtype": dtype.name,
+        "shard_size": shard_size,
+        "worker": {"index": worker_index, "count": num_workers},
+        "val_tokens": val_tokens,
+        "max_tokens": max_tokens,
+        "arguments": arguments,
+    }
+
+
+def resume_point(
+    stream_state: dict[str, Any] | None, skip_tokens: int, split: str, empty_documents: int
+) -> dict[str, Any]:
+    return {
+        "stream_state": stream_state,
+        "skip_tokens": skip_tokens,
+        "split": split,
+        "empty_documents": empty_documents,
+    }
+
+
+def shard_entry(file: str, split: str, tokens: int, documents: int, nbytes: int) -> dict[str, Any]:
+    """A shard's manifest entry (its "resume" is added once the resume point after it is known)."""
+    return {"file": file, "split": split, "tokens": tokens, "documents": documents, "bytes": nbytes}
+
+
+def build_manifest(
+    header: dict[str, Any],
+    shards: list[dict[str, Any]],
+    *,
+    resume: dict[str, Any] | None,
+    empty_documents: int,
+) -> dict[str, Any]:
+    """The whole manifest: header, shards, their totals; complete exactly when there is no resume point."""
+    return {
+        **header,
+        "shards": shards,
+        "totals": {
+            "tokens": sum(s["tokens"] for s in shards),
+            "documents": sum(s["documents"] for s in shards),
+            "bytes": sum(s["bytes"] for s in shards),
+            "empty_documents": empty_documents,
+        },
+        "resume": resume,
+        "complete": resume is None,
+    }
+
+
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    return (json.dumps(manifest, indent=1) + "\n").encode("utf-8")
+
+
+def read_previous(path: Path) -> dict[str, Any]:
+    """A worker's own manifest, read back by the writer to resume; TalmError with the way out if unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise TalmError(f"{str(path)!r} is unreadable ({err}): pass --overwrite to start afresh") from None
 
 
 # ------------------------------------------------------------------------------------------------ shards

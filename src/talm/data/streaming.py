@@ -1,34 +1,28 @@
-"""Where the text comes from: dataset presets resolved to a resumable stream of documents' texts.
+"""Reading a `TextSource`: a resumable stream of documents' texts, optionally one worker's part of it.
 
 Everything is read with Hugging Face `datasets` in streaming mode, so a sample of hundreds of GB is never
-downloaded first: Hub repos (or a local directory laid out like the repo, e.g. ./HuggingFaceFW/fineweb, which
-`datasets` prefers over the Hub), the shipped tiny-shakespeare.txt, and the user's own files. The stream yields
-batches of texts together with the stream position after them (`IterableDataset.state_dict()`), which is what
-makes an interrupted run resumable. No tokenizing happens here.
+downloaded first. The stream yields batches of texts together with the stream position after them
+(`IterableDataset.state_dict()`), which is what makes an interrupted run resumable. `datasets`' failures (no
+network, no such repo or config, unparsable content) become one-line TalmErrors. No tokenizing happens here.
 """
 
 from __future__ import annotations
 
 import copy
-import glob
-import json
 import os
 import re
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from talm.data.config import DownloadConfig
+from talm.data.sources import TextSource, describe_bad_content
 from talm.errors import TalmError
 
-# File types --data-files accepts, by suffix, and the `datasets` builder that reads each.
-_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}
-_COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz", ".lz4")
 # A quick look at the Hub before streaming from it: datasets would otherwise retry for tens of seconds.
 _HUB_PROBE_TIMEOUT_S = 10
 ROWS_PER_READ = 1024  # rows per Arrow batch taken from `datasets`; texts are then grouped by bytes
@@ -37,119 +31,6 @@ ROWS_PER_READ = 1024  # rows per Arrow batch taken from `datasets`; texts are th
 class SourceDataError(TalmError):
     """The source's own content cannot be read (not UTF-8, a broken JSON line, ...): the message names the file,
     the place and the fix."""
-
-
-@dataclass
-class TextSource:
-    """A resolved text source: what to pass to `datasets.load_dataset`, and how to name it in the manifest."""
-
-    dataset: str  # the name the user typed (fineweb, tinyshakespeare, mycorpus)
-    source: str  # hub repo id, or the file(s) read
-    config: str  # config (subset) name
-    text_column: str
-    load_args: dict[str, Any] = field(default_factory=dict)  # for datasets.load_dataset(**load_args)
-    from_hub: bool = False  # streamed from the Hub unless a local directory with the repo's name exists
-    files: list[str] = field(default_factory=list)  # local files read (for the manifest), sorted
-
-    def describe(self) -> dict[str, Any]:
-        """What identifies this stream in a manifest: a rerun must read exactly the same one."""
-        return {
-            "source": self.source,
-            "config": self.config,
-            "text_column": self.text_column,
-            "files": self.files,
-        }
-
-
-def _builder_for(path: str) -> str | None:
-    name = path.lower()
-    for suffix in _COMPRESSIONS:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    return _BUILDERS.get(os.path.splitext(name)[1])
-
-
-def expand_data_files(patterns: list[str]) -> list[str]:
-    """Files named by paths, globs and directories (searched recursively), sorted so the order is stable."""
-    files: set[str] = set()
-    for pattern in patterns:
-        if os.path.isdir(pattern):
-            found = [
-                p
-                for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
-                if os.path.isfile(p) and _builder_for(p)
-            ]
-            if not found:
-                raise TalmError(
-                    f"--data-files directory {pattern!r} holds no parquet, jsonl, json, csv or txt files: "
-                    "point it at your text files"
-                )
-        else:
-            found = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
-            if not found:
-                raise TalmError(
-                    f"--data-files {pattern!r} matches no file: check the path (relative to here)"
-                )
-        files.update(_display_path(p) for p in found)
-    return sorted(files)
-
-
-def _display_path(path: str) -> str:
-    """Relative to the current directory when inside it (the manifest stays valid if the project moves)."""
-    relative = os.path.relpath(os.path.abspath(path))
-    return os.path.abspath(path) if relative.startswith("..") else relative
-
-
-def _local_files_source(cfg: DownloadConfig, files: list[str], source: str) -> TextSource:
-    builders = {_builder_for(f) for f in files}
-    if None in builders:
-        bad = next(f for f in files if _builder_for(f) is None)
-        raise TalmError(
-            f"cannot read {bad!r}: --data-files takes .parquet, .jsonl, .json, .csv or .txt files (optionally "
-            "compressed: .gz, .zst, .bz2, .xz)"
-        )
-    if len(builders) > 1:
-        raise TalmError(
-            f"--data-files mixes file types ({', '.join(sorted(b for b in builders if b))}): prepare each type "
-            "separately, e.g. with --dir-prefix"
-        )
-    builder = builders.pop()
-    load_args: dict[str, Any] = {"path": builder, "data_files": files}
-    if builder == "text":
-        # A plain text file holds many documents: passages separated by blank lines become documents.
-        load_args["sample_by"] = "paragraph"
-    return TextSource(
-        dataset=cfg.dataset,
-        source=source,
-        config=cfg.sample,
-        text_column="text" if builder == "text" else cfg.column,
-        load_args=load_args,
-        files=files,
-    )
-
-
-def resolve_source(cfg: DownloadConfig) -> TextSource:
-    """Turn a validated config into a `TextSource` (checks local files; touches no network)."""
-    if cfg.data_files:
-        files = expand_data_files(cfg.data_files)
-        return _local_files_source(cfg, files, source=" ".join(cfg.data_files))
-    preset = cfg.preset
-    assert preset is not None  # DownloadConfig refuses an unknown dataset without --data-files
-    if preset.kind == "file":
-        if not os.path.isfile(preset.source):
-            raise TalmError(
-                f"{preset.source!r} not found in the current directory: run download_data {cfg.dataset} from the "
-                "talm project root (where the file is shipped), or pass your own text with --data-files"
-            )
-        return _local_files_source(cfg, [_display_path(preset.source)], source=preset.source)
-    return TextSource(
-        dataset=cfg.dataset,
-        source=preset.source,
-        config=cfg.sample,
-        text_column=cfg.column,
-        load_args={"path": preset.source, "name": cfg.sample},
-        from_hub=not os.path.isdir(preset.source),
-    )
 
 
 def _hub_unreachable(source: TextSource, why: str) -> TalmError:
@@ -254,92 +135,8 @@ def _reading(source: TextSource, tables: Iterator[Any]) -> Iterator[Any]:
         except TalmError:
             raise
         except (UnicodeError, ValueError) as err:  # pyarrow.ArrowInvalid is a ValueError
-            raise SourceDataError(_describe_bad_content(source, err)) from None
+            raise SourceDataError(describe_bad_content(source, err)) from None
         yield table
-
-
-def _open_local(path: str) -> Any:
-    """A local file for reading its raw (decompressed) bytes, or None for a compression the stdlib lacks."""
-    import bz2
-    import gzip
-    import lzma
-
-    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(os.path.splitext(path)[1].lower())
-    if opener is not None:
-        return opener(path, "rb")
-    if path.lower().endswith(_COMPRESSIONS):
-        return None
-    return open(path, "rb")
-
-
-def text_file_problem(path: str) -> str | None:
-    """The first place where a text file is not UTF-8, said as `talm.tokenizer.api.check_utf8` says it for
-    train_tokenizer (one helper for both stages), or None."""
-    from talm.tokenizer.api import check_utf8
-
-    f = _open_local(path)
-    if f is None:
-        return None
-    with f:
-        try:
-            check_utf8(f, path)
-        except TalmError as err:
-            return str(err)
-    return None
-
-
-def json_lines_problem(path: str) -> str | None:
-    """The first line of a JSON-lines file that is not a JSON object (torn, invalid, not UTF-8), or None."""
-    f = _open_local(path)
-    if f is None:
-        return None
-    with f:
-        number = 0
-        for number, line in enumerate(f, start=1):  # noqa: B007 (used after the loop)
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line.decode("utf-8"))
-                if isinstance(value, dict):
-                    continue
-                why = f"holds a JSON {type(value).__name__}, not an object"
-            except UnicodeDecodeError as err:
-                why = f"is not UTF-8 (invalid byte 0x{line[err.start]:02x} at column {err.start + 1})"
-            except json.JSONDecodeError as err:
-                torn = not line.endswith(b"\n")  # only the last line can lack its newline
-                why = (
-                    f"is cut off (a torn last line: {err.msg}, column {err.colno})"
-                    if torn
-                    else f"is not valid JSON ({err.msg}, column {err.colno})"
-                )
-            return (
-                f"{path!r} line {number} {why}: fix or delete that line (each line must be one JSON object), "
-                "then rerun"
-            )
-    return None
-
-
-def _describe_bad_content(source: TextSource, err: BaseException) -> str:
-    builder = source.load_args.get("path")
-    for path in source.files:
-        if builder == "text":
-            problem = text_file_problem(path)
-        elif builder == "json":
-            problem = json_lines_problem(path)
-            if problem is not None and not path.lower().endswith(".jsonl"):
-                try:  # a .json file may also be one JSON document
-                    f = _open_local(path)
-                    with f:
-                        json.load(f)
-                    problem = None
-                except (OSError, ValueError):
-                    pass
-        else:
-            problem = None
-        if problem is not None:
-            return problem
-    what = f"{len(source.files)} file(s) of --data-files" if source.files else source.source
-    return f"cannot read {what} ({type(err).__name__}: {err}): check that the files are intact and of the type their names say"
 
 
 def _missing_column(source: TextSource, columns: list[str]) -> TalmError:

@@ -1,0 +1,294 @@
+"""The data stage: resolve the source, then read -> tokenize -> write shards, holding the directory's lock.
+
+`prepare(cfg)` is everything `download_data` does (for one worker): it limits the process to --num-proc cores,
+loads the tokenizer, resolves the source (sources.py), and runs `write_shards`, which overlaps reading the
+stream (streaming.py), tokenizing on all cores and writing shards (writer.py) in three threads. A Python caller
+of `prepare` gets exactly what the command line gets, minus the printing.
+
+This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from talm.data.config import DownloadConfig
+from talm.data.manifest import lock_name
+from talm.data.shard_dir import missing_dirs, remove_empty_dirs
+from talm.data.sources import resolve_source
+from talm.data.streaming import SourceDataError, TextStream
+from talm.data.writer import ShardWriter, TokenBatch
+from talm.errors import TalmError
+from talm.files import RunLock, check_writable_dir
+
+BATCH_BYTES = 4 << 20  # text per tokenizer call: large enough to use every core, small enough to bound memory
+
+# ------------------------------------------------------------------------------------------------ pipeline
+
+
+def tokenize_batch(
+    tokenizer: Any, texts: list[str | None], utf8_bytes: np.ndarray, state_before: dict
+) -> TokenBatch:
+    """Encode a batch of texts (all cores, via `Tokenizer.encode_batch`); empty or null texts become
+    zero-length documents, so the writer can count them."""
+    keep = [i for i, t in enumerate(texts) if t]
+    kept = texts if len(keep) == len(texts) else [texts[i] for i in keep]
+    arrays = tokenizer.encode_batch(kept) if kept else []
+    lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+    doc_tokens = np.zeros(len(texts), dtype=np.int64)
+    doc_tokens[keep] = lengths + 1
+    flat = np.concatenate(arrays) if arrays else np.empty(0, dtype=tokenizer.token_dtype)
+    # one vectorised insert of an eot before every document (not a Python list of 2N pieces)
+    tokens = np.insert(flat, np.cumsum(lengths) - lengths, tokenizer.eot_id)
+    return TokenBatch(tokens.astype(tokenizer.token_dtype, copy=False), doc_tokens, utf8_bytes, state_before)
+
+
+@dataclass
+class WriteStats:
+    """What one run of `write_shards` did, for the summary line."""
+
+    tokens: int  # tokens written to shards by this run
+    documents: int  # documents written by this run
+    empty_documents: int  # documents without text, skipped
+    text_bytes: int  # UTF-8 text read by this run
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.text_bytes / 1e6 / max(self.seconds, 1e-9)
+
+
+class _End:
+    """Marks the end of a stage's output (with the exception that ended it, if any)."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _get(q: queue.Queue, stop: threading.Event) -> Any:
+    while not stop.is_set():
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            continue
+    return _End()
+
+
+def write_shards(
+    stream: Any,
+    tokenizer: Any,
+    writer: ShardWriter,
+    *,
+    batch_bytes: int | None = None,
+    queue_batches: int = 3,
+    progress: bool = True,
+) -> WriteStats:
+    """Stream -> tokens -> shards, with reading, tokenizing and writing overlapped in three threads.
+
+    Memory is bounded by the queues: at most `queue_batches` batches of `batch_bytes` text wait at each stage.
+    Resumes from `writer.resume_state` when the writer was loaded from an interrupted run.
+    """
+    from tqdm import tqdm
+
+    if writer.resume_state is not None:
+        stream.load_state_dict(writer.resume_state)
+    texts_q: queue.Queue = queue.Queue(maxsize=queue_batches)
+    tokens_q: queue.Queue = queue.Queue(maxsize=queue_batches)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            before = stream.state_dict()
+            for batch in stream.batches(batch_bytes or BATCH_BYTES):
+                if not _put(texts_q, (batch, before), stop):
+                    return
+                before = batch.state
+            _put(texts_q, _End(), stop)
+        except BaseException as err:  # handed to the main thread, which raises it
+            _put(texts_q, _End(err), stop)
+
+    def tokenize() -> None:
+        try:
+            while True:
+                item = _get(texts_q, stop)
+                if isinstance(item, _End):
+                    _put(tokens_q, item, stop)
+                    return
+                batch, before = item
+                encoded = tokenize_batch(tokenizer, batch.texts, batch.utf8_bytes, before)
+                if not _put(tokens_q, (encoded, int(batch.utf8_bytes.sum()), len(batch.texts)), stop):
+                    return
+        except BaseException as err:
+            _put(tokens_q, _End(err), stop)
+
+    threads = [
+        threading.Thread(target=read, name="talm-read", daemon=True),
+        threading.Thread(target=tokenize, name="talm-tokenize", daemon=True),
+    ]
+    start = time.perf_counter()
+    before = writer.state_dict()["totals"]
+    read_docs = text_bytes = 0
+    total = None if writer.max_tokens is None else writer.max_tokens + writer.val_tokens - before["tokens"]
+    bar = tqdm(
+        total=total, unit="tok", unit_scale=True, desc="tokenizing", disable=not progress, smoothing=0.1
+    )
+    for t in threads:
+        t.start()
+    try:
+        while True:
+            item = _get(tokens_q, stop)
+            if isinstance(item, _End):
+                if item.error is not None:
+                    raise item.error
+                writer.finish()
+                break
+            encoded, n_bytes, n_docs = item
+            done = writer.add(encoded)
+            read_docs += n_docs
+            text_bytes += n_bytes
+            bar.update(len(encoded.tokens))
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix_str(f"{read_docs:,} docs, {text_bytes / 1e6 / elapsed:.1f} MB/s", refresh=False)
+            if done:
+                break
+    finally:
+        stop.set()
+        bar.close()
+        for t in threads:
+            t.join(timeout=5)
+    after = writer.state_dict()["totals"]
+    return WriteStats(
+        tokens=after["tokens"] - before["tokens"],
+        documents=after["documents"] - before["documents"],
+        empty_documents=after["empty_documents"] - before["empty_documents"],
+        text_bytes=text_bytes,
+        seconds=time.perf_counter() - start,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+
+@dataclass
+class PrepareResult:
+    """Outcome of `prepare`: where the data is, whether this run did anything, and its figures."""
+
+    out_dir: Path
+    manifest: dict[str, Any]
+    status: str  # "new", "resume" or "complete" (nothing to do)
+    stats: WriteStats | None
+    repaired: str | None = None  # the damaged shard this run resumed before ("shard 'x.npy' is missing")
+
+    def split_tokens(self, split: str) -> int:
+        """Tokens of a split ("train" or "val") in the directory, from the manifest."""
+        return sum(s["tokens"] for s in self.manifest["shards"] if s["split"] == split)
+
+
+def _share(total: int, workers: int, index: int) -> int:
+    """Worker `index`'s part of `total` when split as evenly as possible."""
+    return total // workers + (1 if index < total % workers else 0)
+
+
+def limit_cores(num_proc: int | None) -> None:
+    """--num-proc N: run this process (and the tokenizer's threads, created later) on N cores."""
+    if num_proc is None or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if num_proc < len(cores):
+        os.sched_setaffinity(0, cores[:num_proc])
+
+
+@contextmanager
+def locked(out_dir: Path, tag: str) -> Iterator[None]:
+    """Hold the data directory's `RunLock` (one per worker tag: the workers of a layout write disjoint files
+    and may run at once) for the whole run. A directory the lock had to create is removed again if the run
+    leaves nothing else in it (a run refused for bad input leaves nothing behind)."""
+    created = missing_dirs(out_dir)
+    lock = RunLock(out_dir, "download_data", name=lock_name(tag))
+    lock.acquire()
+    try:
+        yield
+    finally:
+        if created and {p.name for p in out_dir.iterdir()} <= {lock.path.name}:
+            lock.path.unlink(missing_ok=True)  # still held, so no other run is using it
+            lock.release()
+            remove_empty_dirs(created)
+        else:
+            lock.release()
+
+
+def prepare(cfg: DownloadConfig, *, progress: bool = True) -> PrepareResult:
+    """The whole data stage for one worker: resolve the source, then stream, tokenize and shard it, holding
+    the directory's lock. `cfg.num_proc` limits this process to that many cores."""
+    from talm.tokenizer.api import Tokenizer
+
+    limit_cores(cfg.num_proc)
+    tokenizer = Tokenizer.from_file(cfg.tokenizer_path)
+    source = resolve_source(cfg)
+    workers, index = cfg.num_workers, cfg.worker_index
+    max_tokens = None if cfg.max_tokens is None else _share(cfg.max_tokens, workers, index)
+    if max_tokens == 0:
+        raise TalmError(f"--max-tokens {cfg.max_tokens} is fewer than one token per worker: raise it")
+    tokenizer_info = {
+        "path": str(cfg.tokenizer_path),
+        "fingerprint": tokenizer.fingerprint,
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+    }
+    header = {"dataset": source.dataset, **source.describe(), "tokenizer": tokenizer_info}
+    arguments = {
+        **source.describe(),
+        "tokenizer": tokenizer.fingerprint,
+        "shard_size": cfg.shard_size,
+        "val_tokens": cfg.val_target,
+        "max_tokens": cfg.max_tokens,
+        "num_workers": workers,
+    }
+    writer = ShardWriter(
+        cfg.out_dir,
+        header=header,
+        arguments=arguments,
+        dtype=tokenizer.token_dtype,
+        shard_size=cfg.shard_size,
+        val_tokens=_share(cfg.val_target, workers, index),
+        max_tokens=max_tokens,
+        worker_index=index,
+        num_workers=workers,
+    )
+    check_writable_dir(cfg.out_dir, instead="pass another --data-root")  # before the lock creates it
+    with locked(Path(cfg.out_dir), writer.tag):
+        status = writer.open(overwrite=cfg.overwrite)
+        if status == "complete":
+            return PrepareResult(cfg.out_dir, writer.state_dict(), status, None)
+        stream = TextStream(source, num_workers=workers, worker_index=index)
+        try:
+            stats = write_shards(stream, tokenizer, writer, progress=progress)
+        except SourceDataError:
+            if status == "new" and not writer.repaired:
+                writer.discard()  # nothing usable came of the bad input: leave nothing behind
+            raise
+        return PrepareResult(cfg.out_dir, writer.state_dict(), status, stats, writer.repaired)
