@@ -48,7 +48,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from talm.tokenizer.api import UNICODE_TO_BYTE, Tokenizer
+from talm.tokenizer.api import Tokenizer
+from talm.tokenizer.formats import UNICODE_TO_BYTE
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "tokenizers" / "base.json"

@@ -156,9 +156,9 @@ def _open_local(path: str) -> Any:
 
 
 def text_file_problem(path: str) -> str | None:
-    """The first place where a text file is not UTF-8, said as `talm.tokenizer.api.check_utf8` says it for
+    """The first place where a text file is not UTF-8, said as `talm.tokenizer.textfiles.check_utf8` says it for
     train_tokenizer (one helper for both stages), or None."""
-    from talm.tokenizer.api import check_utf8
+    from talm.tokenizer.textfiles import check_utf8
 
     f = _open_local(path)
     if f is None:
