@@ -1,0 +1,54 @@
+"""The shape of the package (docs/design.md §1): a stage imports only from the stages before it, and modules and
+classes stay small enough to read."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "talm"
+STAGES = ["tokenizer", "data", "model", "train", "use"]
+LEAVES = ["errors", "files", "config"]  # in this order: each may import only the ones before it
+MODULES = sorted(SRC.rglob("*.py"))
+
+
+def talm_imports(path: Path) -> list[str]:
+    """Every talm module `path` imports, at any depth (function-level imports count too)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "talm":
+            out.append(node.module)
+            if node.module == "talm":
+                out += [f"talm.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            out += [a.name for a in node.names if a.name.split(".")[0] == "talm"]
+    return out
+
+
+def part_of(module: str) -> str:
+    """The stage or leaf a dotted module belongs to ("talm.train.loop" -> "train")."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "talm"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(SRC)))
+def test_a_stage_imports_only_from_earlier_stages(path: Path) -> None:
+    here = path.relative_to(SRC).parts
+    owner = here[0] if len(here) > 1 else path.stem
+    if owner in ("cli", "__init__"):
+        return  # the console scripts and the lazy public API may use every stage
+    allowed = LEAVES[: LEAVES.index(owner)] if owner in LEAVES else LEAVES + STAGES[: STAGES.index(owner) + 1]
+    wrong = [m for m in talm_imports(path) if part_of(m) not in allowed]
+    assert not wrong, f"{path.relative_to(SRC)} ({owner}) imports {wrong}: only {allowed} may be imported"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(SRC)))
+def test_modules_and_classes_stay_small(path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
+    assert text.count("\n") <= 400, f"{path.relative_to(SRC)} has {text.count(chr(10))} lines (at most 400)"
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ClassDef):
+            size = node.end_lineno - node.lineno + 1
+            assert size <= 200, f"class {node.name} in {path.relative_to(SRC)} has {size} lines (at most 200)"
