@@ -31,7 +31,8 @@ from talm.config import merge
 from talm.model.gpt import GPT
 from talm.tokenizer.api import Tokenizer
 from talm.train.config import PRESETS, RunConfig
-from talm.train.loop import StopRequest, Trainer
+from talm.train.loop import Trainer
+from talm.train.stop import StopRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}

@@ -19,8 +19,9 @@ from talm.model.config import ModelConfig
 from talm.model.gpt import GPT
 from talm.train.checkpoint import load_model, load_trainer_state, read_meta
 from talm.train.config import RunConfig
-from talm.train.loop import Trainer, resolve_run
+from talm.train.loop import Trainer
 from talm.train.metrics import read_metrics
+from talm.train.run import resolve_run
 
 TINY = {"vocab_size": 1024, "n_layer": 2, "n_head": 2, "d_model": 64, "context_length": 32}
 TRAIN_KEYS = {"step", "tokens", "time", "train_loss", "lr", "tokens_per_s"}

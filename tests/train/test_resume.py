@@ -11,15 +11,16 @@ from typing import Any
 
 import pytest
 
-import talm.train.loop as trainer_module
+import talm.train.loop as trainer_module  # the module whose loop looks up StopRequest
 from talm.config import validate
 from talm.data.manifest import read_data
 from talm.train.checkpoint import load_model, load_trainer_state, read_meta
 from talm.train.config import RunConfig
 from talm.train.loader import TokenLoader
-from talm.train.loop import Trainer, resolve_run, train
+from talm.train.loop import Trainer
 from talm.train.metrics import read_metrics
 from talm.train.optim import schedule
+from talm.train.run import resolve_run, train
 
 
 def layer(data: Path, **train: Any) -> dict[str, Any]:

@@ -9,13 +9,10 @@ Multi-process: `torchrun --nproc-per-node N $(which train_model) ...`.
 from __future__ import annotations
 
 import argparse
-import re
-from pathlib import Path
 from typing import Any
 
 from talm.cli.common import ArgumentParser, HelpFormatter, add_config_flags, collect_config_flags, run_main
-from talm.config import load_toml, merge
-from talm.errors import TalmError
+from talm.config import merge
 from talm.model.config import ModelConfig
 from talm.train.config import PRESETS, OptimConfig, TrainConfig
 
@@ -76,43 +73,32 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     return parser, names
 
 
-def model_dir_for(name: str) -> Path:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise TalmError(
-            f"model name {name!r} is not a plain name: use letters, digits, '.', '_' and '-' "
-            "(the run is written to models/NAME)"
-        )
-    return Path("models") / name
-
-
 def main() -> None:
     parser, names = build_parser()
     args = parser.parse_args()
 
     def command() -> None:
         # torch is imported only once the arguments parsed
-        from talm.train.loop import preset as preset_layer
-        from talm.train.loop import run_training
+        from talm.train.run import train_model
 
-        model_dir = model_dir_for(args.model_name)
-        flags: dict[str, Any] = {}
+        overrides: dict[str, Any] = {}
         for section, cls in SECTIONS.items():
             given = collect_config_flags(args, cls, prefix=f"{section}.")
             if given:
-                flags[section] = given
+                overrides[section] = given
         plain = collect_config_flags(args, TrainConfig)
         if plain:
-            flags = merge(flags, {"train": plain})
-        flags["data"] = {"dir": args.data_dir}
-        if args.tokenizer_path:
-            flags["data"]["tokenizer_path"] = args.tokenizer_path
-        layers = []
-        if args.preset:
-            layers.append(preset_layer(args.preset))
-        if args.config:
-            layers.append(load_toml(args.config))
-        layers.append(flags)
-        run_training(model_dir, layers, restart=args.restart, flag_names=names)
+            overrides = merge(overrides, {"train": plain})
+        train_model(
+            args.model_name,
+            args.data_dir,
+            tokenizer_path=args.tokenizer_path,
+            preset_name=args.preset,
+            config_file=args.config,
+            overrides=overrides,
+            restart=args.restart,
+            flag_names=names,
+        )
 
     run_main(command, names)
 

@@ -12,7 +12,7 @@ from talm.config import Config, Seed
 from talm.model.config import ModelConfig
 
 # ================================================================================================================
-# Training stage (loader.py, optim.py, trainer.py, checkpoint.py, cli/train_model.py)
+# Training stage (run.py, loop.py, loader.py, optim.py, precision.py, report.py, cli/train_model.py)
 # ================================================================================================================
 
 

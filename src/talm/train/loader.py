@@ -84,7 +84,6 @@ class TokenLoader:
         rank: int = 0,
         world_size: int = 1,
         device: torch.device | str = "cpu",
-        split: str = "train",
         vocab_size: int | None = None,
         accum_steps: int = 1,
     ) -> None:
@@ -93,7 +92,7 @@ class TokenLoader:
         self.batch_size, self.context_length = batch_size, context_length
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device = torch.device(device)
-        self.shards = [s for s in data.split(split) if s.tokens > context_length]
+        self.shards = [s for s in data.split("train") if s.tokens > context_length]
         self.windows = np.array([(s.tokens - 1) // context_length for s in self.shards], dtype=np.int64)
         self.total_windows = int(self.windows.sum())
         # An epoch ends at an optimizer step's boundary, whatever the mix of processes and micro-steps.
@@ -101,7 +100,7 @@ class TokenLoader:
         self.step_windows = batch_size * world_size * accum_steps
         if self.total_windows < self.step_windows:
             raise TalmError(
-                f"the {split} split holds {self.total_windows} windows of context_length+1={context_length + 1} "
+                f"the train split holds {self.total_windows} windows of context_length+1={context_length + 1} "
                 f"tokens, fewer than one batch ({batch_size} x {world_size} process(es) x {accum_steps} "
                 "micro-step(s)): lower "
                 "--batch-size or --model.context_length, or prepare more data"
@@ -164,10 +163,6 @@ class TokenLoader:
         self.cursor += per_step
         self._micro = (self._micro + 1) % self.accum_steps
         return to_device(rows, self.device)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield self.next_batch()
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed}

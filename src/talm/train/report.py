@@ -26,8 +26,6 @@ from typing import Any, Protocol
 from talm.errors import TalmError
 from talm.train import plots
 
-REPORT_TARGETS = ("tensorboard", "wandb")
-
 # metrics.jsonl key -> scalar name in TensorBoard / W&B
 SCALARS = {
     "train_loss": "train/loss",
@@ -140,10 +138,8 @@ class WandbSink:
 
 
 def make_sinks(report_to: list[str], model_dir: Path, run_config: dict[str, Any]) -> list[Sink]:
-    """The sinks for one run: the loss plot (when matplotlib is installed) plus those in `report_to`."""
-    unknown = [t for t in report_to if t not in REPORT_TARGETS]
-    if unknown:
-        raise TalmError(f"unknown --report-to {unknown[0]!r}: use {' or '.join(REPORT_TARGETS)}")
+    """The sinks for one run: the loss plot (when matplotlib is installed) plus those in `report_to`, a list
+    TrainConfig.report_to has already checked (the one place that knows the trackers' names)."""
     sinks: list[Sink] = []
     if "tensorboard" in report_to:
         sinks.append(TensorBoardSink(model_dir, run_config))

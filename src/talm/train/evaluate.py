@@ -1,0 +1,51 @@
+"""Evaluation on the fixed validation slice: mean loss (nats/token) over all ranks, and bits per byte.
+
+Apart from the loop because its numerics are delicate: MPS has no float64, so the per-batch losses stay float32
+on the device and are summed in float64 on the host, with one transfer at the end; only the cross-rank sum
+(CUDA or CPU, never MPS) uses a float64 tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import torch
+
+from talm.train import dist
+from talm.train.loader import EvalSlice
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    eval_slice: EvalSlice,
+    ctx: dist.DistContext,
+    autocast: Callable[[], AbstractContextManager],
+) -> tuple[float, float | None]:
+    """(val loss, val bits per byte or None if the data has no byte counts); leaves `model` in train mode."""
+    model.eval()
+    losses, counts = [], []
+    for x, y in eval_slice:
+        with autocast():
+            _, loss = model(x, y)
+        losses.append(loss.detach().float())
+        counts.append(y.numel())
+    model.train()
+    loss_sum = sum(v * n for v, n in zip(torch.stack(losses).cpu().tolist(), counts, strict=True))
+    count = float(sum(counts))
+    if ctx.distributed:
+        total = torch.tensor([loss_sum, count], dtype=torch.float64, device=ctx.device)
+        loss_sum, count = dist.all_reduce_sum(total).tolist()
+    val_loss = loss_sum / count
+    tpb = eval_slice.tokens_per_byte
+    bpb = val_loss / math.log(2) * tpb if tpb else None
+    return val_loss, bpb
+
+
+def scores_text(val_loss: float | None, bpb: float | None) -> str:
+    """The scores as the run's last line says them."""
+    if val_loss is None:
+        return "not evaluated"
+    return f"val loss {val_loss:.4f}, val bits/byte " + (f"{bpb:.4f}" if bpb is not None else "n/a")

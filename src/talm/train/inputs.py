@@ -1,0 +1,96 @@
+"""What a run trains on: the data directory (every shard's header checked), the tokenizer it was made with,
+the batch arithmetic (gradient accumulation) and this rank's loaders.
+
+Built before the run writes anything, so that wrong data, a changed tokenizer or a batch that does not divide
+fails in one line with models/NAME untouched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from talm.data.manifest import DataSet, read_data
+from talm.errors import TalmError
+from talm.train import dist
+from talm.train.config import RunConfig
+from talm.train.loader import EvalSlice, TokenLoader, check_shards
+
+if TYPE_CHECKING:
+    from talm.tokenizer.api import Tokenizer
+
+
+def load_tokenizer(cfg: RunConfig, data: DataSet) -> Tokenizer:
+    """The tokenizer to train with: -t if given (it must be the data's), else the one the manifest names."""
+    from talm.tokenizer.api import Tokenizer  # noqa: F811 -- the runtime import of the name checked above
+
+    want = data.tokenizer.get("fingerprint")
+    if cfg.data.tokenizer_path:
+        tok = Tokenizer.from_file(cfg.data.tokenizer_path)
+        if tok.fingerprint != want:
+            raise TalmError(
+                f"tokenizer {cfg.data.tokenizer_path!r} is not the one {str(data.dir)!r} was made with "
+                f"({data.tokenizer.get('path')!r}, fingerprint {str(want)[:12]}): drop -t to use the data's, "
+                "or recreate the data with this tokenizer"
+            )
+        return tok
+    recorded = data.tokenizer.get("path")
+    candidates = [Path(recorded), data.dir / recorded] if recorded else []
+    for path in candidates:
+        if path.is_file():
+            tok = Tokenizer.from_file(path)
+            if tok.fingerprint == want:
+                return tok
+            raise TalmError(
+                f"tokenizer file {str(path)!r} changed since {str(data.dir)!r} was made (fingerprint differs): "
+                "pass the original with -t PATH, or recreate the data"
+            )
+    raise TalmError(
+        f"the tokenizer {recorded!r} that {str(data.dir)!r} was made with is not found: pass it with -t PATH"
+    )
+
+
+def accumulation(cfg: RunConfig, world_size: int) -> tuple[int, int]:
+    """(tokens per optimizer step over all processes, micro-steps per process that reach it)."""
+    B, T, W = cfg.train.batch_size, cfg.model.context_length, world_size
+    micro_tokens = B * T * W
+    tokens_per_step = cfg.train.tokens_per_step or micro_tokens
+    if tokens_per_step % micro_tokens:
+        raise TalmError(
+            f"train.tokens_per_step={tokens_per_step} is not a multiple of batch_size x context_length x "
+            f"processes = {B} x {T} x {W} = {micro_tokens}: use a multiple of {micro_tokens}"
+        )
+    return tokens_per_step, tokens_per_step // micro_tokens
+
+
+def load_inputs(cfg: RunConfig) -> tuple[DataSet, Tokenizer]:
+    """The data (every shard's header checked) and its tokenizer; fills in cfg.model.vocab_size if unset."""
+    data = read_data(cfg.data.dir, splits=("train",))  # without a val split: no evaluation
+    check_shards(data)  # a truncated or overwritten shard fails now, before anything is written
+    tokenizer = load_tokenizer(cfg, data)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = tokenizer.vocab_size
+    elif cfg.model.vocab_size < tokenizer.vocab_size:
+        raise TalmError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+            f"{tokenizer.vocab_size} ids: leave it unset to take the tokenizer's"
+        )
+    return data, tokenizer
+
+
+def make_loaders(
+    cfg: RunConfig, data: DataSet, vocab_size: int, accum: int, ctx: dist.DistContext
+) -> tuple[TokenLoader, EvalSlice | None]:
+    """This rank's train loader and val slice (None without a val split); every id must be below vocab_size."""
+    t, T, W = cfg.train, cfg.model.context_length, ctx.world_size
+    loader = TokenLoader(
+        data, batch_size=t.batch_size, context_length=T, seed=t.seed, rank=ctx.rank, world_size=W,
+        device=ctx.device, vocab_size=vocab_size, accum_steps=accum,
+    )  # fmt: skip
+    eval_slice = None
+    if any(s.tokens > 0 for s in data.split("val")):
+        eval_slice = EvalSlice(
+            data, eval_tokens=t.eval_tokens, context_length=T, batch_size=t.batch_size, rank=ctx.rank,
+            world_size=W, device=ctx.device, vocab_size=vocab_size,
+        )  # fmt: skip
+    return loader, eval_slice

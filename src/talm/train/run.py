@@ -1,0 +1,158 @@
+"""train_model's run as a Python call: which run to train, with which settings, and in what order to check and
+write so a user's work stays safe.
+
+`train_model` is the whole command for a Python caller: a --model-name, a data directory, an optional preset,
+TOML file and setting overrides. `resolve_run` turns those config layers into one validated `RunConfig` and
+decides whether the run resumes models/NAME (from latest/, or best/). `run_training` holds the lock on
+models/NAME and validates everything (config, device, data and shards, tokenizer, writability) before it writes
+or deletes anything; `train` runs a resolved config without those checks (tests, benchmarks).
+
+A model directory holding any trace of a run (checkpoints, metrics, logs) is never wiped without --restart:
+without a resumable latest/, the run resumes from best/ or is refused with the choices spelled out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from talm.config import load_toml, merge, validate
+from talm.errors import TalmError
+from talm.train import dist, rundir
+from talm.train.checkpoint import read_meta
+from talm.train.config import PRESETS, RunConfig
+from talm.train.loop import Trainer, TrainResult
+
+
+def preset(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise TalmError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def config_layers(
+    *,
+    data_dir: str | Path,
+    tokenizer_path: str | Path | None = None,
+    preset_name: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """The layers of a run's settings, later ones winning: a preset, a TOML file, then the overrides (the
+    command line's flags, as {"train": {"max_steps": 10}, ...}) with the data directory and tokenizer."""
+    layers = []
+    if preset_name:
+        layers.append(preset(preset_name))
+    if config_file:
+        layers.append(load_toml(config_file))
+    data: dict[str, Any] = {"dir": str(data_dir)}
+    if tokenizer_path:
+        data["tokenizer_path"] = str(tokenizer_path)
+    layers.append(merge(overrides or {}, {"data": data}))
+    return layers
+
+
+def resolve_run(
+    model_dir: str | Path,
+    layers: list[dict[str, Any]],
+    *,
+    restart: bool = False,
+    flag_names: dict[str, str] | None = None,
+    probe: bool = False,
+) -> tuple[RunConfig, Path | None]:
+    """The run's config and the checkpoint to resume from (None for a fresh start). Reads, never writes.
+
+    `layers` (preset, TOML file, flags: later wins) are merged on top of the defaults, or, when models/NAME
+    already has a checkpoint and `restart` is False, on top of that checkpoint's config, so rerunning the same
+    command resumes the same run (see `rundir.resume_point`, also for `probe`).
+    """
+    model_dir = Path(model_dir)
+    resume_from = None
+    if not restart and model_dir.is_dir():
+        resume_from = rundir.resume_point(model_dir, probe=probe)
+    base: dict[str, Any] = read_meta(resume_from)["config"] if resume_from is not None else {}
+    data = base
+    for layer in layers:
+        data = merge(data, layer)
+    cfg = validate(RunConfig, data, flag_names)
+    if resume_from is not None:
+        saved = base["model"]
+        if cfg.model.vocab_size is None:
+            cfg.model.vocab_size = saved.get("vocab_size")
+        changed = {k: (saved.get(k), v) for k, v in cfg.model.model_dump().items() if saved.get(k) != v}
+        if changed:
+            diff = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            raise TalmError(
+                f"{str(model_dir)!r} holds a model with another architecture ({diff}): pick a new "
+                "--model-name, drop the differing settings to resume it, or pass --restart to start it over"
+            )
+    return cfg, resume_from
+
+
+def run_training(
+    model_dir: str | Path,
+    layers: list[dict[str, Any]],
+    *,
+    restart: bool = False,
+    flag_names: dict[str, str] | None = None,
+) -> TrainResult:
+    """train_model's run, in the order that keeps a user's work safe:
+
+    1. resolve and validate the config (read only), pick the device and join the process group;
+    2. rank 0: check models/NAME is writable, lock it for the whole run (a second run is refused with one line
+       naming the holder), recover an interrupted save, sweep stale temporaries; the other ranks wait;
+    3. decide again, under the lock, whether to resume (latest/, else best/, else refuse) or start fresh;
+    4. build the Trainer: data, every shard's header, tokenizer, model, optimizer, the checkpoint to resume;
+    5. only then (`Trainer.run`) delete an old run for --restart, and train.
+    The lock is released and the process group torn down on any exit.
+    """
+    model_dir = Path(model_dir)
+    cfg, _ = resolve_run(model_dir, layers, restart=restart, flag_names=flag_names, probe=True)
+    ctx = dist.setup(cfg.train.device)
+    lock = rundir.run_lock(model_dir)
+    try:
+        dist.on_main(lambda: rundir.take(model_dir, lock), ctx)
+        cfg, resume_from = resolve_run(model_dir, layers, restart=restart, flag_names=flag_names)
+        if resume_from is not None and resume_from.name == "best":
+            dist.print0(
+                f"{model_dir / 'latest'} is missing or incomplete: resuming from {resume_from} (step "
+                f"{read_meta(resume_from)['step']}), the best checkpoint; the steps after it are trained again",
+                ctx=ctx,
+            )
+        return Trainer(cfg, model_dir, resume_from=resume_from, restart=restart).run()
+    finally:
+        lock.release()
+        dist.teardown()
+
+
+def train_model(
+    model_name: str,
+    data_dir: str | Path,
+    *,
+    tokenizer_path: str | Path | None = None,
+    preset_name: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    restart: bool = False,
+    flag_names: dict[str, str] | None = None,
+) -> TrainResult:
+    """The train_model command: train (or resume, or with `restart` start over) models/`model_name` on the
+    shards of `data_dir`. `flag_names` maps config paths to the flags that set them, for error messages."""
+    model_dir = rundir.model_dir_for(model_name)
+    layers = config_layers(
+        data_dir=data_dir,
+        tokenizer_path=tokenizer_path,
+        preset_name=preset_name,
+        config_file=config_file,
+        overrides=overrides,
+    )
+    return run_training(model_dir, layers, restart=restart, flag_names=flag_names)
+
+
+def train(cfg: RunConfig, model_dir: str | Path, *, resume_from: Path | None = None) -> TrainResult:
+    """Train (or resume) models/NAME with a resolved config, without the lock and checks of `run_training`;
+    tears the process group down at the end."""
+    try:
+        return Trainer(cfg, model_dir, resume_from=resume_from).run()
+    finally:
+        dist.teardown()

@@ -1,0 +1,69 @@
+"""run.py and rundir.py without training: the run's name, its config layers, and which checkpoint it resumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from talm.errors import TalmError
+from talm.train import rundir
+from talm.train.precision import Precision, autocast_dtype
+from talm.train.run import config_layers, resolve_run, train_model
+
+
+@pytest.mark.parametrize("name", ["shakespeare", "gpt2-124m", "a.b_c", "9"])
+def test_plain_model_names_map_under_models(name: str) -> None:
+    assert rundir.model_dir_for(name) == Path("models") / name
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "", ".hidden", "-flag", "/abs", "sp ace"])
+def test_other_model_names_are_refused(name: str) -> None:
+    with pytest.raises(TalmError, match=f"model name {name!r} is not a plain name"):
+        rundir.model_dir_for(name)
+
+
+def test_train_model_refuses_a_bad_name_before_touching_disk(in_tmp: Path) -> None:
+    with pytest.raises(TalmError, match="not a plain name"):
+        train_model("../escape", "no-such-data")
+    assert list(in_tmp.iterdir()) == []
+
+
+def test_config_layers_later_wins(in_tmp: Path) -> None:
+    Path("run.toml").write_text("[train]\nmax_steps = 7\nbatch_size = 3\n")
+    layers = config_layers(
+        data_dir="d", tokenizer_path="t.json", preset_name="tiny", config_file="run.toml",
+        overrides={"train": {"batch_size": 2}},
+    )  # fmt: skip
+    cfg, resume_from = resolve_run("models/none", layers)
+    assert resume_from is None
+    assert (cfg.train.max_steps, cfg.train.batch_size, cfg.model.n_layer) == (7, 2, 4)  # toml, flag, preset
+    assert (cfg.data.dir, cfg.data.tokenizer_path) == ("d", "t.json")
+    with pytest.raises(TalmError, match="unknown preset 'huge'"):
+        config_layers(data_dir="d", preset_name="huge")
+
+
+def test_resume_point_never_wipes_an_earlier_run(in_tmp: Path) -> None:
+    d = Path("models/m")
+    d.mkdir(parents=True)
+    assert rundir.resume_point(d) is None  # an empty directory: a fresh start
+    (d / "latest").mkdir()
+    assert rundir.resume_point(d) is None  # an empty latest/ holds nothing to lose
+    (d / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(TalmError, match=r"holds an earlier run \(metrics.jsonl\).*--restart"):
+        rundir.resume_point(d)
+    assert rundir.resume_point(d, probe=True) is None  # before the lock: never refuses
+    with pytest.raises(TalmError, match="holds an earlier run"):
+        rundir.check_fresh_start(d)
+    assert (d / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_precision_choices_on_cpu() -> None:
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("float32", cpu) is None
+    assert autocast_dtype("bfloat16", cpu) == torch.bfloat16
+    with pytest.raises(TalmError, match="float16 needs a CUDA GPU"):
+        autocast_dtype("float16", cpu)
+    plain = Precision("auto", cpu)
+    assert str(plain) == "torch.float32" and not plain.scaler.is_enabled()
