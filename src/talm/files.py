@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -98,6 +99,16 @@ def replace_dir(staged: Path, target: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Checking output paths before any work: one mechanism for every command.
+
+
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+PLAIN_NAME_RULE = "use letters, digits, '.', '_', '+' and '-' (at most 100, starting with a letter or digit)"
+
+
+def is_plain_name(name: str) -> bool:
+    """A name that is one safe path component (a tokenizer, dataset, sample, prefix or model name): never a
+    path that could escape the folder it is joined to, never hidden."""
+    return PLAIN_NAME.fullmatch(name) is not None
 
 
 def _reason(err: OSError) -> str:

@@ -14,6 +14,7 @@ from pydantic import (
 
 from talm.config import Config, FlagType, PathField
 from talm.errors import TalmError
+from talm.files import PLAIN_NAME_RULE, is_plain_name
 
 # ================================================================================================================
 # Data stage (sources.py, streaming.py, prepare.py, cli/download_data.py)
@@ -22,7 +23,6 @@ from talm.errors import TalmError
 # Every Common Crawl dump is a config of fineweb / fineweb-edu, named like CC-MAIN-2024-10.
 _CC_DUMP = r"CC-MAIN-\d{4}-\d{2}"
 # A dataset or directory name the user types: no path separators, no leading dot.
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
 class DatasetPreset(Config):
@@ -154,10 +154,8 @@ class DownloadConfig(Config):
     @model_validator(mode="after")
     def _check(self) -> DownloadConfig:
         # TalmError (not ValueError) passes through pydantic as is: these messages are whole sentences.
-        if not _PLAIN_NAME.fullmatch(self.dataset):
-            raise TalmError(
-                f"dataset name {self.dataset!r} is not a plain name: use letters, digits, '.', '-' or '_'"
-            )
+        if not is_plain_name(self.dataset):
+            raise TalmError(f"dataset name {self.dataset!r} is not a plain name: {PLAIN_NAME_RULE}")
         preset = DATASET_PRESETS.get(self.dataset)
         if preset is None and not self.data_files:
             raise TalmError(
@@ -169,10 +167,8 @@ class DownloadConfig(Config):
             if error:
                 raise TalmError(error)
         for label, value in (("--ds-sample", self.ds_sample), ("--dir-prefix", self.dir_prefix)):
-            if value is not None and not _PLAIN_NAME.fullmatch(value):
-                raise TalmError(
-                    f"{label} {value!r} is not a plain name: use letters, digits, '.', '-' or '_'"
-                )
+            if value is not None and not is_plain_name(value):
+                raise TalmError(f"{label} {value!r} is not a plain name: {PLAIN_NAME_RULE}")
         if self.worker_index >= self.num_workers:
             raise TalmError(
                 f"--worker-index {self.worker_index} is out of range for --num-workers {self.num_workers}: "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from pydantic import (
@@ -11,6 +10,7 @@ from pydantic import (
 )
 
 from talm.config import Config, PathField
+from talm.files import PLAIN_NAME_RULE, is_plain_name
 
 # ================================================================================================================
 # Tokenizer stage (talm.tokenizer, cli/train_tokenizer.py)
@@ -35,9 +35,6 @@ def vocab_size_problem(vocab_size: int) -> str | None:
     if vocab_size > MAX_VOCAB_SIZE:
         return f"must be at most {MAX_VOCAB_SIZE}: pick e.g. 32768 to 131072 for web text"
     return None
-
-
-_TOKENIZER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class TokenizerConfig(Config):
@@ -69,8 +66,6 @@ class TokenizerConfig(Config):
             raise ValueError("the name contains a path separator: pass a plain name such as 'mytok'")
         if name.endswith(".json"):
             raise ValueError(f"drop the .json suffix: pass {name[: -len('.json')]!r}")
-        if len(name) > 100 or not _TOKENIZER_NAME.fullmatch(name):
-            raise ValueError(
-                "use only letters, digits, '.', '_' and '-' (at most 100, starting with a letter or digit)"
-            )
+        if not is_plain_name(name):
+            raise ValueError(PLAIN_NAME_RULE)
         return name

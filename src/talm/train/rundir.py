@@ -14,17 +14,23 @@ files into models/NAME. This module is the one place that knows that layout and 
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
 from talm.errors import TalmError
-from talm.files import RunLock, aside_path, check_writable_dir, sweep_stale_temps, write_file
+from talm.files import (
+    PLAIN_NAME_RULE,
+    RunLock,
+    aside_path,
+    check_writable_dir,
+    is_plain_name,
+    sweep_stale_temps,
+    write_file,
+)
 from talm.train.checkpoint import TRAINER_STATE, is_checkpoint, recover_interrupted_save
 from talm.train.metrics import truncate_after
 
 MODELS_ROOT = Path("models")  # where train_model writes models/NAME, relative to the working directory
-NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 TOKENIZER_FILE = "tokenizer.json"
 # What a run writes into models/NAME beside tokenizer.json: what --restart deletes, and a trace of an earlier run.
 RUN_OUTPUTS = ("latest", "best", "metrics.jsonl", "loss.png", "tensorboard", "wandb_run_id")
@@ -33,10 +39,9 @@ OTHER_NAME = "pick another --model-name"
 
 def model_dir_for(name: str) -> Path:
     """models/NAME for a --model-name; TalmError for anything but a plain name (a path could escape models/)."""
-    if not re.fullmatch(NAME_PATTERN, name):
+    if not is_plain_name(name):
         raise TalmError(
-            f"model name {name!r} is not a plain name: use letters, digits, '.', '_' and '-' "
-            "(the run is written to models/NAME)"
+            f"model name {name!r} is not a plain name (the run is written to models/NAME): {PLAIN_NAME_RULE}"
         )
     return MODELS_ROOT / name
 
