@@ -1,6 +1,9 @@
-"""The GPT itself: the KV cache computes what the full forward computes, padding included; the rotary tables."""
+"""The GPT itself: causality, learning, the KV cache computing what the full forward computes (padding included),
+the rotary tables, and the FLOPs per token that MFU is measured against."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -73,3 +76,68 @@ def test_rotary_tables_follow_the_config_and_are_not_saved_with_the_weights() ->
     assert torch.equal(model.rope_cos, cos) and torch.equal(model.rope_sin, sin)
     assert cos[0].eq(1).all() and sin[0].eq(0).all()  # position 0 is not rotated
     assert not any(name.startswith("rope_") for name in model.state_dict())
+
+
+# ------------------------------------------------------------------------------------------------ training properties
+
+TINY = {"vocab_size": 1024, "n_layer": 2, "n_head": 2, "d_model": 64, "context_length": 32}
+
+
+def test_causality() -> None:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY)).eval()
+    x = torch.randint(0, 1024, (2, 32))
+    changed = x.clone()
+    changed[:, 20:] = torch.randint(0, 1024, (2, 12))
+    a, b = model(x)[0], model(changed)[0]
+    assert torch.equal(a[:, :20], b[:, :20])  # the past never sees the future
+    assert not torch.allclose(a[:, 20:], b[:, 20:])
+
+
+def test_initial_loss_is_close_to_ln_vocab() -> None:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY))
+    _, loss = model(torch.randint(0, 1024, (8, 32)), torch.randint(0, 1024, (8, 32)))
+    assert abs(loss.item() - math.log(1024)) < 0.1
+
+
+def test_overfits_one_batch() -> None:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY))
+    x, y = torch.randint(0, 1024, (4, 32)), torch.randint(0, 1024, (4, 32))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+
+
+# ------------------------------------------------------------------------------------------------ compute
+
+
+def expected_flops_per_token(c: ModelConfig, seq_len: int) -> int:
+    """Counted by hand from the architecture (PaLM app. B / nanoGPT): 6 FLOPs per weight of every matmul,
+    the output layer's included whether or not it shares the embedding's matrix (the embedding itself is a
+    lookup: no FLOPs), plus 12 * n_layer * d_model * seq_len for attention's scores and weighted sum."""
+    d, head = c.d_model, c.d_model // c.n_head
+    kv = c.n_kv_head or c.n_head
+    hidden = c.mlp_hidden or 64 * math.ceil((8 * d // 3) / 64)
+    padded_vocab = 64 * math.ceil(c.vocab_size / 64)  # the output matmul computes every padded row
+    per_block = d * (c.n_head + 2 * kv) * head + c.n_head * head * d + d * 2 * hidden + hidden * d + 2 * d
+    weights = c.n_layer * per_block + d + d * padded_vocab  # blocks, final norm, output layer
+    return 6 * weights + 12 * c.n_layer * d * seq_len
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("kv", [None, 2])
+def test_flops_per_token_count_the_output_layer_tied_or_not(tied: bool, kv: int | None) -> None:
+    c = ModelConfig(vocab_size=1000, n_layer=3, n_head=4, n_kv_head=kv, d_model=64, context_length=32)
+    c = c.model_copy(update={"tie_embeddings": tied})
+    model = GPT(c)
+    assert model.flops_per_token() == expected_flops_per_token(c, 32)
+    assert model.flops_per_token(seq_len=8) == expected_flops_per_token(c, 8)
+    # tying shares a matrix, not a matmul: the compute is the same either way
+    other = GPT(c.model_copy(update={"tie_embeddings": not tied}))
+    assert model.flops_per_token() == other.flops_per_token()

@@ -1,4 +1,4 @@
-"""The model's training properties and the training loop: metrics, checkpoints, resume, divergence, Ctrl-C."""
+"""The training loop: metrics, checkpoints, resume, divergence, Ctrl-C."""
 
 from __future__ import annotations
 
@@ -39,37 +39,6 @@ def run_config(data: Path, **train) -> RunConfig:
             "data": {"dir": str(data)},
         }
     )
-
-
-def test_causality() -> None:
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(**TINY)).eval()
-    x = torch.randint(0, 1024, (2, 32))
-    changed = x.clone()
-    changed[:, 20:] = torch.randint(0, 1024, (2, 12))
-    a, b = model(x)[0], model(changed)[0]
-    assert torch.equal(a[:, :20], b[:, :20])  # the past never sees the future
-    assert not torch.allclose(a[:, 20:], b[:, 20:])
-
-
-def test_initial_loss_is_close_to_ln_vocab() -> None:
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(**TINY))
-    _, loss = model(torch.randint(0, 1024, (8, 32)), torch.randint(0, 1024, (8, 32)))
-    assert abs(loss.item() - math.log(1024)) < 0.1
-
-
-def test_overfits_one_batch() -> None:
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(**TINY))
-    x, y = torch.randint(0, 1024, (4, 32)), torch.randint(0, 1024, (4, 32))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        _, loss = model(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.1
 
 
 def test_training_run_writes_metrics_and_checkpoints(tiny_data: Path, in_tmp: Path) -> None:

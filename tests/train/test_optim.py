@@ -88,32 +88,3 @@ def test_fused_adamw_wherever_torch_has_the_kernel(device: str) -> None:
     model = GPT(ModelConfig(vocab_size=100, n_layer=1, n_head=2, d_model=32, context_length=16))
     opt = build_optimizer(model, OptimConfig(), torch.device(device))
     assert opt.defaults["fused"] is (True if device == "cpu" else None)  # cuda too; mps, meta: foreach
-
-
-# ------------------------------------------------------------------------------------------------ compute
-
-
-def expected_flops_per_token(c: ModelConfig, seq_len: int) -> int:
-    """Counted by hand from the architecture (PaLM app. B / nanoGPT): 6 FLOPs per weight of every matmul,
-    the output layer's included whether or not it shares the embedding's matrix (the embedding itself is a
-    lookup: no FLOPs), plus 12 * n_layer * d_model * seq_len for attention's scores and weighted sum."""
-    d, head = c.d_model, c.d_model // c.n_head
-    kv = c.n_kv_head or c.n_head
-    hidden = c.mlp_hidden or 64 * math.ceil((8 * d // 3) / 64)
-    padded_vocab = 64 * math.ceil(c.vocab_size / 64)  # the output matmul computes every padded row
-    per_block = d * (c.n_head + 2 * kv) * head + c.n_head * head * d + d * 2 * hidden + hidden * d + 2 * d
-    weights = c.n_layer * per_block + d + d * padded_vocab  # blocks, final norm, output layer
-    return 6 * weights + 12 * c.n_layer * d * seq_len
-
-
-@pytest.mark.parametrize("tied", [True, False])
-@pytest.mark.parametrize("kv", [None, 2])
-def test_flops_per_token_count_the_output_layer_tied_or_not(tied: bool, kv: int | None) -> None:
-    c = ModelConfig(vocab_size=1000, n_layer=3, n_head=4, n_kv_head=kv, d_model=64, context_length=32)
-    c = c.model_copy(update={"tie_embeddings": tied})
-    model = GPT(c)
-    assert model.flops_per_token() == expected_flops_per_token(c, 32)
-    assert model.flops_per_token(seq_len=8) == expected_flops_per_token(c, 8)
-    # tying shares a matrix, not a matmul: the compute is the same either way
-    other = GPT(c.model_copy(update={"tie_embeddings": not tied}))
-    assert model.flops_per_token() == other.flops_per_token()

@@ -10,10 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from talm.cli.common import ArgumentParser, HelpFormatter, run_main
-from talm.train.metrics import FILE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,26 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def labels_for(runs: list[Path]) -> list[str]:
-    """Each run's name (its directory's), or its full path where two names would be the same."""
-    names = [(p.parent if p.name == FILE else p).name or str(p) for p in runs]
-    return [str(p) if names.count(n) > 1 else n for p, n in zip(runs, names, strict=True)]
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     run_main(lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> None:
-    from talm.train.plots import metrics_path, plot_model, plot_runs
+    from talm.train.plots import plot_metrics
 
-    runs = [Path(r) for r in args.runs]
-    if len(runs) == 1 and runs[0].is_dir() and args.title is None:
-        out = plot_model(runs[0], args.output, x=args.x)
-    else:
-        default = metrics_path(runs[0]).parent / "loss.png" if len(runs) == 1 else Path("compare.png")
-        out = plot_runs(
-            list(zip(labels_for(runs), runs, strict=True)), args.output or default, x=args.x, title=args.title
-        )
+    out = plot_metrics(args.runs, args.output, x=args.x, title=args.title)
     print(f"wrote {out}", file=sys.stderr)

@@ -14,7 +14,7 @@ from typing import Any
 
 from talm.errors import TalmError
 from talm.files import check_output_file, write_atomically
-from talm.train.metrics import finite_points, metrics_path, read_timelines
+from talm.train.metrics import FILE, finite_points, metrics_path, read_timelines
 
 X_AXES = {"tokens": "tokens seen", "step": "optimizer step", "time": "time"}
 INSTEAD = "pick another -o/--output"
@@ -184,3 +184,21 @@ def plot_model(model_dir: str | Path, out: str | Path | None = None, *, x: str =
     target = check_plot_path(Path(out) if out else model_dir / "loss.png", [model_dir])
     _, evals = read_timelines(model_dir)
     return plot_runs([(model_dir.name, model_dir)], target, x=x, title=run_title(model_dir, evals))
+
+
+def run_labels(runs: list[Path]) -> list[str]:
+    """Each run's name (its directory's), or its full path where two names would be the same."""
+    names = [(p.parent if p.name == FILE else p).name or str(p) for p in runs]
+    return [str(p) if names.count(n) > 1 else n for p, n in zip(runs, names, strict=True)]
+
+
+def plot_metrics(
+    runs: list[str | Path], out: str | Path | None = None, *, x: str = "tokens", title: str | None = None
+) -> Path:
+    """What `plot_metrics` draws: one run directory -> its loss.png (the picture training keeps up to date,
+    with the run's title); anything else -> the runs on one chart, compare.png unless `out` says otherwise."""
+    paths = [Path(r) for r in runs]
+    if len(paths) == 1 and paths[0].is_dir() and title is None:
+        return plot_model(paths[0], out, x=x)
+    default = metrics_path(paths[0]).parent / "loss.png" if len(paths) == 1 else Path("compare.png")
+    return plot_runs(list(zip(run_labels(paths), paths, strict=True)), out or default, x=x, title=title)
