@@ -39,7 +39,7 @@ GPU_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312
 
 
 def make_shards(directory: Path, tokenizer: Tokenizer, tokens: int, seed: int = 0) -> Path:
-    """A data directory (CONTRACTS §2) of random token ids: throughput does not depend on the text."""
+    """A data directory (docs/design.md §2) of random token ids: throughput does not depend on the text."""
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
     shards = []

@@ -1,4 +1,4 @@
-"""Checkpoint directories: atomic save, weights-only load, resolving latest / best (CONTRACTS §3)."""
+"""Checkpoint directories: atomic save, weights-only load, resolving latest / best (docs/design.md §3)."""
 
 from __future__ import annotations
 

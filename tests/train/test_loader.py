@@ -1,4 +1,4 @@
-"""TokenLoader and EvalSlice over memory-mapped shards (CONTRACTS §2)."""
+"""TokenLoader and EvalSlice over memory-mapped shards (docs/design.md §2)."""
 
 from __future__ import annotations
 
