@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -175,3 +177,34 @@ def write_metrics(model_dir: Path, steps: int = 60, eval_every: int = 20, scale:
 
 def is_png(path: Path) -> bool:
     return path.is_file() and path.stat().st_size > 10_000 and path.read_bytes()[:8] == PNG_MAGIC
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str], main: Callable[[list[str]], None], *args: str) -> str:
+    """Run a console script's `main` expecting a user error: exit status 2 and one line on stderr (returned)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error: " in err, err
+    return err
+
+
+def varied_model(*, vocab: int = 100, context: int = 32, n_kv_head: int | None = None, seed: int = 0) -> Any:
+    """A tiny GPT whose random weights are large enough that different tokens give clearly different logits
+    (and greedy decoding does not repeat one token)."""
+    import torch
+
+    from talm.model.config import ModelConfig
+    from talm.model.gpt import GPT
+
+    torch.manual_seed(seed)
+    model = GPT(
+        ModelConfig(
+            vocab_size=vocab, context_length=context, n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=32
+        )
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return model.eval()

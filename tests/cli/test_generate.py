@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BASE_TOKENIZER, ORIGINAL_TOKENIZER
+from conftest import BASE_TOKENIZER, ORIGINAL_TOKENIZER, one_line_error
 
 from talm.cli.generate import SEPARATOR, main
 from talm.use.load import load
@@ -62,13 +62,7 @@ def generate(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[str, str]:
 
 
 def fails(capsys: pytest.CaptureFixture[str], *args: str) -> str:
-    """Run generate expecting a user error: exit status 2 and one line on stderr, which is returned."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(args))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "error: " in err, err
-    return err
+    return one_line_error(capsys, main, *args)
 
 
 def test_prompts_and_samples(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import is_png, write_metrics
+from conftest import is_png, one_line_error, write_metrics
 
 from talm.cli.plot_metrics import main
 
@@ -21,12 +21,7 @@ def listing(root: Path) -> dict[str, bytes | None]:
 
 
 def fails(capsys: pytest.CaptureFixture[str], *args: str) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(args))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "error: " in err, err
-    return err
+    return one_line_error(capsys, main, *args)
 
 
 @pytest.mark.parametrize(

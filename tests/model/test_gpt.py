@@ -7,24 +7,10 @@ import math
 
 import pytest
 import torch
+from conftest import varied_model
 
 from talm.model.config import ModelConfig
 from talm.model.gpt import GPT, KVCache, rope_tables
-
-
-def varied_model(*, vocab: int = 100, context: int = 32, n_kv_head: int | None = None, seed: int = 0) -> GPT:
-    """A tiny GPT whose random weights are large enough that different tokens give clearly different logits."""
-    torch.manual_seed(seed)
-    model = GPT(
-        ModelConfig(
-            vocab_size=vocab, context_length=context, n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=32
-        )
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.3)
-    return model.eval()
 
 
 @pytest.mark.parametrize("n_kv_head", [None, 2])

@@ -8,12 +8,11 @@ import sys
 
 import pytest
 import torch
-from conftest import BASE_TOKENIZER, ORIGINAL_TOKENIZER
+from conftest import BASE_TOKENIZER, ORIGINAL_TOKENIZER, varied_model
 
 import talm
 from talm.config import validate
 from talm.errors import TalmError
-from talm.model.config import ModelConfig
 from talm.model.gpt import GPT
 from talm.tokenizer.api import Tokenizer
 from talm.use.config import SampleConfig
@@ -30,21 +29,6 @@ from talm.use.sample import (
     sample_next,
     stream_samples,
 )
-
-
-def varied_model(*, vocab: int = 100, context: int = 32, n_kv_head: int | None = None, seed: int = 0) -> GPT:
-    """A tiny GPT whose random weights are large enough that greedy decoding does not repeat one token."""
-    torch.manual_seed(seed)
-    model = GPT(
-        ModelConfig(
-            vocab_size=vocab, context_length=context, n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=32
-        )
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.3)
-    return model.eval()
 
 
 def run(model: GPT, prompts: list[list[int]], n: int, **kw) -> list[list[int]]:
