@@ -197,6 +197,9 @@ def test_ctrl_c_leaves_no_partial_file(workdir: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell's background job inherits SIGINT ignored, and Python then installs no Ctrl-C handler: give
+        # the command what a terminal gives it, whatever launched the tests.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     time.sleep(2.5)  # start-up (< 1 s) plus some training
     assert proc.poll() is None, "training finished before it could be interrupted: use a larger file"
