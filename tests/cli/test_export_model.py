@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import one_line_error
 
 from talm.cli.export_model import main
 
@@ -176,3 +177,51 @@ def test_a_model_with_more_ids_than_its_tokenizer_exports_and_loads_in_transform
         ours, theirs = model(x)[0], hf_model(x).logits
     assert ours.shape == theirs.shape == (1, len(ids), tok.vocab_size + EXTRA_IDS)
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+def rebuild_with(model_dir: Path, **options: object) -> Path:
+    """Rewrite the tiny model's checkpoints (latest/ and best/) as a GPT with architecture `options`."""
+    import torch
+
+    from talm.model.config import ModelConfig
+    from talm.model.gpt import GPT
+    from talm.train.checkpoint import save_checkpoint
+
+    for which in ("latest", "best"):
+        meta = json.loads((model_dir / which / "checkpoint.json").read_text())
+        config = ModelConfig(**(meta["config"]["model"] | options))
+        meta["config"]["model"] = config.model_dump(mode="json")
+        torch.manual_seed(0)
+        save_checkpoint(model_dir / which, GPT(config), meta)
+    return model_dir
+
+
+def test_a_soft_capped_model_is_refused_in_one_line_and_nothing_is_written(
+    tiny_model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    rebuild_with(tiny_model_dir, logit_softcap=15.0)
+    before = listing(tmp_path)
+    err = one_line_error(capsys, main, "-m", str(tiny_model_dir), "-o", str(tmp_path / "export"))
+    assert "model.logit_softcap=15.0 cannot be expressed in the Llama format" in err
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("options", "architecture"),
+    [
+        ({"qk_norm": True}, "Qwen3"),
+        ({"mlp": "relu2"}, "Arcee"),
+        ({"qk_norm": True, "mlp": "relu2"}, "Apertus"),
+    ],
+)
+def test_options_llama_lacks_export_to_the_transformers_model_that_has_them(
+    tiny_model_dir: Path, tmp_path: Path, capsys, options: dict, architecture: str
+) -> None:
+    rebuild_with(tiny_model_dir, zero_init_proj=True, **options)
+    main(["-m", str(tiny_model_dir), "-o", str(tmp_path / "export")])
+    assert "exported" in capsys.readouterr().err
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["architectures"] == [f"{architecture}ForCausalLM"]
+    assert config["model_type"] == architecture.lower()
+    assert config["hidden_act"] == ("relu2" if options.get("mlp") else "silu")
+    assert f"exported to the {architecture} format" in (tmp_path / "export" / "README.md").read_text()

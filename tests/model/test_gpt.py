@@ -1,5 +1,6 @@
 """The GPT itself: causality, learning, the KV cache computing what the full forward computes (padding included),
-the rotary tables, and the FLOPs per token that MFU is measured against."""
+the rotary tables, the architecture options (QK-norm, ReLU², logit soft-cap, zero-initialised projections, untied
+head), and the FLOPs per token that MFU is measured against."""
 
 from __future__ import annotations
 
@@ -12,11 +13,33 @@ from conftest import varied_model
 from talm.model.config import ModelConfig
 from talm.model.gpt import GPT, KVCache, rope_tables
 
+# Every architecture option alone, and all together (the soft-cap low enough to bite on option_model's logits).
+OPTIONS = [
+    {},
+    {"n_kv_head": 2},
+    {"qk_norm": True},
+    {"mlp": "relu2"},
+    {"logit_softcap": 5.0},
+    {"zero_init_proj": True},
+    {"tie_embeddings": False},
+    {"n_kv_head": 2, "qk_norm": True, "mlp": "relu2", "logit_softcap": 5.0, "tie_embeddings": False},
+]
 
-@pytest.mark.parametrize("n_kv_head", [None, 2])
-def test_kv_cache_logits_position_by_position_are_the_full_forward_logits(n_kv_head: int | None) -> None:
+
+def option_model(options: dict, *, seed: int = 0) -> GPT:
+    """conftest's varied_model with architecture `options`, its norm gains (QK-norm's too) not all 1."""
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig(vocab_size=100, context_length=32, n_layer=2, n_head=4, d_model=32, **options))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(1.0 if p.dim() == 1 else 0.0, 0.2 if p.dim() == 1 else 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+def test_kv_cache_logits_position_by_position_are_the_full_forward_logits(options: dict) -> None:
     # (Moved from tests/use/test_sample.py, whose test keeps the generation-level half: the same greedy tokens.)
-    model = varied_model(n_kv_head=n_kv_head)
+    model = option_model(options)
     seq = torch.randint(0, 100, (1, 28), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(seq)[0]
@@ -28,8 +51,9 @@ def test_kv_cache_logits_position_by_position_are_the_full_forward_logits(n_kv_h
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
-def test_a_left_padded_row_in_the_cache_computes_what_it_would_alone() -> None:
-    model = varied_model(n_kv_head=2)
+@pytest.mark.parametrize("options", [{"n_kv_head": 2}, OPTIONS[-1]], ids=str)
+def test_a_left_padded_row_in_the_cache_computes_what_it_would_alone(options: dict) -> None:
+    model = option_model(options)
     short, long = [7, 8, 9], [1, 2, 3, 4, 5, 6]
     batch = torch.tensor([[0, 0, 0, *short], long])  # the short row behind 3 padding positions
     with torch.no_grad():
@@ -64,6 +88,73 @@ def test_rotary_tables_follow_the_config_and_are_not_saved_with_the_weights() ->
     assert not any(name.startswith("rope_") for name in model.state_dict())
 
 
+def test_an_old_config_validates_with_every_option_off_and_keeps_its_weight_names() -> None:
+    """checkpoint.json from before the architecture options: it validates, the options are off, and the model
+    has exactly the old weights (so old checkpoints load; the default forward is the old code's)."""
+    old = {
+        "vocab_size": 100,
+        "context_length": 32,
+        "n_layer": 1,
+        "n_head": 4,
+        "n_kv_head": None,
+        "d_model": 32,
+    }
+    old |= {
+        "mlp_hidden": None,
+        "rope_theta": 10000.0,
+        "norm_eps": 1e-5,
+        "tie_embeddings": True,
+        "dropout": 0.0,
+    }
+    c = ModelConfig.model_validate(old)
+    assert (c.qk_norm, c.mlp, c.logit_softcap, c.zero_init_proj, c.hidden_dim) == (
+        False,
+        "swiglu",
+        None,
+        False,
+        128,
+    )
+    block = ["attn_norm", "attn.qkv", "attn.proj", "mlp_norm", "mlp.gate_up", "mlp.down"]
+    names = ["tok_emb", *(f"blocks.0.{n}" for n in block), "norm", "lm_head"]
+    assert list(GPT(c).state_dict()) == [f"{n}.weight" for n in names]
+
+
+def test_qk_norm_and_relu2_have_their_own_weights() -> None:
+    model = option_model({"qk_norm": True, "mlp": "relu2"})
+    shapes = {n: tuple(p.shape) for n, p in model.blocks[0].named_parameters()}
+    assert shapes["attn.q_norm.weight"] == shapes["attn.k_norm.weight"] == (8,)  # one gain per head dimension
+    assert shapes["mlp.up.weight"] == (128, 32) and shapes["mlp.down.weight"] == (
+        32,
+        128,
+    )  # 4 * d_model, no gate
+    assert "mlp.gate_up.weight" not in shapes
+
+
+def test_logit_softcap_is_cap_tanh_of_the_plain_logits_in_the_loss_too() -> None:
+    capped = option_model({"logit_softcap": 2.0})
+    plain = GPT(capped.config.model_copy(update={"logit_softcap": None})).eval()
+    plain.load_state_dict(capped.state_dict())
+    x, y = torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16))
+    with torch.no_grad():
+        (ours, loss), theirs = capped(x, y), plain(x)[0]
+    assert theirs.abs().max() > 4  # the cap bites
+    assert ours.abs().max() < 2.0
+    torch.testing.assert_close(ours, 2.0 * torch.tanh(theirs / 2.0))
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(ours.reshape(-1, 100), y.reshape(-1)))
+
+
+def test_zero_init_proj_starts_every_block_as_the_identity() -> None:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY, zero_init_proj=True))
+    zero = [n for n, p in model.named_parameters() if not p.any()]
+    assert zero == [f"blocks.{i}.{w}.weight" for i in range(2) for w in ("attn.proj", "mlp.down")]
+    x = torch.randint(0, 1024, (2, 32))
+    with torch.no_grad():  # each position's logits depend on its own token only: the blocks add nothing yet
+        torch.testing.assert_close(model(x)[0], model(x.reshape(-1, 1))[0].reshape(2, 32, -1))
+    default = GPT(ModelConfig(**TINY))
+    assert all(p.any() for p in default.parameters())
+
+
 # ------------------------------------------------------------------------------------------------ training properties
 
 TINY = {"vocab_size": 1024, "n_layer": 2, "n_head": 2, "d_model": 64, "context_length": 32}
@@ -85,6 +176,23 @@ def test_initial_loss_is_close_to_ln_vocab() -> None:
     model = GPT(ModelConfig(**TINY))
     _, loss = model(torch.randint(0, 1024, (8, 32)), torch.randint(0, 1024, (8, 32)))
     assert abs(loss.item() - math.log(1024)) < 0.1
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+def test_every_option_trains_its_every_weight(options: dict) -> None:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY, **options))
+    x, y = torch.randint(0, 1024, (4, 32)), torch.randint(0, 1024, (4, 32))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(p.grad.isfinite().all() and p.grad.any() for p in model.parameters())
+    assert losses[-1] < 0.5 * losses[0]
 
 
 def test_overfits_one_batch() -> None:
@@ -109,17 +217,24 @@ def expected_flops_per_token(c: ModelConfig, seq_len: int) -> int:
     lookup: no FLOPs), plus 12 * n_layer * d_model * seq_len for attention's scores and weighted sum."""
     d, head = c.d_model, c.d_model // c.n_head
     kv = c.n_kv_head or c.n_head
-    hidden = c.mlp_hidden or 64 * math.ceil((8 * d // 3) / 64)
+    if c.mlp == "relu2":  # two matmuls, up and down, 4 * d_model wide
+        mlp = 2 * d * (c.mlp_hidden or 4 * d)
+    else:  # three: gate, up and down, 8/3 * d_model wide (rounded up to a multiple of 64)
+        mlp = 3 * d * (c.mlp_hidden or 64 * math.ceil((8 * d // 3) / 64))
+    qk_gains = 2 * head if c.qk_norm else 0
     padded_vocab = 64 * math.ceil(c.vocab_size / 64)  # the output matmul computes every padded row
-    per_block = d * (c.n_head + 2 * kv) * head + c.n_head * head * d + d * 2 * hidden + hidden * d + 2 * d
+    per_block = d * (c.n_head + 2 * kv) * head + c.n_head * head * d + mlp + 2 * d + qk_gains
     weights = c.n_layer * per_block + d + d * padded_vocab  # blocks, final norm, output layer
     return 6 * weights + 12 * c.n_layer * d * seq_len
 
 
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("kv", [None, 2])
-def test_flops_per_token_count_the_output_layer_tied_or_not(tied: bool, kv: int | None) -> None:
-    c = ModelConfig(vocab_size=1000, n_layer=3, n_head=4, n_kv_head=kv, d_model=64, context_length=32)
+@pytest.mark.parametrize(
+    "arch", [{}, {"mlp": "relu2"}, {"mlp": "relu2", "qk_norm": True, "logit_softcap": 15.0}]
+)
+def test_flops_per_token_count_the_output_layer_tied_or_not(tied: bool, kv: int | None, arch: dict) -> None:
+    c = ModelConfig(vocab_size=1000, n_layer=3, n_head=4, n_kv_head=kv, d_model=64, context_length=32, **arch)
     c = c.model_copy(update={"tie_embeddings": tied})
     model = GPT(c)
     assert model.flops_per_token() == expected_flops_per_token(c, 32)

@@ -1,4 +1,5 @@
-"""Export to Hugging Face transformers: same logits, same ids, same greedy text; the push, with the Hub mocked."""
+"""Export to Hugging Face transformers: same logits, same ids, same greedy text, for every architecture option
+that a transformers model expresses (the rest refused); the push, with the Hub mocked."""
 
 from __future__ import annotations
 
@@ -27,10 +28,17 @@ TEXT = (
 
 
 def model_for(
-    tokenizer: Tokenizer, *, tie: bool, n_kv_head: int | None, seed: int = 0, vocab_size: int | None = None
+    tokenizer: Tokenizer,
+    *,
+    tie: bool,
+    n_kv_head: int | None,
+    seed: int = 0,
+    vocab_size: int | None = None,
+    **options: object,
 ) -> GPT:
+    """A tiny GPT; `options` are more ModelConfig fields (mlp_hidden=None: the MLP's default width)."""
     torch.manual_seed(seed)
-    config = ModelConfig(
+    config = dict(
         vocab_size=vocab_size or tokenizer.vocab_size,
         context_length=128,
         n_layer=2,
@@ -42,34 +50,61 @@ def model_for(
         rope_theta=5000.0,
         norm_eps=1e-6,
     )
-    model = GPT(config)
+    model = GPT(ModelConfig(**(config | options)))
     with torch.no_grad():  # weights larger than at init, and norm gains not all 1, so a wrong mapping shows
         for p in model.parameters():
             p.normal_(1.0 if p.dim() == 1 else 0.0, 0.1)
     return model.eval()
 
 
+LLAMA: dict = {}
+
+
 @pytest.mark.parametrize(
-    ("tokenizer_file", "tie", "n_kv_head"),
+    ("tokenizer_file", "tie", "n_kv_head", "options", "architecture"),
     [
-        (BASE_TOKENIZER, True, None),
-        (BASE_TOKENIZER, False, 2),
-        (ORIGINAL_TOKENIZER, False, None),  # vocab 1004: the padding rows (to 1024) must be dropped
-        (ORIGINAL_TOKENIZER, True, 1),
+        (BASE_TOKENIZER, True, None, LLAMA, "LlamaForCausalLM"),
+        (BASE_TOKENIZER, False, 2, LLAMA, "LlamaForCausalLM"),
+        (
+            ORIGINAL_TOKENIZER,
+            False,
+            None,
+            LLAMA,
+            "LlamaForCausalLM",
+        ),  # vocab 1004: padding rows (to 1024) dropped
+        (ORIGINAL_TOKENIZER, True, 1, LLAMA, "LlamaForCausalLM"),
+        (BASE_TOKENIZER, True, 2, {"zero_init_proj": True}, "LlamaForCausalLM"),  # an initialisation only
+        # Per-head q/k RMSNorm with a gain before RoPE (the gains are not all 1, so the order is checked too).
+        (BASE_TOKENIZER, False, 2, {"qk_norm": True}, "Qwen3ForCausalLM"),
+        (ORIGINAL_TOKENIZER, True, None, {"qk_norm": True}, "Qwen3ForCausalLM"),
+        (BASE_TOKENIZER, False, 2, {"mlp": "relu2", "mlp_hidden": None}, "ArceeForCausalLM"),
+        (ORIGINAL_TOKENIZER, True, None, {"mlp": "relu2"}, "ArceeForCausalLM"),
+        (BASE_TOKENIZER, False, 2, {"qk_norm": True, "mlp": "relu2"}, "ApertusForCausalLM"),
+        (
+            ORIGINAL_TOKENIZER,
+            True,
+            1,
+            {"qk_norm": True, "mlp": "relu2", "mlp_hidden": None},
+            "ApertusForCausalLM",
+        ),
     ],
+    ids=str,
 )
 def test_transformers_loads_the_export_with_the_same_logits_and_ids(
-    tmp_path: Path, tokenizer_file: Path, tie: bool, n_kv_head: int | None
+    tmp_path: Path, tokenizer_file: Path, tie: bool, n_kv_head: int | None, options: dict, architecture: str
 ) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = Tokenizer.from_file(tokenizer_file)
-    model = model_for(tokenizer, tie=tie, n_kv_head=n_kv_head)
+    model = model_for(tokenizer, tie=tie, n_kv_head=n_kv_head, **options)
     out = export_hf(model, tokenizer, tmp_path / "export")
 
     hf_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(out)
-    assert type(hf_model).__name__ == "LlamaForCausalLM"
+    assert type(hf_model).__name__ == architecture
+    c = model.config  # every weight is exported, but the padding rows of the embedding (and untied head)
+    padding = (c.padded_vocab_size - c.vocab_size) * c.d_model * (1 if tie else 2)
+    assert sum(p.numel() for p in hf_model.parameters()) == model.num_params() - padding
     assert hf_model.config.vocab_size == tokenizer.vocab_size
     assert hf_model.config.tie_word_embeddings == tie
 
@@ -174,6 +209,19 @@ def test_export_to_a_place_that_cannot_be_written_is_refused_before_any_work(
     with pytest.raises(TalmError, match=match):
         export_hf(model, tokenizer, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize(
+    "options", [{"logit_softcap": 15.0}, {"logit_softcap": 30.0, "qk_norm": True}], ids=str
+)
+def test_a_soft_capped_model_is_refused_in_one_line_before_any_work(tmp_path: Path, options: dict) -> None:
+    model = model_for(Tokenizer.from_file(BASE_TOKENIZER), tie=True, n_kv_head=None, **options)
+    with pytest.raises(TalmError) as err:
+        export_hf(model, Tokenizer.from_file(BASE_TOKENIZER), tmp_path / "export")
+    cap = options["logit_softcap"]
+    assert str(err.value).startswith(f"model.logit_softcap={cap} cannot be expressed in the Llama format")
+    assert "\n" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_export_refuses_a_tokenizer_with_more_ids_than_the_model(tmp_path: Path) -> None:

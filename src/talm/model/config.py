@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import (
     Field,
     model_validator,
@@ -28,12 +30,25 @@ class ModelConfig(Config):
     """Key/value heads for grouped-query attention; must divide n_head. Unset means n_head (plain attention)."""
     d_model: int = Field(default=384, ge=2)
     """Width of the residual stream; must be a multiple of n_head with an even head size."""
+    mlp: Literal["swiglu", "relu2"] = "swiglu"
+    """The MLP: swiglu (gated, three matmuls, as Llama) or relu2 (relu(x)^2 between two matmuls, as the
+    modded-nanogpt speedrun and nanochat)."""
     mlp_hidden: int | None = Field(default=None, ge=1)
-    """Hidden width of the SwiGLU MLP. Unset means 8/3 * d_model rounded up to a multiple of 64."""
+    """Hidden width of the MLP. Unset means 8/3 * d_model rounded up to a multiple of 64 for swiglu (the same
+    weights as 4 * d_model without a gate), 4 * d_model for relu2."""
     rope_theta: float = Field(default=10000.0, gt=0)
     """Base of the rotary position embedding's frequencies."""
     norm_eps: float = Field(default=1e-5, gt=0)
     """Epsilon of the RMSNorm layers."""
+    qk_norm: bool = False
+    """RMSNorm each head's queries and keys (with a learned gain) before the rotary embedding, as modded-nanogpt
+    (and Qwen3): bounded attention logits, so higher learning rates stay stable."""
+    logit_softcap: float | None = Field(default=None, gt=0)
+    """Soft-cap the output logits to (-cap, cap) as cap * tanh(logits / cap), in training and sampling
+    (modded-nanogpt used 30, from Gemma 2, then 15). Unset: no cap."""
+    zero_init_proj: bool = False
+    """Initialise the projections into the residual stream (attention output, MLP down) to zero, so every block
+    starts as the identity (modded-nanogpt). Off: N(0, 0.02 / sqrt(2 * n_layer)), as GPT-2."""
     tie_embeddings: bool = True
     """Share the token embedding matrix with the output layer."""
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
@@ -67,7 +82,9 @@ class ModelConfig(Config):
 
     @property
     def hidden_dim(self) -> int:
-        return self.mlp_hidden or 64 * -(-(8 * self.d_model // 3) // 64)
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        return 4 * self.d_model if self.mlp == "relu2" else 64 * -(-(8 * self.d_model // 3) // 64)
 
     @property
     def padded_vocab_size(self) -> int:

@@ -4,6 +4,9 @@ Token embedding -> n_layer pre-norm blocks (RMSNorm, causal self-attention with 
 optional grouped-query attention, SwiGLU MLP) -> RMSNorm -> output layer. No biases anywhere. This is the
 Llama layout, so the weights map one to one onto Hugging Face's `LlamaForCausalLM` (see `talm.use.export`).
 
+Options from the modded-nanogpt speedrun's record table, all off by default (`ModelConfig`): QK-norm, a ReLU²
+MLP instead of SwiGLU, logit soft-capping, zero-initialised output projections; and an untied output layer.
+
 Optimizers, distributed wrappers and files live elsewhere; this file only says what the network computes.
 `KVCache` lets generation (`talm.use.sample`) feed one new token at a time instead of the whole sequence.
 """
@@ -77,6 +80,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
         self.proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
         self.dropout = config.dropout
+        # QK-norm before RoPE, in modded-nanogpt's order (nanochat norms after it: the same thing for a gain-free
+        # norm, since rotations keep the RMS). With a learned gain, as Qwen3: a gain-free norm caps attention
+        # logits at sqrt(head_dim), tight for small heads; and so the export to Qwen3 is exact.
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else nn.Identity()
 
     def forward(
         self,
@@ -94,7 +102,7 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         if self.n_kv_head != self.n_head:  # grouped-query attention: each kv head serves a group of q heads
@@ -124,13 +132,25 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
+class ReLU2(nn.Module):
+    """The speedrun's MLP: relu(x)^2 between two matmuls, no gate."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.up = nn.Linear(config.d_model, config.hidden_dim, bias=False)
+        self.down = nn.Linear(config.hidden_dim, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.relu(self.up(x)).square())
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.attn = Attention(config, layer)
         self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
-        self.mlp = SwiGLU(config)
+        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else ReLU2(config)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
@@ -164,14 +184,16 @@ class GPT(nn.Module):
 
     def reset_parameters(self) -> None:
         """GPT-2 init: N(0, 0.02), with the projections into the residual stream scaled by 1/sqrt(2 * n_layer)
-        so the stream's variance does not grow with depth."""
+        so the stream's variance does not grow with depth; or, with `zero_init_proj`, those at zero."""
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, p in self.named_parameters():
-            if p.dim() == 2:
-                std = residual_std if name.endswith(("attn.proj.weight", "mlp.down.weight")) else 0.02
-                nn.init.normal_(p, mean=0.0, std=std)
-            else:
+            into_residual = name.endswith(("attn.proj.weight", "mlp.down.weight"))
+            if p.dim() < 2:
                 nn.init.ones_(p)  # the RMSNorm gains
+            elif into_residual and self.config.zero_init_proj:
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, mean=0.0, std=residual_std if into_residual else 0.02)
 
     def num_params(self, *, embeddings: bool = True) -> int:
         """Parameter count (shared tensors counted once); without the token embedding if `embeddings=False`."""
@@ -180,9 +202,10 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward), as PaLM (app. B) and nanoGPT count them: 6 per weight
-        of every matmul, the output layer included, plus 12 * n_layer * d_model * seq_len for the attention
-        scores and their weighted sum. The token embedding is a lookup, not a matmul, so it is left out; with
-        tied embeddings the same matrix is still the output layer's, and counted as such."""
+        of every matmul (SwiGLU's three, ReLU²'s two), the output layer included, plus 12 * n_layer * d_model *
+        seq_len for the attention scores and their weighted sum. The token embedding is a lookup, not a matmul,
+        so it is left out; with tied embeddings the same matrix is still the output layer's, and counted as
+        such. (Norm gains add their few weights; elementwise work, the soft-cap's tanh included, is left out.)"""
         c = self.config
         t = seq_len or c.context_length
         matmul_params = self.num_params(embeddings=False)
@@ -224,6 +247,8 @@ class GPT(nn.Module):
             x = block(x, cos, sin, mask, cache)
         # The embedding's padding rows are never a token: their logits are cut off.
         logits = self.lm_head(self.norm(x))[..., : self.config.vocab_size]
+        if self.config.logit_softcap is not None:  # smooth, bounded logits (modded-nanogpt: 30, then 15)
+            logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
         if cache is not None:
             cache.length += T
         loss = None

@@ -2,9 +2,12 @@
 
 talm's GPT is the Llama architecture (RMSNorm, rotary embeddings in the rotate-half layout, SwiGLU, no
 biases), so an export is a renaming: the fused qkv and gate/up matrices are split into Llama's separate
-projections, nothing is permuted. The directory written holds
+projections, nothing is permuted. Options Llama lacks go to the transformers model that is Llama plus exactly
+those (`ARCHITECTURES`): qk_norm to Qwen3 (per-head q/k RMSNorm with a gain, before RoPE), mlp="relu2" to Arcee
+(up/down MLP, relu2), both to Apertus. logit_softcap is refused: the models that cap logits (Gemma 2, NanoChat)
+differ elsewhere (sandwich or gain-free norms). zero_init_proj is only an initialisation. The directory holds
 
-    config.json              LlamaForCausalLM config (vocab_size = the model's, not the padded one)
+    config.json              LlamaForCausalLM (or Qwen3/Arcee/Apertus) config (vocab_size = the model's)
     model.safetensors        the weights, under transformers' names (lm_head omitted when tied)
     generation_config.json   bos/eos = <|endoftext|>
     tokenizer.json           the tokenizer, as a tokenizers JSON (loads as PreTrainedTokenizerFast)
@@ -17,10 +20,8 @@ embedding's padding rows (it is padded to a multiple of 64 for speed) are droppe
 token. The model keeps its own vocab_size, which training allows above the tokenizer's (the tokenizer keeps its
 own size): its extra rows are exported, since the Llama weights must match the config's vocab_size.
 
-The target directory is checked before any work (`check_export_dir`, with `talm.files.check_writable_dir`): a
-file where a directory must be, an unwritable place, or an existing directory without --overwrite is refused
-in one line; --overwrite replaces only an earlier export (or an empty directory), never other files.
-
+The target directory is checked before any work (`check_export_dir`); --overwrite replaces only an earlier
+export (or an empty directory), never other files.
 talm writes these files itself; transformers is needed only by whoever loads the export.
 """
 
@@ -44,12 +45,30 @@ from talm.tokenizer.formats import EOT
 from talm.use.config import DTYPES
 from talm.use.load import check_vocab, load_checkpoint
 
+# (qk_norm, mlp) -> the transformers model (its model_type is the name in lower case) that computes the same.
+ARCHITECTURES = {
+    (False, "swiglu"): "Llama",
+    (True, "swiglu"): "Qwen3",
+    (False, "relu2"): "Arcee",
+    (True, "relu2"): "Apertus",
+}
+
+
+def check_exportable(config: ModelConfig) -> None:
+    """Refuse, in one line, the options no transformers architecture expresses exactly (see the module doc)."""
+    if config.logit_softcap is not None:
+        raise TalmError(
+            f"model.logit_softcap={config.logit_softcap} cannot be expressed in the Llama format (nor in any "
+            "transformers architecture that computes the rest exactly): use this model with generate instead"
+        )
+
 
 def hf_config(config: ModelConfig, eot_id: int, dtype: str) -> dict[str, Any]:
-    """config.json of the LlamaForCausalLM that computes what `config`'s GPT computes."""
+    """config.json of the transformers model (`ARCHITECTURES`) that computes what `config`'s GPT computes."""
+    name = ARCHITECTURES[config.qk_norm, config.mlp]
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [f"{name}ForCausalLM"],
+        "model_type": name.lower(),
         "vocab_size": config.vocab_size,
         "hidden_size": config.d_model,
         "intermediate_size": config.hidden_dim,
@@ -59,7 +78,7 @@ def hf_config(config: ModelConfig, eot_id: int, dtype: str) -> dict[str, Any]:
         "head_dim": config.head_dim,
         "max_position_embeddings": config.context_length,
         "rms_norm_eps": config.norm_eps,
-        "hidden_act": "silu",
+        "hidden_act": "silu" if config.mlp == "swiglu" else "relu2",
         "attention_bias": False,
         "mlp_bias": False,
         "attention_dropout": 0.0,
@@ -77,26 +96,34 @@ def hf_config(config: ModelConfig, eot_id: int, dtype: str) -> dict[str, Any]:
 
 
 def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The GPT's weights under LlamaForCausalLM's names, with the vocabulary padding rows dropped."""
+    """The GPT's weights under LlamaForCausalLM's names (and Qwen3's q/k norms, Arcee's gateless MLP, Apertus'
+    norm names), with the vocabulary padding rows dropped."""
     c = model.config
     vocab, hd = c.vocab_size, c.head_dim
     q_rows, kv_rows = c.n_head * hd, c.kv_heads * hd
+    apertus = ARCHITECTURES[c.qk_norm, c.mlp] == "Apertus"  # which names its two pre-norms its own way
+    norms = ("attention", "feedforward") if apertus else ("input", "post_attention")
     out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": model.tok_emb.weight[:vocab]}
     for i, block in enumerate(model.blocks):
         p = f"model.layers.{i}."
         q, k, v = block.attn.qkv.weight.split([q_rows, kv_rows, kv_rows], dim=0)
-        gate, up = block.mlp.gate_up.weight.split(c.hidden_dim, dim=0)
         out |= {
-            p + "input_layernorm.weight": block.attn_norm.weight,
+            p + f"{norms[0]}_layernorm.weight": block.attn_norm.weight,
             p + "self_attn.q_proj.weight": q,
             p + "self_attn.k_proj.weight": k,
             p + "self_attn.v_proj.weight": v,
             p + "self_attn.o_proj.weight": block.attn.proj.weight,
-            p + "post_attention_layernorm.weight": block.mlp_norm.weight,
-            p + "mlp.gate_proj.weight": gate,
-            p + "mlp.up_proj.weight": up,
+            p + f"{norms[1]}_layernorm.weight": block.mlp_norm.weight,
             p + "mlp.down_proj.weight": block.mlp.down.weight,
         }
+        if c.qk_norm:
+            out[p + "self_attn.q_norm.weight"] = block.attn.q_norm.weight
+            out[p + "self_attn.k_norm.weight"] = block.attn.k_norm.weight
+        if c.mlp == "swiglu":
+            gate, up = block.mlp.gate_up.weight.split(c.hidden_dim, dim=0)
+            out |= {p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up}
+        else:
+            out[p + "mlp.up_proj.weight"] = block.mlp.up.weight
     out["model.norm.weight"] = model.norm.weight
     if not c.tie_embeddings:
         out["lm_head.weight"] = model.lm_head.weight[:vocab]
@@ -125,16 +152,17 @@ def write_tokenizer_files(tokenizer: Tokenizer, out_dir: Path, context_length: i
 def model_card(name: str, model: GPT, tokenizer: Tokenizer, meta: dict[str, Any] | None) -> str:
     c = model.config
     meta = meta or {}
+    arch = ARCHITECTURES[c.qk_norm, c.mlp]
     lines = [
         "---",
         "library_name: transformers",
         "pipeline_tag: text-generation",
-        "tags: [talm, llama]",
+        f"tags: [talm, {arch.lower()}]",
         "---",
         "",
         f"# {name}",
         "",
-        "A GPT-style language model trained from scratch with talm and exported to the Llama format.",
+        f"A GPT-style language model trained from scratch with talm and exported to the {arch} format.",
         "",
         "| | |",
         "|---|---|",
@@ -184,6 +212,7 @@ def export_hf(
     out_dir = Path(out_dir)
     check_export_dir(out_dir, overwrite)
     check_dtype(dtype)
+    check_exportable(model.config)
     check_vocab(model, tokenizer, "the model")
     tmp = staging_dir(out_dir)
     try:
@@ -364,9 +393,6 @@ def export_checkpoint(
     model, tokenizer, meta = load_checkpoint(model_dir, checkpoint, "cpu")
     export_hf(model, tokenizer, out_dir, dtype=dtype, overwrite=overwrite, meta=meta)
     return Exported(out_dir, meta, model.num_params(), token)
-
-
-# ------------------------------------------------------------------------------------------------------------
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
