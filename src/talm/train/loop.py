@@ -34,7 +34,7 @@ from talm.train.config import RunConfig
 from talm.train.evaluate import evaluate, scores_text
 from talm.train.inputs import accumulation, load_inputs, make_loaders
 from talm.train.metrics import MetricsLog
-from talm.train.optim import build_optimizer, schedule
+from talm.train.optim import apply_schedule, build_optimizer, multiplier
 from talm.train.precision import Precision, set_deterministic
 from talm.train.report import make_sinks
 from talm.train.stop import StopRequest
@@ -135,7 +135,9 @@ class Trainer:
         self.model = GPT(cfg.model).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.precision = Precision(t.dtype, self.device)
-        self.lr_at = schedule(cfg.optim, t.max_steps)
+        # The schedule, a multiplier of each group's peak lr; state.restore re-warms it after a changed schedule.
+        self.lr_mult = multiplier(cfg.optim, t.max_steps)
+        self.lr_segment: dict | None = None  # the re-warm the schedule follows (optim.rewarm_segment), saved
 
         self.step = 0
         self.tokens_seen = 0
@@ -181,9 +183,9 @@ class Trainer:
 
     def train_step(self, stop: StopRequest) -> tuple[float, float, bool]:
         """One optimizer step over `accum` micro-batches: (loss averaged over ranks, lr, stop requested)."""
-        lr = self.lr_at(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        mult = self.lr_mult(self.step)
+        apply_schedule(self.optimizer, self.cfg.optim, self.step, mult)
+        lr = self.cfg.optim.lr * mult  # the lr logged: AdamW's (Muon's groups keep their ratio to it)
         scaler = self.precision.scaler
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.accum):
