@@ -3,11 +3,15 @@ the trainer, GradScaler, clipping and checkpoints use unchanged; a Muon run resu
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from test_ddp import ARGS, curve
 from test_resume import stop_after
 
 import talm.train.loop as trainer_module
@@ -142,3 +146,29 @@ def test_switching_optimizer_on_resume_is_one_line(tiny_data: Path, in_tmp: Path
     ):
         Trainer(cfg, in_tmp / "m", resume_from=resume_from)
     assert isinstance(build_optimizer(gpt(True), OptimConfig(name="muon"), CPU), MuonAdamW)
+
+
+@pytest.mark.slow
+def test_muon_under_two_process_ddp_matches_one_process(tiny_data: Path, in_tmp: Path) -> None:
+    """Muon orthogonalises the all-reduced gradient, the same matrix on every rank: 2 processes (gloo) train
+    like 1 process accumulating 2 micro-batches, up to float rounding (Newton-Schulz runs in bfloat16, so a
+    last-bit difference in a gradient can round differently: a looser tolerance than AdamW's test_ddp)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["-d", str(tiny_data), *ARGS, "--optim.name", "muon"]
+    single = subprocess.run(
+        [sys.executable, "-m", "talm.cli.train_model", *args, "-n", "one"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert single.returncode == 0, single.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    ddp = subprocess.run(
+        [*torchrun, "-m", "talm.cli.train_model", *args, "-n", "two"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert ddp.returncode == 0 and "2 process(es)" in ddp.stderr, ddp.stderr
+    (train_1, val_1), (train_2, val_2) = curve("models/one"), curve("models/two")
+    assert len(train_1) == len(train_2) == 8
+    assert train_2 == pytest.approx(train_1, rel=1e-3) and val_2 == pytest.approx(val_1, rel=1e-3)
+    assert train_1[-1] < train_1[0]

@@ -135,9 +135,8 @@ class Trainer:
         self.model = GPT(cfg.model).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.precision = Precision(t.dtype, self.device)
-        # The schedule, a multiplier of each group's peak lr; state.restore re-warms it after a changed schedule.
-        self.lr_mult = multiplier(cfg.optim, t.max_steps)
-        self.lr_segment: dict | None = None  # the re-warm the schedule follows (optim.rewarm_segment), saved
+        # A multiplier of each group's peak lr, and its re-warm (optim.rewarm_segment) once state.restore sets one.
+        self.lr_mult, self.lr_segment = multiplier(cfg.optim, t.max_steps), None
 
         self.step = 0
         self.tokens_seen = 0
@@ -183,9 +182,7 @@ class Trainer:
 
     def train_step(self, stop: StopRequest) -> tuple[float, float, bool]:
         """One optimizer step over `accum` micro-batches: (loss averaged over ranks, lr, stop requested)."""
-        mult = self.lr_mult(self.step)
-        apply_schedule(self.optimizer, self.cfg.optim, self.step, mult)
-        lr = self.cfg.optim.lr * mult  # the lr logged: AdamW's (Muon's groups keep their ratio to it)
+        lr = apply_schedule(self.optimizer, self.cfg.optim, self.step, self.lr_mult(self.step))  # AdamW's lr
         scaler = self.precision.scaler
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.accum):

@@ -253,15 +253,16 @@ def muon_momentum(cfg: OptimConfig, step: int) -> float:
     return (1 - frac) * min(MUON_MOMENTUM_START, cfg.muon_momentum) + frac * cfg.muon_momentum
 
 
-def apply_schedule(optimizer: Optimizer, cfg: OptimConfig, step: int, mult: float) -> None:
+def apply_schedule(optimizer: Optimizer, cfg: OptimConfig, step: int, mult: float) -> float:
     """Set every group's lr to its own peak (muon_lr for Muon's, lr for AdamW's) times `mult`, and Muon's
-    momentum to its value at `step`."""
+    momentum to its value at `step`. Returns AdamW's lr (the one logged; Muon's keeps its ratio to it)."""
     momentum = muon_momentum(cfg, step)
     for group in optimizer.param_groups:
         if is_muon(group):
             group["lr"], group["momentum"] = cfg.muon_lr * mult, momentum
         else:
             group["lr"] = cfg.lr * mult
+    return cfg.lr * mult
 
 
 def load_optimizer_state(optimizer: Optimizer, state: dict[str, Any]) -> None:
