@@ -17,14 +17,38 @@ from talm.model.config import ModelConfig
 
 
 class OptimConfig(Config):
-    """AdamW and its learning-rate schedule: linear warmup, then cosine decay to a floor."""
+    """The optimizer (AdamW, or Muon with AdamW) and its learning-rate schedule: linear warmup, then a cosine or
+    a warmup-stable-decay trapezoid down to a floor."""
 
+    name: Literal["adamw", "muon"] = "adamw"
+    """adamw: AdamW for every parameter. muon: Muon (torch.optim.Muon) for the attention and MLP matrices
+    inside the blocks, AdamW for the embeddings, the output head and the norms' gains."""
     lr: float = Field(default=6e-4, gt=0)
-    """Peak learning rate, reached at the end of warmup."""
+    """Peak learning rate of AdamW's parameters, reached at the end of warmup."""
+    muon_lr: float = Field(default=0.02, gt=0)
+    """Peak learning rate of Muon's matrices (with --optim.name muon); the schedule scales it like lr. 0.02 is
+    nanochat's matrix_lr (Keller Jordan's lr scaling, sqrt(max(1, rows/cols)))."""
+    muon_momentum: float = Field(default=0.95, ge=0.0, lt=1.0)
+    """Muon's (Nesterov) momentum, as nanochat and the modded-nanogpt speedrun use."""
+    muon_momentum_warmup: int = Field(default=300, ge=0)
+    """Steps over which Muon's momentum ramps linearly from 0.85 to muon_momentum (nanochat: 300; 0: none)."""
+    muon_weight_decay: float = Field(default=0.0, ge=0.0)
+    """Muon's decoupled weight decay (per step: weights *= 1 - muon_lr * this); nanochat's Muon uses none."""
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    """cosine: warmup, then a half cosine from lr to the floor at max_steps. wsd (warmup-stable-decay):
+    warmup, lr held, then a linear decay to the floor over the last decay_fraction of max_steps; raising
+    --max-steps of a run that has not begun its decay continues it seamlessly."""
+    decay_fraction: float = Field(default=0.2, ge=0.0, le=1.0)
+    """With schedule wsd: the fraction of max_steps (at the end) over which the lr decays to the floor."""
     min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
-    """The floor the cosine decays to, as a fraction of lr (0.1 = lr/10)."""
+    """The floor the schedule decays to, as a fraction of the peak (0.1 = lr/10)."""
     warmup_steps: int = Field(default=100, ge=0)
     """Optimizer steps of linear warmup from ~0 to lr."""
+    rewarm: bool = False
+    """On resume, when the new settings (a raised --max-steps after a cosine or a begun wsd decay, another
+    schedule) would raise the lr by more than one warmup step, warm it up linearly from the lr the run had to
+    the new schedule over warmup_steps steps. Off: such a resume is refused, naming the choices (keep
+    --max-steps, --optim.rewarm, or --restart). A lower or unchanged lr always resumes as is."""
     weight_decay: float = Field(default=0.1, ge=0.0)
     """AdamW weight decay, applied to matrices only (not to norms' gains)."""
     beta1: float = Field(default=0.9, ge=0.0, lt=1.0)

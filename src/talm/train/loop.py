@@ -34,7 +34,7 @@ from talm.train.config import RunConfig
 from talm.train.evaluate import evaluate, scores_text
 from talm.train.inputs import accumulation, load_inputs, make_loaders
 from talm.train.metrics import MetricsLog
-from talm.train.optim import build_optimizer, schedule
+from talm.train.optim import apply_schedule, build_optimizer, multiplier
 from talm.train.precision import Precision, set_deterministic
 from talm.train.report import make_sinks
 from talm.train.stop import StopRequest
@@ -135,7 +135,8 @@ class Trainer:
         self.model = GPT(cfg.model).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.precision = Precision(t.dtype, self.device)
-        self.lr_at = schedule(cfg.optim, t.max_steps)
+        # A multiplier of each group's peak lr, and its re-warm (optim.rewarm_segment) once state.restore sets one.
+        self.lr_mult, self.lr_segment = multiplier(cfg.optim, t.max_steps), None
 
         self.step = 0
         self.tokens_seen = 0
@@ -181,9 +182,7 @@ class Trainer:
 
     def train_step(self, stop: StopRequest) -> tuple[float, float, bool]:
         """One optimizer step over `accum` micro-batches: (loss averaged over ranks, lr, stop requested)."""
-        lr = self.lr_at(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = apply_schedule(self.optimizer, self.cfg.optim, self.step, self.lr_mult(self.step))  # AdamW's lr
         scaler = self.precision.scaler
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.accum):

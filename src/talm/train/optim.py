@@ -1,27 +1,73 @@
 """The optimizer and its learning-rate schedule.
 
-AdamW with two parameter groups: matrices (embeddings, projections) get weight decay, vectors (the RMSNorm
-gains) do not. `lr_at` is a pure function of the step, so the schedule needs no state of its own to resume.
+Two optimizers (`--optim.name`): AdamW for every parameter, or Muon for the hidden matrices (the attention and
+MLP projections inside the blocks) with AdamW for the rest (embeddings, the output head, the gains), stepped
+together behind one object (`MuonAdamW`) that looks like one torch optimizer to the trainer, GradScaler,
+clipping and checkpoints. AdamW decays matrices, not the RMSNorm gains.
+
+The schedule (`--optim.schedule`: cosine or warmup-stable-decay) is a multiplier in [0, 1], a pure function of
+the step, applied to each parameter group's own peak lr (`lr` for AdamW, `muon_lr` for Muon), so the groups
+keep their ratio and the schedule needs no state to resume. The one exception is a re-warm (`rewarm_segment`):
+a resume whose new settings would raise the lr more than one warmup step does is refused, or with
+`--optim.rewarm` warmed up from the lr the run had to the new schedule; that segment is saved with the run.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
+from talm.errors import TalmError
 from talm.train.config import OptimConfig
 
+# Muon's momentum warms up from this value to --optim.muon_momentum over --optim.muon_momentum_warmup steps,
+# as nanochat (scripts/base_train.py, get_muon_momentum: 0.85 -> 0.95 over 300 steps) and the modded-nanogpt
+# speedrun (train_gpt.py, the same ramp) do.
+MUON_MOMENTUM_START = 0.85
+# How torch's Muon scales the lr of a rows x cols matrix. "original" (Keller Jordan's Muon: lr *
+# sqrt(max(1, rows/cols))) is the scaling under which nanochat's and modded-nanogpt's Muon lrs (0.02-0.05) were
+# tuned, so --optim.muon_lr's default means what it means there. "match_rms_adamw" (Moonshot: lr * 0.2 *
+# sqrt(max(rows, cols))) would let Muon reuse AdamW's lr, but no speedrun recipe is tuned for it.
+MUON_ADJUST_LR = "original"
 
-def lr_at(step: int, *, max_lr: float, warmup_steps: int, max_steps: int, min_lr: float) -> float:
+
+# ------------------------------------------------------------------------------------------------- schedules
+
+
+def lr_at(
+    step: int,
+    *,
+    max_lr: float,
+    warmup_steps: int,
+    max_steps: int,
+    min_lr: float,
+    shape: str = "cosine",
+    decay_fraction: float = 0.2,
+) -> float:
     """Learning rate of optimizer step `step` (0-based).
 
-    Linear warmup from max_lr/warmup_steps to max_lr over the first `warmup_steps` steps, then a half cosine
-    from max_lr down to min_lr at `max_steps`, and min_lr after that. Never negative (min_lr >= 0), and
-    monotone non-increasing after warmup.
+    Linear warmup from max_lr/warmup_steps to max_lr over the first `warmup_steps` steps, then
+    - cosine: a half cosine from max_lr down to min_lr at `max_steps`;
+    - wsd: max_lr (stable), then a linear decay to min_lr at `max_steps` over the last
+      round(decay_fraction * max_steps) steps (if that overlaps the warmup, the lower of the two);
+    and min_lr from max_steps on. Never negative (min_lr >= 0), and monotone non-increasing after warmup.
     """
     if not 0 <= min_lr <= max_lr:
         raise ValueError(f"need 0 <= min_lr <= max_lr, got min_lr={min_lr}, max_lr={max_lr}")
+    if shape == "wsd":
+        if step >= max_steps:
+            return min_lr
+        warm = max_lr * (step + 1) / warmup_steps if step < warmup_steps else max_lr
+        decay_steps = round(decay_fraction * max_steps)
+        start = max_steps - decay_steps
+        if step < start:
+            return warm
+        return min(warm, max_lr - (max_lr - min_lr) * (step - start) / decay_steps)
+    if shape != "cosine":
+        raise ValueError(f"unknown schedule {shape!r}")
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     decay_steps = max_steps - warmup_steps
@@ -31,24 +77,96 @@ def lr_at(step: int, *, max_lr: float, warmup_steps: int, max_steps: int, min_lr
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
-def schedule(cfg: OptimConfig, max_steps: int):
-    """`lr_at` bound to a config: step -> learning rate."""
-    min_lr = cfg.lr * cfg.min_lr_ratio
-    return lambda step: lr_at(
-        step, max_lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=max_steps, min_lr=min_lr
+def multiplier(cfg: OptimConfig, max_steps: int) -> Callable[[int], float]:
+    """The schedule of a config as a multiplier of each group's peak lr: step -> [min_lr_ratio, 1]."""
+    kw = {"warmup_steps": cfg.warmup_steps, "max_steps": max_steps, "min_lr": cfg.min_lr_ratio}
+    return lambda step: lr_at(step, max_lr=1.0, shape=cfg.schedule, decay_fraction=cfg.decay_fraction, **kw)
+
+
+def rewarmed(base: Callable[[int], float], segment: dict | None, warmup_steps: int) -> Callable[[int], float]:
+    """`base`, except over the `warmup_steps` steps from segment["step"]: a linear blend from the multiplier
+    segment["from"] (the lr the run had) to `base` (reached at the segment's last step)."""
+    if not segment or warmup_steps <= 0:
+        return base
+    start, origin = int(segment["step"]), float(segment["from"])
+
+    def mult(step: int) -> float:
+        if not start <= step < start + warmup_steps:
+            return base(step)
+        return origin + (base(step) - origin) * (step - start + 1) / warmup_steps
+
+    return mult
+
+
+def schedule(cfg: OptimConfig, max_steps: int, segment: dict | None = None) -> Callable[[int], float]:
+    """The lr of AdamW's groups (peak `cfg.lr`) at each step, re-warmed over `segment` if given."""
+    mult = rewarmed(multiplier(cfg, max_steps), segment, cfg.warmup_steps)
+    return lambda step: cfg.lr * mult(step)
+
+
+def rewarm_segment(
+    saved: dict[str, Any], new: OptimConfig, new_max_steps: int, step: int, segment: dict | None
+) -> tuple[dict | None, str | None]:
+    """Whether resuming at `step` keeps the lr continuous. `saved` is the resumed run's config (checkpoint.json
+    "config"), `segment` its saved re-warm (or None). The new schedule may follow the saved one, or fall below
+    it; it may not rise above both the saved lr and the last lr plus one warmup step (1/warmup_steps of the
+    peak: what warmup itself does per step). Returns (the segment to train with, a line saying what happened);
+    TalmError naming the choices if it would rise further and --optim.rewarm is off."""
+    try:
+        old_cfg = OptimConfig.model_validate(saved["optim"])
+        old_max = int(saved["train"]["max_steps"])
+    except (KeyError, TypeError, ValueError):  # a config without a schedule we can read: nothing to compare
+        return segment, None
+    old = rewarmed(multiplier(old_cfg, old_max), segment, old_cfg.warmup_steps)
+    new_mult = rewarmed(multiplier(new, new_max_steps), segment, new.warmup_steps)
+    if step <= 0:
+        return segment, None
+    last, now = old(step - 1), new_mult(step)
+    allowed = max(old(step), last + 1.0 / max(new.warmup_steps, 1))
+    if now <= allowed + 1e-12:
+        return segment, None
+    fields = ("schedule", "warmup_steps", "min_lr_ratio", "decay_fraction")
+    changes = [f"max_steps {old_max} -> {new_max_steps}"] if old_max != new_max_steps else []
+    changes += [
+        f"{k} {getattr(old_cfg, k)} -> {getattr(new, k)}"
+        for k in fields
+        if getattr(old_cfg, k) != getattr(new, k)
+    ]
+    what = ", ".join(changes) or "these settings"
+    was, would = f"{old_cfg.lr * last:.3g}", f"{new.lr * now:.3g}"  # AdamW's lr, the one metrics.jsonl logs
+    if not new.rewarm:
+        raise TalmError(
+            f"resuming at step {step} with {what} would raise the lr from {was} to {would} at once: keep "
+            f"--max-steps {old_max} and the saved schedule, pass --optim.rewarm to warm up from {was} to the new "
+            f"schedule over {new.warmup_steps} steps, or --restart to train from scratch"
+        )
+    return {"step": step, "from": last}, (
+        f"{what}: re-warming the lr from {was} to the new schedule ({would}) over {new.warmup_steps} steps"
     )
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay every parameter with 2+ dimensions (matmuls, embeddings); not gains (1-D). Shared tensors once."""
+# ------------------------------------------------------------------------------------------------ optimizers
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, skip: set[int] = frozenset()) -> list[dict]:
+    """Decay every parameter with 2+ dimensions (matmuls, embeddings); not gains (1-D). Shared tensors once;
+    parameters whose id is in `skip` (Muon's) left out."""
     decay, no_decay = [], []
     for p in model.parameters():  # parameters() yields a tied tensor only once
-        if p.requires_grad:
+        if p.requires_grad and id(p) not in skip:
             (decay if p.dim() >= 2 else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def hidden_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Muon's parameters: the 2-D weights inside the blocks (attention and MLP projections), never the token
+    embedding or the output head, even when tied (they are outside `model.blocks`)."""
+    blocks = model.get_submodule("blocks")
+    outside = {id(p) for name, p in model.named_parameters() if not name.startswith("blocks.")}
+    return [p for p in blocks.parameters() if p.dim() == 2 and p.requires_grad and id(p) not in outside]
 
 
 def fused_available(device: torch.device) -> bool:
@@ -57,13 +175,104 @@ def fused_available(device: torch.device) -> bool:
     return device.type in ("cuda", "cpu")
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the decay / no-decay groups, fused where torch has a fused kernel for the device."""
+def adamw(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     fused = fused_available(device)
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps,
-        fused=True if fused else None,
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True if fused else None
     )
+
+
+class MuonAdamW:
+    """Muon for the hidden matrices and AdamW for the rest, as one optimizer: `param_groups` lists both
+    optimizers' groups (the same dicts, so setting a group's lr reaches its optimizer; GradScaler's unscale_
+    finds every gradient there), `step` steps both, and the state dict holds both ({"muon": ..., "adamw": ...})."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.AdamW) -> None:
+        self.optimizers: dict[str, torch.optim.Optimizer] = {"muon": muon, "adamw": adamw}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers.values() for g in opt.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {p: s for opt in self.optimizers.values() for p, s in opt.state.items()}
+
+    @property
+    def defaults(self) -> dict:
+        return self.optimizers["adamw"].defaults
+
+    def step(self, closure: None = None) -> None:
+        assert closure is None, "MuonAdamW.step takes no closure"
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != set(self.optimizers):
+            raise ValueError("it holds one AdamW's state (--optim.name adamw), this run uses muon")
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])
+
+
+Optimizer = torch.optim.AdamW | MuonAdamW
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> Optimizer:
+    """AdamW over the decay / no-decay groups (fused where torch has a fused kernel for the device), or with
+    --optim.name muon: torch's Muon over the hidden matrices, AdamW over the rest."""
+    if cfg.name == "adamw":
+        return adamw(param_groups(model, cfg.weight_decay), cfg, device)
+    hidden = hidden_matrices(model)
+    muon = torch.optim.Muon(
+        hidden,
+        lr=cfg.muon_lr,
+        weight_decay=cfg.muon_weight_decay,
+        momentum=cfg.muon_momentum,
+        nesterov=True,
+        adjust_lr_fn=MUON_ADJUST_LR,
+    )
+    return MuonAdamW(muon, adamw(param_groups(model, cfg.weight_decay, {id(p) for p in hidden}), cfg, device))
+
+
+def is_muon(group: dict) -> bool:
+    return "ns_steps" in group  # a key only torch's Muon puts in its groups
+
+
+def muon_momentum(cfg: OptimConfig, step: int) -> float:
+    """Muon's momentum at `step`: MUON_MOMENTUM_START ramped linearly to muon_momentum over the warmup."""
+    if cfg.muon_momentum_warmup <= 0:
+        return cfg.muon_momentum
+    frac = min(step / cfg.muon_momentum_warmup, 1.0)
+    return (1 - frac) * min(MUON_MOMENTUM_START, cfg.muon_momentum) + frac * cfg.muon_momentum
+
+
+def apply_schedule(optimizer: Optimizer, cfg: OptimConfig, step: int, mult: float) -> float:
+    """Set every group's lr to its own peak (muon_lr for Muon's, lr for AdamW's) times `mult`, and Muon's
+    momentum to its value at `step`. Returns AdamW's lr (the one logged; Muon's keeps its ratio to it)."""
+    momentum = muon_momentum(cfg, step)
+    for group in optimizer.param_groups:
+        if is_muon(group):
+            group["lr"], group["momentum"] = cfg.muon_lr * mult, momentum
+        else:
+            group["lr"] = cfg.lr * mult
+    return cfg.lr * mult
+
+
+def load_optimizer_state(optimizer: Optimizer, state: dict[str, Any]) -> None:
+    """Load a saved optimizer state (ValueError/KeyError/TypeError if it does not fit), keeping this device's
+    AdamW kernel (the saved run may have used another device's)."""
+    if isinstance(optimizer, torch.optim.AdamW) and set(state) == {"muon", "adamw"}:
+        raise ValueError("it holds Muon's and AdamW's state (--optim.name muon), this run uses adamw")
+    optimizer.load_state_dict(state)
+    inner = optimizer.optimizers.values() if isinstance(optimizer, MuonAdamW) else [optimizer]
+    for opt in inner:
+        if isinstance(opt, torch.optim.AdamW):
+            for group in opt.param_groups:
+                group["fused"], group["foreach"] = opt.defaults.get("fused"), opt.defaults.get("foreach")

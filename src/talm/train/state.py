@@ -1,21 +1,23 @@
 """What a checkpoint carries of a run besides the weights, captured from a Trainer and restored into one.
 
 checkpoint.py owns the file format (trainer_state.pt, checkpoint.json); this module owns their content for a
-training run: the counters (step, tokens seen, elapsed time, best val loss), the optimizer and loss-scaler
-state, the loader's position and every rank's RNG states, so that a resumed run continues the run it resumes
-(the same data order and, on the same process count, the same dropout masks).
+training run: the counters (step, tokens seen, elapsed time, best val loss), the optimizer state (both
+optimizers' with Muon), the lr schedule's re-warm, the loss-scaler state, the loader's position and every rank's
+RNG states, so that a resumed run continues the run it resumes (the same data order and, on the same process
+count, the same dropout masks, the same lr: a resume whose settings would make it jump is refused or re-warmed).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from talm.errors import TalmError
 from talm.train import dist
 from talm.train.checkpoint import TRAINER_STATE, load_trainer_state, load_weights, read_meta, save_checkpoint
+from talm.train.optim import load_optimizer_state, multiplier, rewarm_segment, rewarmed
 from talm.train.rundir import OTHER_NAME, TOKENIZER_FILE
 
 if TYPE_CHECKING:
@@ -49,6 +51,7 @@ def save(trainer: Trainer, which: str, val: tuple[float, float | None] | None = 
             "elapsed": tr.now(),
             "best_val_loss": tr.best_val_loss,
             "optimizer": tr.optimizer.state_dict(),
+            "lr_segment": tr.lr_segment or {},
             "scaler": scaler.state_dict() if scaler.is_enabled() else {},
             "loader": tr.loader.state_dict(),
             "rng": rngs,
@@ -70,7 +73,8 @@ def restore(trainer: Trainer, checkpoint_dir: Path) -> None:
     """Load a checkpoint's weights and trainer state into a freshly built Trainer; TalmError (one line) if the
     checkpoint does not belong to this run's tokenizer or model."""
     tr = trainer
-    trained_with = read_meta(checkpoint_dir)["tokenizer"]["fingerprint"]
+    meta = read_meta(checkpoint_dir)
+    trained_with = meta["tokenizer"]["fingerprint"]
     if trained_with != tr.tokenizer.fingerprint:
         raise TalmError(
             f"{str(tr.model_dir)!r} was trained with another tokenizer than {str(tr.data.dir)!r} was made "
@@ -79,15 +83,26 @@ def restore(trainer: Trainer, checkpoint_dir: Path) -> None:
     load_weights(tr.model, checkpoint_dir, tr.device)
     state = load_trainer_state(checkpoint_dir)
     try:
-        tr.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(tr.optimizer, state["optimizer"])
     except (ValueError, KeyError, TypeError) as err:
         raise TalmError(
             f"cannot resume from {str(checkpoint_dir / TRAINER_STATE)!r}: its optimizer state does not fit "
             f"this model ({err}): pass --restart to start over, or {OTHER_NAME}"
         ) from None
-    defaults: dict[str, Any] = tr.optimizer.defaults
-    for group in tr.optimizer.param_groups:  # the saved run may have used another device's kernel
-        group["fused"], group["foreach"] = defaults.get("fused"), defaults.get("foreach")
+    # The lr must not jump: refused, or re-warmed (--optim.rewarm), when the settings changed the schedule.
+    segment, note = rewarm_segment(
+        meta["config"],
+        tr.cfg.optim,
+        tr.cfg.train.max_steps,
+        int(state["step"]),
+        state.get("lr_segment") or None,
+    )
+    if note:
+        dist.print0(note, ctx=tr.ctx)
+    tr.lr_segment = segment
+    tr.lr_mult = rewarmed(
+        multiplier(tr.cfg.optim, tr.cfg.train.max_steps), segment, tr.cfg.optim.warmup_steps
+    )
     if state.get("scaler"):
         tr.precision.scaler.load_state_dict(state["scaler"])
     tr.loader.load_state_dict(state["loader"])

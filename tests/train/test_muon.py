@@ -1,0 +1,174 @@
+"""--optim.name muon: torch's Muon for the hidden matrices and AdamW for the rest, stepped as one optimizer that
+the trainer, GradScaler, clipping and checkpoints use unchanged; a Muon run resumes bit for bit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_ddp import ARGS, curve
+from test_resume import stop_after
+
+import talm.train.loop as trainer_module
+from talm.config import validate
+from talm.errors import TalmError
+from talm.model.config import ModelConfig
+from talm.model.gpt import GPT
+from talm.train.checkpoint import load_trainer_state, read_meta
+from talm.train.config import OptimConfig, RunConfig
+from talm.train.loop import Trainer
+from talm.train.metrics import read_metrics
+from talm.train.optim import MuonAdamW, apply_schedule, build_optimizer, is_muon, muon_momentum
+from talm.train.run import resolve_run, train
+
+CPU = torch.device("cpu")
+
+
+def gpt(tie: bool) -> GPT:
+    return GPT(
+        ModelConfig(vocab_size=100, n_layer=2, n_head=2, d_model=32, context_length=16, tie_embeddings=tie)
+    )
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_every_parameter_in_exactly_one_group_hidden_matrices_in_muon(tie: bool) -> None:
+    model = gpt(tie)
+    opt = build_optimizer(model, OptimConfig(name="muon"), CPU)
+    assert isinstance(opt.optimizers["muon"], torch.optim.Muon)
+    listed = [p for g in opt.param_groups for p in g["params"]]
+    assert sorted(map(id, listed)) == sorted(id(p) for p in model.parameters())  # each once, none left out
+    muon = {id(p) for g in opt.param_groups if is_muon(g) for p in g["params"]}
+    hidden = {
+        id(p) for name, p in model.named_parameters() if name.startswith("blocks.") and name.endswith(".weight")
+        and p.dim() == 2
+    }  # fmt: skip
+    assert muon == hidden and len(muon) == 4 * 2  # qkv, proj, gate_up, down per block
+    adamw = {id(p) for g in opt.optimizers["adamw"].param_groups for p in g["params"]}
+    assert {id(model.tok_emb.weight), id(model.lm_head.weight), id(model.norm.weight)} <= adamw
+
+
+def test_groups_keep_their_peak_ratio_and_muon_momentum_warms_up() -> None:
+    cfg = OptimConfig(name="muon", lr=1e-3, muon_lr=0.05, muon_momentum=0.95, muon_momentum_warmup=300)
+    opt = build_optimizer(gpt(True), cfg, CPU)
+    for step, mult in ((0, 0.01), (150, 1.0), (400, 0.3)):
+        apply_schedule(opt, cfg, step, mult)
+        muon = [g for g in opt.param_groups if is_muon(g)]
+        adamw = [g for g in opt.param_groups if not is_muon(g)]
+        assert all(g["lr"] == pytest.approx(0.05 * mult) for g in muon)
+        assert all(g["lr"] == pytest.approx(1e-3 * mult) for g in adamw)
+        assert all(g["momentum"] == muon_momentum(cfg, step) for g in muon)
+    assert [muon_momentum(cfg, s) for s in (0, 150, 300, 1000)] == pytest.approx([0.85, 0.9, 0.95, 0.95])
+    assert muon_momentum(cfg.model_copy(update={"muon_momentum_warmup": 0}), 0) == 0.95
+
+
+def test_grad_scaler_unscales_and_skips_through_the_pair() -> None:
+    torch.manual_seed(0)
+    model = gpt(False)
+    opt = build_optimizer(model, OptimConfig(name="muon"), CPU)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x = torch.randint(0, 100, (2, 16))
+    _, loss = model(x, x)
+    scaler.scale(loss).backward()
+    scaled = model.blocks[0].attn.qkv.weight.grad.clone()
+    scaler.unscale_(opt)  # reaches Muon's and AdamW's gradients
+    assert torch.allclose(model.blocks[0].attn.qkv.weight.grad * 1024, scaled)
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.step(opt)
+    scaler.update()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    opt.zero_grad(set_to_none=True)
+    _, loss = model(x, x)
+    scaler.scale(loss * float("inf")).backward()  # an overflow: both optimizers skip the step
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.step(opt)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+def layer(data: Path, **optim: Any) -> dict[str, Any]:
+    return {
+        "model": {"n_layer": 2, "n_head": 2, "d_model": 32, "context_length": 32, "dropout": 0.1},
+        "optim": {"name": "muon", "lr": 3e-3, "warmup_steps": 3, "muon_momentum_warmup": 4} | optim,
+        "train": {
+            "max_steps": 10,
+            "batch_size": 4,
+            "tokens_per_step": 256,
+            "eval_every": 5,
+            "save_every": 100,
+        }
+        | {"log_every": 1, "eval_tokens": 256, "device": "cpu", "deterministic": True},
+        "data": {"dir": str(data)},
+    }
+
+
+def test_muon_run_resumes_bit_for_bit(tiny_data: Path, in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped after step 4 and resumed: every later train and val loss, and the final weights, equal to the bit
+    those of an uninterrupted run (2 micro-steps per step, clipping on, dropout on)."""
+    train(validate(RunConfig, layer(tiny_data)), in_tmp / "whole")
+    monkeypatch.setattr(trainer_module, "StopRequest", stop_after(4))
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(validate(RunConfig, layer(tiny_data)), in_tmp / "cut").run()
+    monkeypatch.undo()
+    assert read_meta(in_tmp / "cut" / "latest")["step"] == 4
+    saved = load_trainer_state(in_tmp / "cut" / "latest")["optimizer"]  # loads with weights_only=True
+    assert set(saved) == {"muon", "adamw"} and saved["muon"]["state"] and saved["adamw"]["state"]
+    cfg, resume_from = resolve_run(in_tmp / "cut", [layer(tiny_data)])
+    train(cfg, in_tmp / "cut", resume_from=resume_from)
+
+    def losses(d: Path) -> list[tuple[int, str, float]]:
+        return [(r["step"], k, r[k]) for r in read_metrics(d) for k in ("train_loss", "val_loss") if k in r]
+
+    whole, cut = losses(in_tmp / "whole"), losses(in_tmp / "cut")
+    assert [x for x in cut if x[0] > 4] == [x for x in whole if x[0] > 4] and len(whole) == 12
+    assert whole[-2][2] < whole[0][2]  # and it learns
+    a = torch.load(in_tmp / "whole" / "latest" / "trainer_state.pt", weights_only=True)["optimizer"]
+    b = torch.load(in_tmp / "cut" / "latest" / "trainer_state.pt", weights_only=True)["optimizer"]
+    for name in ("muon", "adamw"):
+        for k, s in a[name]["state"].items():
+            assert all(torch.equal(v, b[name]["state"][k][j]) for j, v in s.items() if torch.is_tensor(v))
+
+
+def test_switching_optimizer_on_resume_is_one_line(tiny_data: Path, in_tmp: Path) -> None:
+    train(
+        validate(
+            RunConfig,
+            layer(tiny_data, name="adamw") | {"train": layer(tiny_data)["train"] | {"max_steps": 2}},
+        ),
+        in_tmp / "m",
+    )
+    cfg, resume_from = resolve_run(in_tmp / "m", [{"optim": {"name": "muon"}, "train": {"max_steps": 3}}])
+    with pytest.raises(
+        TalmError, match=r"optimizer state does not fit .*--optim.name adamw.*this run uses muon"
+    ):
+        Trainer(cfg, in_tmp / "m", resume_from=resume_from)
+    assert isinstance(build_optimizer(gpt(True), OptimConfig(name="muon"), CPU), MuonAdamW)
+
+
+@pytest.mark.slow
+def test_muon_under_two_process_ddp_matches_one_process(tiny_data: Path, in_tmp: Path) -> None:
+    """Muon orthogonalises the all-reduced gradient, the same matrix on every rank: 2 processes (gloo) train
+    like 1 process accumulating 2 micro-batches, up to float rounding (Newton-Schulz runs in bfloat16, so a
+    last-bit difference in a gradient can round differently: a looser tolerance than AdamW's test_ddp)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["-d", str(tiny_data), *ARGS, "--optim.name", "muon"]
+    single = subprocess.run(
+        [sys.executable, "-m", "talm.cli.train_model", *args, "-n", "one"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert single.returncode == 0, single.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    ddp = subprocess.run(
+        [*torchrun, "-m", "talm.cli.train_model", *args, "-n", "two"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert ddp.returncode == 0 and "2 process(es)" in ddp.stderr, ddp.stderr
+    (train_1, val_1), (train_2, val_2) = curve("models/one"), curve("models/two")
+    assert len(train_1) == len(train_2) == 8
+    assert train_2 == pytest.approx(train_1, rel=1e-3) and val_2 == pytest.approx(val_1, rel=1e-3)
+    assert train_1[-1] < train_1[0]
