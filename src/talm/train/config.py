@@ -83,9 +83,14 @@ class TrainConfig(Config):
     """Where to train: auto picks cuda, then mps, then cpu."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Autocast precision: auto = bfloat16 on GPUs that support it, float16 (with loss scaling) on older GPUs,
-    float32 on cpu and mps."""
+    bfloat16 on CPUs that compute it natively (AVX512-BF16 or AMX-BF16), float32 on other CPUs (they emulate
+    bfloat16, several times slower than float32) and on mps. The run's banner says which was picked."""
     compile: bool = False
-    """Compile the model with torch.compile (faster on GPU after a warm-up; slow to start)."""
+    """Compile the training steps with torch.compile: a one-time cost before the first step (on CPU, inductor
+    takes ~50 s for the tiny model), repaid only once steps x (eager - compiled step time) exceeds it: in the
+    tiny preset's ~100 s CPU run, compiled steps would have to be twice as fast. Meant for GPUs and long runs;
+    benchmarks/bench_convergence.py measures it at equal time. Evaluation and checkpoint saves use the
+    uncompiled model, so they cause no recompiles."""
     deterministic: bool = False
     """Bitwise-reproducible runs (deterministic kernels; on CPU a resumed run repeats the same losses)."""
     seed: Seed = 1337
