@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from talm.errors import TalmError
-from talm.train import rundir
+from talm.train import precision, rundir
 from talm.train.precision import Precision, autocast_dtype
 from talm.train.run import config_layers, resolve_run, train_model
 
@@ -59,7 +59,8 @@ def test_resume_point_never_wipes_an_earlier_run(in_tmp: Path) -> None:
     assert (d / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
 
-def test_precision_choices_on_cpu() -> None:
+def test_precision_choices_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda: False)  # a CPU without native bf16
     cpu = torch.device("cpu")
     assert autocast_dtype("auto", cpu) is None and autocast_dtype("float32", cpu) is None
     assert autocast_dtype("bfloat16", cpu) == torch.bfloat16

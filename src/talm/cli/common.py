@@ -41,6 +41,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)  # a mistyped --model.mlp must not become --model.mlp_hidden
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
