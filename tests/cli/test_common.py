@@ -70,7 +70,10 @@ def test_flags_are_converted_to_the_fields_types_and_pass_strict_validation() ->
         (["--tokens", "1.5e0"], "argument --tokens: '1.5e0' is not a whole number of tokens"),
         (["--mode", "c"], "argument --mode: invalid choice: 'c' (choose from 'a', 'b')"),
         (["--nope"], "unrecognized arguments: --nope"),
-        (["--maybe", "2"], "unrecognized arguments: --maybe 2"),  # no abbreviations: --maybe is not --maybe-count
+        (
+            ["--maybe", "2"],
+            "unrecognized arguments: --maybe 2",
+        ),  # no abbreviations: --maybe is not --maybe-count
     ],
 )
 def test_bad_flags_are_one_line_without_the_usage_block(

@@ -23,7 +23,7 @@ from talm.train.checkpoint import load_trainer_state, read_meta
 from talm.train.config import OptimConfig, RunConfig
 from talm.train.loop import Trainer
 from talm.train.metrics import read_metrics
-from talm.train.optim import MuonAdamW, apply_schedule, build_optimizer, is_muon, muon_momentum
+from talm.train.optim import Muon, MuonAdamW, apply_schedule, build_optimizer, is_muon, muon_momentum
 from talm.train.run import resolve_run, train
 
 CPU = torch.device("cpu")
@@ -87,6 +87,31 @@ def test_grad_scaler_unscales_and_skips_through_the_pair() -> None:
     before = [p.detach().clone() for p in model.parameters()]
     scaler.step(opt)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48), (32, 32)])
+def test_float32_newton_schulz_is_torchs_muon_computed_more_precisely(shape: tuple[int, int]) -> None:
+    """Where bf16 is emulated, talm's Muon runs Newton-Schulz in float32: the update torch's (bf16) Muon makes,
+    to bf16's precision, with the same state; in bfloat16 it is torch's exactly."""
+    torch.manual_seed(0)
+    kw = {"lr": 0.02, "weight_decay": 0.01, "momentum": 0.9, "nesterov": True, "adjust_lr_fn": "original"}
+    start = torch.randn(shape)
+    params = {name: torch.nn.Parameter(start.clone()) for name in ("torch", "bf16", "fp32")}
+    opts = {
+        "torch": torch.optim.Muon([params["torch"]], **kw),
+        "bf16": Muon([params["bf16"]], ns_dtype=torch.bfloat16, **kw),
+        "fp32": Muon([params["fp32"]], ns_dtype=torch.float32, **kw),
+    }
+    for _ in range(3):
+        grad = torch.randn(shape)
+        for name, opt in opts.items():
+            params[name].grad = grad.clone()
+            opt.step()
+    assert torch.equal(params["bf16"], params["torch"])
+    moved_torch, moved_fp32 = params["torch"] - start, params["fp32"] - start
+    assert not torch.equal(moved_fp32, moved_torch)  # really computed in another precision
+    assert torch.allclose(moved_fp32, moved_torch, rtol=0, atol=0.02 * moved_torch.abs().max().item())
+    assert opts["fp32"].state_dict()["state"][0].keys() == opts["torch"].state_dict()["state"][0].keys()
 
 
 def layer(data: Path, **optim: Any) -> dict[str, Any]:

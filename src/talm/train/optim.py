@@ -22,6 +22,7 @@ import torch
 
 from talm.errors import TalmError
 from talm.train.config import OptimConfig
+from talm.train.precision import cpu_native_bf16
 
 # Muon's momentum warms up from this value to --optim.muon_momentum over --optim.muon_momentum_warmup steps,
 # as nanochat (scripts/base_train.py, get_muon_momentum: 0.85 -> 0.95 over 300 steps) and the modded-nanogpt
@@ -182,6 +183,41 @@ def adamw(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.o
     )
 
 
+class Muon(torch.optim.Muon):
+    """torch's Muon with its Newton-Schulz iteration in `ns_dtype`. torch runs it in bfloat16, right on GPUs
+    and on CPUs with native bf16; elsewhere bf16 matmuls are emulated and made the tiny preset's whole step 6.5x
+    slower on a 2-core AVX2 CPU (1.24 vs 0.19 s, benchmarks/bench_convergence.py), so there it runs in float32
+    (the same update, computed more precisely). Same state and groups as torch's, so checkpoints are the same."""
+
+    def __init__(self, params: list[torch.Tensor], *, ns_dtype: torch.dtype, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        if self.ns_dtype == torch.bfloat16:
+            return super().step(closure)
+        for group in self.param_groups:
+            momentum, (a, b, c) = group["momentum"], group["ns_coefficients"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                buf.lerp_(p.grad, 1 - momentum)
+                x = (p.grad.lerp(buf, momentum) if group["nesterov"] else buf).to(self.ns_dtype)
+                tall = x.size(0) > x.size(1)
+                x = x.T if tall else x
+                x = x / x.norm().clamp(min=group["eps"])
+                for _ in range(group["ns_steps"]):
+                    gram = x @ x.T
+                    x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+                update = (x.T if tall else x).to(p.dtype)
+                assert group["adjust_lr_fn"] == MUON_ADJUST_LR == "original"
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"] * math.sqrt(max(1, p.size(0) / p.size(1))))
+        return None
+
+
 class MuonAdamW:
     """Muon for the hidden matrices and AdamW for the rest, as one optimizer: `param_groups` lists both
     optimizers' groups (the same dicts, so setting a group's lr reaches its optimizer; GradScaler's unscale_
@@ -230,8 +266,9 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     if cfg.name == "adamw":
         return adamw(param_groups(model, cfg.weight_decay), cfg, device)
     hidden = hidden_matrices(model)
-    muon = torch.optim.Muon(
+    muon = Muon(
         hidden,
+        ns_dtype=torch.bfloat16 if fast_bf16(device) else torch.float32,
         lr=cfg.muon_lr,
         weight_decay=cfg.muon_weight_decay,
         momentum=cfg.muon_momentum,
@@ -239,6 +276,11 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
         adjust_lr_fn=MUON_ADJUST_LR,
     )
     return MuonAdamW(muon, adamw(param_groups(model, cfg.weight_decay, {id(p) for p in hidden}), cfg, device))
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls run natively (not emulated) on `device`."""
+    return device.type != "cpu" or cpu_native_bf16()
 
 
 def is_muon(group: dict) -> bool:
