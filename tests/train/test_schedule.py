@@ -76,12 +76,13 @@ def test_extending_after_the_decay_began_is_refused_with_the_choices(optim: dict
     assert "keep --max-steps 600" in msg and "--optim.rewarm" in msg and "--restart" in msg
 
 
-def test_the_tiny_preset_extended_600_to_1200_would_jump_5_7x() -> None:
-    o = OptimConfig(**PRESETS["tiny"]["optim"])
+def test_the_old_cosine_tiny_preset_extended_600_to_1200_would_jump_5_7x() -> None:
+    cosine = PRESETS["tiny"]["optim"] | {"name": "adamw", "schedule": "cosine"}  # the preset before issue 10
+    o = OptimConfig(**cosine)
     old, new = multiplier(o, 600), multiplier(o, 1200)
     assert new(600) / old(599) == pytest.approx(5.7, abs=0.05)  # what the refusal prevents
     with pytest.raises(TalmError, match=r"from 0.0003 to 0.0017 at once"):
-        rewarm_segment(saved(PRESETS["tiny"]["optim"], 600), o, 1200, 600, None)
+        rewarm_segment(saved(cosine, 600), o, 1200, 600, None)
 
 
 def test_a_lower_lr_or_a_shorter_run_resumes_as_is() -> None:
