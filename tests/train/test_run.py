@@ -68,3 +68,28 @@ def test_precision_choices_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
         autocast_dtype("float16", cpu)
     plain = Precision("auto", cpu)
     assert str(plain) == "torch.float32" and not plain.scaler.is_enabled()
+
+
+def test_a_run_saved_before_the_architecture_options_resumes(tiny_data: Path, in_tmp: Path) -> None:
+    """A checkpoint.json written before a ModelConfig field existed holds the model that field's default
+    computes: resuming it with unchanged settings must not count the new field as a change."""
+    import json
+
+    from talm.train.run import train
+
+    layer = {
+        "model": {"n_layer": 1, "n_head": 2, "d_model": 32, "context_length": 32},
+        "train": {"max_steps": 2, "batch_size": 4, "eval_every": 100, "save_every": 100, "device": "cpu"},
+        "data": {"dir": str(tiny_data)},
+    }
+    cfg, _ = resolve_run(in_tmp / "m", [layer])
+    train(cfg, in_tmp / "m")
+    meta_path = in_tmp / "m" / "latest" / "checkpoint.json"
+    meta = json.loads(meta_path.read_text())
+    for field in ("qk_norm", "mlp", "logit_softcap", "zero_init_proj"):
+        del meta["config"]["model"][field]  # as an older talm wrote it
+    meta_path.write_text(json.dumps(meta))
+    cfg, resume_from = resolve_run(in_tmp / "m", [layer | {"train": layer["train"] | {"max_steps": 3}}])
+    assert resume_from == in_tmp / "m" / "latest" and cfg.model.mlp == "swiglu" and not cfg.model.qk_norm
+    with pytest.raises(TalmError, match=r"another architecture \(qk_norm False -> True\)"):
+        resolve_run(in_tmp / "m", [layer | {"model": layer["model"] | {"qk_norm": True}}])

@@ -18,6 +18,7 @@ from typing import Any
 
 from talm.config import load_toml, merge, validate
 from talm.errors import TalmError
+from talm.model.config import ModelConfig
 from talm.train import dist, rundir
 from talm.train.checkpoint import read_meta
 from talm.train.config import PRESETS, RunConfig
@@ -76,10 +77,12 @@ def resolve_run(
         data = merge(data, layer)
     cfg = validate(RunConfig, data, flag_names)
     if resume_from is not None:
-        saved = base["model"]
+        # The saved config with today's defaults filled in: a field added since (an architecture option) holds
+        # its default, which is what the saved model computes.
+        saved = ModelConfig.model_validate(base["model"]).model_dump()
         if cfg.model.vocab_size is None:
-            cfg.model.vocab_size = saved.get("vocab_size")
-        changed = {k: (saved.get(k), v) for k, v in cfg.model.model_dump().items() if saved.get(k) != v}
+            cfg.model.vocab_size = saved["vocab_size"]
+        changed = {k: (saved[k], v) for k, v in cfg.model.model_dump().items() if saved[k] != v}
         if changed:
             diff = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
             raise TalmError(
