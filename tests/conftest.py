@@ -110,29 +110,38 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_model_dir(tmp_path: Path) -> Path:
     """`tmp_path/models/tiny`: a checkpoint in the layout train_model writes (latest/ and best/, tokenizer.json
     copied from tokenizers/base.json), holding a tiny GPT with random weights, for the stages that use models."""
-    import shutil
-
     import torch
 
     from talm.model.config import ModelConfig
     from talm.model.gpt import GPT
     from talm.tokenizer.api import Tokenizer
-    from talm.train.checkpoint import save_checkpoint
 
     tokenizer = Tokenizer.from_file(BASE_TOKENIZER)
     config = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=64, n_layer=2, n_head=4, d_model=64)
     torch.manual_seed(0)
     model = GPT(config)
-    model_dir = tmp_path / "models" / "tiny"
+    return save_model_dir(tmp_path / "models" / "tiny", model, step=10, val_loss=6.5, val_bpb=3.2)
+
+
+def save_model_dir(model_dir: Path, model: Any, *, step: int, **scores: float) -> Path:
+    """`model` written as train_model lays out models/NAME (latest/ and best/, with tokenizers/base.json as its
+    tokenizer.json), as if trained `step` steps of 4096 tokens."""
+    import shutil
+
+    from talm.tokenizer.api import Tokenizer
+    from talm.train.checkpoint import save_checkpoint
+
     model_dir.mkdir(parents=True)
     shutil.copyfile(BASE_TOKENIZER, model_dir / "tokenizer.json")
     meta = {
-        "step": 10,
-        "tokens_seen": 40960,
-        "config": {"model": config.model_dump(mode="json")},
-        "tokenizer": {"file": "tokenizer.json", "fingerprint": tokenizer.fingerprint},
-        "val_loss": 6.5,
-        "val_bpb": 3.2,
+        "step": step,
+        "tokens_seen": 4096 * step,
+        "config": {"model": model.config.model_dump(mode="json")},
+        "tokenizer": {
+            "file": "tokenizer.json",
+            "fingerprint": Tokenizer.from_file(BASE_TOKENIZER).fingerprint,
+        },
+        **scores,
     }
     for which in ("latest", "best"):
         save_checkpoint(model_dir / which, model, meta)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BASE_TOKENIZER, ORIGINAL_TOKENIZER, one_line_error
+from conftest import BASE_TOKENIZER, ORIGINAL_TOKENIZER, one_line_error, save_model_dir
 
 from talm.cli.generate import SEPARATOR, main
 from talm.use.load import load
@@ -24,7 +24,6 @@ def write_padded_model(model_dir: Path) -> Path:
     from talm.model.config import ModelConfig
     from talm.model.gpt import GPT
     from talm.tokenizer.api import Tokenizer
-    from talm.train.checkpoint import save_checkpoint
 
     tokenizer = Tokenizer.from_file(BASE_TOKENIZER)
     config = ModelConfig(
@@ -42,17 +41,7 @@ def write_padded_model(model_dir: Path) -> Path:
         extra.zero_()
         for k in range(EXTRA_IDS // 2):
             extra[2 * k, k], extra[2 * k + 1, k] = 50.0, -50.0
-    model_dir.mkdir(parents=True)
-    shutil.copyfile(BASE_TOKENIZER, model_dir / "tokenizer.json")
-    meta = {
-        "step": 1,
-        "tokens_seen": 4096,
-        "config": {"model": config.model_dump(mode="json")},
-        "tokenizer": {"file": "tokenizer.json", "fingerprint": tokenizer.fingerprint},
-    }
-    for which in ("latest", "best"):
-        save_checkpoint(model_dir / which, model, meta)
-    return model_dir
+    return save_model_dir(model_dir, model, step=1)
 
 
 def generate(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[str, str]:
