@@ -51,6 +51,42 @@ def test_kv_cache_logits_position_by_position_are_the_full_forward_logits(option
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("options", [{}, OPTIONS[-1]], ids=str)
+def test_last_only_computes_the_last_positions_logits_of_the_full_forward(options: dict) -> None:
+    model = option_model(options)
+    seq = torch.randint(0, 100, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(seq)[0]
+        last = model(seq, last_only=True)[0]
+        cache = KVCache(model.config, 2, 20, "cpu", torch.float32)
+        cached = model(seq, cache=cache, last_only=True)[0]
+    assert last.shape == (2, 1, 100)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached, full[:, -1:], atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_query_attention_is_each_kv_head_shared_by_its_group_of_query_heads() -> None:
+    # The reference repeats every kv head for its group by hand, as Llama's code does; SDPA's enable_gqa must match.
+    from talm.model import gpt
+
+    model = option_model({"n_kv_head": 2})
+    seq = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(3))
+    real_sdpa = gpt.F.scaled_dot_product_attention
+
+    def repeated(q, k, v, *, enable_gqa=False, **kw):  # noqa: ANN001, ANN202
+        group = q.shape[1] // k.shape[1]
+        return real_sdpa(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), **kw)
+
+    with torch.no_grad():
+        fast = model(seq)[0]
+        gpt.F.scaled_dot_product_attention = repeated
+        try:
+            reference = model(seq)[0]
+        finally:
+            gpt.F.scaled_dot_product_attention = real_sdpa
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("options", [{"n_kv_head": 2}, OPTIONS[-1]], ids=str)
 def test_a_left_padded_row_in_the_cache_computes_what_it_would_alone(options: dict) -> None:
     model = option_model(options)

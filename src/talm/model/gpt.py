@@ -105,9 +105,6 @@ class Attention(nn.Module):
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        if self.n_kv_head != self.n_head:  # grouped-query attention: each kv head serves a group of q heads
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -115,6 +112,8 @@ class Attention(nn.Module):
             attn_mask=mask,
             is_causal=mask is None,
             dropout_p=self.dropout if self.training else 0.0,
+            # Grouped-query attention: each kv head serves a group of q heads, without copying k and v per head.
+            enable_gqa=self.n_kv_head != self.n_head,
         )
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
@@ -218,11 +217,13 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T), and the mean cross-entropy if `targets` (B, T)
         are given (positions whose target is -1 are ignored).
 
         With a `cache`, `idx` continues the sequences the cache holds: only the new positions are computed.
+        With `last_only`, only the last position's logits are computed (B, 1, vocab_size): what generation needs.
         """
         B, T = idx.shape
         start = 0 if cache is None else cache.length
@@ -245,7 +246,9 @@ class GPT(nn.Module):
         x = self.dropout(self.tok_emb(idx))
         for block in self.blocks:
             x = block(x, cos, sin, mask, cache)
-        # The embedding's padding rows are never a token: their logits are cut off.
+        if last_only:
+            x = x[:, -1:]
+        # The embedding's padding rows are never a token: their logits are cut off (a view, not a copy).
         logits = self.lm_head(self.norm(x))[..., : self.config.vocab_size]
         if self.config.logit_softcap is not None:  # smooth, bounded logits (modded-nanogpt: 30, then 15)
             logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
@@ -253,7 +256,6 @@ class GPT(nn.Module):
             cache.length += T
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(
-                logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
-            )
+            # flatten keeps the sliced view a view; .float() then makes the one fp32 copy the loss needs.
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         return logits, loss

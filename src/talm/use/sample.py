@@ -103,10 +103,10 @@ def _forward_window(
     the window (room for `cache_len` positions). Padded rows go through a cache, which knows the padding."""
     p = next(model.parameters())
     if cache_len is None and not bool(window.pad.any()):
-        return model(window.tokens)[0][:, -1], None
+        return model(window.tokens, last_only=True)[0][:, -1], None
     size = cache_len or window.width
     cache = KVCache(model.config, window.tokens.shape[0], size, p.device, p.dtype, pad=window.pad)
-    return model(window.tokens, cache=cache)[0][:, -1], cache if cache_len else None
+    return model(window.tokens, cache=cache, last_only=True)[0][:, -1], cache if cache_len else None
 
 
 @torch.inference_mode()
