@@ -32,10 +32,10 @@ from talm.model.gpt import GPT
 from talm.tokenizer.api import Tokenizer
 from talm.train.config import PRESETS, RunConfig
 from talm.train.loop import Trainer
+from talm.train.precision import peak_flops
 from talm.train.stop import StopRequest
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
 
 
 def make_shards(directory: Path, tokenizer: Tokenizer, tokens: int, seed: int = 0) -> Path:
@@ -76,16 +76,8 @@ def cpu_peak_flops() -> float:
     return 2 * 2048**3 / best
 
 
-def gpu_peak_flops(device: torch.device) -> float | None:
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in GPU_PEAK_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12
-    return None
-
-
 class TalmLoop:
-    """talm's own step: `Trainer.train_step` (memmapped loader, fused AdamW, accumulation, clipping, one sync)."""
+    """talm's own step: `Trainer.train_step` (memmapped loader, fused AdamW, accumulation, clipping, the stats read every step)."""
 
     def __init__(self, cfg: RunConfig, model_dir: Path) -> None:
         self.trainer = Trainer(cfg, model_dir)
@@ -95,7 +87,8 @@ class TalmLoop:
     def step(self) -> float:
         """One optimizer step; returns the seconds spent waiting for data in it."""
         before = self.trainer.data_wait
-        self.trainer.train_step(self.stop)  # ends with .tolist(): the step is finished on the device
+        stats, _ = self.trainer.train_step(self.stop)
+        stats.tolist()  # as the loop does on log steps: wait until the step is finished on the device
         return self.trainer.data_wait - before
 
 
@@ -207,7 +200,7 @@ def main() -> None:
         fpt, params = model.flops_per_token(), model.num_params()
 
     if device.type == "cuda":
-        peak = args.peak_tflops * 1e12 if args.peak_tflops else gpu_peak_flops(device)
+        peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device, torch.bfloat16)
         peak_note = f"{torch.cuda.get_device_name(device)} dense bf16 peak"
     else:
         peak = args.peak_tflops * 1e12 if args.peak_tflops else cpu_peak_flops()

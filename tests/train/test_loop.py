@@ -124,6 +124,48 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data: Pat
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_stats_are_read_only_on_log_eval_and_save_steps_and_a_divergence_between_reads_is_still_caught(
+    tiny_data: Path, in_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reading a step's stats waits for the device, so the loop reads them only when it logs, evaluates or saves
+    # (here every 4th step); a NaN at step 6 is found at the read of step 8, before step 8's save.
+    from talm.train import loop
+
+    reads: list[list[int]] = []
+    real = loop.settle
+    monkeypatch.setattr(
+        loop, "settle", lambda tr, pending: (reads.append([s for s, _ in pending]), real(tr, pending))[1]
+    )
+    trainer = Trainer(
+        run_config(tiny_data, max_steps=10, log_every=4, save_every=4, eval_every=100), "models/m"
+    )
+    trainer.net = Sabotage(trainer.model, calls=5, action="nan")
+    trainer.precision.peak_flops = 1e9  # as on a GPU of the peak table: each log record then carries the MFU
+    with pytest.raises(TalmError, match="diverged at step 6"):
+        trainer.run()
+    assert reads == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert read_meta("models/m/latest")["step"] == 4
+    (record,) = [r for r in read_metrics("models/m") if "train_loss" in r]
+    fpt = trainer.model.flops_per_token(trainer.cfg.model.context_length)
+    assert record["step"] == 4 and record["mfu"] == pytest.approx(record["tokens_per_s"] * fpt / 1e9, abs=1e-4)
+
+
+def test_mfu_is_logged_against_the_gpu_peak_and_left_out_where_the_peak_is_unknown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from talm.train import precision
+
+    cuda = torch.device("cuda", 0)
+    for name, tflops in [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H200", 989),
+                         ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA L4", 121), ("NVIDIA L40S", 362)]:  # fmt: skip
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d, n=name: n)
+        assert precision.peak_flops(cuda, torch.bfloat16) == tflops * 1e12, name
+    assert precision.peak_flops(cuda, None) is None  # float32 (TF32) is not the figure MFU is quoted at
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "Some Future GPU")
+    assert precision.peak_flops(cuda, torch.bfloat16) is None
+    assert precision.peak_flops(torch.device("cpu"), torch.bfloat16) is None
+
+
 def test_ctrl_c_saves_and_stops(tiny_data: Path, in_tmp: Path) -> None:
     trainer = Trainer(run_config(tiny_data, max_steps=10, save_every=100, eval_every=100), "models/m")
     trainer.net = Sabotage(trainer.model, calls=2, action="sigint")

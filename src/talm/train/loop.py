@@ -180,8 +180,11 @@ class Trainer:
             self.save("best", self.last_val)
         log.on_eval()
 
-    def train_step(self, stop: StopRequest) -> tuple[float, float, bool]:
-        """One optimizer step over `accum` micro-batches: (loss averaged over ranks, lr, stop requested)."""
+    def train_step(self, stop: StopRequest) -> tuple[torch.Tensor, float]:
+        """One optimizer step over `accum` micro-batches: (its stats, lr). The stats stay on the device, summed over
+        ranks: [mean loss, gradient norm, ranks asking to stop]. Reading them waits for the device to finish the
+        step, so the loop reads them only on log, eval and save steps (`settle`), and the host queues the next
+        step meanwhile. A non-finite loss is caught at the next read, before anything is saved or evaluated."""
         lr = apply_schedule(self.optimizer, self.cfg.optim, self.step, self.lr_mult(self.step))  # AdamW's lr
         scaler = self.precision.scaler
         loss_sum = torch.zeros((), device=self.device)
@@ -199,29 +202,16 @@ class Trainer:
         scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.grad_clip or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        # One sync per optimizer step: the mean loss over ranks, and whether any rank wants to stop.
-        stats = torch.stack(
-            [
-                loss_sum / self.accum,
-                grad_norm.float(),
-                torch.tensor(float(stop.requested), device=self.device),
-            ]
+        stop_vote = torch.tensor(float(stop.requested), device=self.device)
+        stats = dist.all_reduce_sum(
+            torch.stack([loss_sum / self.accum, grad_norm.float(), stop_vote]).float()
         )
-        stats = dist.all_reduce_sum(stats.float()).tolist()
-        train_loss = stats[0] / self.ctx.world_size
-        if not math.isfinite(train_loss) or (not scaler.is_enabled() and not math.isfinite(stats[1])):
-            what = f"loss {train_loss}" if not math.isfinite(train_loss) else f"gradient norm {stats[1]}"
-            raise TalmError(
-                f"training diverged at step {self.step + 1} ({what}); the last good checkpoint is kept in "
-                f"{str(self.model_dir / 'latest')!r}: lower --optim.lr or raise --optim.warmup_steps, then "
-                "resume (or --restart)"
-            )
         scaler.step(self.optimizer)
         scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
-        return train_loss, lr, stats[2] > 0
+        return stats, lr
 
     def run(self) -> TrainResult:
         """Train to max_steps (nothing to do if already there), then print the summary line on stdout."""
@@ -251,7 +241,8 @@ class Trainer:
         val_loss, bpb = self.last_val if self.last_val else (None, None)
         dist.print0(
             f"done: {self.step - start_step} steps, {tokens:,} tokens in {train_seconds:.1f}s "
-            f"({tps:,.0f} tokens/s, data wait {100 * self.data_wait / max(train_seconds, 1e-9):.1f}%); "
+            f"({tps:,.0f} tokens/s{mfu_text(utilisation(self, tps))}, "
+            f"data wait {100 * self.data_wait / max(train_seconds, 1e-9):.1f}%); "
             f"{scores_text(val_loss, bpb)}; saved {self.model_dir / 'latest'}",
             ctx=self.ctx,
             file=sys.stdout,
@@ -273,27 +264,40 @@ class Trainer:
         try:
             with StopRequest() as stop:
                 window_tokens, window_time = 0, 0.0
+                pending: list[tuple[int, torch.Tensor]] = []  # stats of the steps not read yet
                 while self.step < t.max_steps:
                     t_step = time.perf_counter()
-                    loss, lr, interrupted = self.train_step(stop)
+                    stats, lr = self.train_step(stop)
+                    pending.append((self.step, stats))
+                    last = self.step == t.max_steps
+                    logs = self.step % t.log_every == 0 or last
+                    evals = self.eval_slice is not None and (self.step % t.eval_every == 0 or last)
+                    saves = self.step % t.save_every == 0 or last
+                    # Steps are read on a schedule every rank shares (so all stop at the same step); a single
+                    # process also reads as soon as Ctrl-C is pressed. Many ranks stop within log_every steps.
+                    if logs or evals or saves or (stop.requested and self.ctx.world_size == 1):
+                        loss, interrupted = settle(self, pending)
+                        pending = []
                     dt = time.perf_counter() - t_step
                     train_seconds += dt
                     window_tokens += self.tokens_per_step
                     window_time += dt
-                    last = self.step == t.max_steps
-                    if self.step % t.log_every == 0 or last or interrupted:
+                    if logs or interrupted:
                         tps = window_tokens / window_time if window_time else 0.0
-                        log.log(self._record(train_loss=loss, lr=lr, tokens_per_s=tps))
+                        mfu = utilisation(self, tps)
+                        extra = {} if mfu is None else {"mfu": round(mfu, 4)}
+                        log.log(self._record(train_loss=loss, lr=lr, tokens_per_s=tps, **extra))
+                        shown = {} if mfu is None else {"mfu": f"{100 * mfu:.1f}%"}
                         bar.set_postfix(
-                            loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False
+                            loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", **shown, refresh=False
                         )
                         window_tokens, window_time = 0, 0.0
                     bar.update(1)
                     if interrupted:
                         break
-                    if self.eval_slice is not None and (self.step % t.eval_every == 0 or last):
+                    if evals:
                         self._eval_and_log(log)
-                    if self.step % t.save_every == 0 or last:
+                    if saves:
                         self.save("latest", self.last_val)
                         saved_step = self.step
             if interrupted and saved_step != self.step:
@@ -302,3 +306,33 @@ class Trainer:
             bar.close()
             log.close()
         return train_seconds, interrupted
+
+
+def settle(tr: Trainer, pending: list[tuple[int, torch.Tensor]]) -> tuple[float, bool]:
+    """Read the stats of the steps since the last read (one wait for the device): (the last step's mean loss
+    over ranks, whether any rank asked to stop). Raises if any of those steps diverged, naming the first."""
+    values = torch.stack([stats for _, stats in pending]).tolist()
+    for (step, _), (loss_sum, grad_norm, _) in zip(pending, values, strict=True):
+        loss = loss_sum / tr.ctx.world_size
+        # With float16's scaler an inf gradient only skips the step (and lowers the scale): not a divergence.
+        if not math.isfinite(loss) or (not tr.precision.scaler.is_enabled() and not math.isfinite(grad_norm)):
+            what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+            raise TalmError(
+                f"training diverged at step {step} ({what}); the last good checkpoint is kept in "
+                f"{str(tr.model_dir / 'latest')!r}: lower --optim.lr or raise --optim.warmup_steps, then "
+                "resume (or --restart)"
+            )
+    return values[-1][0] / tr.ctx.world_size, any(v[2] > 0 for v in values)
+
+
+def mfu_text(mfu: float | None) -> str:
+    return "" if mfu is None else f", MFU {100 * mfu:.1f}%"
+
+
+def utilisation(tr: Trainer, tokens_per_s: float) -> float | None:
+    """Model FLOPs utilisation: the model's training FLOP/s over the peak of every process's device."""
+    peak = tr.precision.peak_flops
+    if peak is None:
+        return None
+    flops = tokens_per_s * tr.model.flops_per_token(tr.cfg.model.context_length)
+    return flops / (peak * tr.ctx.world_size)

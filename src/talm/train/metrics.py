@@ -3,11 +3,12 @@
 
 One JSON object per line, appended as training goes:
 
-    training lines    {"step", "tokens", "time", "train_loss", "lr", "tokens_per_s"}
+    training lines    {"step", "tokens", "time", "train_loss", "lr", "tokens_per_s"[, "mfu"]}
     evaluation lines  {"step", "tokens", "time", "val_loss", "val_ppl", "val_bpb"}
 
 "step" is an integer >= 0 and every other field a number ("val_bpb" may be null: a tokenizer without byte
-counts). A reader needs "step" and one of "train_loss"/"val_loss"; the other fields, when present, must be
+counts). "mfu" (model FLOPs utilisation, 0..1) is there only on devices whose peak talm knows
+(`talm.train.precision.GPU_PEAK_TFLOPS`). A reader needs "step" and one of "train_loss"/"val_loss"; the other fields, when present, must be
 numbers; fields it does not know are ignored. A last line cut short by a crash mid-write (no newline at its
 end) is skipped; any other line that is not such a record is refused with one line naming the file, the line
 and what was expected. Every record also goes to the sinks of `talm.train.report` (loss plot, TensorBoard, W&B).
@@ -29,11 +30,14 @@ if TYPE_CHECKING:
 FILE = "metrics.jsonl"
 TRAIN_FIELDS = ("step", "tokens", "time", "train_loss", "lr", "tokens_per_s")
 EVAL_FIELDS = ("step", "tokens", "time", "val_loss", "val_ppl", "val_bpb")
+OPTIONAL = ("mfu",)  # numbers where present
 NULLABLE = ("val_bpb",)
 EXPECTED = (
     'a JSON object with "step" (an integer >= 0) and "train_loss" or "val_loss" (a number), its other fields ('
     + ", ".join(
-        f for f in dict.fromkeys(TRAIN_FIELDS + EVAL_FIELDS) if f not in ("step", "train_loss", "val_loss")
+        f
+        for f in dict.fromkeys(TRAIN_FIELDS + EVAL_FIELDS + OPTIONAL)
+        if f not in ("step", "train_loss", "val_loss")
     )
     + ") numbers too"
 )
@@ -60,7 +64,7 @@ def record_problem(record: Any) -> str | None:
         return f'"step" is {json.dumps(step)}, not an integer >= 0'
     if "train_loss" not in record and "val_loss" not in record:
         return 'neither "train_loss" nor "val_loss"'
-    for field in dict.fromkeys(TRAIN_FIELDS + EVAL_FIELDS):
+    for field in dict.fromkeys(TRAIN_FIELDS + EVAL_FIELDS + OPTIONAL):
         if field in record and field != "step" and not _is_number(record[field]):
             if record[field] is None and field in NULLABLE:
                 continue

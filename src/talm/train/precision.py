@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -74,6 +75,28 @@ def autocast_dtype(requested: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if requested == "bfloat16" else torch.float16
 
 
+# Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s from the vendors' datasheets, by a pattern of
+# torch.cuda.get_device_name(): what MFU is measured against, as nanoGPT and PaLM do. H200 and GH200 have H100
+# SXM's compute. The first pattern that matches wins, so the PCIe H100 comes before the others.
+GPU_PEAK_TFLOPS = (
+    (r"H100.*PCIe", 756.0),
+    (r"H100|H200", 989.0),
+    (r"A100", 312.0),
+    (r"L40S", 362.0),
+    (r"\bL4\b", 121.0),
+    (r"RTX 4090", 165.0),
+)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype | None) -> float | None:
+    """The device's peak FLOP/s for a run in `dtype` (None = float32), or None where talm does not know it: a CPU,
+    a GPU not in GPU_PEAK_TFLOPS, or float32 (whose TF32 peak is another figure, not the one MFU is quoted at)."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for pattern, tflops in GPU_PEAK_TFLOPS if re.search(pattern, name)), None)
+
+
 def set_deterministic(device: torch.device) -> None:
     """Deterministic kernels (bitwise-reproducible runs), at some speed cost."""
     if device.type == "cuda":
@@ -89,6 +112,11 @@ class Precision:
     def __init__(self, requested: str, device: torch.device) -> None:
         self.device = device
         self.dtype = autocast_dtype(requested, device)
+        if (
+            device.type == "cuda"
+        ):  # float32 matmuls on TF32 tensor cores (Ampere and later): ~8x, 10-bit mantissa
+            torch.set_float32_matmul_precision("high")
+        self.peak_flops = peak_flops(device, self.dtype)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
 
     def autocast(self) -> AbstractContextManager:
