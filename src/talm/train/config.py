@@ -150,23 +150,56 @@ PRESETS: dict[str, dict[str, Any]] = {
             "log_every": 10,
         },
     },
-    # A ~10M-parameter model for one small GPU (or a patient CPU).
+    # A ~10M-parameter model for one small GPU (or a patient CPU): the tiny preset's measured recipe (Muon, WSD,
+    # QK-norm, ReLU², zero-initialised projections; docs/benchmarks.md, "Convergence") at 3x the width and context.
     "small": {
-        "model": {"context_length": 512, "n_layer": 6, "n_head": 6, "d_model": 384},
-        "optim": {"lr": 1e-3, "warmup_steps": 200},
+        "model": {
+            "context_length": 512,
+            "n_layer": 6,
+            "n_head": 6,
+            "d_model": 384,
+            "qk_norm": True,
+            "mlp": "relu2",
+            "zero_init_proj": True,
+        },
+        "optim": {"name": "muon", "schedule": "wsd", "lr": 3e-3, "warmup_steps": 100, "min_lr_ratio": 0.1},
         "train": {"max_steps": 5000, "batch_size": 32, "eval_every": 250, "save_every": 500},
     },
-    # GPT-2 small (124M with GPT-2's vocab): 12 layers, 768 wide, 1024 context, ~0.5M tokens per step.
+    # GPT-2 small (124M with GPT-2's vocab): 12 layers, 768 wide, 1024 context, 2**19 = 524,288 tokens per step.
+    # The recipe of nanochat's base_train.py for this size (karpathy/nanochat: matrix_lr 0.02 for Muon,
+    # warmdown_ratio 0.2 to final_lr_frac 0.0, total_batch_size 524288, ReLU², QK-norm, zero-initialised
+    # projections) and its default length, 20 tokens per parameter (Chinchilla): 124M x 20 / 2**19 ~ 4,800 steps.
+    # Two differences, both for the Hugging Face export: the output layer stays tied to the embedding, so
+    # AdamW's one lr (GPT-3 small's 6e-4, as nanoGPT) serves both where nanochat gives its untied head 0.004 and
+    # its embedding 0.2; and no logit soft-cap (nanochat: 15), which the Llama format cannot express. nanochat
+    # warms up none of its lrs; talm keeps 100 steps (2% of the run) for the AdamW side.
     "gpt2-124m": {
-        "model": {"context_length": 1024, "n_layer": 12, "n_head": 12, "d_model": 768},
-        "optim": {"lr": 6e-4, "warmup_steps": 700, "weight_decay": 0.1},
+        "model": {
+            "context_length": 1024,
+            "n_layer": 12,
+            "n_head": 12,
+            "d_model": 768,
+            "qk_norm": True,
+            "mlp": "relu2",
+            "zero_init_proj": True,
+        },
+        "optim": {
+            "name": "muon",
+            "schedule": "wsd",
+            "decay_fraction": 0.2,
+            "min_lr_ratio": 0.0,
+            "muon_lr": 0.02,
+            "lr": 6e-4,
+            "warmup_steps": 100,
+            "weight_decay": 0.0,
+        },
         "train": {
-            "max_steps": 19073,
+            "max_steps": 4800,
             "batch_size": 16,
             "tokens_per_step": 524288,
             "eval_every": 250,
             "eval_tokens": 524288,
-            "save_every": 1000,
+            "save_every": 500,
             "compile": True,
         },
     },
