@@ -39,7 +39,7 @@ def flags(parallel: str, optim: str = "adamw", **train: Any) -> dict[str, Any]:
         "optim": {"name": optim, "warmup_steps": 2, "schedule": "wsd", "decay_fraction": 0.0},
         "train": {
             "device": "cpu", "parallel": parallel, "batch_size": 4, "tokens_per_step": 256, "max_steps": 4,
-            "log_every": 1, "eval_every": 2, "save_every": 2, "eval_tokens": 544,  # 17 windows: 9 + 8 per rank
+            "log_every": 1, "eval_every": 4, "save_every": 4, "eval_tokens": 544,  # 17 windows: 9 + 8 per rank
         } | train,
     }  # fmt: skip
 

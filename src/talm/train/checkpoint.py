@@ -184,7 +184,8 @@ def load_shards(path: Path, state: dict[str, Any]) -> None:
     """Fill `state` (the same layout as saved, each tensor already where and as sharded as it is wanted) from
     sharded/ directory `path`, on any number of processes; TalmError naming the checkpoint if it cannot."""
     try:
-        dcp.load(state, storage_reader=SafeReader(path), planner=TensorsOnlyPlanner())
+        alone = not torch.distributed.is_initialized()  # one process without a group (resuming without FSDP)
+        dcp.load(state, storage_reader=SafeReader(path), planner=TensorsOnlyPlanner(), no_dist=alone)
     except (Exception, CheckpointException) as err:  # noqa: BLE001 -- missing keys, bad files, any rank's
         raise damaged(path, first_failure(err)) from None
 

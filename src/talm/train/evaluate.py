@@ -12,6 +12,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from talm.train import dist
 from talm.train.loader import EvalSlice
@@ -23,12 +24,10 @@ def evaluate(
     eval_slice: EvalSlice,
     ctx: dist.DistContext,
     autocast: Callable[[], AbstractContextManager],
-    *,
-    lockstep: bool = False,
 ) -> tuple[float, float | None]:
     """(val loss, val bits per byte or None if the data has no byte counts); leaves `model` in train mode.
-    `lockstep` (FSDP: every forward gathers weights from every process): a process with fewer batches than
-    another runs uncounted forwards until all have run as many."""
+    Under FSDP every forward gathers weights from every process: a process with fewer batches than another runs
+    uncounted forwards until all have run as many."""
     model.eval()
     losses, counts = [], []
     for x, y in eval_slice:
@@ -36,7 +35,7 @@ def evaluate(
             _, loss = model(x, y)
         losses.append(loss.detach().float())
         counts.append(y.numel())
-    if lockstep:
+    if isinstance(model, FSDPModule):
         for _ in range(eval_slice.most_batches - len(losses)):
             with autocast():
                 model(*eval_slice.any_batch())

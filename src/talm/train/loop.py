@@ -126,11 +126,8 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = GPT(cfg.model).to(self.device)
         self.precision = Precision(t.dtype, self.device)
-        self.parallel = Parallel(t.parallel, self.model, self.ctx)
-        # FSDP replaces the parameters with their shards: before the optimizer is built over them.
-        self.parallel.shard(
-            self.model, activation_checkpointing=t.activation_checkpointing, precision=self.precision
-        )
+        # DDP or FSDP; FSDP shards the model in place, before the optimizer is built over its parameters.
+        self.parallel = Parallel(t, self.model, self.ctx, self.precision)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         # A multiplier of each group's peak lr, and its re-warm (optim.rewarm_segment) once state.restore sets one.
         self.lr_mult, self.lr_segment = multiplier(cfg.optim, t.max_steps), None
@@ -162,9 +159,7 @@ class Trainer:
     def evaluate(self) -> tuple[float, float | None]:
         """Mean val loss (nats/token) over all ranks, and bits per byte."""
         assert self.eval_slice is not None
-        return evaluate(
-            self.model, self.eval_slice, self.ctx, self.precision.autocast, lockstep=self.parallel.sharded
-        )
+        return evaluate(self.model, self.eval_slice, self.ctx, self.precision.autocast)
 
     def _record(self, **values: Any) -> dict[str, Any]:
         """A metrics.jsonl record: where the run is (step, tokens, seconds), then `values`."""

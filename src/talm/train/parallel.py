@@ -8,10 +8,10 @@ takes DDP when the model, its gradients and the optimizer state fit comfortably 
 else FSDP. On one process `auto` uses neither (nothing to average or shard); an explicit `ddp` or `fsdp` on one
 process still wraps (a world of one), which is what a single-GPU comparison of the two measures.
 
-`Parallel` is the one small API the loop uses: `shard` (before the optimizer is built: FSDP replaces the
-parameters with sharded ones), `wrap` (compile and DDP, after the checkpoint is restored), `micro_step` (no
-gradient sync before the last micro-step of an accumulation) and `grad_norm` (the global norm of gradients that
-may be sharded).
+`Parallel` is the one small API the loop uses: building it prepares the model (before the optimizer is built:
+FSDP replaces the parameters with sharded ones), `wrap` (compile and DDP, after the checkpoint is restored),
+`micro_step` (no gradient sync before the last micro-step of an accumulation) and `grad_norm` (the global norm
+of gradients that may be sharded).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from talm.errors import TalmError
 from talm.train import dist
+from talm.train.config import TrainConfig
 from talm.train.precision import Precision
 
 # What one parameter costs in memory during training, in bytes: float32 weight and gradient (4 + 4) and the
@@ -82,27 +83,30 @@ def checkpoint_blocks(model: torch.nn.Module) -> None:
 class Parallel:
     """The run's parallel strategy over `ctx`'s processes (see the module docstring)."""
 
-    def __init__(self, requested: str, model: torch.nn.Module, ctx: dist.DistContext) -> None:
+    def __init__(
+        self, cfg: TrainConfig, model: torch.nn.Module, ctx: dist.DistContext, precision: Precision
+    ) -> None:
+        """Choose the strategy for `model` (on its device) and prepare it in place, before its optimizer is built:
+        activation checkpointing if asked, FSDP's sharding if chosen."""
         self.ctx = ctx
-        self.strategy, self.description = choose(requested, model, ctx)
+        self.strategy, self.description = choose(cfg.parallel, model, ctx)
         if self.strategy != "single" and not torch.distributed.is_initialized():
             raise TalmError(  # dist.setup joins a group of one for an explicit ddp/fsdp; this is a bug guard
                 f"--train.parallel {self.strategy} needs a process group: run under torchrun"
             )
+        if cfg.activation_checkpointing:
+            checkpoint_blocks(model)
+        if self.sharded:
+            self.shard(model, precision)
 
     @property
     def sharded(self) -> bool:
         return self.strategy == "fsdp"
 
-    def shard(self, model: torch.nn.Module, *, activation_checkpointing: bool, precision: Precision) -> None:
-        """Prepare `model` (on its device) in place before its optimizer is built: activation checkpointing,
-        then FSDP2 (each block, then the root, which holds the embedding, final norm and output layer). With
-        bfloat16 on a GPU, FSDP gathers the weights in bfloat16 for compute and reduces gradients in float32;
-        the weights it keeps (and the optimizer updates) stay float32."""
-        if activation_checkpointing:
-            checkpoint_blocks(model)
-        if not self.sharded:
-            return
+    def shard(self, model: torch.nn.Module, precision: Precision) -> None:
+        """FSDP2 in place: each block, then the root (which holds the embedding, final norm and output layer).
+        With bfloat16 on a GPU, FSDP gathers the weights in bfloat16 for compute and reduces gradients in
+        float32; the weights it keeps (and the optimizer updates) stay float32."""
         if precision.dtype == torch.float16:
             raise TalmError(
                 "--train.parallel fsdp with float16 is not supported (its loss scaler is untested on sharded "

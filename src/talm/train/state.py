@@ -82,19 +82,21 @@ def save(trainer: Trainer, which: str, val: tuple[float, float | None] | None = 
     rngs = dist.all_gather_objects({k: v.cpu() for k, v in rng_state(tr.device).items()})
     target = tr.model_dir / which
     model: torch.nn.Module = tr.model
-    staged, error = None, None
+    staged, error, optim_state = None, None, {}
     if tr.parallel.sharded:
         model = whole_model(tr)  # on rank 0 (a collective: every rank sends its shards)
-        staged = dist.broadcast_object(staging_dir(target) if tr.ctx.is_main else None)
+        staged, error = dist.broadcast_object(new_staging_dir(target) if tr.ctx.is_main else None)
         model_state, optim_state = get_state_dict(tr.model, inner_optimizers(tr.optimizer))
         try:
-            save_shards(staged / SHARDS, {"model": model_state, "optim": optim_state["state"]})
+            if error is None:
+                save_shards(staged / SHARDS, {"model": model_state, "optim": optim_state["state"]})
         except (Exception, CheckpointException) as err:  # noqa: BLE001 -- any rank's failure, on every rank
             error = first_failure(err)
 
     def write() -> None:
         if error is not None:
-            shutil.rmtree(staged, ignore_errors=True)
+            if staged is not None:
+                shutil.rmtree(staged, ignore_errors=True)
             raise save_failed(target, error)
         scaler = tr.precision.scaler
         # under FSDP the optimizer's tensors are in sharded/; its hyperparameters stay here
@@ -121,6 +123,14 @@ def save(trainer: Trainer, which: str, val: tuple[float, float | None] | None = 
         save_checkpoint(target, model, meta, state, staged=staged)
 
     dist.on_main(write, tr.ctx)
+
+
+def new_staging_dir(target: Path) -> tuple[Path | None, OSError | None]:
+    """Rank 0: the staging directory every rank writes its shards into, or why it cannot be made."""
+    try:
+        return staging_dir(target), None
+    except OSError as err:
+        return None, err
 
 
 def whole_model(tr: Trainer) -> torch.nn.Module:
@@ -168,8 +178,8 @@ def shard_whole(tr: Trainer, checkpoint_dir: Path, saved_optimizer: dict[str, An
         check_kind(tr.optimizer, set(saved_optimizer) == {"muon", "adamw"})
         optimizers = inner_optimizers(tr.optimizer)
         saved = list(saved_optimizer.values()) if len(optimizers) == 2 else [saved_optimizer]  # Muon's first
-        for opt, whole in zip(optimizers, saved, strict=True):
-            opt.load_state_dict(shard_state(opt, whole))
+        for opt, one in zip(optimizers, saved, strict=True):
+            opt.load_state_dict(shard_state(opt, one))
     except (ValueError, KeyError, TypeError) as err:
         raise optimizer_misfit(checkpoint_dir, str(err)) from None
     keep_kernel(tr.optimizer)
