@@ -36,7 +36,8 @@ def flags(parallel: str, optim: str = "adamw", **train: Any) -> dict[str, Any]:
     constant after warmup (wsd without decay), so raising --max-steps on resume continues the same run."""
     return {
         "model": {"context_length": 32, "n_layer": 2, "d_model": 64, "n_head": 2},
-        "optim": {"name": optim, "warmup_steps": 2, "schedule": "wsd", "decay_fraction": 0.0},
+        # grad_clip below the gradient norm (~0.8 at the start): clipping over sharded gradients is exercised
+        "optim": {"name": optim, "warmup_steps": 2, "schedule": "wsd", "decay_fraction": 0.0, "grad_clip": 0.3},
         "train": {
             "device": "cpu", "parallel": parallel, "batch_size": 4, "tokens_per_step": 256, "max_steps": 4,
             "log_every": 1, "eval_every": 4, "save_every": 4, "eval_tokens": 544,  # 17 windows: 9 + 8 per rank

@@ -25,6 +25,7 @@ import json
 import os
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +186,9 @@ def load_shards(path: Path, state: dict[str, Any]) -> None:
     sharded/ directory `path`, on any number of processes; TalmError naming the checkpoint if it cannot."""
     try:
         alone = not torch.distributed.is_initialized()  # one process without a group (resuming without FSDP)
-        dcp.load(state, storage_reader=SafeReader(path), planner=TensorsOnlyPlanner(), no_dist=alone)
+        with warnings.catch_warnings():  # alone, DCP warns it assumes one process: it is right
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=SafeReader(path), planner=TensorsOnlyPlanner(), no_dist=alone)
     except (Exception, CheckpointException) as err:  # noqa: BLE001 -- missing keys, bad files, any rank's
         raise damaged(path, first_failure(err)) from None
 
