@@ -7,6 +7,10 @@ A checkpoint is a directory (see README, "Training"):
                          "val_loss", "val_bpb"}
     trainer_state.pt    optimizer, loader position, every rank's RNG states: plain tensors and containers,
                         loaded with torch.load(weights_only=True)
+    sharded/            only from an FSDP run: the weights and the optimizer's tensors as each process held its
+                        shards, written by torch.distributed.checkpoint (DCP) and loadable on any process count;
+                        trainer_state.pt then holds the optimizer's param groups (no tensors) instead of its
+                        state, and model.safetensors the whole model, gathered (so every reader works unchanged)
 
 A model directory `models/NAME/` holds `latest/` and `best/`. A save writes a fresh temporary directory,
 fsyncs it, moves the old checkpoint aside, renames the new one into place and only then deletes the old one,
@@ -16,17 +20,23 @@ old one if the crash fell between the two renames).
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_model as load_safetensors_into
 from safetensors.torch import save_model as save_safetensors_from
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import StorageMeta
 
 from talm.errors import TalmError
 from talm.files import aside_path, replace_dir, staging_dir
@@ -37,6 +47,7 @@ FORMAT = "talm.checkpoint/1"
 WEIGHTS = "model.safetensors"
 META = "checkpoint.json"
 TRAINER_STATE = "trainer_state.pt"
+SHARDS = "sharded"
 
 # What to do about a damaged checkpoint file, for every command that loads one.
 DAMAGED_FIX = (
@@ -56,20 +67,35 @@ def damaged(path: Path, err: BaseException | str) -> TalmError:
     return TalmError(f"cannot load {str(path)!r} ({reason}): {DAMAGED_FIX}")
 
 
+def save_failed(target: Path, err: BaseException) -> TalmError:
+    """The one-line error for a checkpoint that could not be written (the previous one is kept)."""
+    return TalmError(
+        f"could not save checkpoint {str(target)!r} ({_reason(err)}): free some disk space (or fix the "
+        "directory's permissions) and rerun the same command to resume; the previous checkpoint is kept"
+    )
+
+
 def save_checkpoint(
     target: str | Path,
     model: torch.nn.Module,
     meta: dict[str, Any],
     trainer_state: dict[str, Any] | None = None,
+    *,
+    staged: Path | None = None,
 ) -> Path:
     """Write `model`'s weights, `meta` (checkpoint.json) and `trainer_state` atomically as directory `target`.
 
     `model` must be the plain GPT (not its torch.compile or DDP wrapper) so that the weight names are clean.
+    `staged`: the staging directory (`staging_dir(target)`) the processes of an FSDP run already wrote sharded/
+    into (`save_shards`); it becomes `target` with the rest, or is removed if the save fails.
     """
     target = Path(target)
-    tmp: Path | None = None
+    tmp: Path | None = staged
     try:
-        tmp = staging_dir(target)
+        if tmp is None:
+            tmp = staging_dir(target)
+        for shard in (tmp / SHARDS).glob("*"):  # replace_dir syncs the directory's own files, not these
+            fsync_file(shard)
         (tmp / META).write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n", encoding="utf-8")
         save_safetensors_from(model, str(tmp / WEIGHTS))
         # safetensors writes through a private temporary (mode 0600): give the weights the mode of every other
@@ -86,11 +112,85 @@ def save_checkpoint(
             recover_interrupted_save(target)
         except OSError:
             pass
-        raise TalmError(
-            f"could not save checkpoint {str(target)!r} ({_reason(err)}): free some disk space (or fix the "
-            "directory's permissions) and rerun the same command to resume; the previous checkpoint is kept"
-        ) from None
+        raise save_failed(target, err) from None
     return target
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sharded checkpoints (FSDP): DCP holds tensors only. Its reader unpickles two things, and neither may execute
+# code here: the .metadata file (read below with an unpickler that builds only DCP's own metadata classes and
+# torch's sizes and dtypes) and any non-tensor value (refused: talm never writes one; the optimizer's
+# hyperparameters go into trainer_state.pt). Tensors it reads with torch.load(weights_only=True).
+
+DCP_METADATA = ".metadata"  # the file DCP's FileSystemWriter writes its metadata to
+# What DCP's metadata pickle names: its own dataclasses and enums, torch's sizes, dtypes and layouts (looked up by
+# name), and the checkpoint's path. None of them runs anything when built.
+SAFE_PICKLE_MODULES = ("torch.distributed.checkpoint.metadata",)
+SAFE_PICKLE_NAMES = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module in SAFE_PICKLE_MODULES or (module, name) in SAFE_PICKLE_NAMES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint's metadata")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's file reader, its metadata read through `MetadataUnpickler` (DCP's own uses pickle.load)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        with open(Path(self.path) / DCP_METADATA, "rb") as f:
+            metadata = MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class TensorsOnlyPlanner(dcp.DefaultLoadPlanner):
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        raise ValueError(
+            f"{read_item.dest_index.fqn} is not a tensor (talm's sharded checkpoints hold only tensors)"
+        )
+
+
+def first_failure(err: BaseException) -> BaseException:
+    """The first rank's own error inside DCP's CheckpointException (a BaseException holding every rank's)."""
+    if isinstance(err, CheckpointException) and err.failures:
+        return next(iter(err.failures.values()))[0]
+    return err
+
+
+def save_shards(path: Path, state: dict[str, Any]) -> None:
+    """Every process writes its shards of `state` (nested dicts of tensors and DTensors) into directory `path`."""
+    dcp.save(state, checkpoint_id=path)
+
+
+def load_shards(path: Path, state: dict[str, Any]) -> None:
+    """Fill `state` (the same layout as saved, each tensor already where and as sharded as it is wanted) from
+    sharded/ directory `path`, on any number of processes; TalmError naming the checkpoint if it cannot."""
+    try:
+        alone = not torch.distributed.is_initialized()  # one process without a group (resuming without FSDP)
+        with warnings.catch_warnings():  # alone, DCP warns it assumes one process: it is right
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=SafeReader(path), planner=TensorsOnlyPlanner(), no_dist=alone)
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 -- missing keys, bad files, any rank's
+        raise damaged(path, first_failure(err)) from None
 
 
 def recover_interrupted_save(target: str | Path) -> None:

@@ -91,6 +91,15 @@ class TrainConfig(Config):
     tiny preset's ~100 s CPU run, compiled steps would have to be twice as fast. Meant for GPUs and long runs;
     benchmarks/bench_convergence.py measures it at equal time. Evaluation and checkpoint saves use the
     uncompiled model, so they cause no recompiles."""
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    """How processes share the work (docs/scaling.md). ddp: every process holds the whole model and optimizer
+    state. fsdp: each of N processes holds 1/N of them (FSDP2), for models that do not fit one device; its
+    checkpoints are sharded (torch.distributed.checkpoint) and resume on any process count. auto: ddp when the
+    model, gradients and optimizer state take at most half of a device's memory, else fsdp; on one process,
+    neither. The banner says which was chosen."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them: much less memory for
+    long contexts and big batches, at the cost of about one more forward pass per step."""
     deterministic: bool = False
     """Bitwise-reproducible runs (deterministic kernels; on CPU a resumed run repeats the same losses)."""
     seed: Seed = 1337

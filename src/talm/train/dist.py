@@ -56,19 +56,27 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device(requested)
 
 
-def setup(requested_device: str = "auto") -> DistContext:
-    """Read the torchrun environment, choose the device and join the process group if there is more than one."""
+def setup(requested_device: str = "auto", *, group: bool = False) -> DistContext:
+    """Read the torchrun environment, choose the device and join the process group if there is more than one
+    process, or if `group` asks for one anyway (an explicit --train.parallel ddp/fsdp on one process: a world
+    of one, joined through torchrun's rendezvous if there is one, else through an in-process store)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(requested_device, local_rank)
-    if world_size > 1 and not tdist.is_initialized():
+    if (world_size > 1 or group) and not tdist.is_initialized():
         if device.type == "mps":
-            raise TalmError("multi-process training on mps is not supported: use one process or --device cpu")
+            raise TalmError(
+                "multi-process (DDP/FSDP) training on mps is not supported: use one process or --device cpu"
+            )
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        tdist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+        if world_size > 1 or "MASTER_ADDR" in os.environ:
+            tdist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+        else:
+            store = tdist.HashStore()
+            tdist.init_process_group(backend=backend, store=store, rank=0, world_size=1)
     return DistContext(rank, local_rank, world_size, device)
 
 
@@ -99,6 +107,15 @@ def all_gather_objects(obj: Any) -> list[Any]:
 
 
 T = TypeVar("T")
+
+
+def broadcast_object(obj: T) -> T:
+    """Rank 0's `obj` on every rank (itself in a world of one)."""
+    if not tdist.is_initialized():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def on_main(fn: Callable[[], T], ctx: DistContext) -> T | None:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from talm.train import dist
 from talm.train.loader import EvalSlice
@@ -24,7 +25,9 @@ def evaluate(
     ctx: dist.DistContext,
     autocast: Callable[[], AbstractContextManager],
 ) -> tuple[float, float | None]:
-    """(val loss, val bits per byte or None if the data has no byte counts); leaves `model` in train mode."""
+    """(val loss, val bits per byte or None if the data has no byte counts); leaves `model` in train mode.
+    Under FSDP every forward gathers weights from every process: a process with fewer batches than another runs
+    uncounted forwards until all have run as many."""
     model.eval()
     losses, counts = [], []
     for x, y in eval_slice:
@@ -32,8 +35,13 @@ def evaluate(
             _, loss = model(x, y)
         losses.append(loss.detach().float())
         counts.append(y.numel())
+    if isinstance(model, FSDPModule):
+        for _ in range(eval_slice.most_batches - len(losses)):
+            with autocast():
+                model(*eval_slice.any_batch())
     model.train()
-    loss_sum = sum(v * n for v, n in zip(torch.stack(losses).cpu().tolist(), counts, strict=True))
+    values = torch.stack(losses).cpu().tolist() if losses else []
+    loss_sum = sum(v * n for v, n in zip(values, counts, strict=True))
     count = float(sum(counts))
     if ctx.distributed:
         total = torch.tensor([loss_sum, count], dtype=torch.float64, device=ctx.device)

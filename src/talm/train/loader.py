@@ -212,12 +212,20 @@ class EvalSlice:
         self._maps = ShardCache(data.dtype, vocab_size)
         for shard in {s.path: s for s, _ in self.mine}.values():  # map (and check) them now, not mid-run
             self._maps[shard]
+        # rank 0 holds the most windows (ranks take them in turn), so the most batches
+        self.most_batches = math.ceil(len(windows[0::world_size]) / batch_size)
+
+    def _batch(self, chunk: list[tuple[Shard, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        T = self.context_length
+        rows = np.empty((len(chunk), T + 1), dtype=np.int64)
+        for j, (shard, start) in enumerate(chunk):
+            rows[j] = self._maps[shard][start : start + T + 1]
+        return to_device(rows, self.device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        T = self.context_length
         for i in range(0, len(self.mine), self.batch_size):
-            chunk = self.mine[i : i + self.batch_size]
-            rows = np.empty((len(chunk), T + 1), dtype=np.int64)
-            for j, (shard, start) in enumerate(chunk):
-                rows[j] = self._maps[shard][start : start + T + 1]
-            yield to_device(rows, self.device)
+            yield self._batch(self.mine[i : i + self.batch_size])
+
+    def any_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch (the slice's first window), for a forward that is not counted (evaluate's lockstep)."""
+        return self._batch(self.windows[:1])

@@ -4,8 +4,9 @@
 shard's header, the tokenizer, loaders, model, optimizer, precision, and the checkpoint to resume. `Trainer.run`
 then trains to max_steps on the schedule of the config: a train-loss record every log_every steps, evaluation
 (and best/) every eval_every, latest/ every save_every, and a clean save on Ctrl-C. Under torchrun it runs on
-many processes (DDP, gradients synced only on the last micro-step); everything written (checkpoints,
-metrics.jsonl, tokenizer.json) is written by rank 0 only, atomically.
+many processes (DDP or FSDP, see parallel.py; gradients synced only on the last micro-step); everything written
+(checkpoints, metrics.jsonl, tokenizer.json) is written by rank 0 only, atomically (under FSDP every rank
+writes its shards of a checkpoint).
 
 Deciding which run to train (config layers, resume or restart, the lock on models/NAME) is run.py's job; the
 directory's rules are rundir.py's; the data, tokenizer and loaders are inputs.py's; what a checkpoint carries
@@ -17,13 +18,11 @@ from __future__ import annotations
 import math
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from talm.errors import TalmError
@@ -35,6 +34,7 @@ from talm.train.evaluate import evaluate, scores_text
 from talm.train.inputs import accumulation, load_inputs, make_loaders
 from talm.train.metrics import MetricsLog
 from talm.train.optim import apply_schedule, build_optimizer, multiplier
+from talm.train.parallel import Parallel
 from talm.train.precision import Precision, set_deterministic
 from talm.train.report import make_sinks
 from talm.train.stop import StopRequest
@@ -49,16 +49,6 @@ class TrainResult:
     val_loss: float | None
     val_bpb: float | None
     model_dir: Path
-
-
-def wrap(model: GPT, compile: bool, ctx: dist.DistContext) -> torch.nn.Module:
-    """What the steps call: the model, compiled if asked, in DDP on many processes (saves use the bare model)."""
-    net: torch.nn.Module = model
-    if compile:
-        net = torch.compile(net)
-    if ctx.distributed:
-        net = DDP(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    return net
 
 
 def describe(cfg: RunConfig) -> str:
@@ -83,6 +73,8 @@ def announce(tr: Trainer) -> None:
         f"{tr.tokens_per_step:,} tokens/step ({tr.accum} micro-step(s) of {t.batch_size} x "
         f"{tr.cfg.model.context_length} per process), precision {tr.precision}"
     )
+    checkpointing = ", activation checkpointing per block" if t.activation_checkpointing else ""
+    say(f"parallel: {tr.parallel.description}{checkpointing}")
     say(describe(tr.cfg))
     if tr.eval_slice is None:
         say(f"no val split in {tr.data.dir}: training without evaluation, so no best/ checkpoint")
@@ -119,7 +111,7 @@ class Trainer:
         self.model_dir = Path(model_dir)
         if resume_from is None and not restart:
             rundir.check_fresh_start(self.model_dir)
-        self.ctx = dist.setup(cfg.train.device)
+        self.ctx = dist.setup(cfg.train.device, group=cfg.train.parallel != "auto")
         self.device = self.ctx.device
         t = cfg.train
         if t.deterministic:
@@ -133,8 +125,10 @@ class Trainer:
 
         torch.manual_seed(t.seed)
         self.model = GPT(cfg.model).to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.precision = Precision(t.dtype, self.device)
+        # DDP or FSDP; FSDP shards the model in place, before the optimizer is built over its parameters.
+        self.parallel = Parallel(t, self.model, self.ctx, self.precision)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         # A multiplier of each group's peak lr, and its re-warm (optim.rewarm_segment) once state.restore sets one.
         self.lr_mult, self.lr_segment = multiplier(cfg.optim, t.max_steps), None
 
@@ -152,7 +146,7 @@ class Trainer:
         else:  # the init above was the same on every rank; dropout must differ per rank
             torch.manual_seed(t.seed + self.ctx.rank)
         self.loader.check_next()  # the shard of the first batch: ids out of range fail before any write
-        self.net = wrap(self.model, t.compile, self.ctx)
+        self.net = self.parallel.wrap(self.model, compile=t.compile)
 
     def now(self) -> float:
         """Training seconds of the whole run so far (earlier sessions included)."""
@@ -193,15 +187,14 @@ class Trainer:
             x, y = self.loader.next_batch()
             self.data_wait += time.perf_counter() - t
             last = micro == self.accum - 1
-            sync = self.net.no_sync() if isinstance(self.net, DDP) and not last else nullcontext()
-            with sync:
+            with self.parallel.micro_step(self.net, self.model, last):
                 with self.precision.autocast():
                     _, loss = self.net(x, y)
                 loss_sum += loss.detach()
                 scaler.scale(loss / self.accum).backward()
         scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = self.parallel.grad_norm(self.model, clip)
         stop_vote = torch.tensor(float(stop.requested), device=self.device)
         stats = dist.all_reduce_sum(
             torch.stack([loss_sum / self.accum, grad_norm.float(), stop_vote]).float()

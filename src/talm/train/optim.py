@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from talm.errors import TalmError
 from talm.train.config import OptimConfig
@@ -183,11 +184,29 @@ def adamw(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.o
     )
 
 
+def orthogonalize(x: torch.Tensor, group: dict, dtype: torch.dtype) -> torch.Tensor:
+    """Newton-Schulz orthogonalisation of the matrix `x` in `dtype`, as torch's Muon computes it."""
+    (a, b, c), tall = group["ns_coefficients"], x.size(0) > x.size(1)
+    x = x.to(dtype)
+    x = x.T if tall else x
+    x = x / x.norm().clamp(min=group["eps"])
+    for _ in range(group["ns_steps"]):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
 class Muon(torch.optim.Muon):
-    """torch's Muon with its Newton-Schulz iteration in `ns_dtype`. torch runs it in bfloat16, right on GPUs
-    and on CPUs with native bf16; elsewhere bf16 matmuls are emulated and made the tiny preset's whole step 6.5x
-    slower on a 2-core AVX2 CPU (1.24 vs 0.19 s, benchmarks/bench_convergence.py), so there it runs in float32
-    (the same update, computed more precisely). Same state and groups as torch's, so checkpoints are the same."""
+    """torch's Muon with its Newton-Schulz iteration in `ns_dtype`, and for FSDP's sharded matrices.
+
+    torch runs the iteration in bfloat16, right on GPUs and on CPUs with native bf16; elsewhere bf16 matmuls are
+    emulated and made the tiny preset's whole step 6.5x slower on a 2-core AVX2 CPU (1.24 vs 0.19 s,
+    benchmarks/bench_convergence.py), so there it runs in float32 (the same update, computed more precisely).
+
+    Under FSDP each process holds a slab of rows of each matrix (a DTensor), but orthogonalisation needs the
+    whole matrix: each process gathers the (momentum-mixed) gradient, orthogonalises it (every process the same
+    matrix, as its own copy of the work) and applies its own rows of the update. The momentum stays sharded.
+    Same state and groups as torch's, so checkpoints are the same."""
 
     def __init__(self, params: list[torch.Tensor], *, ns_dtype: torch.dtype, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
@@ -195,23 +214,23 @@ class Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:
-        if self.ns_dtype == torch.bfloat16:
+        sharded = any(isinstance(p, DTensor) for g in self.param_groups for p in g["params"])
+        if self.ns_dtype == torch.bfloat16 and not sharded:
             return super().step(closure)
         for group in self.param_groups:
-            momentum, (a, b, c) = group["momentum"], group["ns_coefficients"]
+            momentum = group["momentum"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
                 buf.lerp_(p.grad, 1 - momentum)
-                x = (p.grad.lerp(buf, momentum) if group["nesterov"] else buf).to(self.ns_dtype)
-                tall = x.size(0) > x.size(1)
-                x = x.T if tall else x
-                x = x / x.norm().clamp(min=group["eps"])
-                for _ in range(group["ns_steps"]):
-                    gram = x @ x.T
-                    x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-                update = (x.T if tall else x).to(p.dtype)
+                x = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                if isinstance(x, DTensor):
+                    whole = orthogonalize(x.full_tensor(), group, self.ns_dtype).to(p.dtype)
+                    # this process's rows, sliced locally (src_data_rank=None: every process has the whole)
+                    update = distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None)
+                else:
+                    update = orthogonalize(x, group, self.ns_dtype).to(p.dtype)
                 assert group["adjust_lr_fn"] == MUON_ADJUST_LR == "original"
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update, alpha=-group["lr"] * math.sqrt(max(1, p.size(0) / p.size(1))))
@@ -307,14 +326,30 @@ def apply_schedule(optimizer: Optimizer, cfg: OptimConfig, step: int, mult: floa
     return cfg.lr * mult
 
 
-def load_optimizer_state(optimizer: Optimizer, state: dict[str, Any]) -> None:
-    """Load a saved optimizer state (ValueError/KeyError/TypeError if it does not fit), keeping this device's
-    AdamW kernel (the saved run may have used another device's)."""
-    if isinstance(optimizer, torch.optim.AdamW) and set(state) == {"muon", "adamw"}:
-        raise ValueError("it holds Muon's and AdamW's state (--optim.name muon), this run uses adamw")
-    optimizer.load_state_dict(state)
-    inner = optimizer.optimizers.values() if isinstance(optimizer, MuonAdamW) else [optimizer]
-    for opt in inner:
+def inner_optimizers(optimizer: Optimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers behind `optimizer` (AdamW alone, or Muon and AdamW)."""
+    return list(optimizer.optimizers.values()) if isinstance(optimizer, MuonAdamW) else [optimizer]
+
+
+def keep_kernel(optimizer: Optimizer) -> None:
+    """After loading a saved state: this device's AdamW kernel (the saved run may have used another device's)."""
+    for opt in inner_optimizers(optimizer):
         if isinstance(opt, torch.optim.AdamW):
             for group in opt.param_groups:
                 group["fused"], group["foreach"] = opt.defaults.get("fused"), opt.defaults.get("foreach")
+
+
+def check_kind(optimizer: Optimizer, muon_state: bool) -> None:
+    """ValueError if a saved state of Muon and AdamW (`muon_state`) or of AdamW alone does not fit `optimizer`."""
+    if isinstance(optimizer, MuonAdamW) and not muon_state:
+        raise ValueError("it holds one AdamW's state (--optim.name adamw), this run uses muon")
+    if not isinstance(optimizer, MuonAdamW) and muon_state:
+        raise ValueError("it holds Muon's and AdamW's state (--optim.name muon), this run uses adamw")
+
+
+def load_optimizer_state(optimizer: Optimizer, state: dict[str, Any]) -> None:
+    """Load a saved optimizer state (ValueError/KeyError/TypeError if it does not fit), keeping this device's
+    AdamW kernel."""
+    check_kind(optimizer, set(state) == {"muon", "adamw"})
+    optimizer.load_state_dict(state)
+    keep_kernel(optimizer)

@@ -1,0 +1,155 @@
+"""How a run's model is spread over processes: one process, DDP or FSDP2; compiled or not; with activation
+checkpointing or not. The model file knows none of this.
+
+`--train.parallel` picks the wrapper: `ddp` keeps a whole copy of the model and its optimizer state on every
+process and averages the gradients; `fsdp` (PyTorch's FSDP2, `fully_shard` per block, then the root) keeps
+1/N of each on each of N processes and gathers a block's weights just for its forward and backward; `auto`
+takes DDP when the model, its gradients and the optimizer state fit comfortably (half) in one device's memory,
+else FSDP. On one process `auto` uses neither (nothing to average or shard); an explicit `ddp` or `fsdp` on one
+process still wraps (a world of one), which is what a single-GPU comparison of the two measures.
+
+`Parallel` is the one small API the loop uses: building it prepares the model (before the optimizer is built:
+FSDP replaces the parameters with sharded ones), `wrap` (compile and DDP, after the checkpoint is restored),
+`micro_step` (no gradient sync before the last micro-step of an accumulation) and `grad_norm` (the global norm
+of gradients that may be sharded).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
+
+from talm.errors import TalmError
+from talm.train import dist
+from talm.train.config import TrainConfig
+from talm.train.precision import Precision
+
+# What one parameter costs in memory during training, in bytes: float32 weight and gradient (4 + 4) and the
+# optimizer's state (AdamW: two float32 moments, 8; Muon: one momentum, 4, so AdamW's is the upper bound).
+BYTES_PER_PARAM = 16
+# "Fits comfortably": the weights, gradients and optimizer state take at most this share of a device's memory;
+# the rest is for activations, which grow with batch size and context length.
+COMFORTABLE_SHARE = 0.5
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory one process may count on: the GPU's, or this machine's RAM shared by its processes."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return ram // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def choose(requested: str, model: torch.nn.Module, ctx: dist.DistContext) -> tuple[str, str]:
+    """("single" | "ddp" | "fsdp", the banner's words for why)."""
+    if requested != "auto":
+        return requested, f"{requested} (as asked, {ctx.world_size} process(es))"
+    if not ctx.distributed:
+        return "single", "none (one process: neither DDP nor FSDP is needed)"
+    need = sum(p.numel() for p in model.parameters()) * BYTES_PER_PARAM
+    have = device_memory(ctx.device)
+    gb = lambda n: f"{n / 2**30:.1f} GB"  # noqa: E731
+    if have is None or need <= COMFORTABLE_SHARE * have:
+        of = f" of {gb(have)}" if have else ""
+        return "ddp", f"ddp (auto: weights, gradients and optimizer state ~{gb(need)}{of} per device fit)"
+    return (
+        "fsdp",
+        f"fsdp (auto: weights, gradients and optimizer state ~{gb(need)} exceed half of {gb(have)})",
+    )
+
+
+def checkpoint_blocks(model: torch.nn.Module) -> None:
+    """Activation checkpointing per block: each block's forward keeps only its input and recomputes the rest
+    in the backward pass. The block's own forward is replaced (not the module), so parameter names, and so
+    checkpoints, are unchanged; dropout masks are replayed (torch saves and restores the RNG state)."""
+    for block in model.get_submodule("blocks"):
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+class Parallel:
+    """The run's parallel strategy over `ctx`'s processes (see the module docstring)."""
+
+    def __init__(
+        self, cfg: TrainConfig, model: torch.nn.Module, ctx: dist.DistContext, precision: Precision
+    ) -> None:
+        """Choose the strategy for `model` (on its device) and prepare it in place, before its optimizer is built:
+        activation checkpointing if asked, FSDP's sharding if chosen."""
+        self.ctx = ctx
+        self.strategy, self.description = choose(cfg.parallel, model, ctx)
+        if self.strategy != "single" and not torch.distributed.is_initialized():
+            raise TalmError(  # dist.setup joins a group of one for an explicit ddp/fsdp; this is a bug guard
+                f"--train.parallel {self.strategy} needs a process group: run under torchrun"
+            )
+        if cfg.activation_checkpointing:
+            checkpoint_blocks(model)
+        if self.sharded:
+            self.shard(model, precision)
+
+    @property
+    def sharded(self) -> bool:
+        return self.strategy == "fsdp"
+
+    def shard(self, model: torch.nn.Module, precision: Precision) -> None:
+        """FSDP2 in place: each block, then the root (which holds the embedding, final norm and output layer).
+        With bfloat16 on a GPU, FSDP gathers the weights in bfloat16 for compute and reduces gradients in
+        float32; the weights it keeps (and the optimizer updates) stay float32."""
+        if precision.dtype == torch.float16:
+            raise TalmError(
+                "--train.parallel fsdp with float16 is not supported (its loss scaler is untested on sharded "
+                "gradients): use --train.dtype bfloat16, or --train.parallel ddp"
+            )
+        on_gpu_bf16 = self.ctx.device.type == "cuda" and precision.dtype == torch.bfloat16
+        param_dtype = torch.bfloat16 if on_gpu_bf16 else None
+        # The model returns its logits as a view (the vocabulary's padding cut off); FSDP warns that an in-place
+        # op on such a view would skip its hooks. Nothing here changes the logits in place.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        mesh = init_device_mesh(self.ctx.device.type, (torch.distributed.get_world_size(),))
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        for block in model.get_submodule("blocks"):
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+
+    def wrap(self, model: torch.nn.Module, *, compile: bool) -> torch.nn.Module:
+        """What the training steps call: `model`, compiled if asked, in DDP if that is the strategy (evaluation
+        and saves use `model` itself)."""
+        net = torch.compile(model) if compile else model
+        if self.strategy == "ddp":
+            device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+            net = DDP(net, device_ids=device_ids)
+        return net
+
+    @contextmanager
+    def micro_step(self, net: torch.nn.Module, model: torch.nn.Module, last: bool) -> Iterator[None]:
+        """Around one micro-step's forward and backward: gradients are averaged over processes on the last
+        micro-step only (DDP's no_sync; FSDP's gradient sync off, and the gathered weights kept between
+        micro-steps so the next forward need not gather them again)."""
+        if self.strategy == "ddp" and not last:
+            assert isinstance(net, DDP)
+            with net.no_sync():
+                yield
+            return
+        if self.sharded:
+            assert isinstance(model, FSDPModule)
+            model.set_requires_gradient_sync(last)
+            model.set_reshard_after_backward(last)
+        yield
+
+    def grad_norm(self, model: torch.nn.Module, clip: float) -> torch.Tensor:
+        """Clip the global gradient norm to `clip` (inf: measure only) and return it, a plain tensor. Under FSDP
+        the gradients are shards (DTensors): torch computes the norm over all of them, across processes."""
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
