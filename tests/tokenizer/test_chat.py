@@ -35,7 +35,7 @@ def test_a_conversation_is_role_tokens_and_content_with_the_assistant_turns_mask
         + [*tok.encode("Bye."), sp["<|endoftext|>"]]
     )
     assert ids == expected
-    learned = [i for i, m in zip(ids, mask) if m]
+    learned = [i for i, m in zip(ids, mask, strict=True) if m]
     assert learned == [*tok.encode("Hello!"), sp["<|endoftext|>"], *tok.encode("Bye."), sp["<|endoftext|>"]]
     assert tok.decode(ids) == "<|system|>Be terse.<|user|>Hi<|assistant|>Hello!<|endoftext|><|user|>Bye<|assistant|>Bye.<|endoftext|>"
 

@@ -8,7 +8,7 @@ many processes (DDP or FSDP, see parallel.py; gradients synced only on the last 
 (checkpoints, metrics.jsonl, tokenizer.json) is written by rank 0 only, atomically (under FSDP every rank
 writes its shards of a checkpoint).
 
-Deciding which run to train (config layers, resume or restart, the lock on models/NAME) is run.py's job; the
+The steps themselves, on their schedule, are steps.py's. Deciding which run to train (config layers, resume or restart, the lock on models/NAME) is run.py's job; the
 directory's rules are rundir.py's; the data, tokenizer and loaders are inputs.py's; what a checkpoint carries
 of the run is state.py's; precision and evaluation have their own modules.
 """
@@ -23,9 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from talm.errors import TalmError
 from talm.model.gpt import GPT
 from talm.train import dist, rundir, state
 from talm.train.checkpoint import read_meta
@@ -37,6 +35,7 @@ from talm.train.optim import apply_schedule, build_optimizer, multiplier
 from talm.train.parallel import Parallel
 from talm.train.precision import Precision, set_deterministic
 from talm.train.report import make_sinks
+from talm.train.steps import mfu_text, run_steps, utilisation
 from talm.train.stop import StopRequest
 
 
@@ -165,7 +164,7 @@ class Trainer:
         """A metrics.jsonl record: where the run is (step, tokens, seconds), then `values`."""
         return {"step": self.step, "tokens": self.tokens_seen, "time": round(self.now(), 3), **values}
 
-    def _eval_and_log(self, log: MetricsLog) -> None:
+    def eval_and_log(self, log: MetricsLog) -> None:
         val_loss, bpb = self.evaluate()
         log.log(self._record(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700.0)), val_bpb=bpb))
         self.last_val = (val_loss, bpb)
@@ -222,7 +221,9 @@ class Trainer:
         dist.barrier()
         start_step, start_tokens = self.step, self.tokens_seen
         self._t0 = time.perf_counter()
-        train_seconds, interrupted = self._loop(MetricsLog(self.model_dir, sinks, enabled=self.ctx.is_main))
+        train_seconds, interrupted = run_steps(
+            self, MetricsLog(self.model_dir, sinks, enabled=self.ctx.is_main)
+        )
         if interrupted:
             dist.print0(
                 f"stopped at step {self.step}; saved {self.model_dir / 'latest'}: rerun the same command to resume",
@@ -241,91 +242,3 @@ class Trainer:
             file=sys.stdout,
         )
         return TrainResult(self.step, self.tokens_seen, seconds, tps, val_loss, bpb, self.model_dir)
-
-    def _loop(self, log: MetricsLog) -> tuple[float, bool]:
-        """The steps, with logs, evaluations and saves on their schedule: (seconds inside optimizer steps, for
-        tokens/s; whether Ctrl-C stopped it, after saving latest/)."""
-        t = self.cfg.train
-        train_seconds = 0.0
-        saved_step = self.step if self.resumed else -1
-        bar = tqdm(
-            total=t.max_steps, initial=self.step, desc="train", unit="step", disable=not self.ctx.is_main,
-            dynamic_ncols=True, mininterval=0.5,
-        )  # fmt: skip
-        self.model.train()
-        interrupted = False
-        try:
-            with StopRequest() as stop:
-                window_tokens, window_time = 0, 0.0
-                pending: list[tuple[int, torch.Tensor]] = []  # stats of the steps not read yet
-                while self.step < t.max_steps:
-                    t_step = time.perf_counter()
-                    stats, lr = self.train_step(stop)
-                    pending.append((self.step, stats))
-                    last = self.step == t.max_steps
-                    logs = self.step % t.log_every == 0 or last
-                    evals = self.eval_slice is not None and (self.step % t.eval_every == 0 or last)
-                    saves = self.step % t.save_every == 0 or last
-                    # Steps are read on a schedule every rank shares (so all stop at the same step); a single
-                    # process also reads as soon as Ctrl-C is pressed. Many ranks stop within log_every steps.
-                    if logs or evals or saves or (stop.requested and self.ctx.world_size == 1):
-                        loss, interrupted = settle(self, pending)
-                        pending = []
-                    dt = time.perf_counter() - t_step
-                    train_seconds += dt
-                    window_tokens += self.tokens_per_step
-                    window_time += dt
-                    if logs or interrupted:
-                        tps = window_tokens / window_time if window_time else 0.0
-                        mfu = utilisation(self, tps)
-                        extra = {} if mfu is None else {"mfu": round(mfu, 4)}
-                        log.log(self._record(train_loss=loss, lr=lr, tokens_per_s=tps, **extra))
-                        shown = {} if mfu is None else {"mfu": f"{100 * mfu:.1f}%"}
-                        bar.set_postfix(
-                            loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", **shown, refresh=False
-                        )
-                        window_tokens, window_time = 0, 0.0
-                    bar.update(1)
-                    if interrupted:
-                        break
-                    if evals:
-                        self._eval_and_log(log)
-                    if saves:
-                        self.save("latest", self.last_val)
-                        saved_step = self.step
-            if interrupted and saved_step != self.step:
-                self.save("latest", self.last_val)
-        finally:
-            bar.close()
-            log.close()
-        return train_seconds, interrupted
-
-
-def settle(tr: Trainer, pending: list[tuple[int, torch.Tensor]]) -> tuple[float, bool]:
-    """Read the stats of the steps since the last read (one wait for the device): (the last step's mean loss
-    over ranks, whether any rank asked to stop). Raises if any of those steps diverged, naming the first."""
-    values = torch.stack([stats for _, stats in pending]).tolist()
-    for (step, _), (loss_sum, grad_norm, _) in zip(pending, values, strict=True):
-        loss = loss_sum / tr.ctx.world_size
-        # With float16's scaler an inf gradient only skips the step (and lowers the scale): not a divergence.
-        if not math.isfinite(loss) or (not tr.precision.scaler.is_enabled() and not math.isfinite(grad_norm)):
-            what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
-            raise TalmError(
-                f"training diverged at step {step} ({what}); the last good checkpoint is kept in "
-                f"{str(tr.model_dir / 'latest')!r}: lower --optim.lr or raise --optim.warmup_steps, then "
-                "resume (or --restart)"
-            )
-    return values[-1][0] / tr.ctx.world_size, any(v[2] > 0 for v in values)
-
-
-def mfu_text(mfu: float | None) -> str:
-    return "" if mfu is None else f", MFU {100 * mfu:.1f}%"
-
-
-def utilisation(tr: Trainer, tokens_per_s: float) -> float | None:
-    """Model FLOPs utilisation: the model's training FLOP/s over the peak of every process's device."""
-    peak = tr.precision.peak_flops
-    if peak is None:
-        return None
-    flops = tokens_per_s * tr.model.flops_per_token(tr.cfg.model.context_length)
-    return flops / (peak * tr.ctx.world_size)
