@@ -217,3 +217,18 @@ def varied_model(*, vocab: int = 100, context: int = 32, n_kv_head: int | None =
             if p.dim() == 2:
                 p.normal_(0.0, 0.3)
     return model.eval()
+
+
+def endless_chat_model_dir(model_dir: Path, *, context: int = 64) -> Path:
+    """models/NAME holding a tiny GPT (base tokenizer, with its role tokens) that never picks <|endoftext|> at
+    temperature 0: its tied embedding row is zero, so that token always scores 0 while the likeliest other token
+    scores far above. A reply then lasts as long as its token budget (for tests that stop one midway)."""
+    import torch
+
+    from talm.tokenizer.api import Tokenizer
+
+    tokenizer = Tokenizer.from_file(BASE_TOKENIZER)
+    model = varied_model(vocab=tokenizer.vocab_size, context=context)
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eot_id].zero_()
+    return save_model_dir(model_dir, model, step=1)
