@@ -105,9 +105,10 @@ class Conversation:
             if len(ids) <= max_prompt_tokens:
                 return ids, dropped
             if not kept:
+                what = "the message and the system message are" if self.system else "the message is"
                 raise TalmError(
-                    f"the message{' and the system message' if self.system else ''} make {len(ids)} tokens, more "
-                    f"than the {max_prompt_tokens} this model's context leaves for a prompt: write a shorter one"
+                    f"{what} {len(ids)} tokens, more than the {max_prompt_tokens} this model's context leaves "
+                    "for a prompt: write a shorter one"
                 )
             kept = kept[2:]
             dropped += 1
