@@ -139,7 +139,9 @@ def test_a_completion_continues_a_prompt(live: Live) -> None:
     client = live.client()
     whole = client.completions.create(model=NAME, prompt="ROMEO:", max_tokens=8, temperature=0)
     assert whole.object == "text_completion" and whole.usage.completion_tokens == 8
-    streamed = client.completions.create(model=NAME, prompt="ROMEO:", max_tokens=8, temperature=0, stream=True)
+    streamed = client.completions.create(
+        model=NAME, prompt="ROMEO:", max_tokens=8, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text != ""
 
 
@@ -147,7 +149,13 @@ def test_a_completion_continues_a_prompt(live: Live) -> None:
     ("request_fields", "status", "param", "code", "says"),
     [
         ({"model": "gpt-4"}, 404, "model", "model_not_found", "does not exist"),
-        ({"max_tokens": CONTEXT + 1}, 400, "max_tokens", "context_length_exceeded", "more than the model's context"),
+        (
+            {"max_tokens": CONTEXT + 1},
+            400,
+            "max_tokens",
+            "context_length_exceeded",
+            "more than the model's context",
+        ),
         (
             {"messages": [{"role": "user", "content": "word " * CONTEXT}], "max_tokens": 5},
             400,
@@ -155,7 +163,13 @@ def test_a_completion_continues_a_prompt(live: Live) -> None:
             "context_length_exceeded",
             "shorten the conversation",
         ),
-        ({"messages": [{"role": "assistant", "content": "Hi"}]}, 400, "messages", None, "where 'user' was expected"),
+        (
+            {"messages": [{"role": "assistant", "content": "Hi"}]},
+            400,
+            "messages",
+            None,
+            "where 'user' was expected",
+        ),
         ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages", None, "the roles are"),
         ({"messages": []}, 400, "messages", None, "at least 1"),
         ({"temperature": 3}, 400, "temperature", None, "less than or equal to 2"),
@@ -243,4 +257,9 @@ def test_a_client_that_disconnects_stops_its_generation(live: Live) -> None:
     assert server.tokens_generated == count
 
     # the server is still fine
-    assert live.client().chat.completions.create(model=NAME, messages=HELLO, max_tokens=2).usage.completion_tokens == 2
+    assert (
+        live.client()
+        .chat.completions.create(model=NAME, messages=HELLO, max_tokens=2)
+        .usage.completion_tokens
+        == 2
+    )

@@ -29,7 +29,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
         formatter_class=HelpFormatter,
         epilog='Example: chat -m models/assistant --checkpoint best --system "Answer briefly."',
     )
-    parser.add_argument("-m", "--model", required=True, metavar="DIR", help="the model directory (models/NAME)")
+    parser.add_argument(
+        "-m", "--model", required=True, metavar="DIR", help="the model directory (models/NAME)"
+    )
     parser.add_argument(
         "--checkpoint",
         default="latest",
@@ -38,7 +40,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     parser.add_argument("--system", metavar="TEXT", help="a system message to start the conversation with")
     names = add_config_flags(parser, SampleConfig, short={"seed": "-s"}, skip=("num_samples",))
     parser.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run (default: auto)"
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda", "mps"],
+        help="where to run (default: auto)",
     )
     return parser, names
 

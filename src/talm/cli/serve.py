@@ -34,18 +34,21 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
         epilog="Example: serve -m models/assistant --checkpoint best --port 8000",
     )
-    parser.add_argument("-m", "--model", required=True, metavar="DIR", help="the model directory (models/NAME)")
+    parser.add_argument(
+        "-m", "--model", required=True, metavar="DIR", help="the model directory (models/NAME)"
+    )
     parser.add_argument(
         "--checkpoint",
         default="latest",
         help="latest, best (lowest validation loss) or the path of a checkpoint directory (default: latest)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=port_number, default=8000, help="port to listen on (default: 8000)")
     parser.add_argument(
-        "--port", type=port_number, default=8000, help="port to listen on (default: 8000)"
-    )
-    parser.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run (default: auto)"
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda", "mps"],
+        help="where to run (default: auto)",
     )
     return parser
 
@@ -68,7 +71,9 @@ def check_port_free(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as err:
-            raise TalmError(f"cannot listen on {host}:{port} ({err.strerror}): pass another --port or --host") from None
+            raise TalmError(
+                f"cannot listen on {host}:{port} ({err.strerror}): pass another --port or --host"
+            ) from None
 
 
 def run(args: argparse.Namespace) -> None:
@@ -77,7 +82,9 @@ def run(args: argparse.Namespace) -> None:
 
         from talm.use.serve import create_app
     except ImportError:
-        raise TalmError("serve needs FastAPI and uvicorn, which are not installed: pip install 'talm[serve]'") from None
+        raise TalmError(
+            "serve needs FastAPI and uvicorn, which are not installed: pip install 'talm[serve]'"
+        ) from None
     from talm.use.load import describe_checkpoint, load_checkpoint
 
     check_port_free(args.host, args.port)

@@ -166,7 +166,9 @@ def create_app(model: GPT, tokenizer: Tokenizer, name: str, *, workers: int = 8)
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
-        return error_response(ApiError(err.status_code, f"{request.method} {request.url.path}: {err.detail}", code=code))
+        return error_response(
+            ApiError(err.status_code, f"{request.method} {request.url.path}: {err.detail}", code=code)
+        )
 
     @app.exception_handler(Exception)
     async def _failed(request: Request, err: Exception) -> JSONResponse:

@@ -32,7 +32,9 @@ def chat_model_dir(tmp_path: Path) -> Path:
     return save_model_dir(tmp_path / "models" / "assistant", varied_model(vocab=1024, context=64), step=1)
 
 
-def chat(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], typed: str, *args: str) -> tuple[str, str]:
+def chat(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], typed: str, *args: str
+) -> tuple[str, str]:
     monkeypatch.setattr(sys, "stdin", io.StringIO(typed))
     main(list(args))
     captured = capsys.readouterr()
@@ -52,7 +54,9 @@ def test_the_conversation_goes_on_and_the_commands_change_it(
     chat_model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     typed = "Hello\nHow are you?\n/system Be brief.\nAnd now?\n/reset\n/bogus\n\nHello\n/exit\nnever read\n"
-    out, err = chat(monkeypatch, capsys, typed, "-m", str(chat_model_dir), "--temperature", "0", "--max-new-tokens", "6")
+    out, err = chat(
+        monkeypatch, capsys, typed, "-m", str(chat_model_dir), "--temperature", "0", "--max-new-tokens", "6"
+    )
 
     def reply(*messages: tuple[str, str]) -> str:
         return expected_reply(chat_model_dir, [{"role": r, "content": c} for r, c in messages], 6)
