@@ -232,3 +232,20 @@ def endless_chat_model_dir(model_dir: Path, *, context: int = 64) -> Path:
     with torch.no_grad():
         model.lm_head.weight[tokenizer.eot_id].zero_()
     return save_model_dir(model_dir, model, step=1)
+
+
+def drop_role_tokens(model_dir: Path) -> Path:
+    """Give models/NAME (as `save_model_dir` writes it) a tokenizer without <|system|>, <|user|>, <|assistant|>,
+    as a tokenizer made by another tool may be, recorded in its checkpoints as the one it was trained with."""
+    from talm.tokenizer.api import Tokenizer
+
+    spec = json.loads(BASE_TOKENIZER.read_text(encoding="utf-8"))
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] == "<|endoftext|>"]
+    (model_dir / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    fingerprint = Tokenizer.from_file(model_dir / "tokenizer.json").fingerprint
+    for which in ("latest", "best"):
+        meta_path = model_dir / which / "checkpoint.json"
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta["tokenizer"]["fingerprint"] = fingerprint
+        meta_path.write_text(json.dumps(meta), encoding="utf-8")
+    return model_dir

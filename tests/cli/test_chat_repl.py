@@ -4,7 +4,6 @@ chat format), the commands, Ctrl-C in a real terminal, and what is refused."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import pty
 import re
@@ -15,10 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BASE_TOKENIZER, endless_chat_model_dir, one_line_error, save_model_dir, varied_model
+from conftest import drop_role_tokens, endless_chat_model_dir, one_line_error, save_model_dir, varied_model
 
 from talm.cli.chat import main
-from talm.tokenizer.api import Tokenizer
 from talm.tokenizer.chat import ChatFormat
 from talm.use.chat import stream_reply
 from talm.use.config import SampleConfig
@@ -95,15 +93,7 @@ def test_a_tokenizer_without_role_tokens_is_refused_in_one_line(
 ) -> None:
     """A base tokenizer of talm's original layout may lack the role tokens: chatting needs them."""
     model_dir = save_model_dir(tmp_path / "models" / "base", varied_model(vocab=1024, context=64), step=1)
-    spec = json.loads(BASE_TOKENIZER.read_text(encoding="utf-8"))
-    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] == "<|endoftext|>"]
-    (model_dir / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
-    fingerprint = Tokenizer.from_file(model_dir / "tokenizer.json").fingerprint
-    for which in ("latest", "best"):
-        meta_path = model_dir / which / "checkpoint.json"
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        meta["tokenizer"]["fingerprint"] = fingerprint
-        meta_path.write_text(json.dumps(meta), encoding="utf-8")
+    drop_role_tokens(model_dir)
     err = one_line_error(capsys, main, "-m", str(model_dir))
     assert "has no <|system|>, <|user|>, <|assistant|> token(s)" in err
 

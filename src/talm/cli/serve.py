@@ -21,10 +21,9 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def port_number(text: str) -> int:
-    port = int(text)
-    if not 1 <= port <= 65535:
-        raise ValueError(text)
-    return port
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1 to 65535)")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
