@@ -263,3 +263,19 @@ def test_a_client_that_disconnects_stops_its_generation(live: Live) -> None:
         .usage.completion_tokens
         == 2
     )
+
+
+def test_text_parts_and_the_developer_role_read_as_plain_content_and_system(live: Live) -> None:
+    client = live.client()
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    parts = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]},
+    ]
+    replies = [
+        client.chat.completions.create(model=NAME, messages=m, max_tokens=6, temperature=0)
+        .choices[0]
+        .message.content
+        for m in (plain, parts)
+    ]
+    assert replies[0] == replies[1] == greedy_reply(live, plain, 6)

@@ -5,7 +5,6 @@ Needs Debian's `chromium` and `chromium-driver` (.ci/run installs them); skipped
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -118,8 +117,6 @@ def test_a_conversation_on_the_page(live: Live, browser: webdriver.Chrome, tmp_p
     ]  # the page sent the whole conversation
     browser.save_screenshot(str(tmp_path / "chat.png"))
     assert (tmp_path / "chat.png").stat().st_size > 5_000
-    if os.environ.get("TALM_CHAT_SCREENSHOT"):  # how docs/img/chat.png can be remade
-        browser.save_screenshot(os.environ["TALM_CHAT_SCREENSHOT"])
 
 
 def test_stop_ends_the_reply_and_its_generation(live: Live, browser: webdriver.Chrome) -> None:

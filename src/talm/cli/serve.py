@@ -103,4 +103,5 @@ def run(args: argparse.Namespace) -> None:
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # Ctrl-C: streams still open get 3 s to end before the server closes them (their generation then stops)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=3)
