@@ -150,3 +150,28 @@ def test_an_error_is_shown_and_the_message_given_back(live: Live, browser: webdr
     assert "more than the model's context" in status
     assert replies(browser) == []
     assert browser.execute_script("return document.getElementById('input').value") == "Hello"
+
+
+def test_a_conversation_that_outgrows_the_context_leaves_its_oldest_exchange_out(
+    live: Live, browser: webdriver.Chrome
+) -> None:
+    browser.get(live.url + "/")
+    wait_for(browser, f"document.getElementById('model').textContent === {NAME!r}")
+    set_field(browser, "temperature", "0")
+    set_field(browser, "max-tokens", "4")
+    long_one, long_two = "one " * 2000, "a " * 2090  # ~2000 and ~2090 tokens: each fits the context alone, not both
+
+    def send_long(text: str, replies_then: int) -> None:
+        set_field(browser, "input", text)
+        send(browser, "x")  # the typed x ends the message, Enter sends it
+        wait_for(
+            browser,
+            f"document.querySelectorAll('.message.assistant').length === {replies_then} "
+            "&& document.body.dataset.busy === 'false'",
+        )
+
+    send_long(long_one, 1)
+    send_long(long_two, 2)
+    assert "left out" in browser.execute_script("return document.getElementById('status').textContent")
+    alone = greedy_reply(live, [{"role": "user", "content": long_two + "x"}], 4)
+    assert replies(browser)[1] == alone  # the reply to the second message without the first exchange
