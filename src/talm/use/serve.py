@@ -96,21 +96,26 @@ class ModelServer:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         self.pool.submit(self._generate, pieces, stats, cancel, put)
+        checked = loop.time()
         try:
             while True:
-                try:
-                    item = await asyncio.wait_for(queue.get(), POLL_S)
-                except TimeoutError:
+                if loop.time() - checked >= POLL_S:  # not at every token: it costs
                     if await request.is_disconnected():
                         return
+                    checked = loop.time()
+                try:
+                    item = (
+                        queue.get_nowait()
+                        if not queue.empty()
+                        else await asyncio.wait_for(queue.get(), POLL_S)
+                    )
+                except TimeoutError:
                     continue
                 if item is _DONE:
                     return
                 if isinstance(item, Exception):
                     raise item
                 yield item
-                if await request.is_disconnected():
-                    return
         finally:
             cancel.set()
 
