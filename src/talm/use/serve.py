@@ -119,7 +119,7 @@ class ModelServer:
         finally:
             cancel.set()
 
-    def fit(self, prompt_ids: list[int], requested: int | None) -> int:
+    def fit(self, prompt_ids: list[int], requested: int | None, prompt_param: str) -> int:
         """The reply's token budget: `requested` (or the rest of the context) if the prompt and it fit the
         context, else ApiError 400."""
         if requested is not None and requested > self.context:
@@ -134,8 +134,8 @@ class ModelServer:
             raise ApiError(
                 400,
                 f"the prompt is {len(prompt_ids)} tokens and the reply may be {max(budget, 1)}: more than the "
-                f"model's context of {self.context} tokens; shorten the conversation or lower max_tokens",
-                param="messages",
+                f"model's context of {self.context} tokens; shorten the {prompt_param} or lower max_tokens",
+                param=prompt_param,
                 code="context_length_exceeded",
             )
         return budget
@@ -226,7 +226,8 @@ def create_app(model: GPT, tokenizer: Tokenizer, name: str, *, workers: int = 8)
     async def respond(
         body: ChatRequest | CompletionRequest, request: Request, prompt_ids: list[int], reply: Reply
     ) -> Any:
-        config = body.sample_config(server.fit(prompt_ids, body.token_limit))
+        prompt_param = "messages" if reply.chat else "prompt"
+        config = body.sample_config(server.fit(prompt_ids, body.token_limit, prompt_param))
         stats = ReplyStats()
         pieces = server.stream(prompt_ids, config, stats, request)
         if not body.stream:
