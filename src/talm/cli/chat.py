@@ -102,6 +102,8 @@ def run(args: argparse.Namespace, names: dict[str, str]) -> None:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
+            if stats.finish_reason == "length":
+                print(f"[the reply reached --max-new-tokens ({config.max_new_tokens})]", file=sys.stderr)
         except KeyboardInterrupt:
             sys.stdout.write("\n")
             print("[stopped]", file=sys.stderr, flush=True)

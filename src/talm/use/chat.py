@@ -13,7 +13,7 @@ always stays) and the REPL says so.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 
 from talm.errors import TalmError
@@ -42,7 +42,7 @@ def stream_reply(
     *,
     end_id: int,
     stats: ReplyStats | None = None,
-) -> Iterator[str]:
+) -> Generator[str, None, None]:
     """Yield the text of the model's continuation of `prompt_ids` (at most the context long) as it is
     generated, until `end_id` (not part of the text) or `config.max_new_tokens` tokens."""
     check_vocab(model, tokenizer, "the model")

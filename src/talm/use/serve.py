@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any
@@ -58,7 +58,7 @@ class ModelServer:
 
     def _generate(
         self,
-        pieces: Iterator[str],
+        pieces: Generator[str, None, None],
         stats: ReplyStats,
         cancel: threading.Event,
         put: Any,
@@ -78,7 +78,7 @@ class ModelServer:
             put(err)
         finally:
             with self.lock:
-                pieces.close()  # type: ignore[attr-defined]
+                pieces.close()
 
     async def stream(
         self, prompt_ids: list[int], config: SampleConfig, stats: ReplyStats, request: Request
