@@ -217,3 +217,35 @@ def varied_model(*, vocab: int = 100, context: int = 32, n_kv_head: int | None =
             if p.dim() == 2:
                 p.normal_(0.0, 0.3)
     return model.eval()
+
+
+def endless_chat_model_dir(model_dir: Path, *, context: int = 64) -> Path:
+    """models/NAME holding a tiny GPT (base tokenizer, with its role tokens) that never picks <|endoftext|> at
+    temperature 0: its tied embedding row is zero, so that token always scores 0 while the likeliest other token
+    scores far above. A reply then lasts as long as its token budget (for tests that stop one midway)."""
+    import torch
+
+    from talm.tokenizer.api import Tokenizer
+
+    tokenizer = Tokenizer.from_file(BASE_TOKENIZER)
+    model = varied_model(vocab=tokenizer.vocab_size, context=context)
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eot_id].zero_()
+    return save_model_dir(model_dir, model, step=1)
+
+
+def drop_role_tokens(model_dir: Path) -> Path:
+    """Give models/NAME (as `save_model_dir` writes it) a tokenizer without <|system|>, <|user|>, <|assistant|>,
+    as a tokenizer made by another tool may be, recorded in its checkpoints as the one it was trained with."""
+    from talm.tokenizer.api import Tokenizer
+
+    spec = json.loads(BASE_TOKENIZER.read_text(encoding="utf-8"))
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] == "<|endoftext|>"]
+    (model_dir / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    fingerprint = Tokenizer.from_file(model_dir / "tokenizer.json").fingerprint
+    for which in ("latest", "best"):
+        meta_path = model_dir / which / "checkpoint.json"
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta["tokenizer"]["fingerprint"] = fingerprint
+        meta_path.write_text(json.dumps(meta), encoding="utf-8")
+    return model_dir

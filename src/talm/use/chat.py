@@ -1,0 +1,123 @@
+"""Chatting with a model: a reply streamed as text, and a conversation that fits the model's context.
+
+The chat format (role tokens, what ends a reply) is `talm.tokenizer.chat`'s; this module only generates with it.
+`stream_reply` is the engine of the `chat` REPL and of the `serve` API: prompt ids in, the reply's text out piece
+by piece as tokens are generated (a multi-byte character split across tokens comes out once it is whole), until
+the reply's end token or the token budget. Stopping early is closing the iterator (or not asking for more): no
+token is generated that nobody asked for.
+
+`Conversation` is the REPL's memory: the messages so far and an optional system message; when the prompt would
+leave too little room in the context for the reply, the oldest exchanges are left out of it (the system message
+always stays) and the REPL says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+
+from talm.errors import TalmError
+from talm.model.gpt import GPT
+from talm.tokenizer.api import Tokenizer
+from talm.tokenizer.chat import ChatFormat
+from talm.use.config import SampleConfig
+from talm.use.load import check_vocab
+from talm.use.sample import IncrementalDecoder, generate_ids
+
+
+@dataclass
+class ReplyStats:
+    """What one reply did: tokens generated (its end token included) and why it ended: "stop" (the end token),
+    "length" (the token budget), or None while it is still going or when it was stopped early."""
+
+    tokens: int = 0
+    finish_reason: str | None = None
+
+
+def stream_reply(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[int],
+    config: SampleConfig,
+    *,
+    end_id: int,
+    stats: ReplyStats | None = None,
+) -> Generator[str, None, None]:
+    """Yield the text of the model's continuation of `prompt_ids` (at most the context long) as it is
+    generated, until `end_id` (not part of the text) or `config.max_new_tokens` tokens."""
+    check_vocab(model, tokenizer, "the model")
+    stats = stats if stats is not None else ReplyStats()
+    decoder = IncrementalDecoder(tokenizer)
+    steps = generate_ids(
+        model,
+        [list(prompt_ids)],
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        eot_id=end_id,
+        seed=config.seed,
+        vocab_size=tokenizer.vocab_size,
+    )
+    try:
+        for (token,) in steps:
+            stats.tokens += 1
+            if token == end_id:
+                stats.finish_reason = "stop"
+                break
+            if text := decoder.push(token):
+                yield text
+        else:
+            stats.finish_reason = "length"
+        if text := decoder.flush():
+            yield text
+    finally:
+        steps.close()  # a reply stopped early ends its generation here
+
+
+class Conversation:
+    """The messages of a chat so far, with the system message kept apart (set or cleared at any time)."""
+
+    def __init__(self, chat_format: ChatFormat, system: str | None = None) -> None:
+        self.format = chat_format
+        self.system = system or None
+        self.turns: list[dict[str, str]] = []  # user and assistant messages, alternating
+
+    def reset(self) -> None:
+        """Forget the exchanges (the system message stays)."""
+        self.turns = []
+
+    def messages(self, user_text: str | None = None) -> list[dict[str, str]]:
+        """The conversation as chat messages, with `user_text` as a last user message if given."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        tail = [{"role": "user", "content": user_text}] if user_text is not None else []
+        return [*head, *self.turns, *tail]
+
+    def prompt(self, user_text: str, max_prompt_tokens: int) -> tuple[list[int], int]:
+        """The prompt ids for the reply to `user_text`, at most `max_prompt_tokens` long, and how many of the
+        oldest exchanges (user message + reply) had to be left out for that. TalmError if the system message
+        and `user_text` alone are too long."""
+        kept = list(self.turns)
+        dropped = 0
+        while True:
+            head = [{"role": "system", "content": self.system}] if self.system else []
+            ids = self.format.render_prompt([*head, *kept, {"role": "user", "content": user_text}])
+            if len(ids) <= max_prompt_tokens:
+                return ids, dropped
+            if not kept:
+                what = "the message and the system message are" if self.system else "the message is"
+                raise TalmError(
+                    f"{what} {len(ids)} tokens, more than the {max_prompt_tokens} this model's context leaves "
+                    "for a prompt: write a shorter one"
+                )
+            kept = kept[2:]
+            dropped += 1
+
+    def add_exchange(self, user_text: str, reply: str) -> None:
+        self.turns += [{"role": "user", "content": user_text}, {"role": "assistant", "content": reply}]
+
+
+def prompt_budget(context_length: int, max_new_tokens: int) -> int:
+    """The longest prompt that leaves room in the context for the reply: the context less `max_new_tokens`,
+    but never less than half the context (a longer reply slides the window, see `talm.use.sample`)."""
+    return context_length - min(max_new_tokens, context_length // 2)

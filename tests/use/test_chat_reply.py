@@ -1,0 +1,109 @@
+"""talm.use.chat: a reply streamed as text (whole characters only, stopped when closed) and a conversation fitted
+to the model's context."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import BASE_TOKENIZER, endless_chat_model_dir, varied_model
+
+import talm.use.chat as chat_module
+from talm.errors import TalmError
+from talm.tokenizer.api import Tokenizer
+from talm.tokenizer.chat import ChatFormat
+from talm.use.chat import Conversation, ReplyStats, prompt_budget, stream_reply
+from talm.use.config import SampleConfig
+from talm.use.load import load
+from talm.use.sample import generate_ids
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.from_file(BASE_TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def chat_format(tokenizer: Tokenizer) -> ChatFormat:
+    return ChatFormat(tokenizer)
+
+
+def test_a_reply_is_the_text_of_the_ids_generated_until_the_end_token(
+    tokenizer: Tokenizer, chat_format: ChatFormat
+) -> None:
+    model = varied_model(vocab=tokenizer.vocab_size, context=64)
+    prompt = chat_format.render_prompt([{"role": "user", "content": "Hello"}])
+    config = SampleConfig(max_new_tokens=30, temperature=0)
+    ids = [step[0] for step in generate_ids(model, [prompt], max_new_tokens=30, temperature=0)]
+    end_id = ids[20]  # any token the model generates can play the end token
+    first_end = ids.index(end_id)
+    stats = ReplyStats()
+    pieces = list(stream_reply(model, tokenizer, prompt, config, end_id=end_id, stats=stats))
+    assert "".join(pieces) == tokenizer.decode(ids[:first_end])
+    assert stats.finish_reason == "stop" and stats.tokens == first_end + 1
+
+    stats = ReplyStats()
+    short = config.model_copy(update={"max_new_tokens": 5})
+    pieces = list(stream_reply(model, tokenizer, prompt, short, end_id=-1, stats=stats))
+    assert "".join(pieces) == tokenizer.decode(ids[:5])
+    assert stats.finish_reason == "length" and stats.tokens == 5
+
+
+def test_a_character_split_across_tokens_comes_out_whole(
+    tokenizer: Tokenizer, chat_format: ChatFormat, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = tokenizer.encode("a😀b")
+    emoji = tokenizer.encode("😀")
+    assert len(emoji) > 1 and "\ufffd" in tokenizer.decode(emoji[:1])  # the test needs a split character
+    scripted = [[i] for i in [*ids, tokenizer.eot_id]]  # what the model "generates"
+    monkeypatch.setattr(chat_module, "generate_ids", lambda *args, **kwargs: (step for step in scripted))
+    model = varied_model(vocab=tokenizer.vocab_size, context=64)
+    pieces = list(stream_reply(model, tokenizer, [1], SampleConfig(), end_id=tokenizer.eot_id))
+    assert "".join(pieces) == "a😀b"
+    assert all("\ufffd" not in p for p in pieces) and "😀" in pieces
+
+
+def test_closing_a_reply_stops_its_generation(tmp_path: Path, chat_format: ChatFormat) -> None:
+    model, tokenizer = load(endless_chat_model_dir(tmp_path / "endless"))
+    prompt = chat_format.render_prompt([{"role": "user", "content": "Hi"}])
+    stats = ReplyStats()
+    config = SampleConfig(max_new_tokens=10_000, temperature=0)
+    reply = stream_reply(model, tokenizer, prompt, config, end_id=tokenizer.eot_id, stats=stats)
+    for _, _piece in zip(range(5), reply, strict=False):
+        pass
+    reply.close()
+    assert 5 <= stats.tokens <= 5 + 3 and stats.finish_reason is None  # a held-back character: at most 3 more
+
+
+def test_a_conversation_renders_with_the_chat_format_and_drops_its_oldest_exchanges_to_fit(
+    chat_format: ChatFormat,
+) -> None:
+    conversation = Conversation(chat_format, system="Be brief.")
+    conversation.add_exchange("first question", "first answer")
+    conversation.add_exchange("second question", "second answer")
+    ids, dropped = conversation.prompt("third", 10_000)
+    assert dropped == 0
+    assert ids == chat_format.render_prompt(conversation.messages("third"))
+    assert conversation.messages("third")[0] == {"role": "system", "content": "Be brief."}
+
+    without_first = chat_format.render_prompt(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "second question"},
+            {"role": "assistant", "content": "second answer"},
+            {"role": "user", "content": "third"},
+        ]
+    )
+    ids, dropped = conversation.prompt("third", len(without_first))
+    assert (ids, dropped) == (without_first, 1)
+    with pytest.raises(TalmError, match="write a shorter one"):
+        conversation.prompt("third " * 50, 20)
+
+    conversation.reset()
+    conversation.system = None
+    assert conversation.messages("x") == [{"role": "user", "content": "x"}]
+
+
+def test_the_prompt_leaves_room_for_the_reply_but_at_least_half_the_context() -> None:
+    assert prompt_budget(1024, 256) == 768
+    assert prompt_budget(64, 10_000) == 32

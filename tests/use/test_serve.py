@@ -1,0 +1,288 @@
+"""The `serve` app (talm.use.serve) against the real `openai` client, on a live local server: chat completions
+streamed and not, completions, models, bad requests in OpenAI's error shape, concurrent clients, and a client
+that disconnects stopping its generation."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import endless_chat_model_dir
+
+pytest.importorskip("fastapi", reason="the talm[serve] extra is not installed")
+uvicorn = pytest.importorskip("uvicorn", reason="the talm[serve] extra is not installed")
+openai = pytest.importorskip("openai", reason="the dev dependency openai is not installed")
+
+from talm.tokenizer.chat import ChatFormat  # noqa: E402
+from talm.use.chat import stream_reply  # noqa: E402
+from talm.use.config import SampleConfig  # noqa: E402
+from talm.use.load import load  # noqa: E402
+from talm.use.serve import ModelServer, create_app  # noqa: E402
+
+NAME = "endless"
+CONTEXT = 4096  # long replies are possible: a disconnect must stop one midway
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+@dataclass
+class Live:
+    url: str  # http://127.0.0.1:PORT
+    port: int
+    server: ModelServer
+    model_dir: Path
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def serving(model_dir: Path, name: str) -> Iterator[Live]:
+    """The app on a free port of 127.0.0.1, run by uvicorn in a thread, for the duration of the block."""
+    model, tokenizer = load(model_dir, device="cpu")
+    app = create_app(model, tokenizer, name)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield Live(f"http://127.0.0.1:{port}", port, app.state.server, model_dir)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    model_dir = endless_chat_model_dir(tmp_path_factory.mktemp("serve") / "models" / NAME, context=CONTEXT)
+    with serving(model_dir, NAME) as running:
+        yield running
+
+
+def greedy_reply(live: Live, messages: list[dict[str, str]], max_tokens: int) -> str:
+    """The reply computed in-process, without the server: what the server must answer at temperature 0."""
+    model, tokenizer = load(live.model_dir, device="cpu")
+    ids = ChatFormat(tokenizer).render_prompt(messages)
+    config = SampleConfig(max_new_tokens=max_tokens, temperature=0)
+    return "".join(stream_reply(model, tokenizer, ids, config, end_id=tokenizer.eot_id))
+
+
+def test_models_lists_the_one_model_served(live: Live) -> None:
+    client = live.client()
+    assert [m.id for m in client.models.list()] == [NAME]
+    assert client.models.retrieve(NAME).owned_by == "talm"
+
+
+def test_a_chat_completion_is_the_reply_to_the_conversation_streamed_or_not(live: Live) -> None:
+    client = live.client()
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi!"},
+        {"role": "user", "content": "How are you?"},
+    ]
+    expected = greedy_reply(live, messages, 12)
+    whole = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0)
+    assert whole.object == "chat.completion" and whole.model == NAME
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].message.content == expected
+    assert whole.choices[0].finish_reason == "length"  # this model never ends a reply by itself
+    assert (whole.usage.completion_tokens, whole.usage.total_tokens) == (12, 12 + whole.usage.prompt_tokens)
+
+    chunks = list(
+        client.chat.completions.create(
+            model=NAME,
+            messages=messages,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert len([p for p in pieces if p]) > 3 and "".join(pieces) == expected  # streamed piece by piece
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+
+def test_the_stream_is_server_sent_events_ending_with_done(live: Live) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", live.port, timeout=60)
+    body = {"model": NAME, "messages": HELLO, "max_tokens": 3, "stream": True}
+    connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200 and response.getheader("Content-Type").startswith("text/event-stream")
+    events = response.read().decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    assert all(e.startswith("data: {") for e in events[:-2])
+
+
+def test_a_completion_continues_a_prompt(live: Live) -> None:
+    client = live.client()
+    whole = client.completions.create(model=NAME, prompt="ROMEO:", max_tokens=8, temperature=0)
+    assert whole.object == "text_completion" and whole.usage.completion_tokens == 8
+    streamed = client.completions.create(
+        model=NAME, prompt="ROMEO:", max_tokens=8, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text != ""
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "status", "param", "code", "says"),
+    [
+        ({"model": "gpt-4"}, 404, "model", "model_not_found", "does not exist"),
+        (
+            {"max_tokens": CONTEXT + 1},
+            400,
+            "max_tokens",
+            "context_length_exceeded",
+            "more than the model's context",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "word " * CONTEXT}], "max_tokens": 5},
+            400,
+            "messages",
+            "context_length_exceeded",
+            "shorten the messages",
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": "Hi"}]},
+            400,
+            "messages",
+            None,
+            "where 'user' was expected",
+        ),
+        ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages", None, "the roles are"),
+        ({"messages": []}, 400, "messages", None, "at least 1"),
+        ({"temperature": 3}, 400, "temperature", None, "less than or equal to 2"),
+        ({"max_tokens": 0}, 400, "max_tokens", None, "greater than or equal to 1"),
+        ({"n": 2}, 400, "n", None, "only n=1"),
+        ({"stop": ["\n"]}, 400, "stop", None, "not supported"),
+        ({"extra_body": {"best_of": 3}}, 400, "best_of", None, "Extra inputs"),
+    ],
+)
+def test_bad_chat_requests_get_openai_shaped_errors(
+    live: Live, request_fields: dict, status: int, param: str, code: str | None, says: str
+) -> None:
+    fields = {"model": NAME, "messages": HELLO, "max_tokens": 4, **request_fields}
+    with pytest.raises(openai.APIStatusError) as raised:
+        live.client().chat.completions.create(**fields)
+    err = raised.value
+    assert err.status_code == status
+    assert err.body["type"] == "invalid_request_error" and err.body["param"] == param
+    assert err.body["code"] == code and says in err.body["message"]
+
+
+def test_bad_bodies_and_unknown_routes_get_openai_shaped_errors(live: Live) -> None:
+    def call(method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
+        connection = http.client.HTTPConnection("127.0.0.1", live.port, timeout=60)
+        connection.request(method, path, body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+
+    status, body = call("POST", "/v1/chat/completions", b"{not json")
+    assert status == 400 and body["error"]["code"] == "invalid_json"
+    status, body = call("GET", "/v1/nothing")
+    assert status == 404 and set(body["error"]) == {"message", "type", "param", "code"}
+    status, body = call("POST", "/v1/completions", json.dumps({"model": NAME, "prompt": ["a", "b"]}).encode())
+    assert status == 400 and body["error"]["param"] == "prompt"
+    too_long = {"model": NAME, "prompt": "a " * CONTEXT, "max_tokens": 5}
+    status, body = call("POST", "/v1/completions", json.dumps(too_long).encode())
+    assert status == 400 and body["error"]["param"] == "prompt"
+    assert body["error"]["code"] == "context_length_exceeded"
+
+
+def test_concurrent_clients_are_served_together(live: Live) -> None:
+    """Three streams at once: their tokens interleave (none waits for another to finish), and each gets the
+    reply it would get alone."""
+    prompts = [[{"role": "user", "content": f"Question {i}"}] for i in range(3)]
+    expected = [greedy_reply(live, p, 60) for p in prompts]
+    arrivals: list[list[float]] = [[] for _ in prompts]
+    replies = [""] * len(prompts)
+
+    def ask(i: int) -> None:
+        stream = live.client().chat.completions.create(
+            model=NAME, messages=prompts[i], max_tokens=60, temperature=0, stream=True
+        )
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                arrivals[i].append(time.monotonic())
+                replies[i] += chunk.choices[0].delta.content
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert replies == expected
+    first_done = min(a[-1] for a in arrivals)
+    assert all(a[0] < first_done for a in arrivals)  # every stream had started before any one ended
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_stops_its_generation(live: Live, stream: bool) -> None:
+    server = live.server
+    before = server.tokens_generated
+    connection = http.client.HTTPConnection("127.0.0.1", live.port, timeout=60)
+    body = {"model": NAME, "messages": HELLO, "max_tokens": CONTEXT - 10, "temperature": 0, "stream": stream}
+    connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    if stream:
+        response = connection.getresponse()
+        for _ in range(5):  # the reply is under way (the first event names the role, then 4 pieces)
+            assert response.readline().startswith(b"data: ")
+            assert response.readline() == b"\n"
+    else:  # nothing comes back before the whole reply: wait until it is under way
+        deadline = time.monotonic() + 30
+        while server.tokens_generated - before < 5:
+            assert time.monotonic() < deadline, "generation never started"
+            time.sleep(0.01)
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+
+    deadline = time.monotonic() + 30
+    last = -1
+    while (count := server.tokens_generated) != last:  # until it stops growing
+        assert time.monotonic() < deadline, "generation went on after the client left"
+        last = count
+        time.sleep(0.5)
+    assert 4 <= count - before < CONTEXT - 10 - 100  # stopped far from the end of its token budget
+    time.sleep(0.5)
+    assert server.tokens_generated == count
+
+    # the server is still fine
+    reply = live.client().chat.completions.create(model=NAME, messages=HELLO, max_tokens=2)
+    assert reply.usage.completion_tokens == 2
+
+
+def test_text_parts_and_the_developer_role_read_as_plain_content_and_system(live: Live) -> None:
+    client = live.client()
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    parts = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]},
+    ]
+    replies = [
+        client.chat.completions.create(model=NAME, messages=m, max_tokens=6, temperature=0)
+        .choices[0]
+        .message.content
+        for m in (plain, parts)
+    ]
+    assert replies[0] == replies[1] == greedy_reply(live, plain, 6)
