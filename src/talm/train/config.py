@@ -97,6 +97,19 @@ class TrainConfig(Config):
     """Seed of the model initialisation, the data order and dropout."""
     report_to: list[Literal["tensorboard", "wandb"]] = []
     """Also send metrics to these trackers (optional extras: pip install talm[tensorboard] / talm[wandb])."""
+    init_from: str | None = None
+    """Start the run from these weights instead of a random init (fresh optimizer and schedule): a talm model
+    directory (models/NAME, its best/ or latest/), a transformers model directory, or a Hugging Face Hub id
+    (gpt2, HuggingFaceTB/SmolLM2-135M). The architecture is the source's (flags may only lower the context and
+    set the dropout); the data must be made with its tokenizer. Ignored when the run resumes: the checkpoint
+    wins."""
+    sample_every: int | None = Field(default=None, ge=1)
+    """Print a short greedy and a sampled continuation of each sample prompt under the progress bar, and record
+    them in metrics.jsonl, at the first evaluation every this many steps (and at the last). Unset: never."""
+    sample_prompts: list[str] = []
+    """The prompts of --sample-every (default: one, the start of a new document)."""
+    sample_tokens: int = Field(default=48, ge=1)
+    """Tokens generated per sample."""
 
 
 class DataConfig(Config):

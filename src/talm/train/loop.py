@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from talm.errors import TalmError
 from talm.model.gpt import GPT
-from talm.train import dist, rundir, state
+from talm.train import dist, init, rundir, state
 from talm.train.checkpoint import read_meta
 from talm.train.config import RunConfig
 from talm.train.evaluate import evaluate, scores_text
@@ -37,6 +37,7 @@ from talm.train.metrics import MetricsLog
 from talm.train.optim import apply_schedule, build_optimizer, multiplier
 from talm.train.precision import Precision, set_deterministic
 from talm.train.report import make_sinks
+from talm.train.samples import samples_at_eval
 from talm.train.stop import StopRequest
 
 
@@ -76,7 +77,7 @@ def announce(tr: Trainer) -> None:
     if tr.resumed:
         say(f"resuming {tr.model_dir} from step {tr.step} ({tr.tokens_seen:,} tokens seen)")
     elif tr.step == 0:
-        say(f"training {tr.model_dir} from scratch")
+        say(f"training {tr.model_dir} from " + (tr.init.describe() if tr.init else "scratch"))
     say(
         f"model: {tr.model.num_params():,} parameters ({tr.model.num_params(embeddings=False):,} "
         f"without embeddings), device {tr.device}, {tr.ctx.world_size} process(es), "
@@ -133,6 +134,12 @@ class Trainer:
 
         torch.manual_seed(t.seed)
         self.model = GPT(cfg.model).to(self.device)
+        # --init-from: the source's weights (after checking the data's tokenizer is its), unless resuming.
+        self.init = (
+            init.initialize(self.model, t.init_from, self.tokenizer, cfg.data.dir)
+            if (t.init_from and resume_from is None)
+            else None
+        )
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.precision = Precision(t.dtype, self.device)
         # A multiplier of each group's peak lr, and its re-warm (optim.rewarm_segment) once state.restore sets one.
@@ -173,7 +180,8 @@ class Trainer:
 
     def _eval_and_log(self, log: MetricsLog) -> None:
         val_loss, bpb = self.evaluate()
-        log.log(self._record(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700.0)), val_bpb=bpb))
+        extra = samples_at_eval(self)  # --sample-every: {"samples": [...]} when due
+        log.log(self._record(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700.0)), val_bpb=bpb, **extra))
         self.last_val = (val_loss, bpb)
         if val_loss < self.best_val_loss:
             self.best_val_loss = val_loss
