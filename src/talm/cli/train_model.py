@@ -89,9 +89,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     return parser, names
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser, names = build_parser()
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     def command() -> None:
         # torch is imported only once the arguments parsed

@@ -117,7 +117,9 @@ def from_hf_config(hf: Mapping[str, Any], where: str) -> ModelConfig:
     """The ModelConfig of a transformers config.json (`where` names it in errors); TalmError, naming the
     supported classes or the setting, for anything talm's GPT does not compute exactly."""
     by_type = {"gpt2": GPT2_CLASS, **{name.lower(): f"{name}ForCausalLM" for name in ARCHITECTURES.values()}}
-    classes = hf.get("architectures") or [by_type.get(hf.get("model_type"))]  # a config made in memory has none
+    classes = hf.get("architectures") or [
+        by_type.get(hf.get("model_type"))
+    ]  # a config made in memory has none
     cls = next((c for c in classes if c in SUPPORTED), None)
     if cls is None:
         found = ", ".join(map(str, filter(None, classes))) or f"model_type {hf.get('model_type')!r}"

@@ -169,6 +169,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim": {"lr": 1e-3, "warmup_steps": 200},
         "train": {"max_steps": 5000, "batch_size": 32, "eval_every": 250, "save_every": 500},
     },
+    # Fine-tuning a pretrained model (`--init-from`): no model settings (the architecture is the source's),
+    # AdamW at a low lr: 3e-5 as nanoGPT's config/finetune_shakespeare.py (which fine-tunes GPT-2 at a constant
+    # 3e-5 for 20 steps of 32k tokens), with a short warmup and a gentle cosine to lr/10 so the first steps do not
+    # jolt the pretrained weights; a short run with frequent evaluations and samples (fine-tuning on a small
+    # text overfits within a few epochs: best/ keeps the checkpoint of the lowest val loss).
+    "finetune": {
+        "optim": {"lr": 3e-5, "warmup_steps": 10, "min_lr_ratio": 0.1, "weight_decay": 0.1},
+        "train": {
+            "max_steps": 200,
+            "batch_size": 8,
+            "eval_every": 25,
+            "eval_tokens": 65536,
+            "save_every": 100,
+            "log_every": 5,
+            "sample_every": 50,
+        },
+    },
     # GPT-2 small (124M with GPT-2's vocab): 12 layers, 768 wide, 1024 context, ~0.5M tokens per step.
     "gpt2-124m": {
         "model": {"context_length": 1024, "n_layer": 12, "n_head": 12, "d_model": 768},

@@ -52,7 +52,6 @@ class Source:
         return f"{self.name}{where}, a {self.kind} model"
 
 
-@functools.cache
 def resolve_source(name: str) -> Source:
     """The source `name` names (read only: config and tokenizer location, never the weights); TalmError in one
     line for a directory that is not a model, an architecture talm cannot compute, or an unreachable Hub."""
@@ -93,6 +92,7 @@ def _transformers_source(name: str, path: Path) -> Source:
     return Source(name, "transformers", path, config, path / "tokenizer.json")
 
 
+@functools.cache  # once per process: the run resolves its source more than once
 def download(repo_id: str) -> Path:
     """The local snapshot of Hub model `repo_id` (the cache's, if the Hub cannot be reached), config,
     tokenizer and weights only."""
@@ -171,48 +171,63 @@ def source_state_dict(source: Source, config: ModelConfig) -> dict[str, torch.Te
         ) from None
     if "pos_emb.weight" in state:
         state["pos_emb.weight"] = state["pos_emb.weight"][: config.context_length]
-    if config.tie_embeddings and "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["tok_emb.weight"]
+    if config.tie_embeddings:  # safetensors stores a shared tensor under one of its names
+        shared = state.get("tok_emb.weight", state.get("lm_head.weight"))
+        if shared is not None:
+            state["tok_emb.weight"] = state["lm_head.weight"] = shared
     return state
 
 
-def check_tokenizer(source: Source, tokenizer: Tokenizer, data_dir: str) -> None:
-    """Refuse training the source on data made with another tokenizer than the source's."""
+def source_fingerprint(source: Source) -> str:
+    """The fingerprint of the source's tokenizer (what the data must be made with)."""
     from talm.tokenizer.api import Tokenizer  # noqa: F811 -- the runtime import of the name checked above
 
     if source.kind == "talm":
-        expected = read_meta(source.path)["tokenizer"]["fingerprint"]
-    else:
-        if not source.tokenizer_path.is_file():
-            raise TalmError(
-                f"--init-from {source.name!r} has no tokenizer.json (talm reads the tokenizers JSON format): "
-                "start from a model that ships one"
-            )
-        try:
-            expected = Tokenizer.from_file(source.tokenizer_path).fingerprint
-        except TalmError as err:
-            raise TalmError(
-                f"the tokenizer of --init-from {source.name!r} cannot be used by talm: {err}"
-            ) from None
-    if tokenizer.fingerprint != expected:
+        return read_meta(source.path)["tokenizer"]["fingerprint"]
+    if not source.tokenizer_path.is_file():
         raise TalmError(
-            f"{data_dir!r} was made with tokenizer {str(tokenizer.path)!r}, not with the one of --init-from "
+            f"--init-from {source.name!r} has no tokenizer.json (talm reads the tokenizers JSON format): "
+            "start from a model that ships one"
+        )
+    try:
+        return Tokenizer.from_file(source.tokenizer_path).fingerprint
+    except TalmError as err:
+        raise TalmError(
+            f"the tokenizer of --init-from {source.name!r} cannot be used by talm: {err}"
+        ) from None
+
+
+def check_tokenizer(source: Source, fingerprint: str | None, tokenizer: str | None, data_dir: str) -> None:
+    """Refuse training the source on data made with another tokenizer (`tokenizer`, of that `fingerprint`)."""
+    if fingerprint != source_fingerprint(source):
+        raise TalmError(
+            f"{data_dir!r} was made with tokenizer {tokenizer!r}, not with the one of --init-from "
             f"{source.name!r}: prepare the data with the source's tokenizer (download_data ... -t "
             f"{source.tokenizer_path})"
         )
+
+
+def check_data(name: str, data_dir: str) -> None:
+    """Before the run builds anything: the data directory must be made with the source's tokenizer."""
+    from talm.data.manifest import read_data
+
+    data = read_data(data_dir, splits=("train",))
+    check_tokenizer(
+        resolve_source(name), data.tokenizer.get("fingerprint"), data.tokenizer.get("path"), data_dir
+    )
 
 
 def initialize(model: GPT, name: str, tokenizer: Tokenizer, data_dir: str) -> Source:
     """Load the weights of source `name` into `model` (built from the source's architecture), once the data's
     tokenizer is checked to be the source's."""
     source = resolve_source(name)
-    check_tokenizer(source, tokenizer, data_dir)
+    check_tokenizer(source, tokenizer.fingerprint, str(tokenizer.path), data_dir)
     state = source_state_dict(source, model.config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise TalmError(
-            f"the weights of --init-from {name!r} do not fit its config ({str(err).strip().splitlines()[0]}): "
+            f"the weights of --init-from {name!r} do not fit its config ({' '.join(str(err).split())[:300]}): "
             "pass an intact model"
         ) from None
     return source

@@ -22,7 +22,7 @@ from talm.model.config import ModelConfig
 from talm.train import dist, rundir
 from talm.train.checkpoint import read_meta
 from talm.train.config import PRESETS, RunConfig
-from talm.train.init import apply_source
+from talm.train.init import apply_source, check_data
 from talm.train.loop import Trainer, TrainResult
 
 
@@ -82,6 +82,8 @@ def resolve_run(
     if checkpoint is None:
         data = apply_source(data, layers, flag_names)
     cfg = validate(RunConfig, data, flag_names)
+    if checkpoint is None and cfg.train.init_from:
+        check_data(cfg.train.init_from, cfg.data.dir)
     resume_point = checkpoint
     if resume_point is not None:
         # The saved config with today's defaults filled in: a field added since (an architecture option) holds

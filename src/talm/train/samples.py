@@ -6,6 +6,7 @@ people watch their model learn. Generation is `talm.model.sample`'s, with the KV
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
@@ -53,5 +54,6 @@ def samples_at_eval(trainer: Trainer) -> dict[str, Any]:
         greedy, sampled = continuation(trainer, ids, 0.0), continuation(trainer, ids, TEMPERATURE)
         samples.append({"prompt": prompt, "greedy": greedy, "sampled": sampled})
         if trainer.ctx.is_main:
-            tqdm.write(f"[step {trainer.step}] {prompt!r}\n  greedy:  {greedy!r}\n  sampled: {sampled!r}")
+            text = f"[step {trainer.step}] {prompt!r}\n  greedy:  {greedy!r}\n  sampled: {sampled!r}"
+            tqdm.write(text, file=sys.stderr)  # beside the bar; stdout keeps the run's summary only
     return {"samples": samples}
