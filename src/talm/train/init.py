@@ -25,6 +25,7 @@ from talm.train.checkpoint import WEIGHTS, is_checkpoint, read_meta
 
 if TYPE_CHECKING:
     from talm.tokenizer.api import Tokenizer
+    from talm.train.config import RunConfig
 
 WHAT = (
     "pass a talm model directory (models/NAME, or its best/ or latest/), a transformers model directory "
@@ -135,7 +136,6 @@ def download(repo_id: str) -> Path:
 def read_weights(path: Path, where: str) -> dict[str, torch.Tensor]:
     """Every tensor of a transformers model directory: model.safetensors (or its shards), else
     pytorch_model.bin (or its shards) through torch.load(weights_only=True)."""
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     files = sorted(path.glob("model*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
@@ -148,7 +148,7 @@ def read_weights(path: Path, where: str) -> dict[str, torch.Tensor]:
                 tensors |= load_file(str(file))
             else:
                 tensors |= torch.load(file, map_location="cpu", weights_only=True)
-        except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        except Exception as err:  # noqa: BLE001 -- truncated or garbled: safetensors, zip, pickle or EOF errors
             raise TalmError(
                 f"cannot load {str(file)!r} ({type(err).__name__}): pass an intact model"
             ) from None
@@ -215,6 +215,20 @@ def check_data(name: str, data_dir: str) -> None:
     check_tokenizer(
         resolve_source(name), data.tokenizer.get("fingerprint"), data.tokenizer.get("path"), data_dir
     )
+
+
+def build_model(cfg: RunConfig, tokenizer: Tokenizer, device: torch.device, *, resumed: bool) -> GPT:
+    """The run's GPT on `device`: with --init-from (and not resuming: the checkpoint's weights come next), the
+    source's weights, once the data's tokenizer is checked to be the source's; else the random init."""
+    model = GPT(cfg.model).to(device)
+    if cfg.train.init_from and not resumed:
+        initialize(model, cfg.train.init_from, tokenizer, cfg.data.dir)
+    return model
+
+
+def describe(name: str) -> str:
+    """The source for the run's banner: `NAME (its path), a talm|transformers model`."""
+    return resolve_source(name).describe()
 
 
 def initialize(model: GPT, name: str, tokenizer: Tokenizer, data_dir: str) -> Source:

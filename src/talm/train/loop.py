@@ -77,7 +77,7 @@ def announce(tr: Trainer) -> None:
     if tr.resumed:
         say(f"resuming {tr.model_dir} from step {tr.step} ({tr.tokens_seen:,} tokens seen)")
     elif tr.step == 0:
-        say(f"training {tr.model_dir} from " + (tr.init.describe() if tr.init else "scratch"))
+        say(f"training {tr.model_dir} from " + (init.describe(t.init_from) if t.init_from else "scratch"))
     say(
         f"model: {tr.model.num_params():,} parameters ({tr.model.num_params(embeddings=False):,} "
         f"without embeddings), device {tr.device}, {tr.ctx.world_size} process(es), "
@@ -133,13 +133,7 @@ class Trainer:
         self.loader, self.eval_slice = make_loaders(cfg, self.data, vocab, self.accum, self.ctx)
 
         torch.manual_seed(t.seed)
-        self.model = GPT(cfg.model).to(self.device)
-        # --init-from: the source's weights (after checking the data's tokenizer is its), unless resuming.
-        self.init = (
-            init.initialize(self.model, t.init_from, self.tokenizer, cfg.data.dir)
-            if (t.init_from and resume_from is None)
-            else None
-        )
+        self.model = init.build_model(cfg, self.tokenizer, self.device, resumed=resume_from is not None)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.precision = Precision(t.dtype, self.device)
         # A multiplier of each group's peak lr, and its re-warm (optim.rewarm_segment) once state.restore sets one.
@@ -180,8 +174,8 @@ class Trainer:
 
     def _eval_and_log(self, log: MetricsLog) -> None:
         val_loss, bpb = self.evaluate()
-        extra = samples_at_eval(self)  # --sample-every: {"samples": [...]} when due
-        log.log(self._record(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700.0)), val_bpb=bpb, **extra))
+        record = self._record(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700.0)), val_bpb=bpb)
+        log.log(record | samples_at_eval(self))  # --sample-every's continuations, when due
         self.last_val = (val_loss, bpb)
         if val_loss < self.best_val_loss:
             self.best_val_loss = val_loss
