@@ -18,10 +18,6 @@ from talm.config import Config
 class ModelConfig(Config):
     """The transformer's architecture: everything needed to rebuild the same network from its weights."""
 
-    arch: Literal["llama", "gpt2"] = "llama"
-    """The block family. llama: RMSNorm, rotary position embeddings, no biases (talm's own, and Llama's).
-    gpt2: learned position embeddings, LayerNorm and linear layers with biases, GELU MLP (OpenAI's GPT-2, so
-    its weights load with `--init-from gpt2`); it takes mlp="gelu" and no rope or qk_norm options."""
     vocab_size: int | None = Field(default=None, ge=2)
     """Token ids the model knows; taken from the tokenizer when not set. Padded to a multiple of 64 inside."""
     context_length: int = Field(default=256, ge=1)
@@ -34,6 +30,10 @@ class ModelConfig(Config):
     """Key/value heads for grouped-query attention; must divide n_head. Unset means n_head (plain attention)."""
     d_model: int = Field(default=384, ge=2)
     """Width of the residual stream; must be a multiple of n_head with an even head size."""
+    arch: Literal["llama", "gpt2"] = "llama"
+    """The block family. llama: RMSNorm, rotary position embeddings, no biases (talm's own, and Llama's).
+    gpt2: learned position embeddings, LayerNorm and linear layers with biases, GELU MLP (OpenAI's GPT-2, so
+    its weights load with `--init-from gpt2`); it takes mlp="gelu" and no rope or qk_norm options."""
     mlp: Literal["swiglu", "relu2", "gelu"] = "swiglu"
     """The MLP: swiglu (gated, three matmuls, as Llama), relu2 (relu(x)^2 between two matmuls, as the
     modded-nanogpt speedrun and nanochat) or gelu (GELU, tanh approximation, between two matmuls, as GPT-2)."""
