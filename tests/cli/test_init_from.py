@@ -135,6 +135,7 @@ def test_import_train_generate_export(family: str, in_tmp: Path, tiny_data: Path
     export_model.main(["-m", "models/ft", "-o", "exported"])
     exported = transformers.AutoModelForCausalLM.from_pretrained("exported", dtype=torch.float32).eval()
     assert type(exported) is type(hf_model)
+    assert "trained from `hf` with talm" in Path("exported/README.md").read_text()
     ids = tok.encode(TEXT)[:30]
     assert transformers.AutoTokenizer.from_pretrained("exported")(TEXT)["input_ids"] == tok.encode(TEXT)
     torch.testing.assert_close(logits(exported, ids), logits(hf_model, ids), rtol=1e-4, atol=1e-4)
@@ -258,6 +259,7 @@ def test_a_source_talm_cannot_use_is_refused(case: str, in_tmp: Path, tiny_data:
         (["--model.context_length", "128"], "or lower it: a shorter context is allowed"),
         (["--preset", "tiny"], "contradicts --init-from 'hf'"),
         (["--restart", "--resume-from", "best"], "--resume-from best and --restart contradict each other"),
+        (["--resume-from", "best"], "'models/x' has no resumable best checkpoint"),
     ],
 )
 def test_flags_contradicting_the_source_are_refused(

@@ -73,7 +73,7 @@ def resolve_run(
     model_dir = Path(model_dir)
     rundir.check_resume_choice(resume_from, restart)
     checkpoint = None
-    if not restart and model_dir.is_dir():
+    if not restart and (model_dir.is_dir() or resume_from == "best"):
         checkpoint = rundir.resume_point(model_dir, probe=probe, which=resume_from)
     base: dict[str, Any] = read_meta(checkpoint)["config"] if checkpoint is not None else {}
     data = base
@@ -84,8 +84,7 @@ def resolve_run(
     cfg = validate(RunConfig, data, flag_names)
     if checkpoint is None and cfg.train.init_from:
         check_data(cfg.train.init_from, cfg.data.dir)
-    resume_point = checkpoint
-    if resume_point is not None:
+    if checkpoint is not None:
         # The saved config with today's defaults filled in: a field added since (an architecture option) holds
         # its default, which is what the saved model computes.
         saved = ModelConfig.model_validate(base["model"]).model_dump()
@@ -98,7 +97,7 @@ def resolve_run(
                 f"{str(model_dir)!r} holds a model with another architecture ({diff}): pick a new "
                 "--model-name, drop the differing settings to resume it, or pass --restart to start it over"
             )
-    return cfg, resume_point
+    return cfg, checkpoint
 
 
 def run_training(

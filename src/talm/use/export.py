@@ -66,6 +66,8 @@ def model_card(name: str, model: GPT, tokenizer: Tokenizer, meta: dict[str, Any]
     c = model.config
     meta = meta or {}
     arch = architecture(c).removesuffix("LMHeadModel").removesuffix("ForCausalLM")
+    init_from = ((meta.get("config") or {}).get("train") or {}).get("init_from")
+    origin = f"trained from `{init_from}`" if init_from else "trained from scratch"
     lines = [
         "---",
         "library_name: transformers",
@@ -75,7 +77,7 @@ def model_card(name: str, model: GPT, tokenizer: Tokenizer, meta: dict[str, Any]
         "",
         f"# {name}",
         "",
-        f"A GPT-style language model trained from scratch with talm and exported to the {arch} format.",
+        f"A GPT-style language model {origin} with talm and exported to the {arch} format.",
         "",
         "| | |",
         "|---|---|",
