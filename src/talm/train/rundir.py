@@ -103,8 +103,6 @@ def resume_point(model_dir: Path, *, probe: bool = False, which: str = "latest")
         best = model_dir / "best"
         if is_resumable(best) or (probe and is_resumable(aside_path(best))):
             return best if is_resumable(best) else aside_path(best)
-        if probe:
-            return None
         raise TalmError(
             f"{str(model_dir)!r} has no resumable best checkpoint (best/ is written at each new best evaluation, "
             "with the trainer state): resume from latest (drop --resume-from best), or pass --restart"
