@@ -15,9 +15,12 @@ import torch
 from conftest import BASE_TOKENIZER, SHAKESPEARE, one_line_error
 
 from talm.cli import download_data, export_model, generate, train_model
+from talm.model.gpt import GPT
 from talm.tokenizer.api import Tokenizer
+from talm.train import init
 from talm.train.checkpoint import read_meta
 from talm.train.metrics import read_metrics
+from talm.use.load import load
 
 transformers = pytest.importorskip("transformers")
 
@@ -139,6 +142,14 @@ def test_import_train_generate_export(family: str, in_tmp: Path, tiny_data: Path
     ids = tok.encode(TEXT)[:30]
     assert transformers.AutoTokenizer.from_pretrained("exported")(TEXT)["input_ids"] == tok.encode(TEXT)
     torch.testing.assert_close(logits(exported, ids), logits(hf_model, ids), rtol=1e-4, atol=1e-4)
+    # import -> export -> import: the export read back is the trained model, tensor for tensor
+    again = init.resolve_source("exported")
+    reread = GPT(again.config)
+    reread.load_state_dict(init.source_state_dict(again, again.config))
+    trained = load("models/ft", device="cpu")[0]
+    assert again.config == trained.config
+    for (name, a), b in zip(reread.state_dict().items(), trained.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
 
     # Rerunning the command resumes the run: the checkpoint wins over --init-from, and the banner says so.
     train_model.main([*args, "--max-steps", "3"])

@@ -133,7 +133,8 @@ def run_training(
                 "the metrics after it are dropped and its steps trained again",
                 ctx=ctx,
             )
-        if checkpoint is not None and cfg.train.init_from:
+        asked = any((layer.get("train") or {}).get("init_from") for layer in layers)
+        if checkpoint is not None and asked:
             dist.print0(
                 f"--init-from {cfg.train.init_from} ignored: {model_dir} resumes from its checkpoint (the "
                 "checkpoint wins; pass --restart to start over from the source)",
