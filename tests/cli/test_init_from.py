@@ -155,6 +155,11 @@ def test_import_train_generate_export(family: str, in_tmp: Path, tiny_data: Path
     train_model.main([*args, "--max-steps", "3"])
     err = capsys.readouterr().err
     assert "resuming models/ft from step 2" in err and "--init-from hf ignored" in err
+    # --restart starts over from the source
+    train_model.main([*args, "--max-steps", "1", "--restart"])
+    assert (
+        "training models/ft from hf" in capsys.readouterr().err and read_meta("models/ft/latest")["step"] == 1
+    )
 
 
 def test_a_talm_model_directory_as_the_source(in_tmp: Path, tiny_data: Path, capsys) -> None:
