@@ -92,19 +92,24 @@ def test_a_hub_id_is_downloaded_with_snapshot_download(
         return str(local)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(
+        huggingface_hub.HfApi, "model_info", lambda self, repo_id, timeout: calls.append(timeout)
+    )
     init.download.cache_clear()
     source = init.resolve_source("someone/tiny-llama")
     assert source.kind == "transformers" and source.path == local and source.config.n_layer == 1
     assert source.tokenizer_path == local / "tokenizer.json"
-    (repo_id, kwargs), *more = calls
+    timeout, (repo_id, kwargs), *more = calls
+    assert timeout <= 10  # the Hub's reachability is checked within seconds
     assert repo_id == "someone/tiny-llama" and not more  # safetensors found: no pytorch_model.bin fetched
+    assert kwargs["local_files_only"] is False
     assert (
         "model.safetensors" in kwargs["allow_patterns"]
         and "pytorch_model.bin" not in kwargs["allow_patterns"]
     )
     assert kwargs["etag_timeout"] <= 10
     init.resolve_source("someone/tiny-llama")
-    assert len(calls) == 1  # once per process
+    assert len(calls) == 2  # once per process
     init.download.cache_clear()
 
 
@@ -134,3 +139,25 @@ def test_a_config_that_is_not_json(tmp_path: Path) -> None:
     (tmp_path / "m" / "config.json").write_text(json.dumps([1]))
     with pytest.raises(TalmError, match="is not a JSON object"):
         init.resolve_source(str(tmp_path / "m"))
+
+
+def test_an_unreachable_hub_falls_back_to_the_local_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    local = llama_dir(tmp_path / "cached")
+    asked = []
+
+    def unreachable(self: object, repo_id: str, timeout: float) -> None:
+        raise ConnectionError("Name or service not known")
+
+    def cached_snapshot(repo_id: str, *, local_files_only: bool, **kwargs: object) -> str:
+        asked.append(local_files_only)
+        return str(local)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", cached_snapshot)
+    init.download.cache_clear()
+    assert init.resolve_source("someone/cached").path == local and asked == [True]
+    init.download.cache_clear()

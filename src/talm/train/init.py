@@ -97,7 +97,7 @@ def _transformers_source(name: str, path: Path) -> Source:
 def download(repo_id: str) -> Path:
     """The local snapshot of Hub model `repo_id` (the cache's, if the Hub cannot be reached), config,
     tokenizer and weights only."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         HFValidationError,
@@ -106,12 +106,25 @@ def download(repo_id: str) -> Path:
     )
 
     local_copy = f"download it where the Hub is reachable (`hf download {repo_id} --local-dir DIR`) and pass --init-from DIR"
-    try:
-        path = Path(
-            snapshot_download(repo_id, allow_patterns=HUB_FILES + SAFETENSORS, etag_timeout=HUB_TIMEOUT_S)
+
+    def fetch(patterns: list[str], local_only: bool) -> Path:
+        return Path(
+            snapshot_download(
+                repo_id, allow_patterns=patterns, local_files_only=local_only, etag_timeout=HUB_TIMEOUT_S
+            )
         )
+
+    try:
+        try:  # one bounded request first (the Hub client itself waits without a limit on a silent network)
+            HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S)
+            local_only = False
+        except Exception as err:
+            if not is_network_error(err):
+                raise
+            local_only = True  # unreachable or HF_HUB_OFFLINE: the local cache's copy, if it has one
+        path = fetch(HUB_FILES + SAFETENSORS, local_only)
         if not any(path.glob("*.safetensors")):  # an older repo: its weights only as pytorch_model.bin
-            path = Path(snapshot_download(repo_id, allow_patterns=TORCH_BIN, etag_timeout=HUB_TIMEOUT_S))
+            path = fetch(TORCH_BIN, local_only)
     except HFValidationError:
         raise TalmError(f"--init-from {repo_id!r} is neither a directory nor a Hub id: {WHAT}") from None
     except GatedRepoError:
@@ -126,7 +139,8 @@ def download(repo_id: str) -> Path:
     except Exception as err:
         if is_network_error(err) or isinstance(err, LocalEntryNotFoundError):
             raise TalmError(
-                f"the Hugging Face Hub is unreachable and {repo_id!r} is not in the local cache: check your "
+                f"--init-from {repo_id!r}: no such directory, and as a Hub id: the Hugging Face Hub is "
+                f"unreachable and {repo_id!r} is not in the local cache: check your "
                 f"network connection, or {local_copy}"
             ) from None
         raise
