@@ -29,7 +29,7 @@ class ModelConfig(Config):
     n_kv_head: int | None = Field(default=None, ge=1)
     """Key/value heads for grouped-query attention; must divide n_head. Unset means n_head (plain attention)."""
     d_model: int = Field(default=384, ge=2)
-    """Width of the residual stream; must be a multiple of n_head with an even head size."""
+    """Width of the residual stream; a multiple of n_head (with an even head size in the llama family)."""
     arch: Literal["llama", "gpt2"] = "llama"
     """The block family. llama: RMSNorm, rotary position embeddings, no biases (talm's own, and Llama's).
     gpt2: learned position embeddings, LayerNorm and linear layers with biases, GELU MLP (OpenAI's GPT-2, so

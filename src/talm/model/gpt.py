@@ -12,7 +12,7 @@ Options from the modded-nanogpt speedrun's record table, all off by default (`Mo
 MLP instead of SwiGLU, logit soft-capping, zero-initialised output projections; and an untied output layer.
 
 Optimizers, distributed wrappers and files live elsewhere; this file only says what the network computes.
-`KVCache` lets generation (`talm.use.sample`) feed one new token at a time instead of the whole sequence.
+`KVCache` lets generation (`talm.model.sample`) feed one new token at a time instead of the whole sequence.
 """
 
 from __future__ import annotations
