@@ -80,11 +80,37 @@ RECIPES: dict[str, list[str]] = {
     "softcap": [*TINY, "--model.logit_softcap", "15"],
     "zero-init": [*TINY, "--model.zero_init_proj"],
     # combinations measured while retuning the tiny preset (docs/benchmarks.md, "Convergence"):
-    "muon-wsd-arch": [*TINY, "--optim.name", "muon", "--optim.schedule", "wsd", "--model.qk_norm", "--model.mlp",
-                      "relu2", "--model.zero_init_proj"],
-    "muon-wsd-softcap": [*TINY, "--optim.name", "muon", "--optim.schedule", "wsd", "--model.logit_softcap", "15"],
-    "muon-wsd-hot": [*TINY, "--optim.name", "muon", "--optim.schedule", "wsd", "--optim.muon_lr", "0.04",
-                     "--optim.lr", "6e-3"],
+    "muon-wsd-arch": [
+        *TINY,
+        "--optim.name",
+        "muon",
+        "--optim.schedule",
+        "wsd",
+        "--model.qk_norm",
+        "--model.mlp",
+        "relu2",
+        "--model.zero_init_proj",
+    ],
+    "muon-wsd-softcap": [
+        *TINY,
+        "--optim.name",
+        "muon",
+        "--optim.schedule",
+        "wsd",
+        "--model.logit_softcap",
+        "15",
+    ],
+    "muon-wsd-hot": [
+        *TINY,
+        "--optim.name",
+        "muon",
+        "--optim.schedule",
+        "wsd",
+        "--optim.muon_lr",
+        "0.04",
+        "--optim.lr",
+        "6e-3",
+    ],
 }
 DEFAULT_RECIPES = ("baseline", "tiny")
 

@@ -13,7 +13,9 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
 
-def test_the_dry_run_passes_every_step_and_writes_the_summary(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_the_dry_run_passes_every_step_and_writes_the_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
@@ -22,6 +24,8 @@ def test_the_dry_run_passes_every_step_and_writes_the_summary(tmp_path: Path, ca
     rows = {r["step"]: r for r in report["rows"]}
     assert code == 0, [(r["step"], r["note"]) for r in report["rows"] if r["status"] == "FAIL"]
     assert {name for name, r in rows.items() if r["status"] != "ok"} == {"trainer fp16 + GradScaler"}
-    assert all(rows[f"throughput {k}"]["figures"]["tokens_per_s"] > 0 for k in ("eager", "compile DDP torchrun"))
+    assert all(
+        rows[f"throughput {k}"]["figures"]["tokens_per_s"] > 0 for k in ("eager", "compile DDP torchrun")
+    )
     assert rows["export to transformers: equal logits"]["figures"]["max_diff"] == "0.0e+00"
     assert "| throughput compile FSDP torchrun | ok |" in (tmp_path / "gpu_check.md").read_text()

@@ -147,7 +147,9 @@ def test_stats_are_read_only_on_log_eval_and_save_steps_and_a_divergence_between
     assert read_meta("models/m/latest")["step"] == 4
     (record,) = [r for r in read_metrics("models/m") if "train_loss" in r]
     fpt = trainer.model.flops_per_token(trainer.cfg.model.context_length)
-    assert record["step"] == 4 and record["mfu"] == pytest.approx(record["tokens_per_s"] * fpt / 1e9, abs=1e-4)
+    assert record["step"] == 4 and record["mfu"] == pytest.approx(
+        record["tokens_per_s"] * fpt / 1e9, abs=1e-4
+    )
 
 
 def test_mfu_is_logged_against_the_gpu_peak_and_left_out_where_the_peak_is_unknown(

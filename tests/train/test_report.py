@@ -289,3 +289,39 @@ def test_a_full_disk_while_appending_metrics_is_one_line(tmp_path: Path) -> None
     with pytest.raises(TalmError, match="No space left on device.*free disk space, then rerun"):
         log.log({"step": 2, "tokens": 2, "time": 2.0, "train_loss": 1.5, "lr": 0.1, "tokens_per_s": 5.0})
     assert len(read_metrics(tmp_path)) == 1
+
+
+def test_samples_go_to_tensorboard_as_text_and_to_wandb_as_a_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    texts, logged = [], []
+
+    class SummaryWriter:
+        def __init__(self, log_dir: str) -> None:
+            pass
+
+        def add_scalar(self, tag: str, value: float, global_step: int) -> None:
+            pass
+
+        def add_text(self, tag: str, text: str, global_step: int | None = None) -> None:
+            texts.append((tag, text, global_step))
+
+    class Table:
+        def __init__(self, columns: list[str], data: list[list[str]]) -> None:
+            self.columns, self.data = columns, data
+
+    class Run:
+        def log(self, data: dict, step: int) -> None:
+            logged.append((step, data))
+
+    monkeypatch.setitem(
+        sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter)
+    )
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: Run(), Table=Table))
+    record = RECORDS[2] | {"samples": [{"prompt": "ROMEO:", "greedy": " I am", "sampled": " O thou"}]}
+    for sink in make_sinks(["tensorboard", "wandb"], tmp_path, {}):
+        sink.log(record)
+    (tag, text, step), *_ = [t for t in texts if t[0] == "samples"]
+    assert step == 2 and "'ROMEO:'" in text and "' I am'" in text and "' O thou'" in text
+    table = logged[0][1]["samples"]
+    assert table.columns == ["prompt", "greedy", "sampled"] and table.data == [["ROMEO:", " I am", " O thou"]]

@@ -87,6 +87,15 @@ LLAMA: dict = {}
             {"qk_norm": True, "mlp": "relu2", "mlp_hidden": None},
             "ApertusForCausalLM",
         ),
+        # The GPT-2 family: learned positions, LayerNorm and biases (not 0 nor 1 after model_for), GELU.
+        (BASE_TOKENIZER, True, None, {"arch": "gpt2", "mlp": "gelu"}, "GPT2LMHeadModel"),
+        (
+            ORIGINAL_TOKENIZER,
+            False,
+            None,
+            {"arch": "gpt2", "mlp": "gelu", "mlp_hidden": None},
+            "GPT2LMHeadModel",
+        ),
     ],
     ids=str,
 )

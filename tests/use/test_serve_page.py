@@ -159,7 +159,10 @@ def test_a_conversation_that_outgrows_the_context_leaves_its_oldest_exchange_out
     wait_for(browser, f"document.getElementById('model').textContent === {NAME!r}")
     set_field(browser, "temperature", "0")
     set_field(browser, "max-tokens", "4")
-    long_one, long_two = "one " * 2000, "a " * 2090  # ~2000 and ~2090 tokens: each fits the context alone, not both
+    long_one, long_two = (
+        "one " * 2000,
+        "a " * 2090,
+    )  # ~2000 and ~2090 tokens: each fits the context alone, not both
 
     def send_long(text: str, replies_then: int) -> None:
         set_field(browser, "input", text)

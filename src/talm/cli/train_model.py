@@ -30,6 +30,8 @@ PLAIN_TRAIN_FLAGS = (
     "deterministic",
     "seed",
     "report_to",
+    "init_from",
+    "sample_every",
 )
 SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "train": TrainConfig}
 
@@ -61,8 +63,22 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
         help="start models/NAME over, deleting its checkpoints and metrics once every other input is checked "
         "(default: resume it from latest/, or best/ if latest/ is gone)",
     )
+    parser.add_argument(
+        "--resume-from",
+        choices=["latest", "best"],
+        default="latest",
+        help="the checkpoint an existing run resumes from: latest/, or best/ (rewinding the run to its step; the "
+        "metrics after it are dropped)",
+    )
     common = parser.add_argument_group("common settings (shortcuts for --train.*)")
-    names = {}
+    common.add_argument(
+        "--sample-prompt",
+        action="append",
+        dest="sample_prompt",
+        metavar="TEXT",
+        help="a prompt for --sample-every; repeat the flag for several (same as --train.sample_prompts)",
+    )
+    names = {"train.sample_prompts": "--sample-prompt/--train.sample_prompts"}
     skip = tuple(f for f in TrainConfig.model_fields if f not in PLAIN_TRAIN_FLAGS)
     plain = add_config_flags(common, TrainConfig, short={"seed": "-s"}, skip=skip)
     names.update({f"train.{k}": v for k, v in plain.items()})
@@ -73,9 +89,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     return parser, names
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser, names = build_parser()
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     def command() -> None:
         # torch is imported only once the arguments parsed
@@ -87,6 +103,8 @@ def main() -> None:
             if given:
                 overrides[section] = given
         plain = collect_config_flags(args, TrainConfig)
+        if args.sample_prompt:
+            plain["sample_prompts"] = args.sample_prompt
         if plain:
             overrides = merge(overrides, {"train": plain})
         train_model(
@@ -98,6 +116,7 @@ def main() -> None:
             overrides=overrides,
             restart=args.restart,
             flag_names=names,
+            resume_from=args.resume_from,
         )
 
     run_main(command, names)

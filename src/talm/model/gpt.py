@@ -2,13 +2,17 @@
 
 Token embedding -> n_layer pre-norm blocks (RMSNorm, causal self-attention with rotary position embeddings and
 optional grouped-query attention, SwiGLU MLP) -> RMSNorm -> output layer. No biases anywhere. This is the
-Llama layout, so the weights map one to one onto Hugging Face's `LlamaForCausalLM` (see `talm.use.export`).
+Llama layout, so the weights map one to one onto Hugging Face's `LlamaForCausalLM` (see `talm.model.hf`).
+
+`arch="gpt2"` is the GPT-2 family in the same blocks: a learned position embedding added to the token
+embedding instead of rotations, LayerNorm (with bias) instead of RMSNorm, biases in every linear layer and a
+GELU MLP, so OpenAI's GPT-2 weights (`GPT2LMHeadModel`) load one to one.
 
 Options from the modded-nanogpt speedrun's record table, all off by default (`ModelConfig`): QK-norm, a ReLU²
 MLP instead of SwiGLU, logit soft-capping, zero-initialised output projections; and an untied output layer.
 
 Optimizers, distributed wrappers and files live elsewhere; this file only says what the network computes.
-`KVCache` lets generation (`talm.use.sample`) feed one new token at a time instead of the whole sequence.
+`KVCache` lets generation (`talm.model.sample`) feed one new token at a time instead of the whole sequence.
 """
 
 from __future__ import annotations
@@ -71,14 +75,23 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    """The block family's norm: RMSNorm (llama) or LayerNorm with a bias (gpt2)."""
+    if config.arch == "gpt2":
+        return nn.LayerNorm(dim, eps=config.norm_eps)
+    return nn.RMSNorm(dim, eps=config.norm_eps)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        self.rope = config.rope
+        bias = config.arch == "gpt2"
         # One matmul for queries, keys and values; the export splits it into Llama's q/k/v projections.
-        self.qkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
-        self.proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
+        self.qkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=bias)
+        self.proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=bias)
         self.dropout = config.dropout
         # QK-norm before RoPE, in modded-nanogpt's order (nanochat norms after it: the same thing for a gain-free
         # norm, since rotations keep the RMS). With a learned gain, as Qwen3: a gain-free norm caps attention
@@ -102,7 +115,9 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         y = F.scaled_dot_product_attention(
@@ -143,13 +158,29 @@ class ReLU2(nn.Module):
         return self.down(F.relu(self.up(x)).square())
 
 
+class GELU(nn.Module):
+    """GPT-2's MLP: GELU (tanh approximation, as OpenAI's code) between two biased matmuls."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        bias = config.arch == "gpt2"
+        self.up = nn.Linear(config.d_model, config.hidden_dim, bias=bias)
+        self.down = nn.Linear(config.hidden_dim, config.d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+MLPS = {"swiglu": SwiGLU, "relu2": ReLU2, "gelu": GELU}
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.attn_norm = make_norm(config, config.d_model)
         self.attn = Attention(config, layer)
-        self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
-        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else ReLU2(config)
+        self.mlp_norm = make_norm(config, config.d_model)
+        self.mlp = MLPS[config.mlp](config)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
@@ -169,9 +200,11 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.padded_vocab_size, config.d_model)
+        # GPT-2's learned position embedding; llama rotates queries and keys instead.
+        self.pos_emb = None if config.rope else nn.Embedding(config.context_length, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.norm = make_norm(config, config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -187,17 +220,24 @@ class GPT(nn.Module):
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, p in self.named_parameters():
             into_residual = name.endswith(("attn.proj.weight", "mlp.down.weight"))
-            if p.dim() < 2:
-                nn.init.ones_(p)  # the RMSNorm gains
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif p.dim() < 2:
+                nn.init.ones_(p)  # the norm gains
             elif into_residual and self.config.zero_init_proj:
                 nn.init.zeros_(p)
             else:
                 nn.init.normal_(p, mean=0.0, std=residual_std if into_residual else 0.02)
 
     def num_params(self, *, embeddings: bool = True) -> int:
-        """Parameter count (shared tensors counted once); without the token embedding if `embeddings=False`."""
+        """Parameter count (shared tensors counted once); without the token (and position) embeddings if
+        `embeddings=False`."""
         n = sum(p.numel() for p in self.parameters())
-        return n if embeddings else n - self.tok_emb.weight.numel()
+        if not embeddings:
+            n -= self.tok_emb.weight.numel() + (
+                self.pos_emb.weight.numel() if self.pos_emb is not None else 0
+            )
+        return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward), as PaLM (app. B) and nanoGPT count them: 6 per weight
@@ -232,18 +272,22 @@ class GPT(nn.Module):
                 f"sequence of {start + T} tokens exceeds the model's context_length={self.config.context_length}"
             )
         if cache is None:
+            pos = torch.arange(T, device=idx.device)
             cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None  # is_causal: flash kernels on GPU
         else:
             q_pos = torch.arange(start, start + T, device=idx.device)
             k_pos = torch.arange(start + T, device=idx.device)
-            rel = (q_pos[None, :] - cache.pad[:, None]).clamp(min=0)  # (B, T): each row counts from its start
-            cos, sin = self.rope_cos[rel].unsqueeze(1), self.rope_sin[rel].unsqueeze(1)
+            pos = (q_pos[None, :] - cache.pad[:, None]).clamp(min=0)  # (B, T): each row counts from its start
+            cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
             causal = k_pos[None, :] <= q_pos[:, None]  # (T, S)
             real = k_pos[None, None, :] >= cache.pad[:, None, None]  # (B, 1, S): padding is never attended
             # A padding query may see itself, so no row of the mask is empty (which would give NaN).
             mask = ((causal[None] & real) | (k_pos[None, :] == q_pos[:, None])[None]).unsqueeze(1)
 
-        x = self.dropout(self.tok_emb(idx))
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(pos)
+        x = self.dropout(x)
         for block in self.blocks:
             x = block(x, cos, sin, mask, cache)
         if last_only:

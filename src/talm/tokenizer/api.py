@@ -57,7 +57,9 @@ class Tokenizer:
         self._merges = content.merges
         self._hf_json = content.hf_json
         self.special_tokens = dict(content.special_tokens)
-        self.vocab_size = len(content.token_bytes) + len(content.special_tokens)
+        # Ids are 0..vocab_size-1: the ordinary tokens, then the special ones (or, in a foreign HF file, special
+        # tokens among them, token_bytes then covering every id).
+        self.vocab_size = max(len(content.token_bytes), 1 + max(content.special_tokens.values()))
         self.eot_id = self.special_tokens[EOT]
         self.token_dtype = np.dtype(np.uint16 if self.vocab_size <= 2**16 else np.uint32)
         self.fingerprint = fingerprint(content.document)

@@ -76,7 +76,8 @@ def fingerprint(document: Any) -> str:
 @dataclass
 class TokenizerFile:
     """The content of a tokenizer file in talm's id layout: `token_bytes[i]` is the bytes of ordinary token i;
-    the special tokens follow them. `merges` is the HF merge list and `hf_json` the HF file text (both None for
+    the special tokens follow them (in a foreign HF file, e.g. SmolLM's, they may come first: then token_bytes
+    covers every id, b"" at the special ones). `merges` is the HF merge list and `hf_json` the HF file text (both None for
     the original format, where ranks alone define the BPE). `document` is the parsed file (for the fingerprint)."""
 
     name: str
@@ -177,7 +178,13 @@ def parse_hf(document: dict[str, Any], text: str, path: Path | None) -> Tokenize
     specials = {content: i for content, i in sorted(added.items(), key=lambda kv: kv[1])}
     n_ordinary = len(vocab) - len(specials)
     if any(i < n_ordinary for i in specials.values()):
-        raise TalmError(f"{where!r} has special tokens among its ordinary ids: train it with train_tokenizer")
+        # A foreign file (SmolLM's) may put its special tokens first; HF encodes it (only talm's own pipeline
+        # goes to tiktoken, whose id layout needs the special tokens last).
+        if is_talm_pipeline(document):
+            raise TalmError(
+                f"{where!r} has special tokens among its ordinary ids: train it with train_tokenizer"
+            )
+        n_ordinary = len(vocab)
     try:
         token_bytes = [b""] * n_ordinary
         for token, i in model["vocab"].items():

@@ -106,6 +106,19 @@ class TrainConfig(Config):
     """Seed of the model initialisation, the data order and dropout."""
     report_to: list[Literal["tensorboard", "wandb"]] = []
     """Also send metrics to these trackers (optional extras: pip install talm[tensorboard] / talm[wandb])."""
+    init_from: str | None = None
+    """Start the run from these weights instead of a random init (fresh optimizer and schedule): a talm model
+    directory (models/NAME, its best/ or latest/), a transformers model directory, or a Hugging Face Hub id
+    (gpt2, HuggingFaceTB/SmolLM2-135M). The architecture is the source's (flags may only lower the context and
+    set the dropout); the data must be made with its tokenizer. Ignored when the run resumes: the checkpoint
+    wins."""
+    sample_every: int | None = Field(default=None, ge=1)
+    """Print a short greedy and a sampled continuation of each sample prompt under the progress bar, and record
+    them in metrics.jsonl, at the first evaluation every this many steps (and at the last). Unset: never."""
+    sample_prompts: list[str] = []
+    """The prompts of --sample-every (default: one, the start of a new document)."""
+    sample_tokens: int = Field(default=48, ge=1)
+    """Tokens generated per sample."""
 
 
 class DataConfig(Config):
@@ -173,6 +186,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "optim": {"name": "muon", "schedule": "wsd", "lr": 3e-3, "warmup_steps": 100, "min_lr_ratio": 0.1},
         "train": {"max_steps": 5000, "batch_size": 32, "eval_every": 250, "save_every": 500},
+    },
+    # Fine-tuning a pretrained model (`--init-from`): no model settings (the architecture is the source's),
+    # AdamW at a low lr: 3e-5 as nanoGPT's config/finetune_shakespeare.py (which fine-tunes GPT-2 at a constant
+    # 3e-5 for 20 steps of 32k tokens), with a short warmup and a gentle cosine to lr/10 so the first steps do not
+    # jolt the pretrained weights; a short run with frequent evaluations and samples (fine-tuning on a small
+    # text overfits within a few epochs: best/ keeps the checkpoint of the lowest val loss).
+    "finetune": {
+        "optim": {"lr": 3e-5, "warmup_steps": 10, "min_lr_ratio": 0.1, "weight_decay": 0.1},
+        "train": {
+            "max_steps": 200,
+            "batch_size": 8,
+            "eval_every": 25,
+            "eval_tokens": 65536,
+            "save_every": 100,
+            "log_every": 5,
+            "sample_every": 50,
+        },
     },
     # GPT-2 small (124M with GPT-2's vocab): 12 layers, 768 wide, 1024 context, 2**19 = 524,288 tokens per step.
     # The recipe of nanochat's base_train.py for this size (karpathy/nanochat: matrix_lr 0.02 for Muon,

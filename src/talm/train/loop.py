@@ -24,8 +24,7 @@ from typing import Any
 
 import torch
 
-from talm.model.gpt import GPT
-from talm.train import dist, rundir, state
+from talm.train import dist, init, rundir, state
 from talm.train.checkpoint import read_meta
 from talm.train.config import RunConfig
 from talm.train.evaluate import evaluate, scores_text
@@ -35,6 +34,7 @@ from talm.train.optim import apply_schedule, build_optimizer, multiplier
 from talm.train.parallel import Parallel
 from talm.train.precision import Precision, set_deterministic
 from talm.train.report import make_sinks
+from talm.train.samples import samples_at_eval
 from talm.train.steps import mfu_text, run_steps, utilisation
 from talm.train.stop import StopRequest
 
@@ -65,7 +65,7 @@ def announce(tr: Trainer) -> None:
     if tr.resumed:
         say(f"resuming {tr.model_dir} from step {tr.step} ({tr.tokens_seen:,} tokens seen)")
     elif tr.step == 0:
-        say(f"training {tr.model_dir} from scratch")
+        say(f"training {tr.model_dir} from " + (init.describe(t.init_from) if t.init_from else "scratch"))
     say(
         f"model: {tr.model.num_params():,} parameters ({tr.model.num_params(embeddings=False):,} "
         f"without embeddings), device {tr.device}, {tr.ctx.world_size} process(es), "
@@ -123,7 +123,7 @@ class Trainer:
         self.loader, self.eval_slice = make_loaders(cfg, self.data, vocab, self.accum, self.ctx)
 
         torch.manual_seed(t.seed)
-        self.model = GPT(cfg.model).to(self.device)
+        self.model = init.build_model(cfg, self.tokenizer, self.device, resumed=resume_from is not None)
         self.precision = Precision(t.dtype, self.device)
         # DDP or FSDP; FSDP shards the model in place, before the optimizer is built over its parameters.
         self.parallel = Parallel(t, self.model, self.ctx, self.precision)
@@ -166,7 +166,8 @@ class Trainer:
 
     def eval_and_log(self, log: MetricsLog) -> None:
         val_loss, bpb = self.evaluate()
-        log.log(self._record(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700.0)), val_bpb=bpb))
+        record = self._record(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700.0)), val_bpb=bpb)
+        log.log(record | samples_at_eval(self))  # --sample-every's continuations, when due
         self.last_val = (val_loss, bpb)
         if val_loss < self.best_val_loss:
             self.best_val_loss = val_loss

@@ -73,6 +73,13 @@ class PlotSink:
         pass
 
 
+def samples_markdown(samples: list[dict[str, str]]) -> str:
+    """--sample-every's samples of one evaluation as Markdown (TensorBoard's text panel)."""
+    return "\n\n".join(
+        f"**{s['prompt']!r}**\n\n- greedy: `{s['greedy']!r}`\n- sampled: `{s['sampled']!r}`" for s in samples
+    )
+
+
 class TensorBoardSink:
     """Scalars to TensorBoard event files in models/NAME/tensorboard/, against the optimizer step."""
 
@@ -90,6 +97,10 @@ class TensorBoardSink:
     def log(self, record: dict[str, Any]) -> None:
         for name, value in _scalars(record).items():
             self.writer.add_scalar(name, value, global_step=int(record["step"]))
+        if record.get("samples"):  # --sample-every's continuations, as a text panel
+            self.writer.add_text(
+                "samples", samples_markdown(record["samples"]), global_step=int(record["step"])
+            )
 
     def on_eval(self, model_dir: Path) -> None:
         self.writer.flush()
@@ -128,7 +139,13 @@ class WandbSink:
         )
 
     def log(self, record: dict[str, Any]) -> None:
-        self.run.log(_scalars(record), step=int(record["step"]))
+        values: dict[str, Any] = dict(_scalars(record))
+        if record.get("samples"):  # --sample-every's continuations, as a table
+            import wandb
+
+            rows = [[s["prompt"], s["greedy"], s["sampled"]] for s in record["samples"]]
+            values["samples"] = wandb.Table(columns=["prompt", "greedy", "sampled"], data=rows)
+        self.run.log(values, step=int(record["step"]))
 
     def on_eval(self, model_dir: Path) -> None:
         pass

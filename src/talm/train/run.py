@@ -22,6 +22,7 @@ from talm.model.config import ModelConfig
 from talm.train import dist, rundir
 from talm.train.checkpoint import read_meta
 from talm.train.config import PRESETS, RunConfig
+from talm.train.init import apply_source, check_data
 from talm.train.loop import Trainer, TrainResult
 
 
@@ -60,23 +61,30 @@ def resolve_run(
     restart: bool = False,
     flag_names: dict[str, str] | None = None,
     probe: bool = False,
+    resume_from: str = "latest",
 ) -> tuple[RunConfig, Path | None]:
     """The run's config and the checkpoint to resume from (None for a fresh start). Reads, never writes.
 
     `layers` (preset, TOML file, flags: later wins) are merged on top of the defaults, or, when models/NAME
     already has a checkpoint and `restart` is False, on top of that checkpoint's config, so rerunning the same
-    command resumes the same run (see `rundir.resume_point`, also for `probe`).
+    command resumes the same run (see `rundir.resume_point`, also for `probe`; `resume_from` "best" resumes
+    from best/ instead of latest/). A fresh run with train.init_from takes the source's architecture.
     """
     model_dir = Path(model_dir)
-    resume_from = None
-    if not restart and model_dir.is_dir():
-        resume_from = rundir.resume_point(model_dir, probe=probe)
-    base: dict[str, Any] = read_meta(resume_from)["config"] if resume_from is not None else {}
+    rundir.check_resume_choice(resume_from, restart)
+    checkpoint = None
+    if not restart and (model_dir.is_dir() or resume_from == "best"):
+        checkpoint = rundir.resume_point(model_dir, probe=probe, which=resume_from)
+    base: dict[str, Any] = read_meta(checkpoint)["config"] if checkpoint is not None else {}
     data = base
     for layer in layers:
         data = merge(data, layer)
+    if checkpoint is None:
+        data = apply_source(data, layers, flag_names)
     cfg = validate(RunConfig, data, flag_names)
-    if resume_from is not None:
+    if checkpoint is None and cfg.train.init_from:
+        check_data(cfg.train.init_from, cfg.data.dir)
+    if checkpoint is not None:
         # The saved config with today's defaults filled in: a field added since (an architecture option) holds
         # its default, which is what the saved model computes.
         saved = ModelConfig.model_validate(base["model"]).model_dump()
@@ -89,7 +97,7 @@ def resolve_run(
                 f"{str(model_dir)!r} holds a model with another architecture ({diff}): pick a new "
                 "--model-name, drop the differing settings to resume it, or pass --restart to start it over"
             )
-    return cfg, resume_from
+    return cfg, checkpoint
 
 
 def run_training(
@@ -98,6 +106,7 @@ def run_training(
     *,
     restart: bool = False,
     flag_names: dict[str, str] | None = None,
+    resume_from: str = "latest",
 ) -> TrainResult:
     """train_model's run, in the order that keeps a user's work safe:
 
@@ -110,19 +119,28 @@ def run_training(
     The lock is released and the process group torn down on any exit.
     """
     model_dir = Path(model_dir)
-    cfg, _ = resolve_run(model_dir, layers, restart=restart, flag_names=flag_names, probe=True)
+    options = dict(restart=restart, flag_names=flag_names, resume_from=resume_from)
+    cfg, _ = resolve_run(model_dir, layers, probe=True, **options)
     ctx = dist.setup(cfg.train.device)
     lock = rundir.run_lock(model_dir)
     try:
         dist.on_main(lambda: rundir.take(model_dir, lock), ctx)
-        cfg, resume_from = resolve_run(model_dir, layers, restart=restart, flag_names=flag_names)
-        if resume_from is not None and resume_from.name == "best":
+        cfg, checkpoint = resolve_run(model_dir, layers, **options)
+        if checkpoint is not None and checkpoint.name == "best":
+            why = "as asked" if resume_from == "best" else f"{model_dir / 'latest'} is missing or incomplete"
             dist.print0(
-                f"{model_dir / 'latest'} is missing or incomplete: resuming from {resume_from} (step "
-                f"{read_meta(resume_from)['step']}), the best checkpoint; the steps after it are trained again",
+                f"resuming from {checkpoint} (step {read_meta(checkpoint)['step']}), the best checkpoint, {why}; "
+                "the metrics after it are dropped and its steps trained again",
                 ctx=ctx,
             )
-        return Trainer(cfg, model_dir, resume_from=resume_from, restart=restart).run()
+        asked = any((layer.get("train") or {}).get("init_from") for layer in layers)
+        if checkpoint is not None and asked:
+            dist.print0(
+                f"--init-from {cfg.train.init_from} ignored: {model_dir} resumes from its checkpoint (the "
+                "checkpoint wins; pass --restart to start over from the source)",
+                ctx=ctx,
+            )
+        return Trainer(cfg, model_dir, resume_from=checkpoint, restart=restart).run()
     finally:
         lock.release()
         dist.teardown()
@@ -138,9 +156,11 @@ def train_model(
     overrides: dict[str, Any] | None = None,
     restart: bool = False,
     flag_names: dict[str, str] | None = None,
+    resume_from: str = "latest",
 ) -> TrainResult:
-    """The train_model command: train (or resume, or with `restart` start over) models/`model_name` on the
-    shards of `data_dir`. `flag_names` maps config paths to the flags that set them, for error messages."""
+    """The train_model command: train (or resume from `resume_from`, latest or best, or with `restart` start
+    over) models/`model_name` on the shards of `data_dir`. `flag_names` maps config paths to the flags that set
+    them, for error messages."""
     model_dir = rundir.model_dir_for(model_name)
     layers = config_layers(
         data_dir=data_dir,
@@ -149,7 +169,7 @@ def train_model(
         config_file=config_file,
         overrides=overrides,
     )
-    return run_training(model_dir, layers, restart=restart, flag_names=flag_names)
+    return run_training(model_dir, layers, restart=restart, flag_names=flag_names, resume_from=resume_from)
 
 
 def train(cfg: RunConfig, model_dir: str | Path, *, resume_from: Path | None = None) -> TrainResult:

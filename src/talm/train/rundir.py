@@ -82,11 +82,31 @@ def check_fresh_start(model_dir: Path) -> None:
             raise refuse_to_wipe(model_dir, traces)
 
 
-def resume_point(model_dir: Path, *, probe: bool = False) -> Path | None:
+RESUME_CHOICES = ("latest", "best")
+
+
+def check_resume_choice(which: str, restart: bool) -> None:
+    """--resume-from is latest or best, and best does not go with --restart (which resumes nothing)."""
+    if which not in RESUME_CHOICES:
+        raise TalmError(f"--resume-from {which!r} is not one of {', '.join(RESUME_CHOICES)}")
+    if which == "best" and restart:
+        raise TalmError("--resume-from best and --restart contradict each other: drop one of them")
+
+
+def resume_point(model_dir: Path, *, probe: bool = False, which: str = "latest") -> Path | None:
     """The checkpoint a run without --restart continues from: latest/, else best/ if an earlier run left traces;
     None for a directory without any. TalmError (the choices spelled out) if there are traces but nothing to
     resume. `probe`: before the run holds the directory's lock, also look at a checkpoint an interrupted save
-    moved aside, and never refuse (the decision is taken again under the lock)."""
+    moved aside, and never refuse (the decision is taken again under the lock). `which` "best" (--resume-from
+    best) resumes from best/, rewinding the run to its step; TalmError if best/ cannot be resumed."""
+    if which == "best":
+        best = model_dir / "best"
+        if is_resumable(best) or (probe and is_resumable(aside_path(best))):
+            return best if is_resumable(best) else aside_path(best)
+        raise TalmError(
+            f"{str(model_dir)!r} has no resumable best checkpoint (best/ is written at each new best evaluation, "
+            "with the trainer state): resume from latest (drop --resume-from best), or pass --restart"
+        )
     latest = model_dir / "latest"
     if is_checkpoint(latest):
         return latest

@@ -1,13 +1,11 @@
 """Export a trained model to the Hugging Face transformers format, and push it to the Hub.
 
-talm's GPT is the Llama architecture (RMSNorm, rotary embeddings in the rotate-half layout, SwiGLU, no
-biases), so an export is a renaming: the fused qkv and gate/up matrices are split into Llama's separate
-projections, nothing is permuted. Options Llama lacks go to the transformers model that is Llama plus exactly
-those (`ARCHITECTURES`): qk_norm to Qwen3 (per-head q/k RMSNorm with a gain, before RoPE), mlp="relu2" to Arcee
-(up/down MLP, relu2), both to Apertus. logit_softcap is refused: the models that cap logits (Gemma 2, NanoChat)
-differ elsewhere (sandwich or gain-free norms). zero_init_proj is only an initialisation. The directory holds
+talm's GPT is the Llama architecture (or, with arch gpt2, GPT-2's), so an export is a renaming, defined once
+in `talm.model.hf` (which the importer reads with): Llama, or Qwen3/Arcee/Apertus for the options Llama lacks,
+or GPT2LMHeadModel. logit_softcap is refused: the models that cap logits (Gemma 2, NanoChat) differ elsewhere
+(sandwich or gain-free norms). zero_init_proj is only an initialisation. The directory holds
 
-    config.json              LlamaForCausalLM (or Qwen3/Arcee/Apertus) config (vocab_size = the model's)
+    config.json              LlamaForCausalLM (or Qwen3/Arcee/Apertus/GPT2) config (vocab_size = the model's)
     model.safetensors        the weights, under transformers' names (lm_head omitted when tied)
     generation_config.json   bos/eos = <|endoftext|>
     tokenizer.json           the tokenizer, as a tokenizers JSON (loads as PreTrainedTokenizerFast)
@@ -38,97 +36,12 @@ from safetensors.torch import save_file
 
 from talm.errors import TalmError
 from talm.files import check_writable_dir, replace_dir, staging_dir
-from talm.model.config import ModelConfig
 from talm.model.gpt import GPT
+from talm.model.hf import architecture, is_network_error, to_hf_config, to_hf_state_dict
 from talm.tokenizer.api import Tokenizer
 from talm.tokenizer.formats import EOT
 from talm.use.config import DTYPES
 from talm.use.load import check_vocab, load_checkpoint
-
-# (qk_norm, mlp) -> the transformers model (its model_type is the name in lower case) that computes the same.
-ARCHITECTURES = {
-    (False, "swiglu"): "Llama",
-    (True, "swiglu"): "Qwen3",
-    (False, "relu2"): "Arcee",
-    (True, "relu2"): "Apertus",
-}
-
-
-def check_exportable(config: ModelConfig) -> None:
-    """Refuse, in one line, the options no transformers architecture expresses exactly (see the module doc)."""
-    if config.logit_softcap is not None:
-        raise TalmError(
-            f"model.logit_softcap={config.logit_softcap} cannot be expressed in the Llama format (nor in any "
-            "transformers architecture that computes the rest exactly): use this model with generate instead"
-        )
-
-
-def hf_config(config: ModelConfig, eot_id: int, dtype: str) -> dict[str, Any]:
-    """config.json of the transformers model (`ARCHITECTURES`) that computes what `config`'s GPT computes."""
-    name = ARCHITECTURES[config.qk_norm, config.mlp]
-    return {
-        "architectures": [f"{name}ForCausalLM"],
-        "model_type": name.lower(),
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.d_model,
-        "intermediate_size": config.hidden_dim,
-        "num_hidden_layers": config.n_layer,
-        "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.kv_heads,
-        "head_dim": config.head_dim,
-        "max_position_embeddings": config.context_length,
-        "rms_norm_eps": config.norm_eps,
-        "hidden_act": "silu" if config.mlp == "swiglu" else "relu2",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "attention_dropout": 0.0,
-        "tie_word_embeddings": config.tie_embeddings,
-        # transformers >= 5 reads rope_parameters, earlier versions rope_theta.
-        "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
-        "bos_token_id": eot_id,
-        "eos_token_id": eot_id,
-        "initializer_range": 0.02,
-        "use_cache": True,
-        "dtype": dtype,
-        "torch_dtype": dtype,
-    }
-
-
-def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The GPT's weights under LlamaForCausalLM's names (and Qwen3's q/k norms, Arcee's gateless MLP, Apertus'
-    norm names), with the vocabulary padding rows dropped."""
-    c = model.config
-    vocab, hd = c.vocab_size, c.head_dim
-    q_rows, kv_rows = c.n_head * hd, c.kv_heads * hd
-    apertus = ARCHITECTURES[c.qk_norm, c.mlp] == "Apertus"  # which names its two pre-norms its own way
-    norms = ("attention", "feedforward") if apertus else ("input", "post_attention")
-    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": model.tok_emb.weight[:vocab]}
-    for i, block in enumerate(model.blocks):
-        p = f"model.layers.{i}."
-        q, k, v = block.attn.qkv.weight.split([q_rows, kv_rows, kv_rows], dim=0)
-        out |= {
-            p + f"{norms[0]}_layernorm.weight": block.attn_norm.weight,
-            p + "self_attn.q_proj.weight": q,
-            p + "self_attn.k_proj.weight": k,
-            p + "self_attn.v_proj.weight": v,
-            p + "self_attn.o_proj.weight": block.attn.proj.weight,
-            p + f"{norms[1]}_layernorm.weight": block.mlp_norm.weight,
-            p + "mlp.down_proj.weight": block.mlp.down.weight,
-        }
-        if c.qk_norm:
-            out[p + "self_attn.q_norm.weight"] = block.attn.q_norm.weight
-            out[p + "self_attn.k_norm.weight"] = block.attn.k_norm.weight
-        if c.mlp == "swiglu":
-            gate, up = block.mlp.gate_up.weight.split(c.hidden_dim, dim=0)
-            out |= {p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up}
-        else:
-            out[p + "mlp.up_proj.weight"] = block.mlp.up.weight
-    out["model.norm.weight"] = model.norm.weight
-    if not c.tie_embeddings:
-        out["lm_head.weight"] = model.lm_head.weight[:vocab]
-    # Own, contiguous copies: safetensors refuses views and shared storage.
-    return {name: t.detach().to("cpu", dtype).contiguous().clone() for name, t in out.items()}
 
 
 def write_tokenizer_files(tokenizer: Tokenizer, out_dir: Path, context_length: int) -> None:
@@ -152,7 +65,9 @@ def write_tokenizer_files(tokenizer: Tokenizer, out_dir: Path, context_length: i
 def model_card(name: str, model: GPT, tokenizer: Tokenizer, meta: dict[str, Any] | None) -> str:
     c = model.config
     meta = meta or {}
-    arch = ARCHITECTURES[c.qk_norm, c.mlp]
+    arch = architecture(c).removesuffix("LMHeadModel").removesuffix("ForCausalLM")
+    init_from = ((meta.get("config") or {}).get("train") or {}).get("init_from")
+    origin = f"trained from `{init_from}`" if init_from else "trained from scratch"
     lines = [
         "---",
         "library_name: transformers",
@@ -162,7 +77,7 @@ def model_card(name: str, model: GPT, tokenizer: Tokenizer, meta: dict[str, Any]
         "",
         f"# {name}",
         "",
-        f"A GPT-style language model trained from scratch with talm and exported to the {arch} format.",
+        f"A GPT-style language model {origin} with talm and exported to the {arch} format.",
         "",
         "| | |",
         "|---|---|",
@@ -212,17 +127,17 @@ def export_hf(
     out_dir = Path(out_dir)
     check_export_dir(out_dir, overwrite)
     check_dtype(dtype)
-    check_exportable(model.config)
+    architecture(model.config)  # refuses what no transformers model computes
     check_vocab(model, tokenizer, "the model")
     tmp = staging_dir(out_dir)
     try:
-        _write_json(tmp / "config.json", hf_config(model.config, tokenizer.eot_id, dtype))
+        _write_json(tmp / "config.json", to_hf_config(model.config, tokenizer.eot_id, dtype))
         _write_json(
             tmp / "generation_config.json",
             {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id},
         )
         save_file(
-            hf_state_dict(model, getattr(torch, dtype)),
+            to_hf_state_dict(model, getattr(torch, dtype)),
             str(tmp / "model.safetensors"),
             metadata={"format": "pt"},
         )
@@ -306,21 +221,6 @@ def check_repo_id(repo_id: str) -> None:
         ) from None
 
 
-def _is_network_error(err: BaseException) -> bool:
-    """Whether the Hub could not be reached at all (no network, DNS, proxy, timeout), whatever HTTP client
-    this huggingface_hub version uses (requests, httpx)."""
-    from huggingface_hub.errors import OfflineModeIsEnabled
-
-    if isinstance(err, (OfflineModeIsEnabled, ConnectionError, TimeoutError)):
-        return True
-    for cls in type(err).__mro__:
-        if cls.__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3") and any(
-            word in cls.__name__ for word in ("Connect", "Timeout", "Network", "Proxy", "Transport")
-        ):
-            return True
-    return False
-
-
 def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
     """Upload an export directory to the Hub model repo `repo_id` (created if needed); return its URL."""
     from huggingface_hub import HfApi
@@ -339,7 +239,7 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, toke
         )
     except Exception as err:
         first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if _is_network_error(err):
+        if is_network_error(err):
             raise TalmError(
                 f"the Hugging Face Hub is unreachable ({first_line}): check your network connection; the export "
                 f"in {str(folder)!r} is complete, push it later with `hf upload {repo_id} {folder}`"
