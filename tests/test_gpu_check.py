@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ def test_the_dry_run_passes_every_step_and_writes_the_summary(
 ) -> None:
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
     gpu_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # its dataclasses look their module up there
     spec.loader.exec_module(gpu_check)
     code = gpu_check.main(["--dry-run", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "gpu_check.json").read_text())
