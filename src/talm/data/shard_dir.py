@@ -19,11 +19,13 @@ from typing import Any
 import numpy as np
 
 from talm.data.manifest import (
+    MASK_DTYPE,
     layout,
     layout_files_re,
     manifest_bytes,
     manifest_name,
     manifest_paths,
+    mask_name,
     read_previous,
     shard_problem,
     worker_files_re,
@@ -124,17 +126,20 @@ class ShardDir:
         for i, shard in enumerate(shards):
             path = self.path / shard["file"]
             problem = shard_problem(path, int(shard["tokens"]), dtype)
+            if problem is None and manifest.get("loss_mask"):  # conversation data: its loss mask too
+                path = self.path / mask_name(shard["file"])
+                problem = shard_problem(path, int(shard["tokens"]), MASK_DTYPE)
             if problem is None:
                 continue
             if i == 0:
-                return fresh, f"shard {shard['file']!r} {problem}"
+                return fresh, f"shard {path.name!r} {problem}"
             if not shards[i - 1].get("resume"):
                 raise TalmError(
                     f"shard {str(path)!r} {problem}, and {str(self.manifest_path)!r} does not record where the "
                     "stream stood before it: pass --overwrite to delete the data directory and make it afresh"
                 )
             cut = {"shards": shards[:i], "complete": False, "resume": shards[i - 1]["resume"]}
-            return cut, f"shard {shard['file']!r} {problem}"
+            return cut, f"shard {path.name!r} {problem}"
         return manifest, None
 
     def remove_strays(self, listed: set[str]) -> None:

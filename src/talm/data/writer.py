@@ -22,7 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from talm.data.manifest import build_manifest, manifest_header, resume_point, shard_entry, shard_name
+from talm.data.manifest import (
+    MASK_DTYPE,
+    build_manifest,
+    manifest_header,
+    mask_name,
+    resume_point,
+    shard_entry,
+    shard_name,
+)
 from talm.data.shard_dir import ShardDir
 from talm.errors import TalmError
 
@@ -35,6 +43,7 @@ class TokenBatch:
     doc_tokens: np.ndarray  # int64 tokens per document (eot included; 0 for a document without text)
     doc_bytes: np.ndarray  # int64 UTF-8 bytes per document
     state_before: dict[str, Any]  # stream position just before the batch's first document
+    mask: np.ndarray | None = None  # conversation data: the loss-mask flags of every token (manifest.LEARN, START)
 
 
 def _documents_in(
@@ -62,7 +71,8 @@ def _too_short(val_got: int, val_tokens: int, empty_documents: int) -> TalmError
     """Why a stream that ended before its first training token gave no usable data."""
     if not val_got:
         return TalmError(
-            f"the stream held no text ({empty_documents:,} empty documents): check --text-column and the source"
+            f"the stream held no text ({empty_documents:,} empty or malformed documents): check --text-column "
+            "and the source"
         )
     return TalmError(
         f"the stream ended after {val_got:,} tokens, before the validation split (--val-tokens "
@@ -106,8 +116,10 @@ class ShardWriter:
             max_tokens=max_tokens,
             arguments=arguments,
         )
-        # the open shard: _filled tokens, _docs documents, _bytes bytes
+        # the open shard: _filled tokens, _docs documents, _bytes bytes (and the tokens' loss-mask flags)
         self._buffer: np.ndarray | None = None
+        self.masked = bool(header.get("loss_mask"))
+        self._mask_buffer: np.ndarray | None = None
         self._filled = self._docs = self._bytes = 0
         self.repaired: str | None = None  # what open() found damaged and resumed before, if anything
         self.load_state_dict(self._fresh())
@@ -165,7 +177,8 @@ class ShardWriter:
             status = "complete" if self.complete else "resume"
             if self.repaired:
                 self._write_manifest()  # first the manifest stops listing the damaged shard, then strays go
-        self.files.remove_strays({s["file"] for s in self.shards})
+        listed = {s["file"] for s in self.shards}
+        self.files.remove_strays(listed | ({mask_name(f) for f in listed} if self.masked else set()))
         return status
 
     # ------------------------------------------------------------------------------------------ tokens
@@ -214,6 +227,11 @@ class ShardWriter:
         if self._buffer is None:
             self._buffer = np.empty(self.shard_size, dtype=self.dtype)
         self._buffer[self._filled : self._filled + b - a] = batch.tokens[a:b]
+        if self.masked:
+            assert batch.mask is not None
+            if self._mask_buffer is None:
+                self._mask_buffer = np.empty(self.shard_size, dtype=MASK_DTYPE)
+            self._mask_buffer[self._filled : self._filled + b - a] = batch.mask[a:b]
         self._filled += b - a
         self._split_tokens += b - a
         if self.split == "train":
@@ -232,6 +250,9 @@ class ShardWriter:
         "resume from nowhere"."""
         assert self._buffer is not None and self._filled > 0
         name = shard_name(self.split, len(self.shards), self.tag)
+        if self.masked:  # before its token shard: a listed shard always has its mask
+            assert self._mask_buffer is not None
+            self.files.write_shard(mask_name(name), self._mask_buffer[: self._filled])
         self.files.write_shard(name, self._buffer[: self._filled])
         self.shards.append(shard_entry(name, self.split, self._filled, self._docs, self._bytes))
         self._filled = self._docs = self._bytes = 0
@@ -263,5 +284,6 @@ class ShardWriter:
 
     def discard(self) -> None:
         """Remove everything this writer wrote (a run that failed before producing usable data)."""
-        self.files.discard([s["file"] for s in self.shards])
+        masks = [mask_name(s["file"]) for s in self.shards] if self.masked else []
+        self.files.discard([s["file"] for s in self.shards] + masks)
         self.shards = []
