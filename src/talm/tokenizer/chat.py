@@ -59,11 +59,16 @@ def check_messages(messages: Any, *, ends_with: str) -> list[dict[str, str]]:
     return out
 
 
+def missing_chat_tokens(tokenizer: Tokenizer) -> list[str]:
+    """The special tokens of the format that `tokenizer` lacks (none for tokenizers trained by talm)."""
+    return [t for t in (*map(role_token, ROLES), EOT) if t not in tokenizer.special_tokens]
+
+
 class ChatFormat:
     """Renders conversations to token ids with a tokenizer that has talm's role tokens."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
-        missing = [t for t in (*map(role_token, ROLES), EOT) if t not in tokenizer.special_tokens]
+        missing = missing_chat_tokens(tokenizer)
         if missing:
             raise TalmError(
                 f"tokenizer {tokenizer.path} has no {', '.join(missing)} token(s), which talm's chat format needs: "

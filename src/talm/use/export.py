@@ -41,6 +41,7 @@ from talm.files import check_writable_dir, replace_dir, staging_dir
 from talm.model.config import ModelConfig
 from talm.model.gpt import GPT
 from talm.tokenizer.api import Tokenizer
+from talm.tokenizer.chat import chat_template, missing_chat_tokens
 from talm.tokenizer.formats import EOT
 from talm.use.config import DTYPES
 from talm.use.load import check_vocab, load_checkpoint
@@ -132,7 +133,8 @@ def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, t
 
 
 def write_tokenizer_files(tokenizer: Tokenizer, out_dir: Path, context_length: int) -> None:
-    """tokenizer.json + tokenizer_config.json + special_tokens_map.json: a PreTrainedTokenizerFast."""
+    """tokenizer.json + tokenizer_config.json (with talm's chat_template) + special_tokens_map.json: a
+    PreTrainedTokenizerFast."""
     tokenizer.to_hf().save(str(out_dir / "tokenizer.json"))
     special = {"bos_token": EOT, "eos_token": EOT}
     _write_json(
@@ -144,6 +146,8 @@ def write_tokenizer_files(tokenizer: Tokenizer, out_dir: Path, context_length: i
             "clean_up_tokenization_spaces": False,
             "add_bos_token": False,
             "add_eos_token": False,
+            # talm's chat format, for apply_chat_template (only where the tokenizer has the role tokens)
+            **({} if missing_chat_tokens(tokenizer) else {"chat_template": chat_template()}),
         },
     )
     _write_json(out_dir / "special_tokens_map.json", special)
