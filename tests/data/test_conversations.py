@@ -26,7 +26,9 @@ MESSAGES = pa.list_(pa.struct([("content", pa.string()), ("role", pa.string())])
 
 def conversation(i: int) -> list[dict[str, str]]:
     turns = [{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"}]
-    turns.append({"role": "assistant", "content": f"It is {2 * i}. naïve café 🙂" if i % 5 == 0 else str(2 * i)})
+    turns.append(
+        {"role": "assistant", "content": f"It is {2 * i}. naïve café 🙂" if i % 5 == 0 else str(2 * i)}
+    )
     if i % 3 == 0:
         turns = [{"role": "system", "content": "You are a helpful assistant."}, *turns]
     if i % 4 == 0:
@@ -84,7 +86,10 @@ def stream_of(out_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def conversations_in(ids: np.ndarray, flags: np.ndarray) -> list[tuple[list[int], list[int]]]:
     starts = [*np.flatnonzero(flags & START).tolist(), len(ids)]
-    return [(ids[a:b].tolist(), (flags[a:b] & LEARN).tolist()) for a, b in zip(starts[:-1], starts[1:])]
+    return [
+        (ids[a:b].tolist(), (flags[a:b] & LEARN).tolist())
+        for a, b in zip(starts[:-1], starts[1:], strict=True)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +106,20 @@ def test_smoltalk_from_a_hub_layout_copy_gives_each_conversation_with_its_mask(
 ) -> None:
     convs = rows(200, malformed_every=20)
     write_smoltalk(in_tmp, {"everyday-conversations": convs, "all": convs[:50]})
-    result = prepare(config(dataset="smoltalk", ds_sample="everyday-conversations", shard_size=1000), progress=False)
+    result = prepare(
+        config(dataset="smoltalk", ds_sample="everyday-conversations", shard_size=1000), progress=False
+    )
     assert result.out_dir == Path("data/smoltalk/everyday-conversations")
     meta = result.manifest
     assert meta["loss_mask"] is True and meta["complete"] and meta["text_column"] == "messages"
-    assert meta["totals"]["documents"] == 200 and meta["totals"]["empty_documents"] == 10  # malformed: skipped
+    assert (
+        meta["totals"]["documents"] == 200 and meta["totals"]["empty_documents"] == 10
+    )  # malformed: skipped
     for shard in meta["shards"]:
-        tokens, flags = np.load(result.out_dir / shard["file"]), np.load(result.out_dir / mask_name(shard["file"]))
+        tokens, flags = (
+            np.load(result.out_dir / shard["file"]),
+            np.load(result.out_dir / mask_name(shard["file"])),
+        )
         assert flags.dtype == MASK_DTYPE and len(flags) == len(tokens) == shard["tokens"]
     ids, flags = stream_of(result.out_dir)
     assert conversations_in(ids, flags) == [chat.render(c) for c in convs if c not in MALFORMED]
@@ -130,7 +142,9 @@ def test_an_unknown_smoltalk_config_is_refused_naming_the_real_ones() -> None:
 def test_data_files_with_a_named_messages_column(in_tmp: Path, chat: ChatFormat, suffix: str) -> None:
     convs = rows(80)
     if suffix == "jsonl":
-        Path("chats.jsonl").write_text("".join(json.dumps({"id": i, "turns": c}) + "\n" for i, c in enumerate(convs)))
+        Path("chats.jsonl").write_text(
+            "".join(json.dumps({"id": i, "turns": c}) + "\n" for i, c in enumerate(convs))
+        )
     else:
         pq.write_table(pa.table({"turns": pa.array(convs, MESSAGES)}), "chats.parquet")
     cfg = config(dataset="mine", data_files=[f"chats.{suffix}"], conversations=True, text_column="turns")
@@ -176,7 +190,9 @@ def test_an_interrupted_run_resumes_to_the_same_files(in_tmp: Path, monkeypatch:
     exactly the files of an uninterrupted run; so does a deleted mask shard, made again from its resume point."""
     from talm.data.writer import ShardWriter
 
-    Path("chats.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in rows(300, malformed_every=7)))
+    Path("chats.jsonl").write_text(
+        "".join(json.dumps({"messages": c}) + "\n" for c in rows(300, malformed_every=7))
+    )
     args = {"dataset": "c", "data_files": ["chats.jsonl"], "conversations": True, "shard_size": 700}
     clean = prepare(config(**args, data_root="clean"), progress=False).out_dir
     real, written = ShardWriter._write_manifest, [0]
@@ -202,11 +218,15 @@ def test_an_interrupted_run_resumes_to_the_same_files(in_tmp: Path, monkeypatch:
     assert contents(out) == contents(clean)
 
 
-def test_the_cli_summary_counts_conversations_and_skipped(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_cli_summary_counts_conversations_and_skipped(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from talm.cli.download_data import main
 
     shutil.copyfile(BASE, "base.json")
-    Path("chats.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in rows(50, malformed_every=10)))
+    Path("chats.jsonl").write_text(
+        "".join(json.dumps({"messages": c}) + "\n" for c in rows(50, malformed_every=10))
+    )
     main(["mine", "--data-files", "chats.jsonl", "--conversations", "-t", "base.json", "--val-tokens", "100"])
     out = capsys.readouterr().out
     assert "50 conversations" in out and "5 malformed skipped, the first: conversation 11:" in out

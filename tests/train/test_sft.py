@@ -104,7 +104,9 @@ def test_fine_tuning_with_the_loss_mask_answers_held_out_prompts(
     assert accuracy(model, held_out) >= 0.9
 
 
-def test_the_same_run_with_the_mask_inverted_cannot_answer(copy_task: tuple[Path, list[str]], tmp_path: Path) -> None:
+def test_the_same_run_with_the_mask_inverted_cannot_answer(
+    copy_task: tuple[Path, list[str]], tmp_path: Path
+) -> None:
     data, held_out = copy_task
     inverted = tmp_path / "inverted"
     shutil.copytree(data, inverted)

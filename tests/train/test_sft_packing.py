@@ -30,7 +30,12 @@ def conversation(i: int) -> list[dict[str, str]]:
     words = " ".join(["word"] * (40 if i % 9 == 4 else i % 5))
     messages = [{"role": "user", "content": f"q{i} {words}"}, {"role": "assistant", "content": f"a{i}"}]
     if i % 4 == 1:
-        messages = [{"role": "system", "content": "sys"}, *messages, *messages[:1], {"role": "assistant", "content": f"b{i}"}]
+        messages = [
+            {"role": "system", "content": "sys"},
+            *messages,
+            *messages[:1],
+            {"role": "assistant", "content": f"b{i}"},
+        ]
     return messages
 
 
@@ -60,7 +65,7 @@ def loader(data_dir: Path, **kwargs) -> ConversationLoader:
 def test_pack_fills_rows_in_order_and_never_cuts_a_conversation() -> None:
     lengths = np.array([5, 3, 4, 8, 1, 1, 6, 2])
     bounds = pack(lengths, 8)
-    rows = [lengths[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    rows = [lengths[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     assert [r.tolist() for r in rows] == [[5, 3], [4], [8], [1, 1, 6], [2]]
     assert all(r.sum() <= 8 for r in rows)
 
@@ -98,7 +103,9 @@ def test_rows_hold_whole_conversations_and_targets_carry_the_mask_of_the_predict
 
 
 def test_the_eval_slice_packs_the_val_split(conv_data: Path) -> None:
-    ev = ConversationEval(read_data(conv_data), eval_tokens=1000, context_length=ROW - 1, batch_size=2, pad_id=1020)
+    ev = ConversationEval(
+        read_data(conv_data), eval_tokens=1000, context_length=ROW - 1, batch_size=2, pad_id=1020
+    )
     batches = list(ev)
     assert batches and all(b[3] == int((b[1] >= 0).sum()) > 0 for b in batches)
     assert ev.tokens_per_byte is None
@@ -109,7 +116,9 @@ def test_the_step_loss_is_the_mean_over_every_learned_target_of_the_step(conv_da
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=1024, context_length=ROW - 1, n_layer=1, n_head=2, d_model=32))
     ld = loader(conv_data, batch_size=2, accum_steps=3)
-    step = conversation_step(ld, 3, dist.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    step = conversation_step(
+        ld, 3, dist.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    )
     counts = [int((y >= 0).sum()) for _, y, _, _ in step]
     assert len(set(counts)) > 1  # the case that a mean of means gets wrong
     with torch.no_grad():

@@ -46,7 +46,9 @@ def ids_of(rendered: object) -> list[int]:
     return list(rendered["input_ids"]) if hasattr(rendered, "keys") else list(rendered)
 
 
-@pytest.mark.parametrize("messages", CONVERSATIONS, ids=["one-turn", "system-and-two-turns", "unicode-and-empty"])
+@pytest.mark.parametrize(
+    "messages", CONVERSATIONS, ids=["one-turn", "system-and-two-turns", "unicode-and-empty"]
+)
 def test_apply_chat_template_gives_talms_ids(exported: tuple, messages: list[dict[str, str]]) -> None:
     chat, hf = exported
     assert hf.chat_template

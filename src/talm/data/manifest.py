@@ -318,13 +318,17 @@ def read_data(data_dir: str | Path, *, splits: tuple[str, ...] = ("train", "val"
         complete = complete and bool(meta.get("complete", False))
         masked.add(bool(meta.get("loss_mask", False)))
         if len(masked) > 1:
-            raise _manifest_error(path, "disagrees with the other manifests on loss masks (text and conversations mixed)")
+            raise _manifest_error(
+                path, "disagrees with the other manifests on loss masks (text and conversations mixed)"
+            )
         for entry in meta["shards"]:
             shard_path = data_dir / entry["file"]
             if not shard_path.is_file():
                 raise _manifest_error(path, f"lists {entry['file']!r}, which is missing")
             if meta.get("loss_mask") and not (data_dir / mask_name(entry["file"])).is_file():
-                raise _manifest_error(path, f"lists {entry['file']!r}, whose loss mask {mask_name(entry['file'])!r} is missing")
+                raise _manifest_error(
+                    path, f"lists {entry['file']!r}, whose loss mask {mask_name(entry['file'])!r} is missing"
+                )
             shards.append(Shard(shard_path, entry["split"], int(entry["tokens"]), entry.get("bytes")))
     shards.sort(key=lambda s: s.path.name)
     data = DataSet(data_dir, tokenizer or {}, dtype or np.dtype("uint16"), shards, complete, True in masked)

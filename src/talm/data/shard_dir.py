@@ -148,14 +148,18 @@ class ShardDir:
         if not self.path.is_dir():
             return
         own = worker_files_re(self.tag)
+        listed = listed | {mask_name(name) for name in listed}  # and their loss masks (conversation data)
         for path in self.path.iterdir():
             if own.fullmatch(path.name) and path.name not in listed and path != self.manifest_path:
                 path.unlink()
 
-    def write_shard(self, name: str, tokens: np.ndarray) -> None:
+    def write_shard(self, name: str, tokens: np.ndarray, masks: np.ndarray | None = None) -> None:
+        """A token shard, and first its loss-mask shard if `masks` (so a written shard always has its mask)."""
         if not self.path.is_dir():
             self._created = missing_dirs(self.path)
             self.path.mkdir(parents=True, exist_ok=True)
+        if masks is not None:
+            self.write_shard(mask_name(name), masks)
         _write_atomically(
             self.path / name, lambda f: np.lib.format.write_array(f, tokens, allow_pickle=False)
         )
@@ -169,6 +173,7 @@ class ShardDir:
         workers' files stay)."""
         for name in files:
             (self.path / name).unlink(missing_ok=True)
+            (self.path / mask_name(name)).unlink(missing_ok=True)
         self.manifest_path.unlink(missing_ok=True)
         remove_empty_dirs(self._created)
 

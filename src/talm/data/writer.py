@@ -26,7 +26,6 @@ from talm.data.manifest import (
     MASK_DTYPE,
     build_manifest,
     manifest_header,
-    mask_name,
     resume_point,
     shard_entry,
     shard_name,
@@ -43,7 +42,7 @@ class TokenBatch:
     doc_tokens: np.ndarray  # int64 tokens per document (eot included; 0 for a document without text)
     doc_bytes: np.ndarray  # int64 UTF-8 bytes per document
     state_before: dict[str, Any]  # stream position just before the batch's first document
-    mask: np.ndarray | None = None  # conversation data: the loss-mask flags of every token (manifest.LEARN, START)
+    mask: np.ndarray | None = None  # conversation data: each token's loss-mask flags (manifest.LEARN, START)
 
 
 def _documents_in(
@@ -116,10 +115,9 @@ class ShardWriter:
             max_tokens=max_tokens,
             arguments=arguments,
         )
-        # the open shard: _filled tokens, _docs documents, _bytes bytes (and the tokens' loss-mask flags)
+        # the open shard: _filled tokens, _docs documents, _bytes bytes (and _masks, their loss-mask flags)
         self._buffer: np.ndarray | None = None
-        self.masked = bool(header.get("loss_mask"))
-        self._mask_buffer: np.ndarray | None = None
+        self.masked = bool(header.get("loss_mask"))  # conversation data: a loss-mask shard beside each shard
         self._filled = self._docs = self._bytes = 0
         self.repaired: str | None = None  # what open() found damaged and resumed before, if anything
         self.load_state_dict(self._fresh())
@@ -177,8 +175,7 @@ class ShardWriter:
             status = "complete" if self.complete else "resume"
             if self.repaired:
                 self._write_manifest()  # first the manifest stops listing the damaged shard, then strays go
-        listed = {s["file"] for s in self.shards}
-        self.files.remove_strays(listed | ({mask_name(f) for f in listed} if self.masked else set()))
+        self.files.remove_strays({s["file"] for s in self.shards})
         return status
 
     # ------------------------------------------------------------------------------------------ tokens
@@ -226,12 +223,10 @@ class ShardWriter:
         """Copy stream tokens [a, b) of the batch into the open shard and account its documents and bytes."""
         if self._buffer is None:
             self._buffer = np.empty(self.shard_size, dtype=self.dtype)
+            self._masks = np.empty(self.shard_size, dtype=MASK_DTYPE) if self.masked else None
         self._buffer[self._filled : self._filled + b - a] = batch.tokens[a:b]
-        if self.masked:
-            assert batch.mask is not None
-            if self._mask_buffer is None:
-                self._mask_buffer = np.empty(self.shard_size, dtype=MASK_DTYPE)
-            self._mask_buffer[self._filled : self._filled + b - a] = batch.mask[a:b]
+        if self._masks is not None:  # conversation data (a masked writer is given masked batches)
+            self._masks[self._filled : self._filled + b - a] = batch.mask[a:b]  # type: ignore[index]
         self._filled += b - a
         self._split_tokens += b - a
         if self.split == "train":
@@ -250,10 +245,8 @@ class ShardWriter:
         "resume from nowhere"."""
         assert self._buffer is not None and self._filled > 0
         name = shard_name(self.split, len(self.shards), self.tag)
-        if self.masked:  # before its token shard: a listed shard always has its mask
-            assert self._mask_buffer is not None
-            self.files.write_shard(mask_name(name), self._mask_buffer[: self._filled])
-        self.files.write_shard(name, self._buffer[: self._filled])
+        masks = None if self._masks is None else self._masks[: self._filled]
+        self.files.write_shard(name, self._buffer[: self._filled], masks)
         self.shards.append(shard_entry(name, self.split, self._filled, self._docs, self._bytes))
         self._filled = self._docs = self._bytes = 0
         if next_split != self.split:
@@ -284,6 +277,5 @@ class ShardWriter:
 
     def discard(self) -> None:
         """Remove everything this writer wrote (a run that failed before producing usable data)."""
-        masks = [mask_name(s["file"]) for s in self.shards] if self.masked else []
-        self.files.discard([s["file"] for s in self.shards] + masks)
+        self.files.discard([s["file"] for s in self.shards])
         self.shards = []

@@ -94,7 +94,9 @@ class ChatFormat:
             self._append(ids, mask, m["role"], self.tokenizer.encode(m["content"]))
         return ids, mask
 
-    def render_batch(self, conversations: Sequence[Any]) -> list[tuple[list[int], list[int]] | BadConversation]:
+    def render_batch(
+        self, conversations: Sequence[Any]
+    ) -> list[tuple[list[int], list[int]] | BadConversation]:
         """`render` of each conversation (a BadConversation in its place when it is not valid), with every
         message's content encoded in one parallel `encode_batch` call: what the data stage uses."""
         checked: list[list[dict[str, str]] | BadConversation] = []
@@ -137,7 +139,7 @@ def chat_template() -> str:
     return (
         "{%- for message in messages -%}"
         f"{{%- if message['role'] not in [{roles}] -%}}"
-        "{{ raise_exception('unknown role ' ~ message['role'] ~ ': the roles are " + ", ".join(ROLES) + "') }}"
+        f"{{{{ raise_exception('unknown role ' ~ message['role'] ~ ': the roles are {', '.join(ROLES)}') }}}}"
         "{%- endif -%}"
         f"{{{{ '{before}' ~ message['role'] ~ '{after}' ~ message['content'] }}}}"
         f"{{%- if message['role'] == 'assistant' -%}}{{{{ '{EOT}' }}}}{{%- endif -%}}"

@@ -35,7 +35,7 @@ from talm.train.evaluate import evaluate, scores_text
 from talm.train.inputs import accumulation, load_inputs, make_loaders
 from talm.train.metrics import MetricsLog
 from talm.train.optim import apply_schedule, build_optimizer, multiplier
-from talm.train.packing import ConversationLoader, conversation_step
+from talm.train.packing import ConversationLoader, micro_batches
 from talm.train.precision import Precision, set_deterministic
 from talm.train.report import make_sinks
 from talm.train.stop import StopRequest
@@ -188,27 +188,16 @@ class Trainer:
         lr = apply_schedule(self.optimizer, self.cfg.optim, self.step, self.lr_mult(self.step))  # AdamW's lr
         scaler = self.precision.scaler
         loss_sum = torch.zeros((), device=self.device)
-        sft = None  # conversation data: the step's batches, fetched first to count the targets it learns
-        if isinstance(self.loader, ConversationLoader):
-            t = time.perf_counter()
-            sft = conversation_step(self.loader, self.accum, self.ctx)
-            self.data_wait += time.perf_counter() - t
+        batches = micro_batches(self.loader, self.accum, self.ctx)
         for micro in range(self.accum):
             t = time.perf_counter()
-            if sft is None:
-                x, y = self.loader.next_batch()
-            else:
-                x, y, doc_ids, scale = sft[micro]
+            x, y, extra, scale = next(batches)  # conversation data: doc_ids, and a scale (packing.py)
             self.data_wait += time.perf_counter() - t
             last = micro == self.accum - 1
             sync = self.net.no_sync() if isinstance(self.net, DDP) and not last else nullcontext()
             with sync:
                 with self.precision.autocast():
-                    if sft is None:
-                        _, loss = self.net(x, y)
-                    else:  # the micro-batch's mean over its learned targets, rescaled (conversation_step)
-                        _, loss = self.net(x, y, doc_ids=doc_ids)
-                        loss = loss * scale
+                    loss = self.net(x, y, **extra)[1] * scale
                 loss_sum += loss.detach()
                 scaler.scale(loss / self.accum).backward()
         scaler.unscale_(self.optimizer)

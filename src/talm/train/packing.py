@@ -24,7 +24,7 @@ import torch
 from talm.data.manifest import LEARN, MASK_DTYPE, START, DataSet, Shard
 from talm.errors import TalmError
 from talm.train import dist
-from talm.train.loader import SEED_LIMIT, ShardCache
+from talm.train.loader import SEED_LIMIT, ShardCache, TokenLoader
 
 # What one batch is: inputs, targets (-1 where not learned), conversation ids (None: attention may cross
 # conversations, --train.isolate-conversations off), and how many targets are learned.
@@ -45,7 +45,10 @@ class SplitStream:
 
     def conversations(self) -> tuple[np.ndarray, np.ndarray]:
         """(start offset, length) in the stream of every conversation, in stream order."""
-        starts = [np.flatnonzero(self._mask(s) & START) + (end - s.tokens) for s, end in zip(self.shards, self.ends)]
+        starts = [
+            np.flatnonzero(self._mask(s) & START) + (end - s.tokens)
+            for s, end in zip(self.shards, self.ends, strict=True)
+        ]
         first = np.concatenate(starts) if starts else np.empty(0, dtype=np.int64)
         total = int(self.ends[-1]) if len(self.ends) else 0
         return first, np.diff(first, append=total)
@@ -77,7 +80,12 @@ def pack(lengths: np.ndarray, row_len: int) -> np.ndarray:
 
 
 def fill_rows(
-    stream: SplitStream, starts: np.ndarray, lengths: np.ndarray, rows: list[np.ndarray], row_len: int, pad_id: int
+    stream: SplitStream,
+    starts: np.ndarray,
+    lengths: np.ndarray,
+    rows: list[np.ndarray],
+    row_len: int,
+    pad_id: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tokens, flags, conversation ids) of shape (len(rows), row_len): each row its conversations (indices into
     starts/lengths) back to back, then padding (`pad_id`, no flags, an id of its own)."""
@@ -121,6 +129,24 @@ def conversation_step(
         count = int(dist.all_reduce_sum(torch.tensor([count], dtype=torch.int64, device=ctx.device)).item())
     total = max(count, 1)
     return [(x, y, d, n * ctx.world_size * accum / total) for x, y, d, n in batches]
+
+
+def micro_batches(
+    loader: TokenLoader | ConversationLoader, accum: int, ctx: dist.DistContext
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], float]]:
+    """The micro-batches of one optimizer step as (x, y, extra arguments of the model, scale of its loss).
+
+    Text data's come one at a time, as `TokenLoader` gives them, with no extra arguments and a scale of 1.0
+    (exact: training is bitwise what it was without this). Conversation data's come all at once, with their
+    doc_ids when attention is kept inside conversations and the scale that makes the step's loss the mean over
+    its learned targets (`conversation_step`)."""
+    if isinstance(loader, ConversationLoader):
+        for x, y, doc_ids, scale in conversation_step(loader, accum, ctx):
+            yield x, y, ({} if doc_ids is None else {"doc_ids": doc_ids}), scale
+        return
+    for _ in range(accum):
+        x, y = loader.next_batch()
+        yield x, y, {}, 1.0
 
 
 class ConversationLoader:
@@ -256,9 +282,18 @@ class ConversationEval:
         self.tokens = len(rows) * context_length
         self.mine = rows[rank::world_size]
         self.device = torch.device(device)
-        self.tokens_per_byte = None  # the loss covers the assistant's tokens only: bits per byte would mislead
+        self.tokens_per_byte = (
+            None  # the loss covers the assistant's tokens only: bits per byte would mislead
+        )
 
     def __iter__(self) -> Iterator[Batch]:
         for i in range(0, len(self.mine), self.batch_size):
-            rows = fill_rows(self.stream, self.starts, self.lengths, self.mine[i : i + self.batch_size], self.row_len, self.pad_id)
+            rows = fill_rows(
+                self.stream,
+                self.starts,
+                self.lengths,
+                self.mine[i : i + self.batch_size],
+                self.row_len,
+                self.pad_id,
+            )
             yield to_batch(rows[0], rows[1], rows[2] if self.isolate else None, self.device)

@@ -11,7 +11,7 @@ differ elsewhere (sandwich or gain-free norms). zero_init_proj is only an initia
     model.safetensors        the weights, under transformers' names (lm_head omitted when tied)
     generation_config.json   bos/eos = <|endoftext|>
     tokenizer.json           the tokenizer, as a tokenizers JSON (loads as PreTrainedTokenizerFast)
-    tokenizer_config.json    tokenizer class, bos/eos tokens, context length
+    tokenizer_config.json    tokenizer class, bos/eos tokens, context length, talm's chat format as chat_template
     special_tokens_map.json
     README.md                a model card: architecture, training tokens, validation loss, how to load it
 
@@ -41,8 +41,7 @@ from talm.files import check_writable_dir, replace_dir, staging_dir
 from talm.model.config import ModelConfig
 from talm.model.gpt import GPT
 from talm.tokenizer.api import Tokenizer
-from talm.tokenizer.chat import chat_template, missing_chat_tokens
-from talm.tokenizer.formats import EOT
+from talm.tokenizer.chat import EOT, chat_template, missing_chat_tokens  # (EOT: talm.tokenizer.formats')
 from talm.use.config import DTYPES
 from talm.use.load import check_vocab, load_checkpoint
 
@@ -133,8 +132,7 @@ def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, t
 
 
 def write_tokenizer_files(tokenizer: Tokenizer, out_dir: Path, context_length: int) -> None:
-    """tokenizer.json + tokenizer_config.json (with talm's chat_template) + special_tokens_map.json: a
-    PreTrainedTokenizerFast."""
+    """tokenizer.json + tokenizer_config.json + special_tokens_map.json: a PreTrainedTokenizerFast."""
     tokenizer.to_hf().save(str(out_dir / "tokenizer.json"))
     special = {"bos_token": EOT, "eos_token": EOT}
     _write_json(
@@ -146,7 +144,6 @@ def write_tokenizer_files(tokenizer: Tokenizer, out_dir: Path, context_length: i
             "clean_up_tokenization_spaces": False,
             "add_bos_token": False,
             "add_eos_token": False,
-            # talm's chat format, for apply_chat_template (only where the tokenizer has the role tokens)
             **({} if missing_chat_tokens(tokenizer) else {"chat_template": chat_template()}),
         },
     )
