@@ -27,7 +27,7 @@ from talm.train import dist
 from talm.train.loader import SEED_LIMIT, ShardCache, TokenLoader
 
 # What one batch is: inputs, targets (-1 where not learned), conversation ids (None: attention may cross
-# conversations, --train.isolate-conversations off), and how many targets are learned.
+# conversations, --train.isolate_conversations off), and how many targets are learned.
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]
 
 
