@@ -21,7 +21,7 @@ BASE = Path(__file__).resolve().parents[2] / "tokenizers" / "base.json"
 ARGS = (
     "--device cpu --model.context_length 48 --model.n_layer 2 --model.d_model 64 --model.n_head 2 "
     "--batch-size 2 --train.tokens_per_step 192 --max-steps 6 --log-every 1 --eval-every 3 --save-every 3 "
-    "--eval-tokens 256 --optim.warmup_steps 2 --train.isolate_conversations"
+    "--eval-tokens 256 --optim.warmup_steps 2"
 ).split()
 
 

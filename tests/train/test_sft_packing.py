@@ -131,7 +131,8 @@ def test_the_step_loss_is_the_mean_over_every_learned_target_of_the_step(conv_da
 def test_doc_ids_keep_attention_inside_each_conversation(conv_data: Path) -> None:
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=1024, context_length=ROW - 1, n_layer=2, n_head=2, d_model=32)).eval()
-    x, _, docs, _ = loader(conv_data, isolate=True).next_batch()
+    assert loader(conv_data, isolate=False).next_batch()[2] is None  # --no-train.isolate_conversations
+    x, _, docs, _ = loader(conv_data).next_batch()
     assert docs is not None
     row, ids = x[0], docs[0]
     second = (ids == 1).nonzero().flatten()

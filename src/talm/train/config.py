@@ -91,11 +91,12 @@ class TrainConfig(Config):
     tiny preset's ~100 s CPU run, compiled steps would have to be twice as fast. Meant for GPUs and long runs;
     benchmarks/bench_convergence.py measures it at equal time. Evaluation and checkpoint saves use the
     uncompiled model, so they cause no recompiles."""
-    isolate_conversations: bool = False
+    isolate_conversations: bool = True
     """Conversation data only: a packed row's conversations do not attend to each other (a block-diagonal causal
-    mask for SDPA). Off by default because it costs speed: on CPU the tiny model's step was ~10-17% slower than
-    plain causal attention, and on GPUs a dense mask rules out the flash kernels; packed conversations are still
-    never cut, and the loss is only on the assistant's tokens."""
+    mask for SDPA instead of is_causal). Measured on CPU (benchmarks/bench_doc_mask.py) it costs no clear
+    slowdown; on GPUs a dense mask rules out the flash-attention kernels, so measure there and turn it off
+    (--no-train.isolate_conversations) if it is slower: conversations are still never cut, the loss is still
+    only on the assistant's tokens, they merely see earlier conversations of their row."""
     deterministic: bool = False
     """Bitwise-reproducible runs (deterministic kernels; on CPU a resumed run repeats the same losses)."""
     seed: Seed = 1337

@@ -27,7 +27,7 @@ from talm.train import dist
 from talm.train.loader import SEED_LIMIT, ShardCache, TokenLoader
 
 # What one batch is: inputs, targets (-1 where not learned), conversation ids (None: attention may cross
-# conversations, --train.isolate_conversations off), and how many targets are learned.
+# conversations, --no-train.isolate_conversations), and how many targets are learned.
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]
 
 
@@ -161,7 +161,7 @@ class ConversationLoader:
         context_length: int,
         seed: int,
         pad_id: int,
-        isolate: bool = False,
+        isolate: bool = True,
         rank: int = 0,
         world_size: int = 1,
         device: torch.device | str = "cpu",
@@ -259,7 +259,7 @@ class ConversationEval:
         context_length: int,
         batch_size: int,
         pad_id: int,
-        isolate: bool = False,
+        isolate: bool = True,
         rank: int = 0,
         world_size: int = 1,
         device: torch.device | str = "cpu",
