@@ -67,7 +67,7 @@ def fine_tune(data: Path, model_dir: Path) -> torch.nn.Module:
         {
             "model": {"context_length": 64, "n_layer": 2, "n_head": 2, "d_model": 64, "qk_norm": True},
             "optim": {"name": "muon", "lr": 3e-3, "warmup_steps": 20, "schedule": "wsd"},
-            "train": {"max_steps": 150, "batch_size": 8, "eval_every": 150, "eval_tokens": 256}
+            "train": {"max_steps": 100, "batch_size": 8, "eval_every": 100, "eval_tokens": 256}
             | {"save_every": 1000, "log_every": 50, "device": "cpu", "seed": 3},
             "data": {"dir": str(data)},
         }
