@@ -115,7 +115,7 @@ def to_batch(ids: np.ndarray, flags: np.ndarray, docs: np.ndarray | None, device
 
 def conversation_step(
     loader: ConversationLoader, accum: int, ctx: dist.DistContext
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]:
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]]:
     """The `accum` micro-batches of one optimizer step, each with the scale of its mean loss.
 
     The step's loss is the sum of every learned target's loss over all micro-batches and ranks, divided by the
