@@ -148,7 +148,8 @@ class DownloadConfig(Config):
     """What `download_data` streams, how it tokenizes it, and where the shards go."""
 
     dataset: str
-    """A preset (fineweb, fineweb-edu, smol, tinyshakespeare) or, with --data-files, any name for your corpus."""
+    """A preset (fineweb, fineweb-edu, smol, smoltalk, tinyshakespeare) or, with --data-files, any name for your
+    corpus."""
     ds_sample: str | None = None
     """The dataset's config (subset), e.g. sample-10BT or CC-MAIN-2024-10; unset means the preset's default."""
     tokenizer_path: PathField = Path("tokenizers/base.json")

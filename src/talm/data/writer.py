@@ -70,8 +70,7 @@ def _too_short(val_got: int, val_tokens: int, empty_documents: int) -> TalmError
     """Why a stream that ended before its first training token gave no usable data."""
     if not val_got:
         return TalmError(
-            f"the stream held no text ({empty_documents:,} empty or malformed documents): check --text-column "
-            "and the source"
+            f"the stream held no text ({empty_documents:,} empty documents): check --text-column and the source"
         )
     return TalmError(
         f"the stream ended after {val_got:,} tokens, before the validation split (--val-tokens "
