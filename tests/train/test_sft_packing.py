@@ -164,3 +164,49 @@ def test_ranks_take_disjoint_rows(conv_data: Path) -> None:
     x0, x1 = r0.next_batch()[0], r1.next_batch()[0]
     one = loader(conv_data, batch_size=8).next_batch()[0]
     assert torch.equal(torch.cat([x0, x1]), one)
+
+
+def test_a_fine_tuning_run_stopped_and_resumed_repeats_the_uninterrupted_losses(
+    conv_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import talm.train.loop as loop
+    from talm.config import validate
+    from talm.train.config import RunConfig
+    from talm.train.metrics import read_metrics
+    from talm.train.run import resolve_run, train
+
+    layer = {
+        "model": {"n_layer": 1, "n_head": 2, "d_model": 32, "context_length": ROW - 1},
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "train": {"max_steps": 8, "batch_size": 2, "tokens_per_step": 4 * (ROW - 1), "eval_every": 4}
+        | {"save_every": 100, "log_every": 1, "eval_tokens": 200, "device": "cpu", "deterministic": True},
+        "data": {"dir": str(conv_data)},
+    }
+    train(validate(RunConfig, layer), tmp_path / "whole")
+
+    class StopInStep4(loop.StopRequest):
+        asked = 0
+
+        @property
+        def requested(self) -> bool:
+            type(self).asked += 1
+            return type(self).asked >= 4
+
+        @requested.setter
+        def requested(self, value: bool) -> None:
+            pass
+
+    monkeypatch.setattr(loop, "StopRequest", StopInStep4)
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C in step 4: saved, then stopped
+        loop.Trainer(validate(RunConfig, layer), tmp_path / "cut").run()
+    monkeypatch.undo()
+    cfg, resume_from = resolve_run(tmp_path / "cut", [layer])
+    train(cfg, tmp_path / "cut", resume_from=resume_from)
+
+    def losses(name: str, key: str) -> dict[int, float]:
+        return {r["step"]: r[key] for r in read_metrics(tmp_path / name) if key in r}
+
+    whole, cut = losses("whole", "train_loss"), losses("cut", "train_loss")
+    assert sorted(cut) == list(range(1, 9))
+    assert [cut[s] for s in range(5, 9)] == pytest.approx([whole[s] for s in range(5, 9)], rel=1e-6)
+    assert losses("cut", "val_loss")[8] == pytest.approx(losses("whole", "val_loss")[8], rel=1e-6)
