@@ -234,7 +234,10 @@ def test_no_network_fails_fast_in_one_line(project: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["webtext"], "unknown dataset 'webtext': choose one of fineweb, fineweb-edu, smol, tinyshakespeare"),
+        (
+            ["webtext"],
+            "unknown dataset 'webtext': choose one of fineweb, fineweb-edu, smol, smoltalk, tinyshakespeare",
+        ),
         (["fineweb", "--ds-sample", "sample-1BT"], "unknown config 'sample-1BT' of HuggingFaceFW/fineweb"),
         (
             ["tinyshakespeare", "-t", "tokenizers/none.json"],

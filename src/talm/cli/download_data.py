@@ -25,9 +25,11 @@ def run(cfg: DownloadConfig) -> None:
             file=sys.stderr,
         )
         raise
+    conversations = bool(result.manifest.get("loss_mask"))
+    docs = "conversations" if conversations else "documents"
     layout = (
         f"{len(result.manifest['shards'])} shards, {result.split_tokens('train'):,} train + "
-        f"{result.split_tokens('val'):,} val tokens, {result.manifest['totals']['documents']:,} documents"
+        f"{result.split_tokens('val'):,} val tokens, {result.manifest['totals']['documents']:,} {docs}"
     )
     if result.status == "complete":
         print(f"{result.out_dir} is already complete ({layout}): nothing to do (--overwrite starts afresh)")
@@ -37,9 +39,14 @@ def run(cfg: DownloadConfig) -> None:
     resumed = " (resumed)" if result.status == "resume" else ""
     if result.repaired:
         resumed = f" (resumed from the last good shard: {result.repaired})"
+    skipped = f"{stats.empty_documents:,} empty skipped"
+    if conversations:
+        skipped = f"{stats.empty_documents:,} malformed skipped" + (
+            f", the first: {stats.first_skipped}" if stats.first_skipped else ""
+        )
     print(
-        f"wrote {result.out_dir}{resumed}: {layout}; this run {stats.tokens:,} tokens, {stats.documents:,} documents"
-        f" ({stats.empty_documents:,} empty skipped) in {stats.seconds:.1f} s, {stats.tokens_per_s:,.0f} tokens/s, "
+        f"wrote {result.out_dir}{resumed}: {layout}; this run {stats.tokens:,} tokens, {stats.documents:,} {docs}"
+        f" ({skipped}) in {stats.seconds:.1f} s, {stats.tokens_per_s:,.0f} tokens/s, "
         f"{stats.mb_per_s:.1f} MB/s"
     )
 
@@ -59,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
             "(parquet, jsonl, json, csv, txt)\n\n"
             "examples:\n  download_data tinyshakespeare\n  download_data fineweb --ds-sample sample-10BT --max-tokens 1e9\n"
             "  download_data mycorpus --data-files ~/corpus/*.parquet --text-column content\n"
+            "  download_data smoltalk --ds-sample everyday-conversations   # conversations, for --preset sft\n"
+            "  download_data mychats --data-files chats.jsonl --conversations   # a messages column\n"
             "  download_data fineweb --ds-sample sample-100BT --num-workers 8 --worker-index 0   # one of 8"
         ),
         formatter_class=HelpFormatter,

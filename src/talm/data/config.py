@@ -39,7 +39,9 @@ class DatasetPreset(Config):
     no_text: dict[str, str] = Field(default_factory=dict)
     """Configs that exist but hold no text, each with the reason, so asking for them gets a clear refusal."""
     text_column: str = "text"
-    """Column holding the documents' text."""
+    """Column holding the documents' text (for conversations: the list of messages)."""
+    conversations: bool = False
+    """Rows are conversations (a list of {role, content} messages), written with loss masks for fine-tuning."""
     val_tokens: int = Field(ge=0)
     """Default size of the validation split, in tokens (taken from the start of the stream)."""
 
@@ -80,6 +82,30 @@ DATASET_PRESETS: dict[str, DatasetPreset] = {
             "yourself and pass them with --data-files, or pick cosmopedia-v2 or fineweb-edu-dedup"
         },
         val_tokens=10_000_000,
+    ),
+    # Conversations for supervised fine-tuning (SmolLM2's SFT mix, arXiv:2502.02737): every config lives in
+    # data/CONFIG/{train,test}-*.parquet with columns messages (list of {content, role}) and source.
+    "smoltalk": DatasetPreset(
+        source="HuggingFaceTB/smoltalk",
+        configs=[
+            "all",
+            "smol-magpie-ultra",
+            "smol-constraints",
+            "smol-rewrite",
+            "smol-summarize",
+            "apigen-80k",
+            "everyday-conversations",
+            "explore-instruct-rewriting",
+            "longalign",
+            "metamathqa-50k",
+            "numina-cot-100k",
+            "openhermes-100k",
+            "self-oss-instruct",
+            "systemchats-30k",
+        ],
+        text_column="messages",
+        conversations=True,
+        val_tokens=1_000_000,
     ),
     "tinyshakespeare": DatasetPreset(
         source="tiny-shakespeare.txt", kind="file", configs=["default"], val_tokens=40_000
@@ -122,7 +148,8 @@ class DownloadConfig(Config):
     """What `download_data` streams, how it tokenizes it, and where the shards go."""
 
     dataset: str
-    """A preset (fineweb, fineweb-edu, smol, tinyshakespeare) or, with --data-files, any name for your corpus."""
+    """A preset (fineweb, fineweb-edu, smol, smoltalk, tinyshakespeare) or, with --data-files, any name for your
+    corpus."""
     ds_sample: str | None = None
     """The dataset's config (subset), e.g. sample-10BT or CC-MAIN-2024-10; unset means the preset's default."""
     tokenizer_path: PathField = Path("tokenizers/base.json")
@@ -149,7 +176,12 @@ class DownloadConfig(Config):
     data_files: list[str] | None = None
     """Your own text instead of the Hub: files, globs or directories of parquet, jsonl/json, csv or txt."""
     text_column: str | None = None
-    """Column holding the text (default: the preset's, else "text"); txt files are split at blank lines."""
+    """Column holding the text (default: the preset's, else "text", or "messages" with --conversations); txt files
+    are split at blank lines."""
+    conversations: bool = False
+    """--data-files hold conversations, not text: each row's column (--text-column, default "messages") is a list
+    of {"role": "system"|"user"|"assistant", "content": str} messages, rendered with talm's chat format and
+    written with loss masks for supervised fine-tuning (presets such as smoltalk set this themselves)."""
 
     @model_validator(mode="after")
     def _check(self) -> DownloadConfig:
@@ -188,8 +220,17 @@ class DownloadConfig(Config):
         return self.preset.default_config if self.preset else "default"
 
     @property
+    def is_conversations(self) -> bool:
+        """Rows are conversations (--conversations, or a conversation preset such as smoltalk)."""
+        return self.conversations or bool(self.preset and self.preset.conversations)
+
+    @property
     def column(self) -> str:
-        return self.text_column or (self.preset.text_column if self.preset else "text")
+        if self.text_column:
+            return self.text_column
+        if self.preset:
+            return self.preset.text_column
+        return "messages" if self.is_conversations else "text"
 
     @property
     def out_dir(self) -> Path:

@@ -20,6 +20,14 @@ The manifest, a JSON object (written with `manifest_bytes`, read with `read_mani
     totals        {tokens, documents, bytes, empty_documents} of the listed shards
     resume        None once complete, else a `resume_point`: where the stream stands after the last shard
     complete      True once the stream (or max_tokens) ended and its last shard is listed
+    loss_mask     (conversation data only; absent in text data) True: every shard `X.npy` has a loss-mask shard
+                  `X.mask.npy` beside it (`mask_name`), and "empty_documents" counts the malformed conversations
+                  that were skipped
+
+A loss-mask shard is a 1-D uint8 array as long as its token shard, a set of bit flags per token: LEARN (the model
+is trained to predict this token: assistant content and the `<|endoftext|>` closing its turn) and START (the
+first token of a conversation; conversations may continue into the next shard). The rendering itself is
+`talm.tokenizer.chat.ChatFormat`; conversation data is written without the <|endoftext|> before each document.
 
 A resume point is {stream_state, skip_tokens, split, empty_documents}: the stream position before the batch
 that the next shard starts in (`TextStream.state_dict()`), how many tokens of that batch are already in shards,
@@ -50,6 +58,18 @@ def worker_tag(index: int, count: int) -> str:
     return "" if count == 1 else f".w{index:03d}-of-{count:03d}"
 
 
+# Loss-mask shards (conversation data): bit flags per token.
+MASK_DTYPE = np.dtype("uint8")
+LEARN = 1  # train on predicting this token
+START = 2  # the first token of a conversation
+
+
+def mask_name(shard_file: str) -> str:
+    """The loss-mask shard beside token shard `shard_file`: train_000001.npy -> train_000001.mask.npy."""
+    assert shard_file.endswith(".npy")
+    return shard_file[: -len(".npy")] + ".mask.npy"
+
+
 def manifest_name(tag: str) -> str:
     return f"meta{tag}.json"
 
@@ -77,7 +97,7 @@ def manifest_paths(data_dir: Path) -> list[Path]:
 
 def _files_re(tag: str) -> re.Pattern[str]:
     """Shards and manifests with a tag matching the regex `tag`, and their temp files (`talm.files.temp_path`)."""
-    return re.compile(rf"\.?(val|train){tag}_\d{{6}}\.npy(\.tmp)?|\.?meta{tag}\.json(\.tmp)?")
+    return re.compile(rf"\.?(val|train){tag}_\d{{6}}(\.mask)?\.npy(\.tmp)?|\.?meta{tag}\.json(\.tmp)?")
 
 
 def worker_files_re(tag: str) -> re.Pattern[str]:
@@ -179,6 +199,11 @@ class Shard:
     tokens: int
     bytes: int | None
 
+    @property
+    def mask_path(self) -> Path:
+        """Its loss-mask shard (conversation data only)."""
+        return self.path.with_name(mask_name(self.path.name))
+
 
 def shard_problem(path: Path, tokens: int, dtype: np.dtype) -> str | None:
     """What is wrong with a shard file compared with its manifest entry, or None. Cheap: reads the header and
@@ -233,6 +258,7 @@ class DataSet:
     dtype: np.dtype
     shards: list[Shard]
     complete: bool
+    loss_mask: bool = False  # conversation data: every shard has a loss-mask shard
 
     def split(self, name: str) -> list[Shard]:
         return [s for s in self.shards if s.split == name]
@@ -278,6 +304,7 @@ def read_data(data_dir: str | Path, *, splits: tuple[str, ...] = ("train", "val"
     dtype: np.dtype | None = None
     shards: list[Shard] = []
     complete = True
+    masked: set[bool] = set()
     for path in manifests:
         meta = read_manifest(path)
         tok, dt = meta["tokenizer"], np.dtype(meta["dtype"])
@@ -289,13 +316,22 @@ def read_data(data_dir: str | Path, *, splits: tuple[str, ...] = ("train", "val"
                 "every worker must use the same tokenizer; remove the odd ones or recreate the directory"
             )
         complete = complete and bool(meta.get("complete", False))
+        masked.add(bool(meta.get("loss_mask", False)))
+        if len(masked) > 1:
+            raise _manifest_error(
+                path, "disagrees with the other manifests on loss masks (text and conversations mixed)"
+            )
         for entry in meta["shards"]:
             shard_path = data_dir / entry["file"]
             if not shard_path.is_file():
                 raise _manifest_error(path, f"lists {entry['file']!r}, which is missing")
+            if meta.get("loss_mask") and not (data_dir / mask_name(entry["file"])).is_file():
+                raise _manifest_error(
+                    path, f"lists {entry['file']!r}, whose loss mask {mask_name(entry['file'])!r} is missing"
+                )
             shards.append(Shard(shard_path, entry["split"], int(entry["tokens"]), entry.get("bytes")))
     shards.sort(key=lambda s: s.path.name)
-    data = DataSet(data_dir, tokenizer or {}, dtype or np.dtype("uint16"), shards, complete)
+    data = DataSet(data_dir, tokenizer or {}, dtype or np.dtype("uint16"), shards, complete, True in masked)
     for split in splits:
         if not any(s.tokens > 0 for s in data.split(split)):
             raise TalmError(

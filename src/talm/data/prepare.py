@@ -14,7 +14,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from talm.data.config import DownloadConfig
+from talm.data.conversations import ConversationEncoder
 from talm.data.manifest import lock_name
 from talm.data.shard_dir import missing_dirs, remove_empty_dirs
 from talm.data.sources import resolve_source
@@ -62,6 +63,7 @@ class WriteStats:
     empty_documents: int  # documents without text, skipped
     text_bytes: int  # UTF-8 text read by this run
     seconds: float
+    first_skipped: str | None = None  # conversations: why the first malformed one of this run was skipped
 
     @property
     def tokens_per_s(self) -> float:
@@ -106,11 +108,13 @@ def write_shards(
     batch_bytes: int | None = None,
     queue_batches: int = 3,
     progress: bool = True,
+    encode: Callable[[list[Any], np.ndarray, dict], TokenBatch] | None = None,
 ) -> WriteStats:
     """Stream -> tokens -> shards, with reading, tokenizing and writing overlapped in three threads.
 
     Memory is bounded by the queues: at most `queue_batches` batches of `batch_bytes` text wait at each stage.
-    Resumes from `writer.resume_state` when the writer was loaded from an interrupted run.
+    Resumes from `writer.resume_state` when the writer was loaded from an interrupted run. `encode` turns a
+    batch's rows into tokens (default: `tokenize_batch` of texts; conversations: `ConversationEncoder`).
     """
     from tqdm import tqdm
 
@@ -139,7 +143,10 @@ def write_shards(
                     _put(tokens_q, item, stop)
                     return
                 batch, before = item
-                encoded = tokenize_batch(tokenizer, batch.texts, batch.utf8_bytes, before)
+                if encode is None:
+                    encoded = tokenize_batch(tokenizer, batch.texts, batch.utf8_bytes, before)
+                else:
+                    encoded = encode(batch.texts, batch.utf8_bytes, before)
                 if not _put(tokens_q, (encoded, int(batch.utf8_bytes.sum()), len(batch.texts)), stop):
                     return
         except BaseException as err:
@@ -260,6 +267,9 @@ def prepare(cfg: DownloadConfig, *, progress: bool = True) -> PrepareResult:
         "eot_id": tokenizer.eot_id,
     }
     header = {"dataset": source.dataset, **source.describe(), "tokenizer": tokenizer_info}
+    encoder = ConversationEncoder(tokenizer) if source.conversations else None  # checks the role tokens
+    if encoder is not None:
+        header["loss_mask"] = True
     arguments = {
         **source.describe(),
         "tokenizer": tokenizer.fingerprint,
@@ -286,9 +296,15 @@ def prepare(cfg: DownloadConfig, *, progress: bool = True) -> PrepareResult:
             return PrepareResult(cfg.out_dir, writer.state_dict(), status, None)
         stream = TextStream(source, num_workers=workers, worker_index=index)
         try:
-            stats = write_shards(stream, tokenizer, writer, progress=progress)
+            stats = write_shards(stream, tokenizer, writer, progress=progress, encode=encoder)
         except SourceDataError:
             if status == "new" and not writer.repaired:
                 writer.discard()  # nothing usable came of the bad input: leave nothing behind
             raise
+        except TalmError:
+            if encoder is not None and encoder.valid == 0 and encoder.skipped and not writer.shards:
+                raise encoder.no_valid_conversation(source) from None
+            raise
+        if encoder is not None:
+            stats.first_skipped = encoder.first_problem
         return PrepareResult(cfg.out_dir, writer.state_dict(), status, stats, writer.repaired)

@@ -19,11 +19,13 @@ from typing import Any
 import numpy as np
 
 from talm.data.manifest import (
+    MASK_DTYPE,
     layout,
     layout_files_re,
     manifest_bytes,
     manifest_name,
     manifest_paths,
+    mask_name,
     read_previous,
     shard_problem,
     worker_files_re,
@@ -124,17 +126,20 @@ class ShardDir:
         for i, shard in enumerate(shards):
             path = self.path / shard["file"]
             problem = shard_problem(path, int(shard["tokens"]), dtype)
+            if problem is None and manifest.get("loss_mask"):  # conversation data: its loss mask too
+                path = self.path / mask_name(shard["file"])
+                problem = shard_problem(path, int(shard["tokens"]), MASK_DTYPE)
             if problem is None:
                 continue
             if i == 0:
-                return fresh, f"shard {shard['file']!r} {problem}"
+                return fresh, f"shard {path.name!r} {problem}"
             if not shards[i - 1].get("resume"):
                 raise TalmError(
                     f"shard {str(path)!r} {problem}, and {str(self.manifest_path)!r} does not record where the "
                     "stream stood before it: pass --overwrite to delete the data directory and make it afresh"
                 )
             cut = {"shards": shards[:i], "complete": False, "resume": shards[i - 1]["resume"]}
-            return cut, f"shard {shard['file']!r} {problem}"
+            return cut, f"shard {path.name!r} {problem}"
         return manifest, None
 
     def remove_strays(self, listed: set[str]) -> None:
@@ -143,14 +148,18 @@ class ShardDir:
         if not self.path.is_dir():
             return
         own = worker_files_re(self.tag)
+        listed = listed | {mask_name(name) for name in listed}  # and their loss masks (conversation data)
         for path in self.path.iterdir():
             if own.fullmatch(path.name) and path.name not in listed and path != self.manifest_path:
                 path.unlink()
 
-    def write_shard(self, name: str, tokens: np.ndarray) -> None:
+    def write_shard(self, name: str, tokens: np.ndarray, masks: np.ndarray | None = None) -> None:
+        """A token shard, and first its loss-mask shard if `masks` (so a written shard always has its mask)."""
         if not self.path.is_dir():
             self._created = missing_dirs(self.path)
             self.path.mkdir(parents=True, exist_ok=True)
+        if masks is not None:
+            self.write_shard(mask_name(name), masks)
         _write_atomically(
             self.path / name, lambda f: np.lib.format.write_array(f, tokens, allow_pickle=False)
         )
@@ -164,6 +173,7 @@ class ShardDir:
         workers' files stay)."""
         for name in files:
             (self.path / name).unlink(missing_ok=True)
+            (self.path / mask_name(name)).unlink(missing_ok=True)
         self.manifest_path.unlink(missing_ok=True)
         remove_empty_dirs(self._created)
 

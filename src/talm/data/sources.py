@@ -34,15 +34,17 @@ class TextSource:
     load_args: dict[str, Any] = field(default_factory=dict)  # for datasets.load_dataset(**load_args)
     from_hub: bool = False  # streamed from the Hub unless a local directory with the repo's name exists
     files: list[str] = field(default_factory=list)  # local files read (for the manifest), sorted
+    conversations: bool = False  # rows are lists of messages (talm.data.conversations), not texts
 
     def describe(self) -> dict[str, Any]:
         """What identifies this stream in a manifest: a rerun must read exactly the same one."""
-        return {
+        described = {
             "source": self.source,
             "config": self.config,
             "text_column": self.text_column,
             "files": self.files,
         }
+        return {**described, "conversations": True} if self.conversations else described
 
 
 def _builder_for(path: str) -> str | None:
@@ -98,6 +100,11 @@ def _local_files_source(cfg: DownloadConfig, files: list[str], source: str) -> T
             "separately, e.g. with --dir-prefix"
         )
     builder = builders.pop()
+    if cfg.is_conversations and builder not in ("json", "parquet"):
+        raise TalmError(
+            f"--conversations reads .jsonl, .json or .parquet files with a messages column, not {builder} files: "
+            "convert them, or drop --conversations to read them as text"
+        )
     load_args: dict[str, Any] = {"path": builder, "data_files": files}
     if builder == "text":
         # A plain text file holds many documents: passages separated by blank lines become documents.
@@ -109,6 +116,7 @@ def _local_files_source(cfg: DownloadConfig, files: list[str], source: str) -> T
         text_column="text" if builder == "text" else cfg.column,
         load_args=load_args,
         files=files,
+        conversations=cfg.is_conversations,
     )
 
 
@@ -133,6 +141,7 @@ def resolve_source(cfg: DownloadConfig) -> TextSource:
         text_column=cfg.column,
         load_args={"path": preset.source, "name": cfg.sample},
         from_hub=not os.path.isdir(preset.source),
+        conversations=cfg.is_conversations,
     )
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from talm.data.conversations import conversation_rows
 from talm.data.sources import TextSource, describe_bad_content
 from talm.errors import TalmError
 
@@ -106,15 +107,21 @@ class TextStream:
                 if column not in table.column_names:
                     raise _missing_column(self.source, table.column_names)
                 values = table.column(column)
-                if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+                if self.source.conversations:  # lists of messages, checked and rendered by conversations.py
+                    rows, row_bytes = conversation_rows(self.source, values)
+                    texts.extend(rows)
+                    sizes.append(row_bytes)
+                    n_bytes += int(row_bytes.sum())
+                elif not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
                     raise TalmError(
                         f"column {column!r} of {self.source.source} holds {values.type}, not text: pass the text "
                         f"column with --text-column (columns: {', '.join(table.column_names)})"
                     )
-                lengths = pc.fill_null(pc.binary_length(values), 0).to_numpy(zero_copy_only=False)
-                texts.extend(values.to_pylist())
-                sizes.append(lengths.astype(np.int64))
-                n_bytes += int(lengths.sum())
+                else:
+                    lengths = pc.fill_null(pc.binary_length(values), 0).to_numpy(zero_copy_only=False)
+                    texts.extend(values.to_pylist())
+                    sizes.append(lengths.astype(np.int64))
+                    n_bytes += int(lengths.sum())
                 if n_bytes >= target_bytes:
                     yield TextBatch(texts, np.concatenate(sizes), self._position())
                     texts, sizes, n_bytes = [], [], 0

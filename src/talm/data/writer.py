@@ -22,7 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from talm.data.manifest import build_manifest, manifest_header, resume_point, shard_entry, shard_name
+from talm.data.manifest import (
+    MASK_DTYPE,
+    build_manifest,
+    manifest_header,
+    resume_point,
+    shard_entry,
+    shard_name,
+)
 from talm.data.shard_dir import ShardDir
 from talm.errors import TalmError
 
@@ -35,6 +42,7 @@ class TokenBatch:
     doc_tokens: np.ndarray  # int64 tokens per document (eot included; 0 for a document without text)
     doc_bytes: np.ndarray  # int64 UTF-8 bytes per document
     state_before: dict[str, Any]  # stream position just before the batch's first document
+    mask: np.ndarray | None = None  # conversation data: each token's loss-mask flags (manifest.LEARN, START)
 
 
 def _documents_in(
@@ -106,8 +114,9 @@ class ShardWriter:
             max_tokens=max_tokens,
             arguments=arguments,
         )
-        # the open shard: _filled tokens, _docs documents, _bytes bytes
+        # the open shard: _filled tokens, _docs documents, _bytes bytes (and _masks, their loss-mask flags)
         self._buffer: np.ndarray | None = None
+        self.masked = bool(header.get("loss_mask"))  # conversation data: a loss-mask shard beside each shard
         self._filled = self._docs = self._bytes = 0
         self.repaired: str | None = None  # what open() found damaged and resumed before, if anything
         self.load_state_dict(self._fresh())
@@ -213,7 +222,10 @@ class ShardWriter:
         """Copy stream tokens [a, b) of the batch into the open shard and account its documents and bytes."""
         if self._buffer is None:
             self._buffer = np.empty(self.shard_size, dtype=self.dtype)
+            self._masks = np.empty(self.shard_size, dtype=MASK_DTYPE) if self.masked else None
         self._buffer[self._filled : self._filled + b - a] = batch.tokens[a:b]
+        if self._masks is not None:  # conversation data (a masked writer is given masked batches)
+            self._masks[self._filled : self._filled + b - a] = batch.mask[a:b]  # type: ignore[index]
         self._filled += b - a
         self._split_tokens += b - a
         if self.split == "train":
@@ -232,7 +244,8 @@ class ShardWriter:
         "resume from nowhere"."""
         assert self._buffer is not None and self._filled > 0
         name = shard_name(self.split, len(self.shards), self.tag)
-        self.files.write_shard(name, self._buffer[: self._filled])
+        masks = None if self._masks is None else self._masks[: self._filled]
+        self.files.write_shard(name, self._buffer[: self._filled], masks)
         self.shards.append(shard_entry(name, self.split, self._filled, self._docs, self._bytes))
         self._filled = self._docs = self._bytes = 0
         if next_split != self.split:

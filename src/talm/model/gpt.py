@@ -258,12 +258,15 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        doc_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T), and the mean cross-entropy if `targets` (B, T)
         are given (positions whose target is -1 are ignored).
 
         With a `cache`, `idx` continues the sequences the cache holds: only the new positions are computed.
         With `last_only`, only the last position's logits are computed (B, 1, vocab_size): what generation needs.
+        With `doc_ids` (B, T), a position attends only to earlier positions of the same id: sequences packed
+        from several conversations do not see each other (RoPE is relative, so positions need no reset).
         """
         B, T = idx.shape
         start = 0 if cache is None else cache.length
@@ -274,6 +277,9 @@ class GPT(nn.Module):
         if cache is None:
             pos = torch.arange(T, device=idx.device)
             cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None  # is_causal: flash kernels on GPU
+            if doc_ids is not None:  # block-diagonal causal mask (B, 1, T, T)
+                causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+                mask = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal).unsqueeze(1)
         else:
             q_pos = torch.arange(start, start + T, device=idx.device)
             k_pos = torch.arange(start + T, device=idx.device)

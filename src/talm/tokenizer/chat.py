@@ -65,11 +65,16 @@ def check_messages(messages: Any, *, ends_with: str) -> list[dict[str, str]]:
     return out
 
 
+def missing_chat_tokens(tokenizer: Tokenizer) -> list[str]:
+    """The special tokens of the format that `tokenizer` lacks (none for tokenizers trained by talm)."""
+    return [t for t in (*map(role_token, ROLES), EOT) if t not in tokenizer.special_tokens]
+
+
 class ChatFormat:
     """Renders conversations to token ids with a tokenizer that has talm's role tokens."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
-        missing = [t for t in (*map(role_token, ROLES), EOT) if t not in tokenizer.special_tokens]
+        missing = missing_chat_tokens(tokenizer)
         if missing:
             raise TalmError(
                 f"tokenizer {tokenizer.path} has no {', '.join(missing)} token(s), which talm's chat format needs: "
@@ -79,10 +84,9 @@ class ChatFormat:
         self.role_ids = {role: tokenizer.special_tokens[role_token(role)] for role in ROLES}
         self.end_id = tokenizer.special_tokens[EOT]
 
-    def _append(self, ids: list[int], mask: list[int], m: dict[str, str]) -> None:
-        learn = int(m["role"] == "assistant")
-        content = self.tokenizer.encode(m["content"])
-        ids += [self.role_ids[m["role"]], *content]
+    def _append(self, ids: list[int], mask: list[int], role: str, content: Sequence[int]) -> None:
+        learn = int(role == "assistant")
+        ids += [self.role_ids[role], *content]
         mask += [0] + [learn] * len(content)
         if learn:
             ids.append(self.end_id)
@@ -93,13 +97,58 @@ class ChatFormat:
         ids: list[int] = []
         mask: list[int] = []
         for m in check_messages(messages, ends_with="assistant"):
-            self._append(ids, mask, m)
+            self._append(ids, mask, m["role"], self.tokenizer.encode(m["content"]))
         return ids, mask
+
+    def render_batch(
+        self, conversations: Sequence[Any]
+    ) -> list[tuple[list[int], list[int]] | BadConversation]:
+        """`render` of each conversation (a BadConversation in its place when it is not valid), with every
+        message's content encoded in one parallel `encode_batch` call: what the data stage uses."""
+        checked: list[list[dict[str, str]] | BadConversation] = []
+        for messages in conversations:
+            try:
+                checked.append(check_messages(messages, ends_with="assistant"))
+            except BadConversation as err:
+                checked.append(err)
+        contents = [m["content"] for c in checked if not isinstance(c, BadConversation) for m in c]
+        encoded = iter(self.tokenizer.encode_batch(contents))
+        out: list[tuple[list[int], list[int]] | BadConversation] = []
+        for c in checked:
+            if isinstance(c, BadConversation):
+                out.append(c)
+                continue
+            ids: list[int] = []
+            mask: list[int] = []
+            for m in c:
+                self._append(ids, mask, m["role"], next(encoded).tolist())
+            out.append((ids, mask))
+        return out
 
     def render_prompt(self, messages: Any) -> list[int]:
         """Token ids of the conversation so far (ending with a user turn), then `<|assistant|>`: what the model
         continues; its reply ends at `<|endoftext|>` (`end_id`)."""
         ids: list[int] = []
         for m in check_messages(messages, ends_with="user"):
-            self._append(ids, [], m)
+            self._append(ids, [], m["role"], self.tokenizer.encode(m["content"]))
         return [*ids, self.role_ids["assistant"]]
+
+
+def chat_template() -> str:
+    """The format as a Jinja chat template (Hugging Face's `tokenizer_config.json` "chat_template"), so that
+    `apply_chat_template` renders a conversation to exactly `ChatFormat.render`'s ids (and, with
+    add_generation_prompt, `render_prompt`'s). Defined here, beside the format, so the two cannot diverge; the
+    exported tokenizer carries it. Content holding special-token spellings is the one difference: Hugging Face
+    tokenizers read them as the special tokens, talm as text."""
+    before, after = role_token("ROLE").split("ROLE")  # "<|", "|>"
+    roles = ", ".join(f"'{r}'" for r in ROLES)
+    return (
+        "{%- for message in messages -%}"
+        f"{{%- if message['role'] not in [{roles}] -%}}"
+        f"{{{{ raise_exception('unknown role ' ~ message['role'] ~ ': the roles are {', '.join(ROLES)}') }}}}"
+        "{%- endif -%}"
+        f"{{{{ '{before}' ~ message['role'] ~ '{after}' ~ message['content'] }}}}"
+        f"{{%- if message['role'] == 'assistant' -%}}{{{{ '{EOT}' }}}}{{%- endif -%}}"
+        "{%- endfor -%}"
+        f"{{%- if add_generation_prompt -%}}{{{{ '{role_token('assistant')}' }}}}{{%- endif -%}}"
+    )

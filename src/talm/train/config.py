@@ -100,6 +100,12 @@ class TrainConfig(Config):
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass instead of keeping them: much less memory for
     long contexts and big batches, at the cost of about one more forward pass per step."""
+    isolate_conversations: bool = True
+    """Conversation data only: a packed row's conversations do not attend to each other (a block-diagonal causal
+    mask for SDPA instead of is_causal). Measured on CPU (benchmarks/bench_doc_mask.py) it costs no clear
+    slowdown; on GPUs a dense mask rules out the flash-attention kernels, so measure there and turn it off
+    (--no-train.isolate_conversations) if it is slower: conversations are still never cut, the loss is still
+    only on the assistant's tokens, they merely see earlier conversations of their row."""
     deterministic: bool = False
     """Bitwise-reproducible runs (deterministic kernels; on CPU a resumed run repeats the same losses)."""
     seed: Seed = 1337
@@ -186,6 +192,32 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "optim": {"name": "muon", "schedule": "wsd", "lr": 3e-3, "warmup_steps": 100, "min_lr_ratio": 0.1},
         "train": {"max_steps": 5000, "batch_size": 32, "eval_every": 250, "save_every": 500},
+    },
+    # Supervised fine-tuning of a base model on conversation data (download_data smoltalk / --conversations):
+    # nanochat's chat_sft recipe (scripts/chat_sft.py): Muon for the matrices and AdamW for the rest at 2% of
+    # the pretraining rates (init_lr_frac=0.02 of matrix_lr 0.02 and unembedding_lr 0.004 -> 4e-4 and 8e-5),
+    # no weight decay, no warmup and a linear decay to zero (here: wsd with the whole run as its decay). The
+    # model's shape is the base model's, so the preset sets none of it.
+    "sft": {
+        "optim": {
+            "name": "muon",
+            "muon_lr": 4e-4,
+            "lr": 8e-5,
+            "weight_decay": 0.0,
+            "muon_weight_decay": 0.0,
+            "warmup_steps": 0,
+            "schedule": "wsd",
+            "decay_fraction": 1.0,
+            "min_lr_ratio": 0.0,
+        },
+        "train": {
+            "max_steps": 1000,
+            "batch_size": 16,
+            "eval_every": 100,
+            "eval_tokens": 65536,
+            "save_every": 200,
+            "log_every": 10,
+        },
     },
     # Fine-tuning a pretrained model (`--init-from`): no model settings (the architecture is the source's),
     # AdamW at a low lr: 3e-5 as nanoGPT's config/finetune_shakespeare.py (which fine-tunes GPT-2 at a constant

@@ -16,12 +16,13 @@ from torch.distributed.fsdp import FSDPModule
 
 from talm.train import dist
 from talm.train.loader import EvalSlice
+from talm.train.packing import ConversationEval
 
 
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
-    eval_slice: EvalSlice,
+    eval_slice: EvalSlice | ConversationEval,
     ctx: dist.DistContext,
     autocast: Callable[[], AbstractContextManager],
 ) -> tuple[float, float | None]:
@@ -30,11 +31,12 @@ def evaluate(
     uncounted forwards until all have run as many."""
     model.eval()
     losses, counts = [], []
-    for x, y in eval_slice:
-        with autocast():
-            _, loss = model(x, y)
+    for batch in eval_slice:
+        x, y = batch[0], batch[1]
+        with autocast():  # conversation data's batches also carry doc_ids and their learned-target count
+            _, loss = model(x, y) if len(batch) == 2 else model(x, y, doc_ids=batch[2])
         losses.append(loss.detach().float())
-        counts.append(y.numel())
+        counts.append(y.numel() if len(batch) == 2 else batch[3])
     if isinstance(model, FSDPModule):
         for _ in range(eval_slice.most_batches - len(losses)):
             with autocast():

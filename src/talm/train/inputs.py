@@ -15,6 +15,7 @@ from talm.errors import TalmError
 from talm.train import dist
 from talm.train.config import RunConfig
 from talm.train.loader import EvalSlice, TokenLoader, check_shards
+from talm.train.packing import ConversationEval, ConversationLoader
 
 if TYPE_CHECKING:
     from talm.tokenizer.api import Tokenizer
@@ -80,9 +81,12 @@ def load_inputs(cfg: RunConfig) -> tuple[DataSet, Tokenizer]:
 
 def make_loaders(
     cfg: RunConfig, data: DataSet, vocab_size: int, accum: int, ctx: dist.DistContext
-) -> tuple[TokenLoader, EvalSlice | None]:
-    """This rank's train loader and val slice (None without a val split); every id must be below vocab_size."""
+) -> tuple[TokenLoader | ConversationLoader, EvalSlice | ConversationEval | None]:
+    """This rank's train loader and val slice (None without a val split); every id must be below vocab_size.
+    Conversation data (loss masks) gets rows packed from whole conversations (packing.py)."""
     t, T, W = cfg.train, cfg.model.context_length, ctx.world_size
+    if data.loss_mask:
+        return make_conversation_loaders(cfg, data, vocab_size, accum, ctx)
     loader = TokenLoader(
         data, batch_size=t.batch_size, context_length=T, seed=t.seed, rank=ctx.rank, world_size=W,
         device=ctx.device, vocab_size=vocab_size, accum_steps=accum,
@@ -92,5 +96,24 @@ def make_loaders(
         eval_slice = EvalSlice(
             data, eval_tokens=t.eval_tokens, context_length=T, batch_size=t.batch_size, rank=ctx.rank,
             world_size=W, device=ctx.device, vocab_size=vocab_size,
+        )  # fmt: skip
+    return loader, eval_slice
+
+
+def make_conversation_loaders(
+    cfg: RunConfig, data: DataSet, vocab_size: int, accum: int, ctx: dist.DistContext
+) -> tuple[ConversationLoader, ConversationEval | None]:
+    """`make_loaders` for conversation data; padding is <|endoftext|> (never a learned target)."""
+    t, T, W, pad = cfg.train, cfg.model.context_length, ctx.world_size, int(data.tokenizer["eot_id"])
+    loader = ConversationLoader(
+        data, batch_size=t.batch_size, context_length=T, seed=t.seed, pad_id=pad,
+        isolate=t.isolate_conversations, rank=ctx.rank, world_size=W,
+        device=ctx.device, vocab_size=vocab_size, accum_steps=accum,
+    )  # fmt: skip
+    eval_slice = None
+    if any(s.tokens > 0 for s in data.split("val")):
+        eval_slice = ConversationEval(
+            data, eval_tokens=t.eval_tokens, context_length=T, batch_size=t.batch_size, pad_id=pad,
+            isolate=t.isolate_conversations, rank=ctx.rank, world_size=W, device=ctx.device, vocab_size=vocab_size,
         )  # fmt: skip
     return loader, eval_slice

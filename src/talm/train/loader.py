@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from talm.data.manifest import DataSet, Shard, open_shard, shard_problem
+from talm.data.manifest import MASK_DTYPE, DataSet, Shard, open_shard, shard_problem
 from talm.errors import TalmError
 
 SEED_LIMIT = 2**63
@@ -37,10 +37,12 @@ def check_shards(data: DataSet) -> None:
     """TalmError naming the first listed shard whose header or size disagrees with the manifest (truncated,
     overwritten, missing). Reads headers and sizes only."""
     for shard in data.shards:
-        problem = shard_problem(shard.path, shard.tokens, data.dtype)
+        path, problem = shard.path, shard_problem(shard.path, shard.tokens, data.dtype)
+        if problem is None and data.loss_mask:  # conversation data: its loss-mask shard too
+            path, problem = shard.mask_path, shard_problem(shard.mask_path, shard.tokens, MASK_DTYPE)
         if problem:
             raise TalmError(
-                f"shard {str(shard.path)!r} {problem}: rerun download_data with --overwrite to recreate the data "
+                f"shard {str(path)!r} {problem}: rerun download_data with --overwrite to recreate the data "
                 "directory"
             )
 

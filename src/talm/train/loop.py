@@ -31,6 +31,7 @@ from talm.train.evaluate import evaluate, scores_text
 from talm.train.inputs import accumulation, load_inputs, make_loaders
 from talm.train.metrics import MetricsLog
 from talm.train.optim import apply_schedule, build_optimizer, multiplier
+from talm.train.packing import ConversationLoader, micro_batches
 from talm.train.parallel import Parallel
 from talm.train.precision import Precision, set_deterministic
 from talm.train.report import make_sinks
@@ -75,6 +76,8 @@ def announce(tr: Trainer) -> None:
     checkpointing = ", activation checkpointing per block" if t.activation_checkpointing else ""
     say(f"parallel: {tr.parallel.description}{checkpointing}")
     say(describe(tr.cfg))
+    if isinstance(tr.loader, ConversationLoader):
+        say(tr.loader.describe())
     if tr.eval_slice is None:
         say(f"no val split in {tr.data.dir}: training without evaluation, so no best/ checkpoint")
     if not tr.data.complete:
@@ -137,6 +140,7 @@ class Trainer:
         self.best_val_loss = math.inf
         self.last_val: tuple[float, float | None] | None = None
         self.data_wait = 0.0  # seconds spent waiting for batches in this session
+        self.stop_asked = False  # whether Ctrl-C had come when the last step read it
         self._t0 = time.perf_counter()
         self.resume_from = resume_from
         self.resumed = resume_from is not None
@@ -182,20 +186,22 @@ class Trainer:
         lr = apply_schedule(self.optimizer, self.cfg.optim, self.step, self.lr_mult(self.step))  # AdamW's lr
         scaler = self.precision.scaler
         loss_sum = torch.zeros((), device=self.device)
+        batches = micro_batches(self.loader, self.accum, self.ctx)
         for micro in range(self.accum):
             t = time.perf_counter()
-            x, y = self.loader.next_batch()
+            x, y, extra, scale = next(batches)  # conversation data: doc_ids, and a scale (packing.py)
             self.data_wait += time.perf_counter() - t
             last = micro == self.accum - 1
             with self.parallel.micro_step(self.net, self.model, last):
                 with self.precision.autocast():
-                    _, loss = self.net(x, y)
+                    loss = self.net(x, y, **extra)[1] * scale
                 loss_sum += loss.detach()
                 scaler.scale(loss / self.accum).backward()
         scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.grad_clip or math.inf
         grad_norm = self.parallel.grad_norm(self.model, clip)
-        stop_vote = torch.tensor(float(stop.requested), device=self.device)
+        self.stop_asked = stop.requested  # read once per step: the loop's own check uses this reading too
+        stop_vote = torch.tensor(float(self.stop_asked), device=self.device)
         stats = dist.all_reduce_sum(
             torch.stack([loss_sum / self.accum, grad_norm.float(), stop_vote]).float()
         )

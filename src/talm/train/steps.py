@@ -49,7 +49,7 @@ def run_steps(tr: Trainer, log: MetricsLog) -> tuple[float, bool]:
                 saves = tr.step % t.save_every == 0 or last
                 # Steps are read on a schedule every rank shares (so all stop at the same step); a single
                 # process also reads as soon as Ctrl-C is pressed. Many ranks stop within log_every steps.
-                if logs or evals or saves or (stop.requested and tr.ctx.world_size == 1):
+                if logs or evals or saves or (tr.stop_asked and tr.ctx.world_size == 1):
                     loss, interrupted = settle(tr, pending)
                     pending = []
                 dt = time.perf_counter() - t_step

@@ -9,7 +9,7 @@ or GPT2LMHeadModel. logit_softcap is refused: the models that cap logits (Gemma 
     model.safetensors        the weights, under transformers' names (lm_head omitted when tied)
     generation_config.json   bos/eos = <|endoftext|>
     tokenizer.json           the tokenizer, as a tokenizers JSON (loads as PreTrainedTokenizerFast)
-    tokenizer_config.json    tokenizer class, bos/eos tokens, context length
+    tokenizer_config.json    tokenizer class, bos/eos tokens, context length, talm's chat format as chat_template
     special_tokens_map.json
     README.md                a model card: architecture, training tokens, validation loss, how to load it
 
@@ -39,7 +39,7 @@ from talm.files import check_writable_dir, replace_dir, staging_dir
 from talm.model.gpt import GPT
 from talm.model.hf import architecture, is_network_error, to_hf_config, to_hf_state_dict
 from talm.tokenizer.api import Tokenizer
-from talm.tokenizer.formats import EOT
+from talm.tokenizer.chat import EOT, chat_template, missing_chat_tokens  # (EOT: talm.tokenizer.formats')
 from talm.use.config import DTYPES
 from talm.use.load import check_vocab, load_checkpoint
 
@@ -57,6 +57,7 @@ def write_tokenizer_files(tokenizer: Tokenizer, out_dir: Path, context_length: i
             "clean_up_tokenization_spaces": False,
             "add_bos_token": False,
             "add_eos_token": False,
+            **({} if missing_chat_tokens(tokenizer) else {"chat_template": chat_template()}),
         },
     )
     _write_json(out_dir / "special_tokens_map.json", special)

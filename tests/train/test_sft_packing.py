@@ -1,0 +1,212 @@
+"""Conversation batches (talm.train.packing): packing whole conversations, the mask of each target, counts,
+the step's loss over its learned targets, attention kept inside conversations, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from talm.data.config import DownloadConfig
+from talm.data.manifest import read_data
+from talm.data.prepare import prepare
+from talm.model.config import ModelConfig
+from talm.model.gpt import GPT
+from talm.tokenizer.api import Tokenizer
+from talm.tokenizer.chat import ChatFormat
+from talm.train import dist, steps
+from talm.train.packing import ConversationEval, ConversationLoader, conversation_step, pack
+
+BASE = Path(__file__).resolve().parents[2] / "tokenizers" / "base.json"
+ROW = 48  # context_length 47
+
+
+def conversation(i: int) -> list[dict[str, str]]:
+    """Varied lengths; every 9th is far longer than a row (dropped)."""
+    words = " ".join(["word"] * (40 if i % 9 == 4 else i % 5))
+    messages = [{"role": "user", "content": f"q{i} {words}"}, {"role": "assistant", "content": f"a{i}"}]
+    if i % 4 == 1:
+        messages = [
+            {"role": "system", "content": "sys"},
+            *messages,
+            *messages[:1],
+            {"role": "assistant", "content": f"b{i}"},
+        ]
+    return messages
+
+
+@pytest.fixture(scope="module")
+def conv_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("conv")
+    with open(root / "c.jsonl", "w", encoding="utf-8") as f:
+        for i in range(120):
+            f.write(json.dumps({"messages": conversation(i)}) + "\n")
+    cfg = DownloadConfig(
+        dataset="c", data_files=[str(root / "c.jsonl")], conversations=True, tokenizer_path=BASE,
+        data_root=root / "data", val_tokens=200, shard_size=500,  # conversations cross shard boundaries
+    )  # fmt: skip
+    return prepare(cfg, progress=False).out_dir
+
+
+@pytest.fixture(scope="module")
+def chat() -> ChatFormat:
+    return ChatFormat(Tokenizer.from_file(BASE))
+
+
+def loader(data_dir: Path, **kwargs) -> ConversationLoader:
+    args = {"batch_size": 4, "context_length": ROW - 1, "seed": 7, "pad_id": 1020} | kwargs
+    return ConversationLoader(read_data(data_dir), **args)
+
+
+def test_pack_fills_rows_in_order_and_never_cuts_a_conversation() -> None:
+    lengths = np.array([5, 3, 4, 8, 1, 1, 6, 2])
+    bounds = pack(lengths, 8)
+    rows = [lengths[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    assert [r.tolist() for r in rows] == [[5, 3], [4], [8], [1, 1, 6], [2]]
+    assert all(r.sum() <= 8 for r in rows)
+
+
+def test_rows_hold_whole_conversations_and_targets_carry_the_mask_of_the_predicted_token(
+    conv_data: Path, chat: ChatFormat
+) -> None:
+    rendered = {tuple(ids): mask for ids, mask in map(chat.render, map(conversation, range(120)))}
+    long = sum(1 for ids in rendered if len(ids) > ROW)
+    ld = loader(conv_data, isolate=True, batch_size=1)
+    assert 0 < ld.dropped <= long  # (some long ones are in the val split)
+    seen = 0
+    for _ in range(ld.total_windows):  # one epoch
+        x, y, docs, count = ld.next_batch()
+        assert docs is not None and x.shape == y.shape == docs.shape == (1, ROW - 1)
+        assert count == int((y >= 0).sum()) > 0
+        for row_x, row_y, row_d in zip(x.tolist(), y.tolist(), docs.tolist(), strict=True):
+            for d in sorted(set(row_d)):
+                where = [t for t, v in enumerate(row_d) if v == d]
+                piece = [row_x[t] for t in where]
+                if set(piece) == {1020} and d == max(row_d):
+                    assert all(row_y[t] == -1 for t in where)  # padding is never learned
+                    continue
+                whole = [k for k in rendered if list(k[: len(piece)]) == piece]
+                assert whole, "a row holds something that is not the start of a conversation"
+                ids, mask = list(whole[0]), rendered[whole[0]]
+                assert where == list(range(where[0], where[0] + len(piece)))  # contiguous
+                for k, t in enumerate(where):  # the target of position k is token k + 1 with *its* mask
+                    want = ids[k + 1] if k + 1 < len(ids) and mask[k + 1] else -1
+                    assert row_y[t] == want
+                if where[-1] < ROW - 2:  # not at the row's end: the conversation is whole
+                    assert len(piece) == len(ids)
+                seen += 1
+    assert seen == ld.conversations and ld.epoch == 0  # each conversation once
+
+
+def test_the_eval_slice_packs_the_val_split(conv_data: Path) -> None:
+    ev = ConversationEval(
+        read_data(conv_data), eval_tokens=1000, context_length=ROW - 1, batch_size=2, pad_id=1020
+    )
+    batches = list(ev)
+    assert batches and all(b[3] == int((b[1] >= 0).sum()) > 0 for b in batches)
+    assert ev.tokens_per_byte is None
+
+
+def test_the_step_loss_is_the_mean_over_every_learned_target_of_the_step(conv_data: Path) -> None:
+    """Micro-batches learn different numbers of targets: the scaled means must add up to the mean over all."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=1024, context_length=ROW - 1, n_layer=1, n_head=2, d_model=32))
+    ld = loader(conv_data, batch_size=2, accum_steps=3)
+    step = conversation_step(
+        ld, 3, dist.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    )
+    counts = [int((y >= 0).sum()) for _, y, _, _ in step]
+    assert len(set(counts)) > 1  # the case that a mean of means gets wrong
+    with torch.no_grad():
+        scaled = sum(model(x, y)[1] * scale for x, y, _, scale in step) / 3
+        logits = torch.cat([model(x)[0].flatten(0, 1) for x, _, _, _ in step])
+        direct = F.cross_entropy(logits, torch.cat([y.flatten() for _, y, _, _ in step]), ignore_index=-1)
+    torch.testing.assert_close(scaled, direct)
+
+
+def test_doc_ids_keep_attention_inside_each_conversation(conv_data: Path) -> None:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=1024, context_length=ROW - 1, n_layer=2, n_head=2, d_model=32)).eval()
+    assert loader(conv_data, isolate=False).next_batch()[2] is None  # --no-train.isolate_conversations
+    x, _, docs, _ = loader(conv_data).next_batch()
+    assert docs is not None
+    row, ids = x[0], docs[0]
+    second = (ids == 1).nonzero().flatten()
+    assert len(second) > 0, "the first row should hold two conversations"
+    with torch.no_grad():
+        packed = model(x[:1], doc_ids=docs[:1])[0][0, second]
+        alone = model(row[second][None])[0][0]
+        crossing = model(x[:1])[0][0, second]
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(crossing, alone, atol=1e-3)
+
+
+def test_resume_continues_with_the_same_batches(conv_data: Path) -> None:
+    first = loader(conv_data)
+    for _ in range(5):
+        first.next_batch()
+    state = first.state_dict()
+    want = [first.next_batch() for _ in range(30)]  # crosses into the next epoch
+    second = loader(conv_data)
+    second.load_state_dict(state)
+    got = [second.next_batch() for _ in range(30)]
+    assert first.epoch >= 1
+    for a, b in zip(want, got, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[3] == b[3]
+
+
+def test_ranks_take_disjoint_rows(conv_data: Path) -> None:
+    r0, r1 = loader(conv_data, rank=0, world_size=2), loader(conv_data, rank=1, world_size=2)
+    x0, x1 = r0.next_batch()[0], r1.next_batch()[0]
+    one = loader(conv_data, batch_size=8).next_batch()[0]
+    assert torch.equal(torch.cat([x0, x1]), one)
+
+
+def test_a_fine_tuning_run_stopped_and_resumed_repeats_the_uninterrupted_losses(
+    conv_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import talm.train.loop as loop
+    from talm.config import validate
+    from talm.train.config import RunConfig
+    from talm.train.metrics import read_metrics
+    from talm.train.run import resolve_run, train
+
+    layer = {
+        "model": {"n_layer": 1, "n_head": 2, "d_model": 32, "context_length": ROW - 1},
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "train": {"max_steps": 8, "batch_size": 2, "tokens_per_step": 4 * (ROW - 1), "eval_every": 4}
+        | {"save_every": 100, "log_every": 1, "eval_tokens": 200, "device": "cpu", "deterministic": True},
+        "data": {"dir": str(conv_data)},
+    }
+    train(validate(RunConfig, layer), tmp_path / "whole")
+
+    class StopInStep4(loop.StopRequest):
+        asked = 0
+
+        @property
+        def requested(self) -> bool:
+            type(self).asked += 1
+            return type(self).asked >= 4
+
+        @requested.setter
+        def requested(self, value: bool) -> None:
+            pass
+
+    monkeypatch.setattr(steps, "StopRequest", StopInStep4)
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C in step 4: saved, then stopped
+        loop.Trainer(validate(RunConfig, layer), tmp_path / "cut").run()
+    monkeypatch.undo()
+    cfg, resume_from = resolve_run(tmp_path / "cut", [layer])
+    train(cfg, tmp_path / "cut", resume_from=resume_from)
+
+    def losses(name: str, key: str) -> dict[int, float]:
+        return {r["step"]: r[key] for r in read_metrics(tmp_path / name) if key in r}
+
+    whole, cut = losses("whole", "train_loss"), losses("cut", "train_loss")
+    assert sorted(cut) == list(range(1, 9))
+    assert [cut[s] for s in range(5, 9)] == pytest.approx([whole[s] for s in range(5, 9)], rel=1e-6)
+    assert losses("cut", "val_loss")[8] == pytest.approx(losses("whole", "val_loss")[8], rel=1e-6)
