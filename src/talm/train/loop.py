@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from talm.errors import TalmError
+from talm.eval.runner import TrainingTasks
 from talm.model.gpt import GPT
 from talm.train import dist, rundir, state
 from talm.train.checkpoint import read_meta
@@ -135,6 +136,15 @@ class Trainer:
         self.model = GPT(cfg.model).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.precision = Precision(t.dtype, self.device)
+        self.task_scores = TrainingTasks(  # benchmark tasks read now: a missing one fails before any write
+            self.tokenizer,
+            t.eval_tasks,
+            every=t.eval_tasks_every,
+            limit=t.eval_tasks_limit,
+            tasks_dir=t.eval_tasks_dir,
+            batch_size=t.batch_size,
+            autocast=self.precision.autocast,
+        )
         # A multiplier of each group's peak lr, and its re-warm (optim.rewarm_segment) once state.restore sets one.
         self.lr_mult, self.lr_segment = multiplier(cfg.optim, t.max_steps), None
 
@@ -173,7 +183,8 @@ class Trainer:
 
     def _eval_and_log(self, log: MetricsLog) -> None:
         val_loss, bpb = self.evaluate()
-        log.log(self._record(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700.0)), val_bpb=bpb))
+        tasks = self.task_scores(self.model, self.step)  # {} unless --eval-tasks are due
+        log.log(self._record(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700.0)), val_bpb=bpb, **tasks))
         self.last_val = (val_loss, bpb)
         if val_loss < self.best_val_loss:
             self.best_val_loss = val_loss
