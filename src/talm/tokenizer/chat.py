@@ -41,7 +41,11 @@ def check_messages(messages: Any, *, ends_with: str) -> list[dict[str, str]]:
         raise BadConversation("a conversation must be a non-empty list of messages")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
             raise BadConversation(f"message {i} must be an object with string 'role' and 'content'")
         role = m["role"]
         if role not in ROLES:
@@ -52,7 +56,9 @@ def check_messages(messages: Any, *, ends_with: str) -> list[dict[str, str]]:
         if role != "system":
             expected = "user" if (i - first) % 2 == 0 else "assistant"
             if role != expected:
-                raise BadConversation(f"message {i} is from {role!r} where {expected!r} was expected (turns alternate)")
+                raise BadConversation(
+                    f"message {i} is from {role!r} where {expected!r} was expected (turns alternate)"
+                )
         out.append({"role": role, "content": m["content"]})
     if out[-1]["role"] != ends_with:
         raise BadConversation(f"the last message is from {out[-1]['role']!r}; it must be from {ends_with!r}")

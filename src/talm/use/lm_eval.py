@@ -137,16 +137,18 @@ def run_harness(
     limit: int | None = None,
     batch_size: int = 32,
     include_path: str | None = None,
+    include_defaults: bool = True,
     log_samples: bool = False,
 ) -> tuple[str, dict[str, Any]]:
     """Run harness tasks (names it knows, or from yamls under `include_path`) on a talm checkpoint: its results
-    table and its results dict."""
+    table and its results dict. Without `include_defaults`, only `include_path`'s yamls are indexed (the
+    harness's own thousands take it many seconds to read)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import make_table
 
     lm = TalmLM(str(model_dir), checkpoint=checkpoint, device=device, batch_size=batch_size)
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    manager = TaskManager(include_path=include_path, include_defaults=include_defaults or not include_path)
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
         raise TalmError(
