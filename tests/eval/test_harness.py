@@ -14,8 +14,8 @@ pytest.importorskip("lm_eval")
 from talm.eval.runner import prepare, score  # noqa: E402
 from talm.eval.scoring import per_example, score_tokens  # noqa: E402
 from talm.eval.tasks import get_task  # noqa: E402
-from talm.use.load import load_checkpoint  # noqa: E402
 from talm.use.lm_eval import TalmLM, run_harness  # noqa: E402
+from talm.use.load import load_checkpoint  # noqa: E402
 
 HARNESS_TASKS = Path(__import__("lm_eval").__file__).parent / "tasks"
 # talm task -> the harness's yaml for it
