@@ -214,6 +214,22 @@ class TrainingTasks:
         self.every, self.batch_size, self.autocast = every, batch_size, autocast
         self.last_step: int | None = None
 
+    @classmethod
+    def of_run(
+        cls, tokenizer: Tokenizer, train: Any, autocast: Callable[[], AbstractContextManager]
+    ) -> TrainingTasks:
+        """The tasks of a run's train config (`talm.train.config.TrainConfig`: eval_tasks, eval_tasks_every,
+        eval_tasks_limit, eval_tasks_dir; its batch_size), scored under the run's autocast."""
+        return cls(
+            tokenizer,
+            train.eval_tasks,
+            every=train.eval_tasks_every,
+            limit=train.eval_tasks_limit,
+            tasks_dir=train.eval_tasks_dir,
+            batch_size=train.batch_size,
+            autocast=autocast,
+        )
+
     def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
         """metrics.jsonl fields of each task's headline metric, when a multiple of `every` steps was reached since
         the last time (every evaluation if `every` is None); else nothing."""

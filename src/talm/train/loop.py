@@ -136,15 +136,7 @@ class Trainer:
         self.model = GPT(cfg.model).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.precision = Precision(t.dtype, self.device)
-        self.task_scores = TrainingTasks(  # benchmark tasks read now: a missing one fails before any write
-            self.tokenizer,
-            t.eval_tasks,
-            every=t.eval_tasks_every,
-            limit=t.eval_tasks_limit,
-            tasks_dir=t.eval_tasks_dir,
-            batch_size=t.batch_size,
-            autocast=self.precision.autocast,
-        )
+        self.task_scores = TrainingTasks.of_run(self.tokenizer, t, self.precision.autocast)  # --eval-tasks
         # A multiplier of each group's peak lr, and its re-warm (optim.rewarm_segment) once state.restore sets one.
         self.lr_mult, self.lr_segment = multiplier(cfg.optim, t.max_steps), None
 
@@ -182,8 +174,7 @@ class Trainer:
         return {"step": self.step, "tokens": self.tokens_seen, "time": round(self.now(), 3), **values}
 
     def _eval_and_log(self, log: MetricsLog) -> None:
-        val_loss, bpb = self.evaluate()
-        tasks = self.task_scores(self.model, self.step)  # {} unless --eval-tasks are due
+        (val_loss, bpb), tasks = self.evaluate(), self.task_scores(self.model, self.step)  # tasks: {} if none due
         log.log(self._record(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700.0)), val_bpb=bpb, **tasks))
         self.last_val = (val_loss, bpb)
         if val_loss < self.best_val_loss:
