@@ -174,7 +174,7 @@ class Trainer:
         return {"step": self.step, "tokens": self.tokens_seen, "time": round(self.now(), 3), **values}
 
     def _eval_and_log(self, log: MetricsLog) -> None:
-        (val_loss, bpb), tasks = self.evaluate(), self.task_scores(self.model, self.step)  # tasks: {} if none due
+        (val_loss, bpb), tasks = self.evaluate(), self.task_scores(self.model, self.step)  # --eval-tasks
         log.log(self._record(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700.0)), val_bpb=bpb, **tasks))
         self.last_val = (val_loss, bpb)
         if val_loss < self.best_val_loss:
