@@ -5,6 +5,7 @@ One JSON object per line, appended as training goes:
 
     training lines    {"step", "tokens", "time", "train_loss", "lr", "tokens_per_s"}
     evaluation lines  {"step", "tokens", "time", "val_loss", "val_ppl", "val_bpb"}
+                      (+ "TASK/METRIC": a number per benchmark task, with --eval-tasks: talm.eval.runner)
 
 "step" is an integer >= 0 and every other field a number ("val_bpb" may be null: a tokenizer without byte
 counts). A reader needs "step" and one of "train_loss"/"val_loss"; the other fields, when present, must be
