@@ -120,3 +120,24 @@ def test_rolling_and_generation(tiny_model_dir: Path) -> None:
         ]
     )
     assert free and "e" not in stopped and free.startswith(stopped)
+
+
+def test_the_harness_command_line_knows_the_talm_model(
+    tiny_model_dir: Path, local_tasks: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """`python -m talm.use.lm_eval --model talm ...` is lm_eval's own command line with "talm" registered."""
+    import lm_eval.tasks
+    from lm_eval.tasks import TaskManager
+
+    from talm.use.lm_eval import main
+
+    # only the test's yamls: indexing the harness's thousands of built-in tasks takes it a minute on a busy CPU
+    monkeypatch.setattr(
+        lm_eval.tasks, "TaskManager", lambda *a, **k: TaskManager(*a, **k | {"include_defaults": False})
+    )
+    _, yamls = local_tasks
+    argv = ["lm_eval", "--model", "talm", "--model_args", f"path={tiny_model_dir}", "--device", "cpu"]
+    monkeypatch.setattr("sys.argv", [*argv, "--tasks", "local_piqa", "--include_path", str(yamls)])
+    main()
+    out = capsys.readouterr().out
+    assert "talm ({'path'" in out and "|local_piqa|" in out.replace(" ", "")

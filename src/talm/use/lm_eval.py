@@ -8,7 +8,7 @@ batched forward pass), so both give the same log-likelihoods on the same request
 Importing this module registers the model as "talm" in the harness. The harness finds no models from other
 packages on its own, so its command line is run through this module:
 
-    python -m talm.use.lm_eval --model talm --model_args path=models/NAME --tasks hellaswag
+    python -m talm.use.lm_eval --model talm --model_args path=models/NAME --device cuda --batch_size 32 --tasks hellaswag
 
 or `evaluate -m models/NAME --harness hellaswag` (run_harness below).
 """
