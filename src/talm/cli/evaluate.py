@@ -92,6 +92,7 @@ def run(args: argparse.Namespace, names: dict[str, str]) -> None:
         )
     examples = sum(r.examples for r in done.results)
     print(
-        f"evaluated step {done.step} ({examples:,} examples) in {done.seconds:.1f} s: wrote {done.path}",
+        f"evaluated step {done.step}: {examples:,} examples in {done.seconds:.1f} s "
+        f"({examples / done.seconds:.1f} examples/s), wrote {done.path}",
         file=sys.stderr,
     )

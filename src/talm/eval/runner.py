@@ -133,7 +133,8 @@ def format_table(results: Sequence[TaskResult]) -> str:
         for metric, value in r.metrics.items():
             rand = f"{r.random:.4f}" if metric.startswith("acc") else "-"
             cent = f"{r.centered[metric]:.4f}" if metric in r.centered else "-"
-            lines.append(f"{r.task:<16}{metric:<10}{value:>10.4f}{rand:>10}{cent:>10}{r.examples:>10,}")
+            shown = f"{value:.4f}" if metric.startswith("acc") else f"{value:.4g}"
+            lines.append(f"{r.task:<16}{metric:<10}{shown:>10}{rand:>10}{cent:>10}{r.examples:>10,}")
     return "\n".join(lines)
 
 
