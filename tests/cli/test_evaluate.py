@@ -40,7 +40,7 @@ def test_tasks_table_and_results_file(
         line.split()[:2] == ["hellaswag", "acc_norm"] and line.split()[3] == "0.2500" for line in lines
     )
     assert any(line.split()[:2] == ["lambada_openai", "ppl"] for line in lines)
-    assert "evaluated step 10 (12 examples)" in err and "evals/10.json" in err
+    assert "evaluated step 10: 12 examples in " in err and "evals/10.json" in err
 
     saved = read_results(tiny_model_dir / "evals" / "10.json")
     assert saved["format"] == FORMAT and saved["step"] == 10 and saved["checkpoint"].endswith("latest")
