@@ -79,3 +79,29 @@ def test_loss_plot_draws_the_task_scores(in_tmp: Path) -> None:
     from PIL import Image
 
     assert Image.open(with_tasks).width > Image.open(plain).width  # the third panel
+
+
+def test_train_model_takes_the_task_flags() -> None:
+    from talm.cli.common import collect_config_flags
+    from talm.cli.train_model import build_parser
+    from talm.train.config import TrainConfig
+
+    parser, names = build_parser()
+    argv = [
+        "-n",
+        "m",
+        "--eval-tasks",
+        "hellaswag",
+        "piqa",
+        "--eval-tasks-every",
+        "500",
+        "--eval-tasks-limit",
+        "200",
+    ]
+    given = collect_config_flags(parser.parse_args([*argv, "--eval-tasks-dir", "tasks"]), TrainConfig)
+    assert given == {
+        "eval_tasks": ["hellaswag", "piqa"], "eval_tasks_every": 500, "eval_tasks_limit": 200, "eval_tasks_dir": "tasks"
+    }  # fmt: skip
+    assert names["train.eval_tasks"] == "--eval-tasks"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["-n", "m", "-d", "data", "--eval-tasks", "mmlu"])

@@ -15,7 +15,8 @@ class EvalConfig(Config):
     """What `evaluate` scores and how."""
 
     tasks: list[Literal[TASK_NAMES]] = []  # type: ignore[valid-type]
-    """Benchmark tasks to score (lambada = lambada_openai); none: only --data-dir's bits per byte."""
+    """Benchmark tasks to score: hellaswag, arc_easy, arc_challenge, piqa, winogrande, lambada_openai (or lambada);
+    none: only --data-dir's bits per byte."""
     limit: int | None = Field(default=None, ge=1)
     """Score only the first this many examples of each task (unset: all of them)."""
     batch_size: int = Field(default=32, ge=1)
