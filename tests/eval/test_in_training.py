@@ -90,6 +90,8 @@ def test_train_model_takes_the_task_flags() -> None:
     argv = [
         "-n",
         "m",
+        "-d",
+        "data",
         "--eval-tasks",
         "hellaswag",
         "piqa",
