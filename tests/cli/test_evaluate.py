@@ -92,3 +92,15 @@ def test_user_errors_are_one_line(
     err = one_line_error(capsys, main, "-m", model, "--tasks", "hellaswag")
     assert "cannot read hellaswag from the Hub (Rowan/hellaswag)" in err and "--tasks-dir DIR" in err
     assert not (tiny_model_dir / "evals").exists()  # nothing written when a task cannot be read
+
+
+def test_a_damaged_results_file_is_refused_before_scoring(
+    tiny_model_dir: Path, tasks_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tiny_model_dir / "evals").mkdir()
+    (tiny_model_dir / "evals" / "10.json").write_text('{"tasks": {}}')
+    err = one_line_error(
+        capsys, main, "-m", str(tiny_model_dir), "--tasks", "piqa", "--tasks-dir", str(tasks_dir)
+    )
+    assert "is not a talm evals file (talm.evals/1): move it away" in err
+    assert (tiny_model_dir / "evals" / "10.json").read_text() == '{"tasks": {}}'  # left as it was

@@ -25,7 +25,7 @@ import torch
 
 from talm.errors import TalmError
 from talm.eval.scoring import TokenRequest, choice_metrics, encode_examples, last_word_metrics, score_tokens
-from talm.eval.tasks import Example, get_task, load_examples
+from talm.eval.tasks import TASKS, Example, get_task, load_examples
 from talm.files import write_atomically
 from talm.tokenizer.api import Tokenizer
 
@@ -172,7 +172,7 @@ def read_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         payload = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise TalmError(f"cannot read {str(path)!r} ({err}): delete it and evaluate again") from None
+        raise TalmError(f"cannot read {str(path)!r} ({err}): move it away and evaluate again") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise TalmError(f"{str(path)!r} is not a talm evals file ({FORMAT}): move it away and evaluate again")
     return payload
@@ -186,14 +186,7 @@ def record_key(task: str, metric: str) -> str:
 def is_task_field(key: str) -> bool:
     """Whether a metrics.jsonl field is a task score (`TASK/METRIC`)."""
     task, _, metric = key.partition("/")
-    return bool(metric) and get_task_or_none(task) is not None
-
-
-def get_task_or_none(name: str) -> Any:
-    try:
-        return get_task(name)
-    except TalmError:
-        return None
+    return bool(metric) and task in TASKS
 
 
 class TrainingTasks:

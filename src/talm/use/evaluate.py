@@ -16,7 +16,8 @@ import torch
 
 from talm.errors import TalmError
 from talm.eval.config import EvalConfig
-from talm.eval.runner import TaskResult, prepare, score, write_results
+from talm.eval.runner import TaskResult, prepare, read_results, results_path, score, write_results
+from talm.files import check_writable_dir
 from talm.train.checkpoint import resolve_checkpoint
 from talm.train.dist import DistContext
 from talm.train.evaluate import evaluate
@@ -77,6 +78,13 @@ def evaluate_model(
     start = time.perf_counter()
     checkpoint_dir = resolve_checkpoint(model_dir, checkpoint)
     model, tokenizer, meta = load_checkpoint(model_dir, checkpoint, device)
+    step = int(meta.get("step", 0))
+    # where the results go, checked now rather than after minutes of scoring
+    check_writable_dir(
+        checkpoint_dir.parent, instead="evaluate a copy of the model directory you can write to"
+    )
+    if results_path(checkpoint_dir.parent, step).is_file():
+        read_results(results_path(checkpoint_dir.parent, step))  # a damaged one is refused before any work
     precision = Precision(dtype, next(model.parameters()).device)
     tasks = [
         prepare(tokenizer, n, tasks_dir=config.tasks_dir, limit=config.limit)
@@ -91,6 +99,5 @@ def evaluate_model(
         score(model, p, batch_size=config.batch_size, autocast=precision.autocast, progress=progress)
         for p in tasks
     ]
-    step = int(meta.get("step", 0))
     path = write_results(checkpoint_dir.parent, step, results, checkpoint=str(checkpoint_dir), data=data)
     return Evaluation(step, results, data, path, time.perf_counter() - start)
