@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "talm"
-STAGES = ["tokenizer", "data", "model", "train", "use"]
+STAGES = ["tokenizer", "data", "model", "eval", "train", "use"]
 LEAVES = ["errors", "files", "config"]  # in this order: each may import only the ones before it
 MODULES = sorted(SRC.rglob("*.py"))
 

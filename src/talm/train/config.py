@@ -9,6 +9,7 @@ from pydantic import (
 )
 
 from talm.config import Config, Seed
+from talm.eval.tasks import TASK_NAMES
 from talm.model.config import ModelConfig
 
 # ================================================================================================================
@@ -75,6 +76,15 @@ class TrainConfig(Config):
     """Evaluate on the validation slice every this many steps (and at the end)."""
     eval_tokens: int = Field(default=262144, ge=1)
     """Tokens of the validation split evaluated each time (a fixed slice from its start)."""
+    eval_tasks: list[Literal[TASK_NAMES]] = []  # type: ignore[valid-type]
+    """Benchmarks scored at evaluations (talm.eval, e.g. hellaswag): each task's headline metric goes to
+    metrics.jsonl and loss.png. Needs a val split (tasks are scored when the val loss is)."""
+    eval_tasks_every: int | None = Field(default=None, ge=1)
+    """Score the eval tasks at the first evaluation at or after every this many steps (unset: every evaluation)."""
+    eval_tasks_limit: int = Field(default=500, ge=1)
+    """Examples of each eval task scored (the first ones of its split: the same ones every time)."""
+    eval_tasks_dir: str | None = None
+    """Directory holding local copies of the eval tasks' Hub repositories (DIR/OWNER/NAME); unset: the Hub."""
     save_every: int = Field(default=500, ge=1)
     """Save the latest checkpoint every this many steps (and at the end, and on Ctrl-C)."""
     log_every: int = Field(default=10, ge=1)

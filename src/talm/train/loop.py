@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from talm.eval.runner import TrainingTasks
 from talm.train import dist, init, rundir, state
 from talm.train.checkpoint import read_meta
 from talm.train.config import RunConfig
@@ -131,6 +132,7 @@ class Trainer:
         # DDP or FSDP; FSDP shards the model in place, before the optimizer is built over its parameters.
         self.parallel = Parallel(t, self.model, self.ctx, self.precision)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.task_scores = TrainingTasks.of_run(self.tokenizer, t, self.precision.autocast)  # --eval-tasks
         # A multiplier of each group's peak lr, and its re-warm (optim.rewarm_segment) once state.restore sets one.
         self.lr_mult, self.lr_segment = multiplier(cfg.optim, t.max_steps), None
 
@@ -169,8 +171,8 @@ class Trainer:
         return {"step": self.step, "tokens": self.tokens_seen, "time": round(self.now(), 3), **values}
 
     def eval_and_log(self, log: MetricsLog) -> None:
-        val_loss, bpb = self.evaluate()
-        record = self._record(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700.0)), val_bpb=bpb)
+        (val_loss, bpb), tasks = self.evaluate(), self.task_scores(self.model, self.step)  # --eval-tasks
+        record = self._record(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700.0)), val_bpb=bpb, **tasks)
         log.log(record | samples_at_eval(self))  # --sample-every's continuations, when due
         self.last_val = (val_loss, bpb)
         if val_loss < self.best_val_loss:

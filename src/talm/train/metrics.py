@@ -6,6 +6,7 @@ One JSON object per line, appended as training goes:
     training lines    {"step", "tokens", "time", "train_loss", "lr", "tokens_per_s"[, "mfu"]}
     evaluation lines  {"step", "tokens", "time", "val_loss", "val_ppl", "val_bpb"}
                       (+ "samples": [{"prompt", "greedy", "sampled"}] with --sample-every, talm.train.samples)
+                      (+ "TASK/METRIC": a number per benchmark task, with --eval-tasks: talm.eval.runner)
 
 "step" is an integer >= 0 and every other field a number ("val_bpb" may be null: a tokenizer without byte
 counts). "mfu" (model FLOPs utilisation, 0..1) is there only on devices whose peak talm knows

@@ -1,4 +1,5 @@
-"""Training curves as pictures: train and val loss, and val bits per byte, against tokens seen.
+"""Training curves as pictures: train and val loss, val bits per byte, and (when the run scored any with
+--eval-tasks) benchmark scores, against tokens seen.
 
 The runs' metrics.jsonl are read with `talm.train.metrics` (the one definition of that format); `plot_runs` draws one
 or several runs on one chart and writes the PNG atomically, to a path checked before any work
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from talm.errors import TalmError
+from talm.eval.runner import is_task_field
 from talm.files import check_output_file, write_atomically
 from talm.train.metrics import FILE, finite_points, metrics_path, read_timelines
 
@@ -88,9 +90,10 @@ def plot_runs(
                 f"{str(metrics_path(path))!r} holds no metrics yet: plot it after the first log line"
             )
 
-    fig = Figure(figsize=(12, 4.6), layout="constrained")
+    task_fields = sorted({k for _, _, evals in data for r in evals for k in r if is_task_field(k)})
+    fig = Figure(figsize=(18 if task_fields else 12, 4.6), layout="constrained")
     FigureCanvasAgg(fig)
-    loss_ax, bpb_ax = fig.subplots(1, 2)
+    loss_ax, bpb_ax, *task_ax = fig.subplots(1, 3 if task_fields else 2)
     x_scale, x_label = 1.0, X_AXES[x]
     if x == "time":
         longest = max((r.get("time", 0.0) for _, t, e in data for r in t + e), default=0.0)
@@ -125,12 +128,14 @@ def plot_runs(
                 )
         loss_values += ty[len(ty) // 20 :] + vy
 
+    if task_ax:
+        _plot_tasks(task_ax[0], data, task_fields, x, x_scale, single)
     if loss_values:  # leave out the first steps' spike so the part that matters is readable
         low, high = min(loss_values), max(loss_values)
         loss_ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low) + 1e-6)
     loss_ax.set_title("loss (nats per token)")
     bpb_ax.set_title("validation bits per byte (lower is better)")
-    for ax in (loss_ax, bpb_ax):
+    for ax in (loss_ax, bpb_ax, *task_ax):
         ax.set_xlabel(x_label)
         ax.grid(True, alpha=0.3)
         if x == "tokens":
@@ -146,6 +151,23 @@ def plot_runs(
         bpb_ax.set_yticks([])
     fig.suptitle(title or ", ".join(label for label, _, _ in data))
     return save_figure(fig, out)
+
+
+def _plot_tasks(
+    ax: Any, data: list[tuple[str, Any, Any]], fields: list[str], x: str, x_scale: float, single: bool
+) -> None:
+    """Benchmark scores (`TASK/METRIC` fields of the evaluation lines): one colour per task, one style per run."""
+    for run, (label, _, evals) in enumerate(data):
+        for i, key in enumerate(fields):
+            xs, ys = finite_points(evals, key, x)
+            if ys:
+                name = key if single else f"{label}: {key}"
+                style = ("-", "--", ":", "-.")[run % 4]
+                ax.plot(
+                    [v / x_scale for v in xs], ys, style, color=f"C{i % 10}", marker="o", ms=3.5, label=name
+                )
+    ax.set_title("benchmarks during training (higher is better)")
+    ax.legend(loc="lower right", fontsize=8)
 
 
 def save_figure(fig: Any, out: Path) -> Path:

@@ -1,0 +1,30 @@
+"""The eval stage's configuration (talm.config holds the Config base: strict fields, TOML and flag layering,
+docstrings as --help)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from talm.config import Config
+from talm.eval.tasks import TASK_NAMES
+
+
+class EvalConfig(Config):
+    """What `evaluate` scores and how."""
+
+    tasks: list[Literal[TASK_NAMES]] = []  # type: ignore[valid-type]
+    """Benchmark tasks to score: hellaswag, arc_easy, arc_challenge, piqa, winogrande, lambada_openai (or lambada);
+    none: only --data-dir's bits per byte."""
+    limit: int | None = Field(default=None, ge=1)
+    """Score only the first this many examples of each task (unset: all of them)."""
+    batch_size: int = Field(default=32, ge=1)
+    """Sequences per forward pass while scoring."""
+    tasks_dir: str | None = None
+    """Directory holding local copies of the tasks' Hub repositories (DIR/OWNER/NAME, e.g. DIR/Rowan/hellaswag);
+    unset: the Hugging Face Hub (or its cache)."""
+    data_dir: str | None = None
+    """Also measure bits per byte on the val split of this talm data directory (made with the model's tokenizer)."""
+    data_tokens: int = Field(default=1_048_576, ge=1)
+    """Tokens of --data-dir's val split evaluated (a fixed slice from its start, as training's val loss)."""

@@ -1,0 +1,173 @@
+"""talm checkpoints as an lm-evaluation-harness model (optional extra: pip install 'talm[eval]').
+
+`TalmLM` implements the harness's LM interface (loglikelihood, loglikelihood_rolling, generate_until) on a talm
+model and tokenizer, so every harness task runs on a checkpoint without exporting it. It encodes and scores
+exactly as talm's own scorer does (`talm.eval.scoring`: the same token split, <|endoftext|> in front, the same
+batched forward pass), so both give the same log-likelihoods on the same requests.
+
+Importing this module registers the model as "talm" in the harness. The harness finds no models from other
+packages on its own, so its command line is run through this module:
+
+    python -m talm.use.lm_eval --model talm --model_args path=models/NAME --device cuda --batch_size 32 --tasks hellaswag
+
+or `evaluate -m models/NAME --harness hellaswag` (run_harness below).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from talm.errors import TalmError
+
+try:
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+except ImportError:  # the extra is not installed: say how to get it, once, when something needs it
+    raise TalmError("the lm-evaluation-harness is not installed: pip install 'talm[eval]'") from None
+
+from talm.eval.scoring import encode_pair, score_tokens
+from talm.use.load import load_checkpoint
+from talm.use.sample import FINISHED, fit_prompt, generate_ids
+
+
+@register_model("talm")
+class TalmLM(TemplateLM):
+    """A talm checkpoint for the harness: `--model talm --model_args path=models/NAME[,checkpoint=best]`."""
+
+    def __init__(
+        self,
+        path: str,
+        checkpoint: str = "latest",
+        device: str | None = None,
+        batch_size: int | str | None = 32,
+        max_gen_toks: int = 256,
+        **_: Any,  # the harness passes max_batch_size and others meant for its own models
+    ) -> None:
+        super().__init__()
+        self.model, self.tokenizer, self.meta = load_checkpoint(path, checkpoint, device or "auto")
+        # "auto" (the harness's batch-size search) and None become talm's default
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 32
+        self.max_gen_toks = max_gen_toks
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eot_id
+
+    @property
+    def max_length(self) -> int:
+        return self.model.config.context_length
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        return self.tokenizer.encode(string)
+
+    def tok_decode(self, tokens: list[int], **kwargs: Any) -> str:
+        return self.tokenizer.decode(tokens)
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        return encode_pair(self.tokenizer, context, continuation)
+
+    def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs: Any) -> list:
+        token_requests = [(list(context), list(continuation)) for _, context, continuation in requests]
+        scores = score_tokens(
+            self.model,
+            token_requests,
+            batch_size=self.batch_size,
+            progress=None if disable_tqdm else "harness",
+        )
+        for (pair, _, _), result in zip(requests, scores, strict=True):
+            self.cache_hook.add_partial("loglikelihood", pair, result)
+        return scores
+
+    def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+        """The log-likelihood of whole texts (perplexity tasks), from <|endoftext|>, in disjoint windows of the
+        model's context."""
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        out = []
+        for (text,) in [r.args for r in requests]:
+            windows = [
+                make_disjoint_window(w)
+                for w in get_rolling_token_windows(
+                    self.tok_encode(text), self.eot_token_id, self.max_length, context_len=1
+                )
+            ]
+            scores = score_tokens(self.model, windows, batch_size=self.batch_size)
+            out.append(sum(ll for ll, _ in scores))
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), out[-1])
+        return out
+
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        """Greedy continuations, cut at the first of the request's `until` strings."""
+        out = []
+        for context, gen_kwargs in [r.args for r in requests]:
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
+            ids, _ = fit_prompt([self.eot_token_id, *self.tok_encode(context)], self.max_length)
+            new: list[int] = []
+            for step in generate_ids(
+                self.model,
+                [ids],
+                max_new_tokens=max_new,
+                temperature=0.0,
+                eot_id=self.eot_token_id,
+                vocab_size=self.tokenizer.vocab_size,
+            ):
+                if step[0] in (FINISHED, self.eot_token_id):
+                    break
+                new.append(step[0])
+                if until and any(u in self.tok_decode(new) for u in until):
+                    break
+            text = self.tok_decode(new)
+            for u in until:
+                text = text.split(u)[0]
+            out.append(text)
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+        return out
+
+
+def run_harness(
+    model_dir: str | Path,
+    tasks: list[str],
+    *,
+    checkpoint: str = "latest",
+    device: str = "auto",
+    limit: int | None = None,
+    batch_size: int = 32,
+    include_path: str | None = None,
+    include_defaults: bool = True,
+    log_samples: bool = False,
+) -> tuple[str, dict[str, Any]]:
+    """Run harness tasks (names it knows, or from yamls under `include_path`) on a talm checkpoint: its results
+    table and its results dict. Without `include_defaults`, only `include_path`'s yamls are indexed (the
+    harness's own thousands take it many seconds to read)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import make_table
+
+    lm = TalmLM(str(model_dir), checkpoint=checkpoint, device=device, batch_size=batch_size)
+    manager = TaskManager(include_path=include_path, include_defaults=include_defaults or not include_path)
+    unknown = [t for t in tasks if not manager.match_tasks([t])]
+    if unknown:
+        raise TalmError(
+            f"the harness knows no task {', '.join(unknown)}: see `lm-eval ls tasks`, or pass the folder of your "
+            "task yaml with --include-path"
+        )
+    results = simple_evaluate(
+        model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=log_samples
+    )
+    return make_table(results), results
+
+
+def main() -> None:
+    """The harness's own command line, with "talm" registered as a model."""
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv[0] = "lm_eval"
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

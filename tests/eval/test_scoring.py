@@ -1,0 +1,147 @@
+"""The scorer against answers known by construction and against log-probs computed one token at a time."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import BASE_TOKENIZER, varied_model
+from torch import nn
+
+from talm.eval.scoring import (
+    centered,
+    choice_metrics,
+    encode_examples,
+    encode_pair,
+    fit,
+    last_word_metrics,
+    score_tokens,
+)
+from talm.eval.tasks import Example
+from talm.tokenizer.api import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.from_file(BASE_TOKENIZER)
+
+
+class LikesTokens(nn.Module):
+    """Hand-built logits: whatever the context, `liked` token ids get logit `boost`, every other id 0."""
+
+    def __init__(self, vocab: int, liked: set[int], boost: float = 5.0, context_length: int = 64) -> None:
+        super().__init__()
+        self.config = type("Config", (), {"context_length": context_length, "vocab_size": vocab})()
+        self.table = nn.Parameter(torch.zeros(vocab))
+        with torch.no_grad():
+            self.table[list(liked)] = boost
+
+    def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.table.expand(*idx.shape, -1), None
+
+
+def test_encode_pair_splits_as_the_harness_and_starts_a_document(tok: Tokenizer) -> None:
+    context, continuation = encode_pair(tok, "Question: why?\nAnswer:", " because")
+    assert context[0] == tok.eot_id
+    assert context[1:] + continuation == tok.encode("Question: why?\nAnswer: because")
+    assert tok.decode(continuation) == " because"
+    # trailing spaces of the context move to the continuation (word-boundary tokenization)
+    assert encode_pair(tok, "Answer: ", "yes") == encode_pair(tok, "Answer:", " yes")
+    assert encode_pair(tok, "", "hello") == ([tok.eot_id], tok.encode("hello"))
+
+
+def test_fit_cuts_the_oldest_context_first() -> None:
+    assert fit(([0, 1, 2, 3, 4, 5], [6, 7]), 5) == ([2, 3, 4, 5, 6, 7], 2)
+    assert fit(([0], [1, 2, 3, 4, 5, 6, 7]), 4) == (
+        [3, 4, 5, 6, 7],
+        4,
+    )  # a continuation longer than the context
+
+
+def test_log_likelihoods_equal_token_by_token_sums() -> None:
+    """Batched, padded, sorted scoring gives each request the sum of log p(token | prefix) computed alone."""
+    model = varied_model(vocab=100, context=32)
+    gen = torch.Generator().manual_seed(0)
+    requests = []
+    for n_ctx, n_cont in [(1, 1), (5, 3), (12, 7), (3, 1), (20, 20), (9, 2), (2, 11)]:
+        ids = torch.randint(0, 100, (n_ctx + n_cont,), generator=gen).tolist()
+        requests.append((ids[:n_ctx], ids[n_ctx:]))
+    got = score_tokens(model, requests, batch_size=3)
+    for (context, continuation), (ll, greedy) in zip(requests, got, strict=True):
+        ids = (context + continuation)[-33:]
+        expected, all_greedy = 0.0, True
+        with torch.no_grad():
+            for k in range(len(ids) - len(continuation), len(ids)):
+                logits, _ = model(torch.tensor([ids[:k]]))
+                logp = torch.log_softmax(logits[0, -1].double(), dim=-1)
+                expected += logp[ids[k]].item()
+                all_greedy &= int(logits[0, -1].argmax()) == ids[k]
+        assert ll == pytest.approx(expected, abs=1e-4)
+        assert greedy == all_greedy
+    assert not model.training
+
+
+def test_greedy_is_true_when_every_token_is_the_argmax() -> None:
+    model = LikesTokens(50, {7})
+    (ll7, g7), (ll8, g8), (mixed, gm) = score_tokens(model, [([1], [7, 7]), ([1], [8]), ([1], [7, 8])])
+    assert g7 and not g8 and not gm
+    assert ll7 == pytest.approx(2 * (5 - math.log(49 + math.exp(5))))
+
+
+def test_scorer_picks_the_choice_the_model_prefers_by_construction(tok: Tokenizer) -> None:
+    right = ["the cat sat on the mat", "a dog ran", "the cat"]
+    examples = []
+    for gold, text in enumerate(right):
+        choices = ["zebra quartz", "xylophone jazz", "quick wombat"]
+        choices[gold] = text
+        examples.append(Example(tuple(("Q:", " " + c) for c in choices), tuple(choices), gold))
+    liked = {i for t in right for i in tok.encode(" " + t)}
+    model = LikesTokens(tok.vocab_size, liked)
+    scores = score_tokens(model, encode_examples(tok, examples), batch_size=4)
+    metrics = choice_metrics(examples, scores)
+    assert metrics["acc"] == metrics["acc_norm"] == 1.0
+    assert metrics["random"] == pytest.approx(1 / 3)
+    assert (
+        choice_metrics(examples, [(-ll, g) for ll, g in scores])["acc"] == 0.0
+    )  # the same numbers, reversed
+
+
+def test_acc_norm_divides_by_the_choice_length_in_characters() -> None:
+    """With uniform logits every token costs log(V): acc picks the choice of fewest tokens, acc_norm the one with
+    the most characters per token of log-likelihood."""
+    long_right = Example((("c", " a b"), ("c", " abcdefghij")), ("a b", "abcdefghij"), 1)
+    lls = [(-2.0, False), (-3.0, False)]  # 2 and 3 tokens at 1 nat each
+    metrics = choice_metrics([long_right], lls)
+    assert metrics["acc"] == 0.0  # -2 > -3
+    assert metrics["acc_norm"] == 1.0  # -2/3 < -3/10
+    tie = Example((("c", " ab"), ("c", " ab")), ("ab", "ab"), 1)
+    assert (
+        choice_metrics([tie], [(-1.0, False), (-1.0, False)])["acc"] == 0.0
+    )  # ties go to the first, as argmax
+
+
+def test_centered_score_of_random_guessing_is_about_zero() -> None:
+    """A model that knows nothing (random logits) on examples whose answers are random: centered ~ 0."""
+    gen = torch.Generator().manual_seed(1)
+    model = varied_model(vocab=100, context=32, seed=3)
+    examples, requests = [], []
+    for _ in range(300):
+        k = int(torch.randint(2, 6, (1,), generator=gen))
+        context = torch.randint(0, 100, (4,), generator=gen).tolist()
+        conts = [torch.randint(0, 100, (3,), generator=gen).tolist() for _ in range(k)]
+        examples.append(
+            Example(
+                tuple(("", "xyz") for _ in conts), ("xyz",) * k, int(torch.randint(0, k, (1,), generator=gen))
+            )
+        )
+        requests += [(context, c) for c in conts]
+    metrics = choice_metrics(examples, score_tokens(model, requests, batch_size=64))
+    assert 0.2 < metrics["random"] < 0.5  # 2 to 5 choices
+    assert abs(centered(metrics["acc"], metrics["random"])) < 0.1  # std of the estimate is ~0.035
+    assert centered(1.0, 0.25) == 1.0 and centered(0.25, 0.25) == 0.0
+
+
+def test_last_word_metrics() -> None:
+    metrics = last_word_metrics([(-1.0, True), (-3.0, False)])
+    assert metrics == {"acc": 0.5, "ppl": pytest.approx(math.exp(2.0)), "random": 0.0}

@@ -1,0 +1,95 @@
+"""The tasks read from local copies laid out like their Hub repositories, with their real column schemas."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fixtures.task_copies import ARC_ROWS, HELLASWAG_ROWS, write_all_tasks, write_task_repo
+
+from talm.errors import TalmError
+from talm.eval.tasks import TASKS, get_task, load_examples
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_all_tasks(tmp_path_factory.mktemp("tasks"))
+
+
+def test_every_task_reads_its_real_repo_layout(tasks_dir: Path) -> None:
+    for name, task in TASKS.items():
+        examples = load_examples(name, tasks_dir=tasks_dir)
+        assert len(examples) >= 2, name
+        for ex in examples:
+            assert 0 <= ex.gold < len(ex.requests) and len(ex.choices) == len(ex.requests), name
+        assert (tasks_dir / task.repo / "README.md").is_file()
+
+
+def test_hellaswag_text_is_the_harness_preprocessing(tasks_dir: Path) -> None:
+    first, second, _ = load_examples("hellaswag", tasks_dir=tasks_dir)
+    context = first.requests[0][0]
+    # activity label, ctx_a, then ctx_b capitalised (str.capitalize lowercases the rest)
+    assert context == f"Removing ice from car: {HELLASWAG_ROWS[0]['ctx_a']} Then"
+    assert first.gold == 3 and first.requests[3][1] == " , the man continues removing the snow on his car."
+    # WikiHow's [title] becomes a sentence end, other [tags] vanish, "AWAY" is lowercased by capitalize()
+    assert (
+        second.requests[0][0]
+        == "Finance and Business: How to make money. Save every week. put money away in a jar"
+    )
+    assert second.choices[1] == "and spend it at once. Done."
+
+
+def test_arc_gold_is_the_position_of_the_answer_key(tasks_dir: Path) -> None:
+    examples = load_examples("arc_easy", tasks_dir=tasks_dir)
+    assert [ex.gold for ex in examples] == [1, 0, 3]
+    assert examples[2].requests[3] == ("Question: Which tool measures temperature?\nAnswer:", " thermometer")
+    assert [ex.gold for ex in load_examples("arc_challenge", tasks_dir=tasks_dir)] == [3, 0, 1]
+    assert len(examples[2].choices) == len(ARC_ROWS[2]["choices"]) == 5
+
+
+def test_winogrande_is_partial_scoring(tasks_dir: Path) -> None:
+    ex = load_examples("winogrande", tasks_dir=tasks_dir)[2]
+    assert ex.requests == (
+        ("The cat chased the mouse, but the cat", " was too fast to be caught."),
+        ("The cat chased the mouse, but the mouse", " was too fast to be caught."),
+    )
+    assert ex.gold == 1  # answer "2"
+
+
+def test_lambada_splits_off_the_last_word(tasks_dir: Path) -> None:
+    ex = load_examples("lambada", tasks_dir=tasks_dir)[2]
+    assert ex.requests == (
+        ("ROMEO: What light through yonder window breaks? It is the east, and Juliet is the", " sun"),
+    )
+
+
+def test_limit_takes_the_first_examples(tasks_dir: Path) -> None:
+    assert [ex.gold for ex in load_examples("arc_easy", tasks_dir=tasks_dir, limit=2)] == [1, 0]
+
+
+def test_unknown_task_and_missing_copy_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(TalmError, match="unknown task 'hellaswagg': pick from hellaswag"):
+        get_task("hellaswagg")
+    with pytest.raises(TalmError, match=r"no local copy of piqa at .*baber/piqa.*--local-dir"):
+        load_examples("piqa", tasks_dir=tmp_path)
+
+
+def test_a_copy_without_the_real_columns_is_refused(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    write_task_repo(tmp_path, "baber/piqa", {"default": pa.table({"question": ["q"], "answer": ["a"]})})
+    with pytest.raises(TalmError, match="lacks the column.s. goal, sol1, sol2, label"):
+        load_examples("piqa", tasks_dir=tmp_path)
+
+
+def test_unreachable_hub_says_how_to_use_a_local_copy(monkeypatch: pytest.MonkeyPatch, in_tmp: Path) -> None:
+    monkeypatch.setenv(
+        "HF_HUB_OFFLINE", "1"
+    )  # as unreachable as a machine without network, without the retries
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)
+    with pytest.raises(TalmError) as err:
+        load_examples("winogrande")
+    message = str(err.value)
+    assert "\n" not in message
+    assert "cannot read winogrande from the Hub (allenai/winogrande)" in message
+    assert "DIR/allenai/winogrande and pass --tasks-dir DIR" in message
