@@ -198,10 +198,6 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        # The submodules' own default inits below draw from the RNG, and reset_parameters then overwrites them
-        # all: rewinding before it makes the weights a function of the RNG state GPT() was called with alone, so
-        # a model built on the meta device and initialised later (FSDP: talm.train.parallel) gets the same ones.
-        rng = torch.get_rng_state()
         self.config = config
         self.tok_emb = nn.Embedding(config.padded_vocab_size, config.d_model)
         # GPT-2's learned position embedding; llama rotates queries and keys instead.
@@ -216,7 +212,6 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.init_buffers()
-        torch.set_rng_state(rng)
         self.reset_parameters()
 
     def init_buffers(self) -> None:

@@ -16,11 +16,14 @@ of gradients that may be sharded).
 Under FSDP no process ever holds the whole model: it is built on the meta device (shapes only, no memory),
 sharded, and only then given memory on the device (each process its shards) and initialised, each parameter
 drawn whole on the CPU, one at a time, as `GPT()` draws it, and cut to this process's rows. So the weights are
-exactly those of `GPT(config)` after the same seed (tested), on any number of processes.
+exactly those of `GPT(config)` after the same seed (tested), on any number of processes. The price is CPU time:
+the RNG is run over the whole model twice (GPT() draws its submodules' default inits before its own), as GPT()
+does on every process without FSDP.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import os
@@ -87,11 +90,22 @@ def checkpoint_blocks(model: torch.nn.Module) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
+def replay_default_inits(model: torch.nn.Module) -> None:
+    """Draw from the RNG what building `model` off the meta device would have drawn: each submodule's own default
+    init (nn.Linear's, nn.Embedding's), in the order GPT() builds them, on a CPU twin of one submodule at a time.
+    GPT.reset_parameters overwrites those values, but they move the RNG, and so the weights it draws next."""
+    for module in model.modules():
+        if module is not model and hasattr(module, "reset_parameters") and list(module.parameters(recurse=False)):
+            twin = copy.deepcopy(module).to_empty(device="cpu")
+            twin.reset_parameters()
+
+
 @torch.no_grad()
 def init_sharded(model: GPT) -> None:
     """Initialise a sharded model that `to_empty` gave memory: each parameter drawn whole on the CPU, in
-    `GPT.reset_parameters`' order and way, and this process's rows of it kept; the RoPE tables recomputed. The
-    RNG draws are GPT()'s, so the weights (and the RNG state after) are those of `GPT(config)` built whole."""
+    `GPT.reset_parameters`' order and way, and this process's rows of it kept; the RoPE tables recomputed. After
+    `replay_default_inits`, the RNG draws are GPT()'s, so the weights (and the RNG state after) are those of
+    `GPT(config)` built whole."""
     for name, p in model.named_parameters():
         whole = torch.empty(p.shape, dtype=p.dtype)  # on the CPU, where GPT() draws its weights
         model.init_parameter(name, whole)
@@ -139,6 +153,7 @@ class Parallel:
             return model
         with torch.device("meta"):
             model = GPT(self.config)
+        replay_default_inits(model)
         if self.checkpointing:
             checkpoint_blocks(model)
         self.shard(model)
