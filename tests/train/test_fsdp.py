@@ -114,7 +114,9 @@ def test_fsdp_builds_the_model_sharded_with_the_weights_of_one_process(two_proce
 
 
 @pytest.mark.slow
-def test_fsdp_muon_splits_the_orthogonalisation_and_updates_the_same_bits(two_process: tuple[Path, str]) -> None:
+def test_fsdp_muon_splits_the_orthogonalisation_and_updates_the_same_bits(
+    two_process: tuple[Path, str],
+) -> None:
     """Two steps of Muon over sharded matrices give the very weights of Muon over the whole ones, while each of
     the two processes runs Newton-Schulz on its half of the matrices (round robin), whole; with uneven shards
     too (5 and 1 rows over 2 processes)."""

@@ -18,8 +18,8 @@ from talm.model.config import ModelConfig
 from talm.model.gpt import GPT
 from talm.tokenizer.api import Tokenizer
 from talm.train import dist, init, parallel, state
-from talm.train.config import TrainConfig
 from talm.train.checkpoint import SHARDS, load_model, load_shards, load_trainer_state
+from talm.train.config import TrainConfig
 from talm.train.dist import DistContext
 from talm.train.metrics import read_metrics
 from talm.train.precision import Precision
@@ -87,7 +87,9 @@ def test_init_from_fills_a_model_built_sharded(tiny_model_dir: Path) -> None:
             assert torch.equal(whole[name], tensor), name
         shallower = source.config.model_copy(update={"n_layer": 1})
         model = parallel.Parallel(fsdp, shallower, context, Precision("float32", context.device)).build()
-        with pytest.raises(TalmError, match=r"do not fit its config \(unexpected blocks\.1\.attn\.proj\.weight"):
+        with pytest.raises(
+            TalmError, match=r"do not fit its config \(unexpected blocks\.1\.attn\.proj\.weight"
+        ):
             init.initialize(model, str(tiny_model_dir), tokenizer, "data/x")
     finally:
         dist.teardown()

@@ -243,14 +243,19 @@ class Muon(torch.optim.Muon):
         that the processes orthogonalise at the same time: every matrix gathered whole on its owner (matrix i on
         process i mod N), each owner orthogonalising its own, every update's rows sent back from its owner."""
         mesh = pending[0][0].device_mesh
+        assert all(p.device_mesh == mesh for p, _, _ in pending), "FSDP shards every matrix over one mesh"
         group, me, world = mesh.get_group(), mesh.get_local_rank(), mesh.size()
-        wholes = [gather_rows(x, i % world, group) for i, (_, _, x) in enumerate(pending)]
+        owners = [i % world for i in range(len(pending))]
+        wholes = [gather_rows(x, owner, group) for (_, _, x), owner in zip(pending, owners, strict=True)]
         updates = [
-            orthogonalize(whole, grp, self.ns_dtype).to(p.dtype) if i % world == me else None
-            for i, ((p, grp, _), whole) in enumerate(zip(pending, wholes, strict=True))
+            orthogonalize(whole, grp, self.ns_dtype).to(p.dtype) if owner == me else None
+            for (p, grp, _), owner, whole in zip(pending, owners, wholes, strict=True)
         ]
         del wholes
-        return [scatter_rows(u, p, i % world, group) for i, ((p, _, _), u) in enumerate(zip(pending, updates))]
+        return [
+            scatter_rows(update, p, owner, group)
+            for (p, _, _), owner, update in zip(pending, owners, updates, strict=True)
+        ]
 
 
 def apply_update(p: torch.Tensor, group: dict, update: torch.Tensor) -> None:

@@ -95,7 +95,11 @@ def replay_default_inits(model: torch.nn.Module) -> None:
     init (nn.Linear's, nn.Embedding's), in the order GPT() builds them, on a CPU twin of one submodule at a time.
     GPT.reset_parameters overwrites those values, but they move the RNG, and so the weights it draws next."""
     for module in model.modules():
-        if module is not model and hasattr(module, "reset_parameters") and list(module.parameters(recurse=False)):
+        if (
+            module is not model
+            and hasattr(module, "reset_parameters")
+            and list(module.parameters(recurse=False))
+        ):
             twin = copy.deepcopy(module).to_empty(device="cpu")
             twin.reset_parameters()
 

@@ -29,9 +29,10 @@ def padded(local: torch.Tensor, rows: int) -> torch.Tensor:
 
 def gather_rows(x: DTensor, owner: int, group: torch.distributed.ProcessGroup) -> torch.Tensor | None:
     """The whole matrix `x` on process `owner` of `group` (None on the others): each process sends its rows."""
-    chunk, me = row_chunk(x), torch.distributed.get_rank(group)
-    parts = [torch.empty_like(padded(x.to_local(), chunk)) for _ in range(group.size())] if me == owner else None
-    torch.distributed.gather(padded(x.to_local(), chunk), parts, group=group, group_dst=owner)
+    mine = padded(x.to_local(), row_chunk(x))
+    is_owner = torch.distributed.get_rank(group) == owner
+    parts = [torch.empty_like(mine) for _ in range(group.size())] if is_owner else None
+    torch.distributed.gather(mine, parts, group=group, group_dst=owner)
     return torch.cat(parts)[: x.size(0)] if parts is not None else None
 
 
