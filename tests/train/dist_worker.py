@@ -1,25 +1,134 @@
 """Runs train_model's Python entry point once per job, under torchrun: `torchrun ... dist_worker.py JOBS.json`.
 
-JOBS.json is a list of {"name": model name, "data": data dir, "flags": {"train": {...}, ...}}. One launch runs
-several tiny runs (DDP and FSDP, AdamW and Muon) so that a test pays for starting torch and the processes once.
-The runs share one process group: each train_model would tear it down at its end, and a group created again
-in the same processes may meet the previous group's addresses in torchrun's store (gloo then fails to connect).
+JOBS.json is a list of {"name": model name, "data": data dir, "flags": {"train": {...}, ...}}, or of
+{"check": a function of this file, "out": a directory}: the check writes what each rank saw to
+out/CHECK-RANK.json for the test to assert on. One launch runs several tiny runs (DDP and FSDP, AdamW and Muon)
+and checks so that a test pays for starting torch and the processes once. The runs share one process group:
+each train_model would tear it down at its end, and a group created again in the same processes may meet the
+previous group's addresses in torchrun's store (gloo then fails to connect).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+from typing import Any
 
-from talm.train import dist
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import distribute_tensor
+
+from talm.model.config import ModelConfig
+from talm.model.gpt import GPT
+from talm.train import dist, optim
+from talm.train.config import TrainConfig
+from talm.train.parallel import Parallel
+from talm.train.precision import Precision
 from talm.train.run import train_model
+
+CPU = torch.device("cpu")
+
+
+def whole_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict of a sharded model, on every rank."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    """The names whose tensors differ in any bit (or are missing from one side)."""
+    return sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or not torch.equal(a[k], b[k]))
+
+
+def meta_init(ctx: dist.DistContext) -> dict[str, Any]:
+    """FSDP's model (built on the meta device, sharded, then initialised) against GPT(config), the same seed: its
+    gathered weights, RoPE tables and the RNG state after, for the llama family and GPT-2's (biases, position
+    embedding, untied output layer)."""
+    result: dict[str, Any] = {}
+    for family in ("llama", "gpt2"):
+        kw = {"arch": "gpt2", "mlp": "gelu", "tie_embeddings": False} if family == "gpt2" else {}
+        cfg = ModelConfig(vocab_size=300, context_length=16, n_layer=2, n_head=2, d_model=32, **kw)
+        torch.manual_seed(7)
+        plain, plain_next = GPT(cfg), torch.rand(4)
+        parallel = Parallel(TrainConfig(device="cpu", parallel="fsdp"), cfg, ctx, Precision("float32", CPU))
+        torch.manual_seed(7)
+        sharded = parallel.build()
+        result[family] = {
+            "differ": same(whole_state(sharded), plain.state_dict()),
+            "rng_after_same": torch.equal(torch.rand(4), plain_next),
+            "rope_same": torch.equal(sharded.rope_cos, plain.rope_cos)
+            and torch.equal(sharded.rope_sin, plain.rope_sin),
+            "local_rows": sharded.tok_emb.weight.to_local().shape[0],
+            "rows": sharded.tok_emb.weight.shape[0],
+        }
+    return result
+
+
+def muon_split(ctx: dist.DistContext) -> dict[str, Any]:
+    """Muon over FSDP's sharded matrices against Muon over the same whole matrices, two steps with the same
+    gradients: the weights must be the same bits; and how many matrices this rank orthogonalised. Once on a
+    GPT's hidden matrices, once on odd row counts (uneven shards: 5 rows over 2 processes, 1 row: one holds none)."""
+    calls: list[tuple[int, ...]] = []  # the shape of each matrix orthogonalised on this rank
+    real = optim.orthogonalize
+    optim.orthogonalize = lambda x, *args: calls.append(tuple(x.shape)) or real(x, *args)
+    mesh = init_device_mesh("cpu", (ctx.world_size,))
+    cfg = ModelConfig(vocab_size=300, context_length=16, n_layer=2, n_head=2, d_model=32)
+    odd = ((6, 5), (5, 1), (1, 7))  # (in, out) features: weights of 5, 1 and 7 rows
+    result: dict[str, Any] = {}
+    try:
+        for case in ("gpt", "odd"):
+            models = []
+            for shard in (False, True):
+                torch.manual_seed(3)
+                if case == "gpt":
+                    model = GPT(cfg)
+                else:
+                    model = torch.nn.Sequential(*(torch.nn.Linear(i, o, bias=False) for i, o in odd))
+                if shard:
+                    for block in getattr(model, "blocks", []):
+                        fully_shard(block, mesh=mesh)
+                    fully_shard(model, mesh=mesh)
+                params = optim.hidden_matrices(model) if case == "gpt" else list(model.parameters())
+                muon = optim.Muon(params, ns_dtype=torch.float32, lr=0.05, weight_decay=0.1, momentum=0.9,
+                                  nesterov=True, adjust_lr_fn=optim.MUON_ADJUST_LR)  # fmt: skip
+                models.append((model, params, muon))
+            (plain, plain_params, plain_muon), (sharded, sharded_params, sharded_muon) = models
+            before = {k: v.clone() for k, v in plain.state_dict().items()}
+            gen = torch.Generator().manual_seed(11)
+            sharded_calls = []
+            for _ in range(2):
+                for p, q in zip(plain_params, sharded_params, strict=True):
+                    grad = torch.randn(p.shape, generator=gen)
+                    p.grad = grad.clone()
+                    q.grad = distribute_tensor(grad, q.device_mesh, q.placements, src_data_rank=None)
+                plain_muon.step()
+                calls.clear()
+                sharded_muon.step()
+                sharded_calls.append(list(calls))
+            result[case] = {
+                "differ": same(whole_state(sharded), plain.state_dict()),
+                "moved": same(plain.state_dict(), before),
+                "matrices": len(plain_params),
+                "orthogonalised": sharded_calls,  # per step, the shapes this rank orthogonalised
+            }
+    finally:
+        optim.orthogonalize = real
+    return result
 
 
 def main(jobs_file: str) -> None:
     teardown, dist.teardown = dist.teardown, lambda: None
     try:
         for job in json.loads(open(jobs_file, encoding="utf-8").read()):
-            train_model(job["name"], job["data"], overrides=job["flags"])
+            if "check" in job:
+                ctx = dist.setup("cpu", group=True)
+                result = globals()[job["check"]](ctx)
+                out = Path(job["out"]) / f"{job['check']}-{ctx.rank}.json"
+                out.write_text(json.dumps(result), encoding="utf-8")
+            else:
+                train_model(job["name"], job["data"], overrides=job["flags"])
     finally:
         teardown()
 

@@ -1,6 +1,8 @@
 """FSDP (2 processes, gloo, CPU) trains like DDP and like one process with the same global batch, with AdamW and
 with Muon; across two torchrun "nodes" as on one; and its sharded checkpoints resume on another process count
-(2 -> 1, 1 -> 2) with the data order continuing exactly, as whole checkpoints resume under FSDP and DDP.
+(2 -> 1, 1 -> 2) with the data order continuing exactly, as whole checkpoints resume under FSDP and DDP. Its model,
+built on the meta device and initialised shard by shard, is GPT(config)'s to the bit; Muon splits its
+orthogonalisation over the processes and updates the same bits.
 
 Tolerance: every run here is float32 on CPU, and the runs differ only in how the gradient of a step is summed
 (two micro-batches accumulated on one process, or two processes' gradients averaged by an all-reduce or a
@@ -45,9 +47,12 @@ def flags(parallel: str, optim: str = "adamw", **train: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def launch(jobs: list[tuple[str, dict[str, Any]]], data: Path, cwd: Path, *launcher: str) -> subprocess.Popen:
+def launch(
+    jobs: list[tuple[str, dict[str, Any]]], data: Path, cwd: Path, *launcher: str, checks: list[dict] = ()
+) -> subprocess.Popen:
     jobs_file = cwd / f"jobs-{os.getpid()}-{len(list(cwd.glob('jobs-*')))}.json"
-    jobs_file.write_text(json.dumps([{"name": n, "data": str(data), "flags": f} for n, f in jobs]))
+    runs = [{"name": n, "data": str(data), "flags": f} for n, f in jobs]
+    jobs_file.write_text(json.dumps(runs + list(checks)))
     launcher = launcher or ("--standalone", "--nproc-per-node", "2")
     return subprocess.Popen(
         [*TORCHRUN, *launcher, str(WORKER), str(jobs_file)],
@@ -78,13 +83,55 @@ def same_curve(a: Path, b: Path, steps: range) -> None:
         assert [lb[s] for s in shared] == pytest.approx([la[s] for s in shared], rel=1e-4, abs=1e-6), key
 
 
+CHECKS = ("meta_init", "muon_split")  # dist_worker.py's checks, run in the same launch
+
+
 @pytest.fixture(scope="module")
 def two_process(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """One 2-process launch: DDP and FSDP with AdamW and with Muon, and an FSDP run stopped at step 2."""
+    """One 2-process launch: DDP and FSDP with AdamW and with Muon, an FSDP run stopped at step 2, and the
+    worker's checks (their results in cwd/checks/CHECK-RANK.json)."""
     cwd = tmp_path_factory.mktemp("two_process")
     jobs = [(f"{p}-{o}", flags(p, o)) for o in ("adamw", "muon") for p in ("ddp", "fsdp")]
     jobs.append(("r2", flags("fsdp", max_steps=2)))
-    return cwd, finish(launch(jobs, tiny_data, cwd))
+    (cwd / "checks").mkdir()
+    checks = [{"check": check, "out": str(cwd / "checks")} for check in CHECKS]
+    return cwd, finish(launch(jobs, tiny_data, cwd, checks=checks))
+
+
+def check_results(cwd: Path, check: str) -> list[dict[str, Any]]:
+    """What each of the two ranks saw in dist_worker.py's `check`."""
+    return [json.loads((cwd / "checks" / f"{check}-{rank}.json").read_text()) for rank in (0, 1)]
+
+
+@pytest.mark.slow
+def test_fsdp_builds_the_model_sharded_with_the_weights_of_one_process(two_process: tuple[Path, str]) -> None:
+    """Built on the meta device, sharded, then initialised shard by shard: the gathered weights are GPT(config)'s
+    with the same seed to the bit (llama and GPT-2 families), the RoPE tables (not saved, recomputed) too, the
+    RNG is left where GPT() leaves it, and each process holds only its half of the rows."""
+    for rank in check_results(two_process[0], "meta_init"):
+        for family in ("llama", "gpt2"):
+            seen = rank[family]
+            assert seen["differ"] == [] and seen["rope_same"] and seen["rng_after_same"], (family, seen)
+            assert seen["local_rows"] * 2 == seen["rows"], seen
+
+
+@pytest.mark.slow
+def test_fsdp_muon_splits_the_orthogonalisation_and_updates_the_same_bits(
+    two_process: tuple[Path, str],
+) -> None:
+    """Two steps of Muon over sharded matrices give the very weights of Muon over the whole ones, while each of
+    the two processes runs Newton-Schulz on its half of the matrices (round robin), whole; with uneven shards
+    too (5 and 1 rows over 2 processes)."""
+    ranks = check_results(two_process[0], "muon_split")
+    for case, owned in (("gpt", (4, 4)), ("odd", (2, 1))):
+        for rank, mine in zip(ranks, owned, strict=True):
+            seen = rank[case]
+            assert seen["differ"] == [] and len(seen["moved"]) == seen["matrices"], (case, seen)
+            assert [len(step) for step in seen["orthogonalised"]] == [mine, mine], (case, seen)
+        shapes = sorted(map(tuple, ranks[0][case]["orthogonalised"][0] + ranks[1][case]["orthogonalised"][0]))
+        assert len(shapes) == ranks[0][case]["matrices"]  # every matrix once, by one process
+    # the whole matrices: qkv (96 x 32) and gate_up (256 x 32) of both blocks on rank 0, the rest on rank 1
+    assert sorted(map(tuple, ranks[0]["gpt"]["orthogonalised"][0])) == [(96, 32)] * 2 + [(256, 32)] * 2
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""parallel.py in one process: which strategy `auto` picks, activation checkpointing's equality, and FSDP's
-sharded checkpoints (atomic saves; loading executes no code), on an FSDP world of one."""
+"""parallel.py in one process: which strategy `auto` picks, activation checkpointing's equality, --init-from
+into a model built sharded, and FSDP's sharded checkpoints (atomic saves; loading executes no code), on an FSDP
+world of one."""
 
 from __future__ import annotations
 
@@ -9,14 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BASE_TOKENIZER
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from talm.errors import TalmError
 from talm.model.config import ModelConfig
 from talm.model.gpt import GPT
-from talm.train import parallel, state
+from talm.tokenizer.api import Tokenizer
+from talm.train import dist, init, parallel, state
 from talm.train.checkpoint import SHARDS, load_model, load_shards, load_trainer_state
+from talm.train.config import TrainConfig
 from talm.train.dist import DistContext
 from talm.train.metrics import read_metrics
+from talm.train.precision import Precision
 from talm.train.run import train_model
 
 
@@ -61,6 +67,32 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients() -> None:
     _, loss = checkpointed_model(idx[:, :-1], idx[:, 1:])
     loss.backward()
     assert len(calls) == 2
+
+
+def test_init_from_fills_a_model_built_sharded(tiny_model_dir: Path) -> None:
+    """Under FSDP the model is built sharded (on the meta device first), so --init-from's weights go in after the
+    sharding (rank 0 reads them, each process keeps its rows): they arrive whole; a source that does not fit the
+    model is refused in one line."""
+    source, _ = load_model(tiny_model_dir / "latest")
+    tokenizer = Tokenizer.from_file(BASE_TOKENIZER)
+    fsdp = TrainConfig(device="cpu", parallel="fsdp")
+    context = dist.setup("cpu", group=True)
+    try:
+        model = parallel.Parallel(fsdp, source.config, context, Precision("float32", context.device)).build()
+        assert isinstance(model.tok_emb.weight, parallel.DTensor)
+        init.initialize(model, str(tiny_model_dir), tokenizer, "data/x")
+        whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        assert whole.keys() == source.state_dict().keys()
+        for name, tensor in source.state_dict().items():
+            assert torch.equal(whole[name], tensor), name
+        shallower = source.config.model_copy(update={"n_layer": 1})
+        model = parallel.Parallel(fsdp, shallower, context, Precision("float32", context.device)).build()
+        with pytest.raises(
+            TalmError, match=r"do not fit its config \(unexpected blocks\.1\.attn\.proj\.weight"
+        ):
+            init.initialize(model, str(tiny_model_dir), tokenizer, "data/x")
+    finally:
+        dist.teardown()
 
 
 def tiny(**train: object) -> dict:

@@ -208,26 +208,38 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        cos, sin = rope_tables(config.head_dim, config.context_length, config.rope_theta)
         # Derived from the config, so not saved with the weights.
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_buffers()
         self.reset_parameters()
 
+    def init_buffers(self) -> None:
+        """(Re)compute the RoPE tables from the config, on the device the buffers are on: what a model built on
+        the meta device and then moved with `to_empty` needs (its buffers are then uninitialised memory)."""
+        cos, sin = rope_tables(self.config.head_dim, self.config.context_length, self.config.rope_theta)
+        self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+
     def reset_parameters(self) -> None:
-        """GPT-2 init: N(0, 0.02), with the projections into the residual stream scaled by 1/sqrt(2 * n_layer)
-        so the stream's variance does not grow with depth; or, with `zero_init_proj`, those at zero."""
-        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        """The init of every parameter (`init_parameter`), in `named_parameters` order, drawing from the RNG."""
         for name, p in self.named_parameters():
-            into_residual = name.endswith(("attn.proj.weight", "mlp.down.weight"))
-            if name.endswith(".bias"):
-                nn.init.zeros_(p)
-            elif p.dim() < 2:
-                nn.init.ones_(p)  # the norm gains
-            elif into_residual and self.config.zero_init_proj:
-                nn.init.zeros_(p)
-            else:
-                nn.init.normal_(p, mean=0.0, std=residual_std if into_residual else 0.02)
+            self.init_parameter(name, p)
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, p: torch.Tensor) -> None:
+        """GPT-2 init of parameter `name` into `p` (it or a tensor of its shape): N(0, 0.02), with the
+        projections into the residual stream scaled by 1/sqrt(2 * n_layer) so the stream's variance does not
+        grow with depth; or, with `zero_init_proj`, those at zero. Biases 0, norm gains 1."""
+        into_residual = name.endswith(("attn.proj.weight", "mlp.down.weight"))
+        if name.endswith(".bias"):
+            nn.init.zeros_(p)
+        elif p.dim() < 2:
+            nn.init.ones_(p)  # the norm gains
+        elif into_residual and self.config.zero_init_proj:
+            nn.init.zeros_(p)
+        else:
+            residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(p, mean=0.0, std=residual_std if into_residual else 0.02)
 
     def num_params(self, *, embeddings: bool = True) -> int:
         """Parameter count (shared tensors counted once); without the token (and position) embeddings if

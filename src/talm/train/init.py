@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from talm.errors import TalmError
 from talm.model.config import ModelConfig
@@ -26,6 +28,7 @@ from talm.train.checkpoint import WEIGHTS, is_checkpoint, read_meta
 if TYPE_CHECKING:
     from talm.tokenizer.api import Tokenizer
     from talm.train.config import RunConfig
+    from talm.train.parallel import Parallel
 
 WHAT = (
     "pass a talm model directory (models/NAME, or its best/ or latest/), a transformers model directory "
@@ -231,10 +234,11 @@ def check_data(name: str, data_dir: str) -> None:
     )
 
 
-def build_model(cfg: RunConfig, tokenizer: Tokenizer, device: torch.device, *, resumed: bool) -> GPT:
-    """The run's GPT on `device`: with --init-from (and not resuming: the checkpoint's weights come next), the
-    source's weights, once the data's tokenizer is checked to be the source's; else the random init."""
-    model = GPT(cfg.model).to(device)
+def build_model(cfg: RunConfig, tokenizer: Tokenizer, parallel: Parallel, *, resumed: bool) -> GPT:
+    """The run's GPT on its device, whole or sharded as `parallel` builds it: with --init-from (and not resuming:
+    the checkpoint's weights come next), the source's weights, once the data's tokenizer is checked to be the
+    source's; else the random init."""
+    model = parallel.build()
     if cfg.train.init_from and not resumed:
         initialize(model, cfg.train.init_from, tokenizer, cfg.data.dir)
     return model
@@ -250,15 +254,52 @@ def initialize(model: GPT, name: str, tokenizer: Tokenizer, data_dir: str) -> So
     tokenizer is checked to be the source's."""
     source = resolve_source(name)
     check_tokenizer(source, tokenizer.fingerprint, str(tokenizer.path), data_dir)
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        load_sharded(model, source)
+        return source
     state = source_state_dict(source, model.config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise TalmError(
-            f"the weights of --init-from {name!r} do not fit its config ({' '.join(str(err).split())[:300]}): "
-            "pass an intact model"
-        ) from None
+        raise TalmError(misfit_line(source, " ".join(str(err).split()))) from None
     return source
+
+
+def misfit_line(source: Source, why: str) -> str:
+    return f"the weights of --init-from {source.name!r} do not fit its config ({why[:300]}): pass an intact model"
+
+
+def misfit(model: GPT, state: dict[str, torch.Tensor]) -> str | None:
+    """Why `state` cannot load into `model` (whole or sharded: the shapes compared are the whole ones), or None."""
+    want = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    have = {name: tuple(t.shape) for name, t in state.items()}
+    missing, unexpected = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+    wrong = [f"{n}: {have[n]} for {want[n]}" for n in sorted(want.keys() & have.keys()) if want[n] != have[n]]
+    problems = [f"missing {', '.join(missing)}"] if missing else []
+    problems += [f"unexpected {', '.join(unexpected)}"] if unexpected else []
+    problems += [f"shape of {w}" for w in wrong]
+    return "; ".join(problems) or None
+
+
+def load_sharded(model: GPT, source: Source) -> None:
+    """The source's weights into an FSDP model: rank 0 alone reads them (no other process holds the whole
+    model) and sends each tensor to the others, each keeping its rows. Every process first learns whether rank 0
+    could read and fit them, so a bad source stops all of them with the same line instead of leaving the others
+    waiting."""
+    state, problem = {}, None
+    if torch.distributed.get_rank() == 0:
+        try:
+            state = source_state_dict(source, model.config)
+            why = misfit(model, state)
+            problem = misfit_line(source, why) if why else None
+        except TalmError as err:
+            problem = str(err)
+    verdict = [problem]
+    torch.distributed.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise TalmError(verdict[0])
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, state, options=options)
 
 
 def apply_source(

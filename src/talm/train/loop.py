@@ -126,11 +126,12 @@ class Trainer:
         vocab = self.tokenizer.vocab_size  # every id in the data must be one of the tokenizer's
         self.loader, self.eval_slice = make_loaders(cfg, self.data, vocab, self.accum, self.ctx)
 
-        torch.manual_seed(t.seed)
-        self.model = init.build_model(cfg, self.tokenizer, self.device, resumed=resume_from is not None)
         self.precision = Precision(t.dtype, self.device)
-        # DDP or FSDP; FSDP shards the model in place, before the optimizer is built over its parameters.
-        self.parallel = Parallel(t, self.model, self.ctx, self.precision)
+        # DDP or FSDP; under FSDP the model is built sharded (never whole on one process), and either way before
+        # the optimizer is built over its parameters.
+        self.parallel = Parallel(t, cfg.model, self.ctx, self.precision)
+        torch.manual_seed(t.seed)
+        self.model = init.build_model(cfg, self.tokenizer, self.parallel, resumed=resume_from is not None)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.task_scores = TrainingTasks.of_run(self.tokenizer, t, self.precision.autocast)  # --eval-tasks
         # A multiplier of each group's peak lr, and its re-warm (optim.rewarm_segment) once state.restore sets one.

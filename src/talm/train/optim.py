@@ -19,11 +19,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from talm.errors import TalmError
 from talm.train.config import OptimConfig
 from talm.train.precision import cpu_native_bf16
+from talm.train.sharded_rows import gather_rows, scatter_rows
 
 # Muon's momentum warms up from this value to --optim.muon_momentum over --optim.muon_momentum_warmup steps,
 # as nanochat (scripts/base_train.py, get_muon_momentum: 0.85 -> 0.95 over 300 steps) and the modded-nanogpt
@@ -204,8 +205,10 @@ class Muon(torch.optim.Muon):
     benchmarks/bench_convergence.py), so there it runs in float32 (the same update, computed more precisely).
 
     Under FSDP each process holds a slab of rows of each matrix (a DTensor), but orthogonalisation needs the
-    whole matrix: each process gathers the (momentum-mixed) gradient, orthogonalises it (every process the same
-    matrix, as its own copy of the work) and applies its own rows of the update. The momentum stays sharded.
+    whole matrix. The work is split: matrix i is orthogonalised by process i mod N alone (round robin), which
+    gathers its (momentum-mixed) gradient's rows from every process, then sends each process its rows of the
+    update (`sharded_updates`). The update is the same bits as if every process orthogonalised every matrix:
+    the same whole matrix goes through the same computation, only on one process. The momentum stays sharded.
     Same state and groups as torch's, so checkpoints are the same."""
 
     def __init__(self, params: list[torch.Tensor], *, ns_dtype: torch.dtype, **kwargs: Any) -> None:
@@ -217,6 +220,7 @@ class Muon(torch.optim.Muon):
         sharded = any(isinstance(p, DTensor) for g in self.param_groups for p in g["params"])
         if self.ns_dtype == torch.bfloat16 and not sharded:
             return super().step(closure)
+        pending = []  # (parameter, its group, its momentum-mixed gradient) of the sharded matrices
         for group in self.param_groups:
             momentum = group["momentum"]
             for p in group["params"]:
@@ -226,15 +230,40 @@ class Muon(torch.optim.Muon):
                 buf.lerp_(p.grad, 1 - momentum)
                 x = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
                 if isinstance(x, DTensor):
-                    whole = orthogonalize(x.full_tensor(), group, self.ns_dtype).to(p.dtype)
-                    # this process's rows, sliced locally (src_data_rank=None: every process has the whole)
-                    update = distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None)
+                    pending.append((p, group, x))
                 else:
-                    update = orthogonalize(x, group, self.ns_dtype).to(p.dtype)
-                assert group["adjust_lr_fn"] == MUON_ADJUST_LR == "original"
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"] * math.sqrt(max(1, p.size(0) / p.size(1))))
+                    apply_update(p, group, orthogonalize(x, group, self.ns_dtype).to(p.dtype))
+        if pending:
+            for (p, group, _), update in zip(pending, self.sharded_updates(pending), strict=True):
+                apply_update(p, group, update)
         return None
+
+    def sharded_updates(self, pending: list[tuple[DTensor, dict, DTensor]]) -> list[DTensor]:
+        """The orthogonalised updates of FSDP's sharded matrices, each as this process's rows, in three phases so
+        that the processes orthogonalise at the same time: every matrix gathered whole on its owner (matrix i on
+        process i mod N), each owner orthogonalising its own, every update's rows sent back from its owner."""
+        mesh = pending[0][0].device_mesh
+        assert all(p.device_mesh == mesh for p, _, _ in pending), "FSDP shards every matrix over one mesh"
+        group, me, world = mesh.get_group(), mesh.get_local_rank(), mesh.size()
+        owners = [i % world for i in range(len(pending))]
+        wholes = [gather_rows(x, owner, group) for (_, _, x), owner in zip(pending, owners, strict=True)]
+        updates = [
+            orthogonalize(whole, grp, self.ns_dtype).to(p.dtype) if owner == me else None
+            for (p, grp, _), owner, whole in zip(pending, owners, wholes, strict=True)
+        ]
+        del wholes
+        return [
+            scatter_rows(update, p, owner, group)
+            for (p, _, _), owner, update in zip(pending, owners, updates, strict=True)
+        ]
+
+
+def apply_update(p: torch.Tensor, group: dict, update: torch.Tensor) -> None:
+    """Muon's step of one matrix: decoupled weight decay, then the orthogonalised update at the lr scaled as
+    torch's "original" adjust_lr_fn does."""
+    assert group["adjust_lr_fn"] == MUON_ADJUST_LR == "original"
+    p.mul_(1 - group["lr"] * group["weight_decay"])
+    p.add_(update, alpha=-group["lr"] * math.sqrt(max(1, p.size(0) / p.size(1))))
 
 
 class MuonAdamW:

@@ -8,14 +8,22 @@ takes DDP when the model, its gradients and the optimizer state fit comfortably 
 else FSDP. On one process `auto` uses neither (nothing to average or shard); an explicit `ddp` or `fsdp` on one
 process still wraps (a world of one), which is what a single-GPU comparison of the two measures.
 
-`Parallel` is the one small API the loop uses: building it prepares the model (before the optimizer is built:
-FSDP replaces the parameters with sharded ones), `wrap` (compile and DDP, after the checkpoint is restored),
+`Parallel` is the one small API the loop uses: building it chooses the strategy, `build` makes the model for it
+(before the optimizer is built over its parameters), `wrap` (compile and DDP, after the checkpoint is restored),
 `micro_step` (no gradient sync before the last micro-step of an accumulation) and `grad_norm` (the global norm
 of gradients that may be sharded).
+
+Under FSDP no process ever holds the whole model: it is built on the meta device (shapes only, no memory),
+sharded, and only then given memory on the device (each process its shards) and initialised, each parameter
+drawn whole on the CPU, one at a time, as `GPT()` draws it, and cut to this process's rows. So the weights are
+exactly those of `GPT(config)` after the same seed (tested), on any number of processes. The price is CPU time:
+the RNG is run over the whole model twice (GPT() draws its submodules' default inits before its own), as GPT()
+does on every process without FSDP.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import os
@@ -26,11 +34,13 @@ from contextlib import contextmanager
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 from talm.errors import TalmError
+from talm.model.config import ModelConfig
+from talm.model.gpt import GPT
 from talm.train import dist
 from talm.train.config import TrainConfig
 from talm.train.precision import Precision
@@ -80,39 +90,86 @@ def checkpoint_blocks(model: torch.nn.Module) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
+def replay_default_inits(model: torch.nn.Module) -> None:
+    """Draw from the RNG what building `model` off the meta device would have drawn: each submodule's own default
+    init (nn.Linear's, nn.Embedding's), in the order GPT() builds them, on a CPU twin of one submodule at a time.
+    GPT.reset_parameters overwrites those values, but they move the RNG, and so the weights it draws next."""
+    for module in model.modules():
+        if (
+            module is not model
+            and hasattr(module, "reset_parameters")
+            and list(module.parameters(recurse=False))
+        ):
+            twin = copy.deepcopy(module).to_empty(device="cpu")
+            twin.reset_parameters()
+
+
+@torch.no_grad()
+def init_sharded(model: GPT) -> None:
+    """Initialise a sharded model that `to_empty` gave memory: each parameter drawn whole on the CPU, in
+    `GPT.reset_parameters`' order and way, and this process's rows of it kept; the RoPE tables recomputed. After
+    `replay_default_inits`, the RNG draws are GPT()'s, so the weights (and the RNG state after) are those of
+    `GPT(config)` built whole."""
+    for name, p in model.named_parameters():
+        whole = torch.empty(p.shape, dtype=p.dtype)  # on the CPU, where GPT() draws its weights
+        model.init_parameter(name, whole)
+        if isinstance(p, DTensor):  # this process's rows, sliced locally (every process drew the whole)
+            p.copy_(distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None))
+        else:
+            p.copy_(whole)
+    model.init_buffers()
+
+
 class Parallel:
     """The run's parallel strategy over `ctx`'s processes (see the module docstring)."""
 
     def __init__(
-        self, cfg: TrainConfig, model: torch.nn.Module, ctx: dist.DistContext, precision: Precision
+        self, cfg: TrainConfig, config: ModelConfig, ctx: dist.DistContext, precision: Precision
     ) -> None:
-        """Choose the strategy for `model` (on its device) and prepare it in place, before its optimizer is built:
-        activation checkpointing if asked, FSDP's sharding if chosen."""
-        self.ctx = ctx
-        self.strategy, self.description = choose(cfg.parallel, model, ctx)
+        """Choose the strategy for a GPT of `config` (counted on the meta device: no memory)."""
+        self.ctx, self.config, self.precision = ctx, config, precision
+        self.checkpointing = cfg.activation_checkpointing
+        with torch.device("meta"):
+            shapes_only = GPT(config)
+        self.strategy, self.description = choose(cfg.parallel, shapes_only, ctx)
         if self.strategy != "single" and not torch.distributed.is_initialized():
             raise TalmError(  # dist.setup joins a group of one for an explicit ddp/fsdp; this is a bug guard
                 f"--train.parallel {self.strategy} needs a process group: run under torchrun"
             )
-        if cfg.activation_checkpointing:
-            checkpoint_blocks(model)
-        if self.sharded:
-            self.shard(model, precision)
+        if self.sharded and precision.dtype == torch.float16:
+            raise TalmError(
+                "--train.parallel fsdp with float16 is not supported (its loss scaler is untested on sharded "
+                "gradients): use --train.dtype bfloat16, or --train.parallel ddp"
+            )
 
     @property
     def sharded(self) -> bool:
         return self.strategy == "fsdp"
 
-    def shard(self, model: torch.nn.Module, precision: Precision) -> None:
+    def build(self) -> GPT:
+        """The run's GPT on the device with its random init (drawn from the RNG as it stands), prepared for the
+        strategy: activation checkpointing if asked; under FSDP built on the meta device, sharded, then each
+        process's shards given memory and initialised (`init_sharded`), so it never exists whole."""
+        if not self.sharded:
+            model = GPT(self.config).to(self.ctx.device)
+            if self.checkpointing:
+                checkpoint_blocks(model)
+            return model
+        with torch.device("meta"):
+            model = GPT(self.config)
+        replay_default_inits(model)
+        if self.checkpointing:
+            checkpoint_blocks(model)
+        self.shard(model)
+        model.to_empty(device=self.ctx.device)
+        init_sharded(model)
+        return model
+
+    def shard(self, model: torch.nn.Module) -> None:
         """FSDP2 in place: each block, then the root (which holds the embedding, final norm and output layer).
         With bfloat16 on a GPU, FSDP gathers the weights in bfloat16 for compute and reduces gradients in
         float32; the weights it keeps (and the optimizer updates) stay float32."""
-        if precision.dtype == torch.float16:
-            raise TalmError(
-                "--train.parallel fsdp with float16 is not supported (its loss scaler is untested on sharded "
-                "gradients): use --train.dtype bfloat16, or --train.parallel ddp"
-            )
-        on_gpu_bf16 = self.ctx.device.type == "cuda" and precision.dtype == torch.bfloat16
+        on_gpu_bf16 = self.ctx.device.type == "cuda" and self.precision.dtype == torch.bfloat16
         param_dtype = torch.bfloat16 if on_gpu_bf16 else None
         # The model returns its logits as a view (the vocabulary's padding cut off); FSDP warns that an in-place
         # op on such a view would skip its hooks. Nothing here changes the logits in place.
