@@ -110,3 +110,13 @@ def test_foreign_hf_byte_level_bpe_is_encoded_by_hf(tmp_path: Path) -> None:
         assert tok.decode(tok.encode(text)) == text
     with pytest.raises(TalmError, match="special tokens among its ordinary ids"):
         Tokenizer.from_file(_foreign_hf_file(tmp_path / "first.json", specials_first=True))
+
+
+def test_encode_batch_on_an_explicit_number_of_threads() -> None:
+    import threading
+
+    docs = varied_documents(400, seed=5)
+    default = [ids.tolist() for ids in BASE.encode_batch(docs)]
+    for n in (1, 3):
+        assert [ids.tolist() for ids in BASE.encode_batch(docs, num_threads=n)] == default
+    assert sum(t.name.startswith("talm-encode") for t in threading.enumerate()) >= 3  # the 3-thread pool

@@ -57,7 +57,8 @@ def test_streaming_in_small_blocks_trains_the_same_tokenizer(tmp_path: Path, tra
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(text, encoding="utf-8")
     whole, _ = train([corpus], 600, progress=False, block_bytes=1 << 22, trainer=trainer)
-    streamed, _ = train([corpus], 600, progress=False, block_bytes=997, trainer=trainer)  # cuts inside multi-byte characters
+    # 997-byte blocks cut inside multi-byte characters
+    streamed, _ = train([corpus], 600, progress=False, block_bytes=997, trainer=trainer)
     assert streamed.to_hf().to_str() == whole.to_hf().to_str()
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from talm.data.manifest import build_manifest, manifest_header, resume_point, shard_entry, shard_name
-from talm.data.shard_dir import ShardDir
+from talm.data.shard_dir import ShardDir, ShardFile
 from talm.errors import TalmError
 
 
@@ -106,8 +106,8 @@ class ShardWriter:
             max_tokens=max_tokens,
             arguments=arguments,
         )
-        # the open shard: _filled tokens, _docs documents, _bytes bytes
-        self._buffer: np.ndarray | None = None
+        # the open shard (written to its temp file as tokens come): _filled tokens, _docs documents, _bytes bytes
+        self._shard: ShardFile | None = None
         self._filled = self._docs = self._bytes = 0
         self.repaired: str | None = None  # what open() found damaged and resumed before, if anything
         self.load_state_dict(self._fresh())
@@ -210,10 +210,11 @@ class ShardWriter:
         return False
 
     def _append(self, batch: TokenBatch, starts: np.ndarray, ends: np.ndarray, a: int, b: int) -> None:
-        """Copy stream tokens [a, b) of the batch into the open shard and account its documents and bytes."""
-        if self._buffer is None:
-            self._buffer = np.empty(self.shard_size, dtype=self.dtype)
-        self._buffer[self._filled : self._filled + b - a] = batch.tokens[a:b]
+        """Write stream tokens [a, b) of the batch to the open shard and account its documents and bytes."""
+        if self._shard is None:
+            name = shard_name(self.split, len(self.shards), self.tag)
+            self._shard = self.files.open_shard(name, self.dtype, self.shard_size)
+        self._shard.write(batch.tokens[a:b])
         self._filled += b - a
         self._split_tokens += b - a
         if self.split == "train":
@@ -230,10 +231,10 @@ class ShardWriter:
 
         The `last` shard's manifest marks the data complete; it is written once, so no manifest ever says
         "resume from nowhere"."""
-        assert self._buffer is not None and self._filled > 0
-        name = shard_name(self.split, len(self.shards), self.tag)
-        self.files.write_shard(name, self._buffer[: self._filled])
-        self.shards.append(shard_entry(name, self.split, self._filled, self._docs, self._bytes))
+        assert self._shard is not None and self._shard.length == self._filled > 0
+        shard, self._shard = self._shard, None
+        shard.commit()
+        self.shards.append(shard_entry(shard.path.name, self.split, self._filled, self._docs, self._bytes))
         self._filled = self._docs = self._bytes = 0
         if next_split != self.split:
             self.split, self._split_tokens = next_split, 0
@@ -259,9 +260,15 @@ class ShardWriter:
         else:  # the stream ended exactly at a shard boundary
             self.complete, self._resume_state, self._resume_skip = True, None, 0
             self._write_manifest()
-        self._buffer = None
+
+    def close(self) -> None:
+        """Drop the shard being written, if any (a run that stops early: the next run makes it again)."""
+        if self._shard is not None:
+            self._shard.abandon()
+            self._shard = None
 
     def discard(self) -> None:
         """Remove everything this writer wrote (a run that failed before producing usable data)."""
+        self.close()
         self.files.discard([s["file"] for s in self.shards])
         self.shards = []
