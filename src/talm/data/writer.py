@@ -232,9 +232,9 @@ class ShardWriter:
         The `last` shard's manifest marks the data complete; it is written once, so no manifest ever says
         "resume from nowhere"."""
         assert self._shard is not None and self._shard.length == self._filled > 0
-        shard, self._shard = self._shard, None
-        shard.commit()
-        self.shards.append(shard_entry(shard.path.name, self.split, self._filled, self._docs, self._bytes))
+        self._shard.commit()
+        name, self._shard = self._shard.path.name, None
+        self.shards.append(shard_entry(name, self.split, self._filled, self._docs, self._bytes))
         self._filled = self._docs = self._bytes = 0
         if next_split != self.split:
             self.split, self._split_tokens = next_split, 0
@@ -263,9 +263,7 @@ class ShardWriter:
 
     def close(self) -> None:
         """Drop the shard being written, if any (a run that stops early: the next run makes it again)."""
-        if self._shard is not None:
-            self._shard.abandon()
-            self._shard = None
+        self._shard = self._shard.abandon() if self._shard is not None else None
 
     def discard(self) -> None:
         """Remove everything this writer wrote (a run that failed before producing usable data)."""
