@@ -2,14 +2,17 @@
 
     .venv/bin/python benchmarks/bench_data.py                 # 100 MB corpora, 3 rounds (~5 min on 2 cores)
     .venv/bin/python benchmarks/bench_data.py --mb 20 --rounds 2   # quicker, less precise
+    .venv/bin/python benchmarks/bench_data.py --mb 250 --only web --no-original   # issue 12's target run
 
 Builds two local corpora laid out like the Hub repos (parquet files with fineweb's schema, a README.md whose
 `configs:` block maps config names to files): one of short documents (~150 bytes) as ./HuggingFaceFW/fineweb,
 one of web-length documents (~4 KB) as ./HuggingFaceFW/fineweb-edu, each with a second config holding half the
 files. For each corpus it measures, in the same run:
 - the real pipeline: `download_data` as a subprocess (reading parquet through `datasets`, tokenizing on all
-  cores, writing shards), its throughput from its own summary line, its wall time, and its peak RSS on the
-  half and the full corpus (memory must not grow with the corpus);
+  cores, writing shards), its throughput from its own summary line, its wall time (the difference is process
+  start-up: imports, tokenizer, opening the dataset), and its peak RSS (VmHWM of the process itself: wait4's
+  ru_maxrss would include this benchmark's own memory, which Linux carries into a child at exec) on the half
+  and the full corpus (memory must not grow with the corpus);
 - the raw batch encoder: `Tokenizer.encode_batch` on the same texts already in memory, in the same batches;
 - the original talm's approach, re-implemented: a 2-process `multiprocessing.Pool` whose `imap` (chunksize 16)
   calls a tiktoken-based tokenizer once per document, the tokenizer pickled into every chunk (it rode along in
@@ -54,6 +57,17 @@ from talm.tokenizer.formats import UNICODE_TO_BYTE
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "tokenizers" / "base.json"
 DOWNLOAD_DATA = str(Path(sys.executable).with_name("download_data"))
+# Runs the download_data script and reports its own peak RSS (VmHWM) on stderr at exit.
+PEAK_RSS_WRAPPER = """
+import atexit, os, runpy, sys
+def report():
+    with open("/proc/self/status") as f:
+        kb = next(line for line in f if line.startswith("VmHWM:")).split()[1]
+    os.write(2, f"PEAK_RSS_KB {kb}\\n".encode())
+atexit.register(report)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 FILES = 8  # parquet files per corpus
 
 
@@ -116,6 +130,9 @@ def run_pipeline(workdir: Path, dataset: str, config: str, val_tokens: int) -> d
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(workdir / "hf_home")}
     args = [
+        sys.executable,
+        "-c",
+        PEAK_RSS_WRAPPER,
         DOWNLOAD_DATA,
         dataset,
         "--ds-sample",
@@ -131,12 +148,13 @@ def run_pipeline(workdir: Path, dataset: str, config: str, val_tokens: int) -> d
     start = time.perf_counter()
     with open(log_out, "w") as fo, open(log_err, "w") as fe:
         proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=fo, stderr=fe)
-        _, status, usage = os.wait4(proc.pid, 0)  # wait4: this child's own peak RSS
+        _, status, usage = os.wait4(proc.pid, 0)  # wait4: this child's CPU time
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
     stdout = log_out.read_text()
     if proc.returncode != 0:
         raise SystemExit(f"download_data failed: {log_err.read_text().strip()}")
+    peak_kb = int(re.findall(r"PEAK_RSS_KB (\d+)", log_err.read_text())[-1])
     match = re.search(r"in ([\d.]+) s, ([\d,]+) tokens/s, ([\d.]+) MB/s", stdout)
     assert match, stdout
     totals = json.loads(next((out / dataset).glob("*/meta.json")).read_text())["totals"]
@@ -148,7 +166,7 @@ def run_pipeline(workdir: Path, dataset: str, config: str, val_tokens: int) -> d
         "mb_per_s": totals["bytes"] / 1e6 / seconds,
         "wall": wall,
         "tokens": totals["tokens"],
-        "rss_mb": usage.ru_maxrss / 1024,  # Linux reports KiB
+        "rss_mb": peak_kb / 1024,
         # CPU time of the whole process, start-up included: robust to other jobs sharing the cores
         "mb_per_cpu_s": totals["bytes"] / 1e6 / (usage.ru_utime + usage.ru_stime),
     }
@@ -179,6 +197,28 @@ def throughput(texts: list[str], tokens: int, seconds: float, cpu: float) -> dic
         "tokens_per_s": tokens / seconds,
         "mb_per_cpu_s": n_bytes / 1e6 / cpu,
     }
+
+
+def run_read_only(workdir: Path, dataset: str, config: str) -> dict[str, float]:
+    """What download_data's reading stage alone costs: the dataset streamed into Python texts in the same
+    batches, nothing tokenized or written (the dataset is opened outside the timing)."""
+    os.environ.update(HF_HUB_OFFLINE="1", HF_HOME=str(workdir / "hf_home"))
+    from talm.data.config import DownloadConfig
+    from talm.data.sources import resolve_source
+    from talm.data.streaming import TextStream
+
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        cfg = DownloadConfig(dataset=dataset, ds_sample=config, tokenizer_path=TOKENIZER)
+        stream = TextStream(resolve_source(cfg))
+        cpu = cpu_seconds()
+        start = time.perf_counter()
+        n_bytes = sum(int(batch.utf8_bytes.sum()) for batch in stream.batches())
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    finally:
+        os.chdir(cwd)
+    return {"mb_per_s": n_bytes / 1e6 / seconds, "mb_per_cpu_s": n_bytes / 1e6 / cpu}
 
 
 def run_raw_encoder(texts: list[str]) -> dict[str, float]:
@@ -255,9 +295,10 @@ METHODS = ("pipeline", "raw", "original")
 def measure_interleaved(runners: dict[str, Callable[[], dict[str, float]]], rounds: int) -> dict[str, list]:
     """Each runner `rounds` times; round r runs them in METHODS order rotated by r, so speed drift of the
     machine hits every method alike instead of whichever happened to run during a slow spell."""
-    results: dict[str, list] = {m: [] for m in METHODS}
+    methods = tuple(m for m in METHODS if m in runners)
+    results: dict[str, list] = {m: [] for m in methods}
     for r in range(rounds):
-        order = METHODS[r % len(METHODS) :] + METHODS[: r % len(METHODS)]
+        order = methods[r % len(methods) :] + methods[: r % len(methods)]
         for method in order:
             results[method].append(runners[method]())
             print(
@@ -301,6 +342,8 @@ def main() -> None:
         help="MB the original approach tokenizes per round (a prefix of the corpus: it is slow on short "
         "documents; default: 15)",
     )
+    parser.add_argument("--no-original", action="store_true", help="leave out the original approach")
+    parser.add_argument("--only", choices=["short", "web"], help="only this corpus (default: both)")
     parser.add_argument(
         "--rounds",
         type=int,
@@ -314,76 +357,80 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     print(
         f"{os.cpu_count()} cores; tokenizer {TOKENIZER.name}; corpora of {args.mb:g} MB, parquet in hub layout; "
-        f"{args.rounds} interleaved rounds per method; original approach on the first {args.original_mb:g} MB",
+        f"{args.rounds} interleaved rounds per method"
+        + ("" if args.no_original else f"; original approach on the first {args.original_mb:g} MB"),
         flush=True,
     )
+    corpora = [("short (~150 B)", "fineweb", 150), ("web (~4 KB)", "fineweb-edu", 4000)]
+    if args.only:
+        corpora = [c for c in corpora if c[0].startswith(args.only)]
     rows = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="talm-bench-data-") as tmp:
         workdir = Path(tmp)
-        for label, dataset, doc_bytes in (
-            ("short (~150 B)", "fineweb", 150),
-            ("web (~4 KB)", "fineweb-edu", 4000),
-        ):
+        for label, dataset, doc_bytes in corpora:
             print(f"{label}:", flush=True)
             texts = make_texts(args.mb, doc_bytes, seed=doc_bytes)
             write_corpus(workdir / "HuggingFaceFW" / dataset, texts)
             val_tokens = int(args.mb * 10_000)  # 1M tokens for 100 MB: ~1% of the corpus
             half = run_pipeline(workdir, dataset, "CC-MAIN-2024-10", val_tokens)  # peak RSS only
-            original_texts = prefix_of(texts, args.original_mb)
-            runs = measure_interleaved(
-                {
-                    "pipeline": functools.partial(run_pipeline, workdir, dataset, "sample-10BT", val_tokens),
-                    "raw": functools.partial(run_raw_encoder, texts),
-                    "original": functools.partial(run_original, original_texts),
-                },
-                args.rounds,
-            )
+            runners = {
+                "pipeline": functools.partial(run_pipeline, workdir, dataset, "sample-10BT", val_tokens),
+                "raw": functools.partial(run_raw_encoder, texts),
+            }
+            if not args.no_original:
+                runners["original"] = functools.partial(run_original, prefix_of(texts, args.original_mb))
+            runs = measure_interleaved(runners, args.rounds)
+            read = run_read_only(workdir, dataset, "sample-10BT")
             same = check_same_ids(texts[:2000])
-            rows.append((label, runs, half, same))
-            del texts, original_texts
+            rows.append((label, runs, half, read, same))
+            del texts
 
     print(
         f"\n{time.perf_counter() - start:.0f} s; load average before: {load_before:.1f}, after: "
         f"{os.getloadavg()[0]:.1f} (other jobs on the cores skew wall time)"
     )
     print(f"throughput, MB of text per second: best of {args.rounds} interleaved rounds (median in brackets)")
-    print(
-        f"{'corpus':<15} {'pipeline':>15} {'(wall)':>6} {'tok/s':>10} {'raw':>15} {'original':>15} "
-        f"{'vs orig':>7} {'vs raw':>6} {'RSS half':>8} {'RSS full':>8}  same ids"
-    )
-    for label, runs, half, same in rows:
-        pipe, raw, orig = (best(runs[m]) for m in METHODS)
-        med = {m: median(runs[m]) for m in METHODS}
+    for label, runs, half, read, same in rows:
+        pipe, raw = best(runs["pipeline"]), best(runs["raw"])
+        med = {m: median(r) for m, r in runs.items()}
         rss_full = max(run["rss_mb"] for run in runs["pipeline"])
         total_mb = pipe["mb_per_s"] * pipe["seconds"]
+        startup = statistics.median(run["wall"] - run["seconds"] for run in runs["pipeline"])
+        print(f"{label}: same ids as the original tokenizer: {same}")
         print(
-            f"{label:<15} {pipe['mb_per_s']:>6.2f} ({med['pipeline']:>5.2f}) {total_mb / pipe['wall']:>6.2f} "
-            f"{pipe['tokens_per_s']:>10,.0f} {raw['mb_per_s']:>6.2f} ({med['raw']:>5.2f}) "
-            f"{orig['mb_per_s']:>6.2f} ({med['original']:>5.2f}) {pipe['mb_per_s'] / orig['mb_per_s']:>6.1f}x "
-            f"{pipe['mb_per_s'] / raw['mb_per_s']:>6.0%} {half['rss_mb']:>6.0f}MB {rss_full:>6.0f}MB  {same}"
+            f"    download_data {pipe['mb_per_s']:6.2f} ({med['pipeline']:5.2f}) MB/s, "
+            f"{pipe['tokens_per_s']:,.0f} tokens/s; end to end incl. start-up {total_mb / pipe['wall']:.2f} MB/s"
         )
-    print(
-        f"per CPU-second (MB of text per second of CPU time, all threads and processes; load-independent), "
-        f"best of {args.rounds} (median in brackets):"
-    )
-    for label, runs, _, _ in rows:
-        pipe, raw, orig = (best(runs[m], "mb_per_cpu_s")["mb_per_cpu_s"] for m in METHODS)
-        med = {m: median(runs[m], "mb_per_cpu_s") for m in METHODS}
+        print(f"    raw encode_batch {raw['mb_per_s']:6.2f} ({med['raw']:5.2f}) MB/s")
         print(
-            f"{label:<15} pipeline {pipe:.2f} ({med['pipeline']:.2f})  raw {raw:.2f} ({med['raw']:.2f})  "
-            f"original {orig:.2f} ({med['original']:.2f})   pipeline/raw {pipe / raw:.0%}  "
-            f"pipeline/original {pipe / orig:.1f}x"
+            f"    download_data / raw: {pipe['mb_per_s'] / raw['mb_per_s']:.0%} (medians "
+            f"{med['pipeline'] / med['raw']:.0%}); end to end incl. start-up "
+            f"{total_mb / pipe['wall'] / raw['mb_per_s']:.0%}"
         )
-    print("every round, MB/s (pipeline / raw / original; round r ran them in an order rotated by r):")
-    for label, runs, _, _ in rows:
-        per_round = [" / ".join(f"{runs[m][r]['mb_per_s']:.2f}" for m in METHODS) for r in range(args.rounds)]
-        print(f"{label:<15} " + "   ".join(per_round))
+        if "original" in runs:
+            orig = best(runs["original"])
+            print(
+                f"    original approach {orig['mb_per_s']:6.2f} ({med['original']:5.2f}) MB/s; download_data / "
+                f"original {pipe['mb_per_s'] / orig['mb_per_s']:.1f}x"
+            )
+        print(
+            f"    peak RSS {half['rss_mb']:.0f} MB on half the corpus, {rss_full:.0f} MB on all of it; "
+            f"start-up (wall - pipeline time) {startup:.1f} s (median)"
+        )
+        pipe_cpu, raw_cpu = (best(runs[m], "mb_per_cpu_s")["mb_per_cpu_s"] for m in ("pipeline", "raw"))
+        print(
+            f"    per CPU-second (start-up included): download_data {pipe_cpu:.2f} MB, raw {raw_cpu:.2f} MB "
+            f"({pipe_cpu / raw_cpu:.0%}); reading alone (parquet -> Python texts) {read['mb_per_s']:.1f} MB/s, "
+            f"{read['mb_per_cpu_s']:.1f} MB per CPU-second ({raw_cpu / read['mb_per_cpu_s']:.0%} of the "
+            "encoder's CPU time)"
+        )
+        methods = list(runs)
+        per_round = [" / ".join(f"{runs[m][r]['mb_per_s']:.2f}" for m in methods) for r in range(args.rounds)]
+        print(f"    every round, MB/s ({' / '.join(methods)}): " + "   ".join(per_round))
     print(
-        "pipeline = download_data end to end (parquet -> tokens -> shards), MB/s from its summary line; (wall) includes "
-        "process start-up; ratios = best-of-N of interleaved rounds, because the machine's speed drifts by tens "
-        "of percent within minutes; targets: >= 3x orig on short, >= 1.0x on web, >= 85% of raw, RSS < 1.5 GB "
-        "and flat"
+        "ratios = best-of-N of interleaved rounds, because the machine's speed drifts by tens of percent within "
+        "minutes; targets: download_data >= 90% of raw on web-length documents, peak RSS <= 500 MB and flat"
     )
 
 

@@ -1,24 +1,28 @@
 """Tokenizer speed: training throughput and peak memory, batch-encode throughput, and fast ids == HF ids.
 
-    .venv/bin/python benchmarks/bench_tokenizer.py                    # everything (a few minutes on 2 cores)
-    .venv/bin/python benchmarks/bench_tokenizer.py --corpus-mb 20     # smaller synthetic corpus, quicker
-    .venv/bin/python benchmarks/bench_tokenizer.py --sweep            # also every code point in 11 contexts
+    .venv/bin/python benchmarks/bench_tokenizer.py                          # everything (~15 min on 2 cores)
+    .venv/bin/python benchmarks/bench_tokenizer.py --prose-mb 20 --code-mb 10 --rounds 1   # quicker
+    .venv/bin/python benchmarks/bench_tokenizer.py --sweep                  # also every code point in 11 contexts
 
 1. Training, each run a fresh process timed from the outside (wall time including interpreter start-up and
-   imports; peak RSS from wait4): the real `train_tokenizer` command against a bare script that only builds
-   the same HF pipeline and calls the HF trainer on the same file, on tiny-shakespeare at vocab 1000 and 4096
-   and on a synthetic corpus of --corpus-mb MB (at vocab 260, i.e. no merges, to show the cost of reading and
-   counting alone).
+   imports; peak RSS of the process and its children, from /proc VmHWM and RUSAGE_CHILDREN): the real
+   `train_tokenizer` command (rustbpe, the default trainer) against a bare script that only builds the same HF
+   pipeline and calls HF's trainer on the same file. Corpora: tiny-shakespeare at vocab 1000; --prose-mb MB
+   of synthetic prose at vocab 4096; --code-mb MB of source code at vocab 32768. The two commands run in
+   --rounds interleaved rounds (the order alternating), and the best and median of each are reported: this
+   machine's speed drifts and other jobs share its cores, so only ratios within one run mean anything.
 2. Batch encoding on all cores (this machine: 2) of short (~150 B) and web-length (~4 KB) documents cut from
-   the synthetic corpus: HF `encode_batch` and `encode_batch_fast` against talm's `encode_batch` (tiktoken
-   built from the same ranks, documents joined per thread, numpy arrays out).
+   the prose corpus: HF `encode_batch` and `encode_batch_fast` against talm's `encode_batch` (tiktoken built
+   from the same ranks, documents joined per thread, numpy arrays out).
 3. Equality: talm's ids against HF's on every document of (2) plus multilingual / emoji / code / control text;
    with --sweep also every Unicode code point in 11 surrounding contexts. Any difference is printed and makes
    the script exit 1.
 
-The synthetic corpus is random text, not repetitions: words drawn by their tiny-shakespeare frequencies, 3% of
+The prose corpus is random text, not repetitions: words drawn by their tiny-shakespeare frequencies, 3% of
 them mutated (letters swapped, suffixes, numbers, capitals) into new words, lines of random length, speaker
-lines and blank lines, so the trainer sees ~100k distinct words as on real text.
+lines and blank lines, so the trainer sees ~100k distinct words as on real text. The code corpus is the
+Python sources (*.py) of this interpreter's standard library and installed packages, concatenated in path
+order up to --code-mb MB (files that are not UTF-8 skipped).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import argparse
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,13 +73,15 @@ EXTRA_TEXTS = [
 ]
 
 
-# Runs a script or `-c CODE` and reports its own peak RSS at exit. (wait4's ru_maxrss cannot be used: Linux
-# carries the parent's high-water mark into the child at exec, so it would report the benchmark's own memory.)
+# Runs a script or `-c CODE` and reports its own peak RSS at exit plus its children's (the rustbpe trainer runs
+# in a child process). wait4's ru_maxrss cannot be used for the process itself: Linux carries the parent's
+# high-water mark into the child at exec, so it would report the benchmark's own memory.
 PEAK_RSS_WRAPPER = """
-import atexit, os, runpy, sys
+import atexit, os, resource, runpy, sys
 def report():
     with open("/proc/self/status") as f:
-        kb = next(line for line in f if line.startswith("VmHWM:")).split()[1]
+        kb = int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
+    kb += resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # an upper bound: both at their peaks
     os.write(2, f"PEAK_RSS_KB {kb}\\n".encode())
 atexit.register(report)
 target = sys.argv.pop(1)
@@ -156,32 +163,68 @@ def documents(text: str, size: int, limit_bytes: int) -> list[str]:
     return docs
 
 
-def bench_training(workdir: Path, corpus: Path) -> None:
-    print("\n== training (fresh process each: wall time incl. start-up, CPU time, peak RSS) ==")
-    print(
-        "   MB/s = size / wall; 'idle est.' = size / (CPU time / cores): what a machine with its cores free gives"
-    )
-    print(f"{'text':<18}{'vocab':>6}  {'train_tokenizer':>44}  {'bare HF script':>44}  {'wall ratio':>10}")
-    cores = os.cpu_count() or 1
-    for text_file, vocab in [(SHAKESPEARE, 1000), (SHAKESPEARE, 4096), (corpus, 260), (corpus, 4096)]:
+def make_code_corpus(path: Path, megabytes: int) -> None:
+    """This interpreter's Python sources (stdlib and installed packages), in path order, up to `megabytes`."""
+    import sysconfig
+
+    roots = sorted({sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"]})
+    target, written = megabytes * 1_000_000, 0
+    with open(path, "wb") as out:
+        for root in roots:
+            for source in sorted(Path(root).rglob("*.py")):
+                try:
+                    data = source.read_bytes()
+                    data.decode("utf-8")
+                except (OSError, UnicodeDecodeError):
+                    continue
+                out.write(data)
+                written += len(data)
+                if written >= target:
+                    return
+
+
+def bench_training(workdir: Path, runs: list[tuple[Path, int]], rounds: int) -> dict[str, list]:
+    print(f"\n== training: best of {rounds} interleaved rounds (median in brackets); fresh process each ==")
+    print("   wall time incl. start-up; peak RSS of the process and its children")
+    header = f"{'text':<20}{'vocab':>6}  {'train_tokenizer (rustbpe)':>36}  {'bare HF trainer script':>36}"
+    print(header + f"  {'speed-up':>8}")
+    results = {}
+    for text_file, vocab in runs:
         mb = text_file.stat().st_size / 1e6
         local = workdir / text_file.name
         if not local.exists():
             local.symlink_to(text_file)
-        talm_cmd = [
-            str(BIN / "train_tokenizer"),
-            *("-vs", str(vocab), "-n", "bench", "--force", "--text-file", local.name),
-        ]
-        bare_cmd = ["-c", BARE_HF_SCRIPT, local.name, str(vocab), "bare.json"]
-        runs = [run_timed(cmd, workdir) for cmd in (talm_cmd, bare_cmd)]
-        cells = [
-            f"{wall:6.2f} s {mb / wall:5.1f} MB/s (idle est. {mb / max(cpu / cores, 1e-9):5.1f}) {rss:4.0f} MB"
-            for wall, cpu, rss, _ in runs
-        ]
-        label = f"{text_file.name[:10]} {mb:.0f} MB"
-        print(f"{label:<18}{vocab:>6}  {cells[0]:>44}  {cells[1]:>44}  {runs[0][0] / runs[1][0]:9.2f}x")
-        summary = runs[0][3]
-        print(f"    {summary.strip()}")
+        commands = {
+            "talm": [
+                str(BIN / "train_tokenizer"),
+                *("-vs", str(vocab), "-n", "bench", "--force", "--text-file", local.name),
+            ],
+            "bare": ["-c", BARE_HF_SCRIPT, local.name, str(vocab), "bare.json"],
+        }
+        timings: dict[str, list] = {"talm": [], "bare": []}
+        for r in range(rounds):
+            for method in ("talm", "bare") if r % 2 == 0 else ("bare", "talm"):
+                timings[method].append(run_timed(commands[method], workdir))
+        cells = []
+        for method in ("talm", "bare"):
+            walls = [t[0] for t in timings[method]]
+            rss = max(t[2] for t in timings[method])
+            best = min(walls)
+            cells.append(
+                f"{best:6.2f} s ({statistics.median(walls):6.2f}) {mb / best:5.1f} MB/s {rss:5.0f} MB"
+            )
+        speedup = min(t[0] for t in timings["bare"]) / min(t[0] for t in timings["talm"])
+        label = f"{text_file.name[:12]} {mb:.0f} MB"
+        print(f"{label:<20}{vocab:>6}  {cells[0]:>36}  {cells[1]:>36}  {speedup:7.2f}x")
+        print(
+            "    every round, s (talm / bare): "
+            + "   ".join(
+                f"{a[0]:.2f} / {b[0]:.2f}" for a, b in zip(timings["talm"], timings["bare"], strict=True)
+            )
+        )
+        print(f"    {timings['talm'][-1][3].strip()}")
+        results[f"{text_file.name}:{vocab}"] = timings
+    return results
 
 
 def bench_encoding(tokenizer_path: Path, corpus: Path, encode_mb: int) -> list[str]:
@@ -260,9 +303,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--corpus-mb", type=int, default=100, help="size of the synthetic corpus (default: 100)"
-    )
+    parser.add_argument("--prose-mb", type=int, default=100, help="synthetic prose corpus (default: 100)")
+    parser.add_argument("--code-mb", type=int, default=50, help="source code corpus (default: 50)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved training rounds (default: 3)")
     parser.add_argument("--encode-mb", type=int, default=40, help="text for the encoding runs (default: 40)")
     parser.add_argument("--sweep", action="store_true", help="also check every code point in 11 contexts")
     parser.add_argument("--keep", type=Path, help="keep the work directory here instead of a temp dir")
@@ -270,18 +313,22 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="talm-bench-tok-")) if args.keep is None else args.keep
     workdir.mkdir(parents=True, exist_ok=True)
+    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     try:
-        corpus = workdir / f"synthetic-{args.corpus_mb}mb.txt"
-        if not corpus.exists():
-            start = time.perf_counter()
-            make_corpus(corpus, args.corpus_mb)
-            print(
-                f"made {corpus.name} ({corpus.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - start:.0f} s"
-            )
-        bench_training(workdir, corpus)
-        tokenizer_path = workdir / "tokenizers" / "bench.json"  # the last run: vocab 4096 on the corpus
-        docs = bench_encoding(tokenizer_path, corpus, args.encode_mb)
+        prose = workdir / f"prose-{args.prose_mb}mb.txt"
+        code = workdir / f"code-{args.code_mb}mb.txt"
+        start = time.perf_counter()
+        if not prose.exists():
+            make_corpus(prose, args.prose_mb)
+        if not code.exists():
+            make_code_corpus(code, args.code_mb)
+        print(f"corpora ready in {time.perf_counter() - start:.0f} s")
+        # prose last: the encoding runs below use the tokenizer it wrote
+        bench_training(workdir, [(SHAKESPEARE, 1000), (code, 32768), (prose, 4096)], args.rounds)
+        tokenizer_path = workdir / "tokenizers" / "bench.json"
+        docs = bench_encoding(tokenizer_path, prose, args.encode_mb)
         failures = check_equality(tokenizer_path, docs, args.sweep)
+        print(f"load average at the end {os.getloadavg()[0]:.1f}")
     finally:
         if args.keep is None:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -249,3 +250,35 @@ def drop_role_tokens(model_dir: Path) -> Path:
         meta["tokenizer"]["fingerprint"] = fingerprint
         meta_path.write_text(json.dumps(meta), encoding="utf-8")
     return model_dir
+
+
+def fill_disk_in_shard(monkeypatch: pytest.MonkeyPatch, number: int) -> None:
+    """The disk fills up while shard file `number` (1-based) is written: its header and part of its tokens
+    reach the disk, then a write fails with ENOSPC. `monkeypatch.delattr(talm.data.shard_dir, "open")` ends it."""
+    opened = [0]
+
+    class FullDisk:
+        def __init__(self, f: Any) -> None:
+            self.f, self.writes = f, 0
+
+        def write(self, data: Any) -> int:
+            self.writes += 1
+            if self.writes == 1:
+                return self.f.write(data)
+            self.f.write(bytes(data)[:5])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.f, name)
+
+    def fake_open(path: Any, mode: str = "r", *args: Any, **kw: Any) -> Any:
+        f = open(path, mode, *args, **kw)
+        if str(path).endswith(".npy.tmp") and "w" in mode:
+            opened[0] += 1
+            if opened[0] == number:
+                return FullDisk(f)
+        return f
+
+    import talm.data.shard_dir
+
+    monkeypatch.setattr(talm.data.shard_dir, "open", fake_open, raising=False)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import BASE_TOKENIZER
 
+import talm.data.prepare
 from talm.data.prepare import tokenize_batch, write_shards
 from talm.data.streaming import TextBatch
 from talm.data.writer import ShardWriter
@@ -31,7 +32,7 @@ def test_tokenize_batch_dtype_follows_the_tokenizer() -> None:
         eot_id = 70_000
         token_dtype = np.dtype(np.uint32)
 
-        def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[np.ndarray]:
             return [np.array([66_000 + len(t)], dtype=np.uint32) for t in texts]
 
     batch = tokenize_batch(Big(), ["ab", None, "", "abc"], np.array([2, 0, 0, 3]), {})
@@ -85,6 +86,29 @@ def test_write_shards_raises_the_readers_error(tmp_path: Path) -> None:
     with pytest.raises(TalmError, match="the source broke"):
         write_shards(ListStream([["a b c"] * 20] * 5, fail_at=3), tok, writer, progress=False)
     assert not writer.state_dict()["complete"]
+    assert not list((tmp_path / "d").glob(".*.tmp"))  # the shard being written was dropped
+
+
+def test_progress_lines_without_a_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Logs get a progress line every PROGRESS_INTERVAL_S (here shortened), and nothing without the flag."""
+    tok = Tokenizer.from_file(BASE_TOKENIZER)
+    batches = [[f"text number {i} " * 20] * 10 for i in range(6)]
+    monkeypatch.setattr(talm.data.prepare, "PROGRESS_INTERVAL_S", 0.0)
+    for lines in (True, False):
+        writer = make_writer(tmp_path / str(lines), shard_size=400, dtype=tok.token_dtype, max_tokens=10**6)
+        writer.open()
+        write_shards(ListStream(batches), tok, writer, progress=False, progress_lines=lines)
+        out, err = capsys.readouterr()
+        assert out == ""
+        if not lines:
+            assert err == ""
+            continue
+        got = err.splitlines()
+        assert len(got) == len(batches)
+        assert all(line.startswith("download_data: ") and " tokens, " in line for line in got)
+        assert got[-1].endswith("MB/s)") and "60 documents" in got[-1] and "%) tokens" in got[-1]
 
 
 def test_the_data_stage_imports_no_torch() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import tempfile
 from pathlib import Path
@@ -10,10 +9,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import fill_disk_in_shard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import talm.data.shard_dir
 from talm.data.manifest import manifest_paths, shard_name
+from talm.data.shard_dir import npy_header
 from talm.data.writer import ShardWriter, TokenBatch
 from talm.errors import TalmError
 
@@ -180,6 +182,25 @@ def test_resume_after_a_kill_is_identical(
             assert m["totals"]["documents"] == sum(1 for d in docs if d)
 
 
+def test_shards_are_written_as_np_save_writes_them(tmp_path: Path) -> None:
+    """Tokens stream to the shard's temp file; the committed file is byte for byte what np.save writes."""
+    docs = [[i % 900, i % 7] * (i % 5) for i in range(300)]
+    batches = batches_of(docs, [17, 90, 91, 200])
+    writer = make_writer(tmp_path / "out", shard_size=100, val_tokens=30)
+    writer.open()
+    run_writer(writer, batches)
+    stream = np.concatenate([b.tokens for b in batches])
+    m = json.loads((tmp_path / "out" / "meta.json").read_text())
+    offset = 0
+    for s in m["shards"]:
+        expected = tmp_path / "expected.npy"
+        np.save(expected, stream[offset : offset + s["tokens"]])
+        assert (tmp_path / "out" / s["file"]).read_bytes() == expected.read_bytes()
+        offset += s["tokens"]
+    assert offset == len(stream)
+    assert len(npy_header(np.dtype(np.uint32), 5)) == len(npy_header(np.dtype(np.uint32), 10**12))
+
+
 def test_disk_full_mid_shard_keeps_directory_consistent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -189,17 +210,7 @@ def test_disk_full_mid_shard_keeps_directory_consistent(
     clean.open()
     run_writer(clean, batches)
 
-    real_write_array = np.lib.format.write_array
-    calls = [0]
-
-    def fill_disk(f: Any, array: np.ndarray, **kw: Any) -> None:
-        calls[0] += 1
-        if calls[0] == 4:  # the 4th shard: half of it reaches the disk, then the disk is full
-            f.write(b"\x93NUMPY half a shard")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_write_array(f, array, **kw)
-
-    monkeypatch.setattr(np.lib.format, "write_array", fill_disk)
+    fill_disk_in_shard(monkeypatch, 4)  # the 4th shard: part of it reaches the disk, then the disk is full
     out = tmp_path / "full"
     writer = make_writer(out, shard_size=16, val_tokens=8)
     writer.open()
@@ -210,7 +221,7 @@ def test_disk_full_mid_shard_keeps_directory_consistent(
     assert sorted(p.name for p in out.iterdir()) == sorted(["meta.json", *(s["file"] for s in m["shards"])])
     for s in m["shards"]:
         assert len(np.load(out / s["file"])) == s["tokens"]
-    monkeypatch.setattr(np.lib.format, "write_array", real_write_array)
+    monkeypatch.delattr(talm.data.shard_dir, "open")
     resumed = make_writer(out, shard_size=16, val_tokens=8)
     assert resumed.open() == "resume"
     run_writer(resumed, batches)

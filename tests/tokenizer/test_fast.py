@@ -112,3 +112,13 @@ def test_foreign_hf_byte_level_bpe_is_encoded_by_hf(tmp_path: Path) -> None:
     assert first._tiktoken is None and first.special_tokens == {"<|endoftext|>": 0, "<|pad|>": 1}
     for text in SAMPLES:
         assert first.encode(text) == hf_ids(first, text) and first.decode(first.encode(text)) == text
+
+
+def test_encode_batch_on_an_explicit_number_of_threads() -> None:
+    import threading
+
+    docs = varied_documents(400, seed=5)
+    default = [ids.tolist() for ids in BASE.encode_batch(docs)]
+    for n in (1, 3):
+        assert [ids.tolist() for ids in BASE.encode_batch(docs, num_threads=n)] == default
+    assert sum(t.name.startswith("talm-encode") for t in threading.enumerate()) >= 3  # the 3-thread pool

@@ -18,7 +18,8 @@ def run(cfg: DownloadConfig) -> None:
     from talm.data.prepare import prepare
 
     try:
-        result = prepare(cfg, progress=sys.stderr.isatty() or os.environ.get("TALM_PROGRESS") == "1")
+        bar = sys.stderr.isatty() or os.environ.get("TALM_PROGRESS") == "1"
+        result = prepare(cfg, progress=bar, progress_lines=not bar)
     except KeyboardInterrupt:
         print(
             "download_data: stopped; the complete shards are kept: rerun the same command to resume",

@@ -23,6 +23,7 @@ def run(config: TokenizerConfig) -> None:
         config.name,
         overwrite=config.force,
         progress=sys.stderr.isatty(),
+        trainer=config.trainer,
     )
     short = ""
     if tokenizer.vocab_size < config.vocab_size:

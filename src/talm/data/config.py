@@ -166,7 +166,7 @@ class DownloadConfig(Config):
     shard_size: TokenCount = Field(default=100_000_000, ge=1)
     """Tokens per shard file (the last shard of each split may be shorter)."""
     num_proc: int | None = Field(default=None, ge=1)
-    """Cores this process may use (tokenizing runs on all of them); unset means every core."""
+    """Threads the tokenizer encodes with; unset means one per core this process may use."""
     overwrite: bool = False
     """Delete what an earlier run (of this worker) wrote to the output directory and start afresh."""
     num_workers: int = Field(default=1, ge=1)

@@ -1,17 +1,17 @@
 """The data stage: resolve the source, then read -> tokenize -> write shards, holding the directory's lock.
 
-`prepare(cfg)` is everything `download_data` does (for one worker): it limits the process to --num-proc cores,
-loads the tokenizer, resolves the source (sources.py), and runs `write_shards`, which overlaps reading the
-stream (streaming.py), tokenizing on all cores and writing shards (writer.py) in three threads. A Python caller
-of `prepare` gets exactly what the command line gets, minus the printing.
+`prepare(cfg)` is everything `download_data` does (for one worker): it loads the tokenizer, resolves the source
+(sources.py), and runs `write_shards`, which overlaps reading the stream (streaming.py), tokenizing on
+--num-proc threads (default: every core) and writing shards (writer.py) in three threads. A Python caller of
+`prepare` gets exactly what the command line gets, minus the printing.
 
 This module imports no torch.
 """
 
 from __future__ import annotations
 
-import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,18 +33,23 @@ from talm.errors import TalmError
 from talm.files import RunLock, check_writable_dir
 
 BATCH_BYTES = 4 << 20  # text per tokenizer call: large enough to use every core, small enough to bound memory
+PROGRESS_INTERVAL_S = 30.0  # without a terminal (a log file), one progress line this often
 
 # ------------------------------------------------------------------------------------------------ pipeline
 
 
 def tokenize_batch(
-    tokenizer: Any, texts: list[str | None], utf8_bytes: np.ndarray, state_before: dict
+    tokenizer: Any,
+    texts: list[str | None],
+    utf8_bytes: np.ndarray,
+    state_before: dict,
+    num_threads: int | None = None,
 ) -> TokenBatch:
-    """Encode a batch of texts (all cores, via `Tokenizer.encode_batch`); empty or null texts become
-    zero-length documents, so the writer can count them."""
+    """Encode a batch of texts (on `num_threads` threads, default every core, via `Tokenizer.encode_batch`);
+    empty or null texts become zero-length documents, so the writer can count them."""
     keep = [i for i, t in enumerate(texts) if t]
     kept = texts if len(keep) == len(texts) else [texts[i] for i in keep]
-    arrays = tokenizer.encode_batch(kept) if kept else []
+    arrays = tokenizer.encode_batch(kept, num_threads=num_threads) if kept else []
     lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
     doc_tokens = np.zeros(len(texts), dtype=np.int64)
     doc_tokens[keep] = lengths + 1
@@ -109,15 +114,21 @@ def write_shards(
     queue_batches: int = 3,
     progress: bool = True,
     encode: Callable[[list[Any], np.ndarray, dict], TokenBatch] | None = None,
+    progress_lines: bool = False,
+    num_threads: int | None = None,
 ) -> WriteStats:
-    """Stream -> tokens -> shards, with reading, tokenizing and writing overlapped in three threads.
+    """Stream -> tokens -> shards, with reading, tokenizing (on `num_threads` threads) and writing overlapped
+    in three threads. `progress` shows a tqdm bar; `progress_lines` instead prints a line to stderr every
+    PROGRESS_INTERVAL_S (for logs, where a bar would be one endless line).
 
-    Memory is bounded by the queues: at most `queue_batches` batches of `batch_bytes` text wait at each stage.
-    Resumes from `writer.resume_state` when the writer was loaded from an interrupted run. `encode` turns a
-    batch's rows into tokens (default: `tokenize_batch` of texts; conversations: `ConversationEncoder`).
+    Memory is bounded by the queues: at most `queue_batches` batches of `batch_bytes` text wait at each stage,
+    and shards go to disk as they fill. Resumes from `writer.resume_state` when the writer was loaded from an
+    interrupted run. `encode` turns a batch's rows into tokens (default: `tokenize_batch` of texts on
+    `num_threads` encoder threads; conversations: `ConversationEncoder`).
     """
     from tqdm import tqdm
 
+    tokenizer.encode_batch(["build the engine here, not in the tokenizing thread"], num_threads=1)
     if writer.resume_state is not None:
         stream.load_state_dict(writer.resume_state)
     texts_q: queue.Queue = queue.Queue(maxsize=queue_batches)
@@ -144,7 +155,7 @@ def write_shards(
                     return
                 batch, before = item
                 if encode is None:
-                    encoded = tokenize_batch(tokenizer, batch.texts, batch.utf8_bytes, before)
+                    encoded = tokenize_batch(tokenizer, batch.texts, batch.utf8_bytes, before, num_threads)
                 else:
                     encoded = encode(batch.texts, batch.utf8_bytes, before)
                 if not _put(tokens_q, (encoded, int(batch.utf8_bytes.sum()), len(batch.texts)), stop):
@@ -163,6 +174,7 @@ def write_shards(
     bar = tqdm(
         total=total, unit="tok", unit_scale=True, desc="tokenizing", disable=not progress, smoothing=0.1
     )
+    next_line = start + PROGRESS_INTERVAL_S
     for t in threads:
         t.start()
     try:
@@ -180,11 +192,15 @@ def write_shards(
             bar.update(len(encoded.tokens))
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.set_postfix_str(f"{read_docs:,} docs, {text_bytes / 1e6 / elapsed:.1f} MB/s", refresh=False)
+            if progress_lines and time.perf_counter() >= next_line:
+                next_line = time.perf_counter() + PROGRESS_INTERVAL_S
+                _progress_line(bar.n, total, read_docs, text_bytes, elapsed)
             if done:
                 break
     finally:
         stop.set()
         bar.close()
+        writer.close()  # a shard still being written when the run stops is dropped (the next run makes it)
         for t in threads:
             t.join(timeout=5)
     after = writer.state_dict()["totals"]
@@ -194,6 +210,16 @@ def write_shards(
         empty_documents=after["empty_documents"] - before["empty_documents"],
         text_bytes=text_bytes,
         seconds=time.perf_counter() - start,
+    )
+
+
+def _progress_line(tokens: int, total: int | None, docs: int, text_bytes: int, elapsed: float) -> None:
+    share = f" of {total:,} ({tokens / total:.0%})" if total else ""
+    print(
+        f"download_data: {tokens:,}{share} tokens, {docs:,} documents, {text_bytes / 1e6:,.0f} MB of text in "
+        f"{elapsed:.0f} s ({text_bytes / 1e6 / elapsed:.1f} MB/s)",
+        file=sys.stderr,
+        flush=True,
     )
 
 
@@ -220,15 +246,6 @@ def _share(total: int, workers: int, index: int) -> int:
     return total // workers + (1 if index < total % workers else 0)
 
 
-def limit_cores(num_proc: int | None) -> None:
-    """--num-proc N: run this process (and the tokenizer's threads, created later) on N cores."""
-    if num_proc is None or not hasattr(os, "sched_setaffinity"):
-        return
-    cores = sorted(os.sched_getaffinity(0))
-    if num_proc < len(cores):
-        os.sched_setaffinity(0, cores[:num_proc])
-
-
 @contextmanager
 def locked(out_dir: Path, tag: str) -> Iterator[None]:
     """Hold the data directory's `RunLock` (one per worker tag: the workers of a layout write disjoint files
@@ -248,12 +265,12 @@ def locked(out_dir: Path, tag: str) -> Iterator[None]:
             lock.release()
 
 
-def prepare(cfg: DownloadConfig, *, progress: bool = True) -> PrepareResult:
-    """The whole data stage for one worker: resolve the source, then stream, tokenize and shard it, holding
-    the directory's lock. `cfg.num_proc` limits this process to that many cores."""
+def prepare(cfg: DownloadConfig, *, progress: bool = True, progress_lines: bool = False) -> PrepareResult:
+    """The whole data stage for one worker: resolve the source, then stream, tokenize (on `cfg.num_proc`
+    threads, default every core) and shard it, holding the directory's lock. `progress`: a tqdm bar;
+    `progress_lines`: a line on stderr every PROGRESS_INTERVAL_S instead (see `write_shards`)."""
     from talm.tokenizer.api import Tokenizer
 
-    limit_cores(cfg.num_proc)
     tokenizer = Tokenizer.from_file(cfg.tokenizer_path)
     source = resolve_source(cfg)
     workers, index = cfg.num_workers, cfg.worker_index
@@ -296,7 +313,15 @@ def prepare(cfg: DownloadConfig, *, progress: bool = True) -> PrepareResult:
             return PrepareResult(cfg.out_dir, writer.state_dict(), status, None)
         stream = TextStream(source, num_workers=workers, worker_index=index)
         try:
-            stats = write_shards(stream, tokenizer, writer, progress=progress, encode=encoder)
+            stats = write_shards(
+                stream,
+                tokenizer,
+                writer,
+                progress=progress,
+                encode=encoder,
+                progress_lines=progress_lines,
+                num_threads=cfg.num_proc,
+            )
         except SourceDataError:
             if status == "new" and not writer.repaired:
                 writer.discard()  # nothing usable came of the bad input: leave nothing behind

@@ -11,7 +11,9 @@ This module imports no torch.
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from talm.data.manifest import (
     worker_tag,
 )
 from talm.errors import TalmError
-from talm.files import check_writable_dir, write_atomically
+from talm.files import check_writable_dir, fsync, temp_path, write_atomically
 
 
 def missing_dirs(path: Path) -> list[Path]:
@@ -49,15 +51,85 @@ def remove_empty_dirs(dirs: list[Path]) -> None:
             break
 
 
+def _cannot_write(path: Path, err: OSError) -> TalmError:
+    """A failed write (a full disk, say) said as what to do about it."""
+    return TalmError(
+        f"could not write {str(path)!r} ({err.strerror or err}): free some disk space or fix the directory, "
+        "then rerun the same command to resume after the last complete shard"
+    )
+
+
 def _write_atomically(path: Path, write: Callable[[Any], object]) -> None:
-    """`talm.files.write_atomically`, with a failure (a full disk, say) said as what to do about it."""
+    """`talm.files.write_atomically`, with a failure said as what to do about it."""
     try:
         write_atomically(path, write)
     except OSError as err:
-        raise TalmError(
-            f"could not write {str(path)!r} ({err.strerror or err}): free some disk space or fix the directory, "
-            "then rerun the same command to resume after the last complete shard"
-        ) from None
+        raise _cannot_write(path, err) from None
+
+
+def npy_header(dtype: np.dtype, length: int) -> bytes:
+    """The .npy header `np.save` writes for a 1-D array of `length` items of `dtype`."""
+    buf = io.BytesIO()
+    descr = np.lib.format.dtype_to_descr(dtype)
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": (length,)})
+    return buf.getvalue()
+
+
+class ShardFile:
+    """A shard being written: its tokens go to the hidden temp file as they come (so memory does not grow with
+    the shard size); `commit` puts the header for the final length in front, fsyncs and renames it into place,
+    giving the same bytes as `np.save` of the whole array. Until then the shard does not exist; a temp file an
+    interrupted run leaves is a stray that the next run's `remove_strays` deletes."""
+
+    def __init__(self, path: Path, dtype: np.dtype, capacity: int) -> None:
+        self.path, self.dtype, self.length = path, np.dtype(dtype), 0
+        self._tmp = temp_path(path)
+        self._header = npy_header(self.dtype, capacity)  # replaced at commit; 1-D headers keep their length
+        try:
+            self._file = open(self._tmp, "wb")
+            self._file.write(self._header)
+        except OSError as err:
+            raise _cannot_write(path, err) from None
+
+    def write(self, tokens: np.ndarray) -> None:
+        try:
+            self._file.write(memoryview(np.ascontiguousarray(tokens, dtype=self.dtype)))
+        except OSError as err:
+            self.abandon()
+            raise _cannot_write(self.path, err) from None
+        self.length += len(tokens)
+
+    def commit(self) -> None:
+        header = npy_header(self.dtype, self.length)
+        try:
+            if len(header) == len(self._header):
+                self._file.seek(0)
+                self._file.write(header)
+            else:  # not seen for 1-D arrays; kept correct anyway
+                self._rewrite(header)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self._tmp, self.path)
+            fsync(self.path.parent)
+        except OSError as err:
+            self.abandon()
+            raise _cannot_write(self.path, err) from None
+
+    def _rewrite(self, header: bytes) -> None:
+        self._file.close()
+        with open(self._tmp, "rb") as old, open(self._tmp.with_name(self._tmp.name + "2"), "wb") as new:
+            old.seek(len(self._header))
+            new.write(header)
+            shutil.copyfileobj(old, new, 1 << 20)
+        os.replace(new.name, self._tmp)
+        self._file = open(self._tmp, "r+b")
+        self._file.seek(0, os.SEEK_END)
+
+    def abandon(self) -> None:
+        """Close and remove the temp file (a failed write, or a run that ends without this shard)."""
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -153,16 +225,12 @@ class ShardDir:
             if own.fullmatch(path.name) and path.name not in listed and path != self.manifest_path:
                 path.unlink()
 
-    def write_shard(self, name: str, tokens: np.ndarray, masks: np.ndarray | None = None) -> None:
-        """A token shard, and first its loss-mask shard if `masks` (so a written shard always has its mask)."""
+    def open_shard(self, name: str, dtype: np.dtype, capacity: int) -> ShardFile:
+        """Start writing shard `name` (at most `capacity` tokens); see `ShardFile`."""
         if not self.path.is_dir():
             self._created = missing_dirs(self.path)
             self.path.mkdir(parents=True, exist_ok=True)
-        if masks is not None:
-            self.write_shard(mask_name(name), masks)
-        _write_atomically(
-            self.path / name, lambda f: np.lib.format.write_array(f, tokens, allow_pickle=False)
-        )
+        return ShardFile(self.path / name, dtype, capacity)
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         data = manifest_bytes(manifest)

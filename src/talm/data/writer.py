@@ -26,11 +26,12 @@ from talm.data.manifest import (
     MASK_DTYPE,
     build_manifest,
     manifest_header,
+    mask_name,
     resume_point,
     shard_entry,
     shard_name,
 )
-from talm.data.shard_dir import ShardDir
+from talm.data.shard_dir import ShardDir, ShardFile
 from talm.errors import TalmError
 
 
@@ -78,6 +79,38 @@ def _too_short(val_got: int, val_tokens: int, empty_documents: int) -> TalmError
     )
 
 
+def fresh_state(val_tokens: int) -> dict[str, Any]:
+    """The state of an empty directory (no committed shard), as `ShardWriter.load_state_dict` takes it."""
+    first = "train" if val_tokens == 0 else "val"
+    return {"shards": [], "complete": False, "resume": resume_point(None, 0, first, 0)}
+
+
+class OpenShard:
+    """The shard being written and, with conversation data, its loss-mask shard beside it, written together."""
+
+    def __init__(self, files: ShardDir, name: str, dtype: np.dtype, capacity: int, *, masked: bool) -> None:
+        self.masks = files.open_shard(mask_name(name), MASK_DTYPE, capacity) if masked else None
+        self.tokens: ShardFile = files.open_shard(name, dtype, capacity)
+
+    def write(self, batch: TokenBatch, a: int, b: int) -> None:
+        """Stream tokens [a, b) of the batch (and their flags: a masked writer is given masked batches)."""
+        self.tokens.write(batch.tokens[a:b])
+        if self.masks is not None:
+            self.masks.write(batch.mask[a:b])  # type: ignore[index]
+
+    def commit(self) -> str:
+        """Put both in place, the mask first (so a shard on disk always has its mask); the shard's file name."""
+        if self.masks is not None:
+            self.masks.commit()
+        self.tokens.commit()
+        return self.tokens.path.name
+
+    def abandon(self) -> None:
+        if self.masks is not None:
+            self.masks.abandon()
+        self.tokens.abandon()
+
+
 class ShardWriter:
     """Cuts a stream of `TokenBatch`es into shards and keeps the manifest in step.
 
@@ -114,19 +147,14 @@ class ShardWriter:
             max_tokens=max_tokens,
             arguments=arguments,
         )
-        # the open shard: _filled tokens, _docs documents, _bytes bytes (and _masks, their loss-mask flags)
-        self._buffer: np.ndarray | None = None
+        # the open shard (and its loss mask), written as tokens come: _filled tokens, _docs documents, _bytes bytes
+        self._shard: OpenShard | None = None
         self.masked = bool(header.get("loss_mask"))  # conversation data: a loss-mask shard beside each shard
         self._filled = self._docs = self._bytes = 0
         self.repaired: str | None = None  # what open() found damaged and resumed before, if anything
-        self.load_state_dict(self._fresh())
+        self.load_state_dict(fresh_state(self.val_tokens))
 
     # ------------------------------------------------------------------------------------------ manifest
-
-    def _fresh(self) -> dict[str, Any]:
-        """The state of an empty directory (no committed shard), as `load_state_dict` takes it."""
-        first = "train" if self.val_tokens == 0 else "val"
-        return {"shards": [], "complete": False, "resume": resume_point(None, 0, first, 0)}
 
     def state_dict(self) -> dict[str, Any]:
         """The manifest: header, committed shards, and where to resume (None once complete)."""
@@ -169,11 +197,13 @@ class ShardWriter:
         status = "new"
         old = self.files.open(self.header["arguments"], overwrite=overwrite)
         if old is not None:
-            old, self.repaired = self.files.cut_at_damage(old, self.dtype, fresh=self._fresh())
+            old, self.repaired = self.files.cut_at_damage(old, self.dtype, fresh=fresh_state(self.val_tokens))
             self.load_state_dict(old)
             status = "complete" if self.complete else "resume"
             if self.repaired:
-                self._write_manifest()  # first the manifest stops listing the damaged shard, then strays go
+                self.files.write_manifest(
+                    self.state_dict()
+                )  # first the manifest stops listing the damaged shard, then strays go
         self.files.remove_strays({s["file"] for s in self.shards})
         return status
 
@@ -219,13 +249,12 @@ class ShardWriter:
         return False
 
     def _append(self, batch: TokenBatch, starts: np.ndarray, ends: np.ndarray, a: int, b: int) -> None:
-        """Copy stream tokens [a, b) of the batch into the open shard and account its documents and bytes."""
-        if self._buffer is None:
-            self._buffer = np.empty(self.shard_size, dtype=self.dtype)
-            self._masks = np.empty(self.shard_size, dtype=MASK_DTYPE) if self.masked else None
-        self._buffer[self._filled : self._filled + b - a] = batch.tokens[a:b]
-        if self._masks is not None:  # conversation data (a masked writer is given masked batches)
-            self._masks[self._filled : self._filled + b - a] = batch.mask[a:b]  # type: ignore[index]
+        """Write stream tokens [a, b) of the batch (and their loss-mask flags) to the open shard and account its
+        documents and bytes."""
+        if self._shard is None:
+            name = shard_name(self.split, len(self.shards), self.tag)
+            self._shard = OpenShard(self.files, name, self.dtype, self.shard_size, masked=self.masked)
+        self._shard.write(batch, a, b)
         self._filled += b - a
         self._split_tokens += b - a
         if self.split == "train":
@@ -242,10 +271,8 @@ class ShardWriter:
 
         The `last` shard's manifest marks the data complete; it is written once, so no manifest ever says
         "resume from nowhere"."""
-        assert self._buffer is not None and self._filled > 0
-        name = shard_name(self.split, len(self.shards), self.tag)
-        masks = None if self._masks is None else self._masks[: self._filled]
-        self.files.write_shard(name, self._buffer[: self._filled], masks)
+        assert self._shard is not None and self._shard.tokens.length == self._filled > 0
+        name, self._shard = self._shard.commit(), None
         self.shards.append(shard_entry(name, self.split, self._filled, self._docs, self._bytes))
         self._filled = self._docs = self._bytes = 0
         if next_split != self.split:
@@ -272,9 +299,13 @@ class ShardWriter:
         else:  # the stream ended exactly at a shard boundary
             self.complete, self._resume_state, self._resume_skip = True, None, 0
             self._write_manifest()
-        self._buffer = None
+
+    def close(self) -> None:
+        """Drop the shard being written, if any (a run that stops early: the next run makes it again)."""
+        self._shard = self._shard.abandon() if self._shard is not None else None
 
     def discard(self) -> None:
         """Remove everything this writer wrote (a run that failed before producing usable data)."""
+        self.close()
         self.files.discard([s["file"] for s in self.shards])
         self.shards = []

@@ -129,14 +129,14 @@ class Tokenizer:
                 raise
             return hf.encode(fast.replace_lone_surrogates(text), add_special_tokens=False).ids
 
-    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    def encode_batch(self, texts: Sequence[str], *, num_threads: int | None = None) -> list[np.ndarray]:
         """Token ids of each text (special spellings as ordinary text), as arrays of `token_dtype`, encoded in
-        parallel on all cores."""
+        parallel on `num_threads` threads (default: one per core; HF's fallback engine uses its own pool)."""
         if len(texts) == 0:
             return []
         enc = self._tiktoken
         if enc is not None:
-            return fast.encode_batch(enc, texts, self.vocab_size, self.token_dtype)
+            return fast.encode_batch(enc, texts, self.vocab_size, self.token_dtype, num_threads)
         texts = list(texts)
         try:
             encodings = self._hf.encode_batch_fast(texts, add_special_tokens=False)

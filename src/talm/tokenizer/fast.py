@@ -110,20 +110,25 @@ def build_engine(
     return enc
 
 
-_EXECUTOR: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
+_EXECUTORS: tuple[int, dict[int, ThreadPoolExecutor]] = (-1, {})  # (pid that made them, pools by size)
 
 
 def threads() -> int:
+    """The default number of encoding threads: one per core this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _executor() -> ThreadPoolExecutor:
-    """One shared pool: tiktoken releases the GIL while encoding, so threads use every core. A process forked
-    after the pool was made (e.g. a multiprocessing worker) gets its own: the parent's threads do not exist there."""
-    global _EXECUTOR
-    if _EXECUTOR is None or _EXECUTOR[0] != os.getpid():
-        _EXECUTOR = (os.getpid(), ThreadPoolExecutor(max_workers=threads(), thread_name_prefix="talm-encode"))
-    return _EXECUTOR[1]
+def _executor(num_threads: int) -> ThreadPoolExecutor:
+    """A shared pool of `num_threads` threads: tiktoken releases the GIL while encoding, so threads use every
+    core. A process forked after a pool was made (e.g. a multiprocessing worker) gets its own: the parent's
+    threads do not exist there."""
+    global _EXECUTORS
+    if _EXECUTORS[0] != os.getpid():
+        _EXECUTORS = (os.getpid(), {})
+    pools = _EXECUTORS[1]
+    if num_threads not in pools:
+        pools[num_threads] = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="talm-encode")
+    return pools[num_threads]
 
 
 def split_evenly(texts: Sequence[str], max_groups: int) -> list[Sequence[str]]:
@@ -139,15 +144,21 @@ def split_evenly(texts: Sequence[str], max_groups: int) -> list[Sequence[str]]:
 
 
 def encode_batch(
-    enc: tiktoken.Encoding, texts: Sequence[str], vocab_size: int, dtype: np.dtype
+    enc: tiktoken.Encoding,
+    texts: Sequence[str],
+    vocab_size: int,
+    dtype: np.dtype,
+    num_threads: int | None = None,
 ) -> list[np.ndarray]:
-    """Token ids of each text (special spellings as ordinary text) as `dtype` arrays, in parallel on all cores.
-    `enc` is from `build_engine(..., vocab_size)`, so DOC_SEPARATOR is id `vocab_size`."""
-    groups = split_evenly(texts, threads() * 4)
-    if len(groups) == 1:
-        return _encode_group(enc, groups[0], vocab_size, dtype)
+    """Token ids of each text (special spellings as ordinary text) as `dtype` arrays, on `num_threads` threads
+    (default: one per core). `enc` is from `build_engine(..., vocab_size)`, so DOC_SEPARATOR is id `vocab_size`."""
+    num_threads = num_threads or threads()
+    groups = split_evenly(texts, num_threads * 4)
+    if len(groups) == 1 or num_threads == 1:
+        return [ids for group in groups for ids in _encode_group(enc, group, vocab_size, dtype)]
     out: list[np.ndarray] = []
-    for arrays in _executor().map(lambda group: _encode_group(enc, group, vocab_size, dtype), groups):
+    work = _executor(num_threads).map(lambda group: _encode_group(enc, group, vocab_size, dtype), groups)
+    for arrays in work:
         out.extend(arrays)
     return out
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import codecs
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +112,29 @@ def read_text_blocks(path: Path, *, block_bytes: int = READ_BLOCK_BYTES) -> Iter
                 cut = len(text)  # no safe point in 1M chars: cut anyway, memory must stay bounded
             carry = text[cut:]
             yield text[:cut], n_bytes
+
+
+def text_stream(
+    files: Sequence[Path], block_bytes: int, on_block: Callable[[str, int], None] | None = None
+) -> Iterator[str]:
+    """Every file's text as blocks (see read_text_blocks), empty ones skipped; `on_block(text, raw bytes)`
+    sees each block first."""
+    for path in files:
+        for text, n_bytes in read_text_blocks(path, block_bytes=block_bytes):
+            if on_block is not None:
+                on_block(text, n_bytes)
+            if text:
+                yield text
+
+
+def progress_stream(files: Sequence[Path], block_bytes: int, bar: Any, stop: Any = None) -> Iterator[str]:
+    """text_stream feeding a trainer: the tqdm `bar` counts the bytes read, then says learning has started.
+    A set `stop` (threading.Event) ends the stream with KeyboardInterrupt (an abandoned training thread)."""
+
+    def on_block(_text: str, n_bytes: int) -> None:
+        if stop is not None and stop.is_set():
+            raise KeyboardInterrupt
+        bar.update(n_bytes)
+
+    yield from text_stream(files, block_bytes, on_block)
+    bar.set_description(f"read {bar.n / 1e6:.0f} MB, now learning the merges")
