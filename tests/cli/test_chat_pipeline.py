@@ -1,7 +1,8 @@
 """From a base model to an assistant, through the real console scripts, as docs/finetuning-chat.md tells a user:
-download_data tinyshakespeare -> train_model --preset tiny (the base, as scripts/demo makes
-it) -> a conversation .jsonl -> download_data --conversations -> train_model --init-from --preset sft -> chat
-(stdin) -> serve + the openai client -> export_model + transformers (apply_chat_template, generate).
+download_data tinyshakespeare -> train_model --preset tiny (a base model as scripts/demo makes it, smaller;
+tokenizers/base.json is the very file the demo's `train_tokenizer -vs 1024` writes) -> a conversation .jsonl ->
+download_data --conversations -> train_model --init-from --preset sft -> chat (stdin) -> serve + the openai
+client -> export_model + transformers (apply_chat_template, generate).
 
 The conversations all get the same reply, which a tiny model learns in a few dozen steps: the base model does not
 say it, the fine-tuned one says it to prompts it never saw, in every front end."""
