@@ -113,9 +113,14 @@ class TextStream:
                     sizes.append(row_bytes)
                     n_bytes += int(row_bytes.sum())
                 elif not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+                    hint = (
+                        " (conversations, lists of messages: add --conversations)"
+                        if pa.types.is_list(values.type)
+                        else ""
+                    )
                     raise TalmError(
-                        f"column {column!r} of {self.source.source} holds {values.type}, not text: pass the text "
-                        f"column with --text-column (columns: {', '.join(table.column_names)})"
+                        f"column {column!r} of {self.source.source} holds {values.type}, not text{hint}: pass the "
+                        f"text column with --text-column (columns: {', '.join(table.column_names)})"
                     )
                 else:
                     lengths = pc.fill_null(pc.binary_length(values), 0).to_numpy(zero_copy_only=False)
@@ -147,9 +152,12 @@ def _reading(source: TextSource, tables: Iterator[Any]) -> Iterator[Any]:
 
 
 def _missing_column(source: TextSource, columns: list[str]) -> TalmError:
+    hint = (
+        "" if source.conversations or "messages" not in columns else " (conversations: add --conversations)"
+    )
     return TalmError(
-        f"{source.source} ({source.config}) has no column {source.text_column!r}: pass the column holding the text "
-        f"with --text-column (its columns: {', '.join(columns)})"
+        f"{source.source} ({source.config}) has no column {source.text_column!r}{hint}: pass the column holding "
+        f"the text with --text-column (its columns: {', '.join(columns)})"
     )
 
 

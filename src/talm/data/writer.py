@@ -75,7 +75,8 @@ def _too_short(val_got: int, val_tokens: int, empty_documents: int) -> TalmError
         )
     return TalmError(
         f"the stream ended after {val_got:,} tokens, before the validation split (--val-tokens "
-        f"{val_tokens:,} for this worker) was full, so no training tokens are left: lower --val-tokens"
+        f"{val_tokens:,} for this worker) was full, so no training tokens are left: lower --val-tokens (a tenth "
+        f"of this stream: --val-tokens {val_got // 10})"
     )
 
 

@@ -67,7 +67,12 @@ def announce(tr: Trainer) -> None:
     if tr.resumed:
         say(f"resuming {tr.model_dir} from step {tr.step} ({tr.tokens_seen:,} tokens seen)")
     elif tr.step == 0:
-        say(f"training {tr.model_dir} from " + (init.describe(t.init_from) if t.init_from else "scratch"))
+        source = init.describe(t.init_from) if t.init_from else "scratch"
+        if not t.init_from and isinstance(tr.loader, ConversationLoader):
+            source += (
+                " (random weights; to fine-tune a base model on these conversations: --init-from models/BASE)"
+            )
+        say(f"training {tr.model_dir} from {source}")
     say(
         f"model: {tr.model.num_params():,} parameters ({tr.model.num_params(embeddings=False):,} "
         f"without embeddings), device {tr.device}, {tr.ctx.world_size} process(es), "

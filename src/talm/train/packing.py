@@ -197,7 +197,7 @@ class ConversationLoader:
         fill = self.lengths.sum() / max(self.total_windows * self.row_len, 1)
         dropped = (
             f"; {self.dropped:,} longer than a row dropped ({self.dropped_tokens:,} tokens): raise "
-            "--model.context_length to keep them"
+            "--model.context_length to keep them (with --init-from: up to the source's)"
             if self.dropped
             else ""
         )
