@@ -14,7 +14,14 @@ import sys
 import time
 from collections.abc import Sequence
 
-from talm.cli.common import ArgumentParser, HelpFormatter, add_config_flags, collect_config_flags, run_main
+from talm.cli.common import (
+    ArgumentParser,
+    HelpFormatter,
+    add_config_flags,
+    add_model_flags,
+    collect_config_flags,
+    run_main,
+)
 from talm.config import validate
 from talm.errors import TalmError
 from talm.use.config import SampleConfig
@@ -29,22 +36,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
         formatter_class=HelpFormatter,
         epilog='Example: chat -m models/assistant --checkpoint best --system "Answer briefly."',
     )
-    parser.add_argument(
-        "-m", "--model", required=True, metavar="DIR", help="the model directory (models/NAME)"
-    )
-    parser.add_argument(
-        "--checkpoint",
-        default="latest",
-        help="latest, best (lowest validation loss) or the path of a checkpoint directory (default: latest)",
-    )
+    add_model_flags(parser)
     parser.add_argument("--system", metavar="TEXT", help="a system message to start the conversation with")
     names = add_config_flags(parser, SampleConfig, short={"seed": "-s"}, skip=("num_samples",))
-    parser.add_argument(
-        "--device",
-        default="auto",
-        choices=["auto", "cpu", "cuda", "mps"],
-        help="where to run (default: auto)",
-    )
     return parser, names
 
 

@@ -156,6 +156,26 @@ def collect_config_flags(args: argparse.Namespace, cls: type[Config], *, prefix:
     return {name: given[prefix + name] for name in cls.model_fields if prefix + name in given}
 
 
+def add_model_flags(parser: argparse.ArgumentParser, *, device: bool = True) -> None:
+    """The flags of every command that uses a trained model: -m/--model, --checkpoint and (unless not asked
+    for) --device."""
+    parser.add_argument(
+        "-m", "--model", required=True, metavar="DIR", help="the model directory (models/NAME)"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default="latest",
+        help="latest, best (lowest validation loss) or the path of a checkpoint directory (default: latest)",
+    )
+    if device:
+        parser.add_argument(
+            "--device",
+            default="auto",
+            choices=["auto", "cpu", "cuda", "mps"],
+            help="where to run (default: auto: cuda, then mps, then cpu)",
+        )
+
+
 def run_main(command: Callable[[], Any], flag_names: dict[str, str] | None = None) -> None:
     """Run a console script's body: user errors become one line on stderr and exit status 2."""
     prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv else "talm"

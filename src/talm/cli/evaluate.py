@@ -11,7 +11,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from talm.cli.common import ArgumentParser, HelpFormatter, add_config_flags, collect_config_flags, run_main
+from talm.cli.common import (
+    ArgumentParser,
+    HelpFormatter,
+    add_config_flags,
+    add_model_flags,
+    collect_config_flags,
+    run_main,
+)
 from talm.config import validate
 from talm.eval.config import EvalConfig
 
@@ -23,14 +30,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
         formatter_class=HelpFormatter,
         epilog="Example: evaluate -m models/gpt2 --tasks hellaswag arc_easy piqa --data-dir data/fineweb/val",
     )
-    parser.add_argument(
-        "-m", "--model", required=True, metavar="DIR", help="the model directory (models/NAME)"
-    )
-    parser.add_argument(
-        "--checkpoint",
-        default="latest",
-        help="latest, best (lowest validation loss) or the path of a checkpoint directory (default: latest)",
-    )
+    add_model_flags(parser)
     names = add_config_flags(parser, EvalConfig)
     parser.add_argument(
         "--harness",
@@ -40,9 +40,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     )
     parser.add_argument(
         "--include-path", metavar="DIR", help="with --harness: a folder of your own harness task yamls"
-    )
-    parser.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run"
     )
     parser.add_argument(
         "--dtype",

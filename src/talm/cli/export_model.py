@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from talm.cli.common import ArgumentParser, HelpFormatter, run_main
+from talm.cli.common import ArgumentParser, HelpFormatter, add_model_flags, run_main
 from talm.errors import TalmError
 from talm.use.config import DTYPES
 
@@ -24,15 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
         epilog="Example: export_model -m models/shakespeare -o exports/shakespeare --push-to-hub me/shakespeare",
     )
-    parser.add_argument(
-        "-m", "--model", required=True, metavar="DIR", help="the model directory (models/NAME)"
-    )
+    add_model_flags(parser, device=False)
     parser.add_argument("-o", "--output", required=True, metavar="DIR", help="the directory to write")
-    parser.add_argument(
-        "--checkpoint",
-        default="latest",
-        help="latest, best (lowest validation loss) or the path of a checkpoint directory (default: latest)",
-    )
     parser.add_argument(
         "--dtype",
         default="float32",

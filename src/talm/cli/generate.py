@@ -14,7 +14,14 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from talm.cli.common import ArgumentParser, HelpFormatter, add_config_flags, collect_config_flags, run_main
+from talm.cli.common import (
+    ArgumentParser,
+    HelpFormatter,
+    add_config_flags,
+    add_model_flags,
+    collect_config_flags,
+    run_main,
+)
 from talm.config import validate
 from talm.errors import TalmError
 from talm.use.config import SampleConfig
@@ -34,14 +41,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
         formatter_class=HelpFormatter,
         epilog='Example: generate -m models/shakespeare -p "ROMEO:" --max-new-tokens 200 --seed 0',
     )
-    parser.add_argument(
-        "-m", "--model", required=True, metavar="DIR", help="the model directory (models/NAME)"
-    )
-    parser.add_argument(
-        "--checkpoint",
-        default="latest",
-        help="latest, best (lowest validation loss) or the path of a checkpoint directory (default: latest)",
-    )
+    add_model_flags(parser)
     parser.add_argument(
         "-p",
         "--prompt",
@@ -56,12 +56,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
         action="store_true",
         help="read special-token spellings in prompts (<|endoftext|>, <|user|>, ...) as special tokens "
         "(default: as plain text)",
-    )
-    parser.add_argument(
-        "--device",
-        default="auto",
-        choices=["auto", "cpu", "cuda", "mps"],
-        help="where to run (default: auto)",
     )
     return parser, names
 

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from talm.cli.common import ArgumentParser, HelpFormatter, run_main
+from talm.cli.common import ArgumentParser, HelpFormatter, add_model_flags, run_main
 from talm.errors import TalmError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -33,22 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
         epilog="Example: serve -m models/assistant --checkpoint best --port 8000",
     )
-    parser.add_argument(
-        "-m", "--model", required=True, metavar="DIR", help="the model directory (models/NAME)"
-    )
-    parser.add_argument(
-        "--checkpoint",
-        default="latest",
-        help="latest, best (lowest validation loss) or the path of a checkpoint directory (default: latest)",
-    )
+    add_model_flags(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=port_number, default=8000, help="port to listen on (default: 8000)")
-    parser.add_argument(
-        "--device",
-        default="auto",
-        choices=["auto", "cpu", "cuda", "mps"],
-        help="where to run (default: auto)",
-    )
     return parser
 
 

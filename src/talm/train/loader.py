@@ -73,7 +73,23 @@ def to_device(rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, tor
     return t[:, :-1], t[:, 1:]
 
 
-class TokenLoader:
+class ShuffledCursor:
+    """The resumable state of a loader that walks a shuffled order epoch by epoch: where it is (epoch, cursor)
+    and the order's seed; loading it rebuilds the order at the next batch."""
+
+    epoch: int
+    cursor: int
+    seed: int
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.cursor, self.seed = int(state["epoch"]), int(state["cursor"]), int(state["seed"])
+        self._micro, self._order_epoch = 0, -1
+
+
+class TokenLoader(ShuffledCursor):
     """Shuffled (x, y) batches of shape (batch_size, context_length) from the train split, rank-disjoint."""
 
     def __init__(
@@ -165,13 +181,6 @@ class TokenLoader:
         self.cursor += per_step
         self._micro = (self._micro + 1) % self.accum_steps
         return to_device(rows, self.device)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.cursor, self.seed = int(state["epoch"]), int(state["cursor"]), int(state["seed"])
-        self._micro, self._order_epoch = 0, -1
 
 
 class EvalSlice:

@@ -24,7 +24,7 @@ import torch
 from talm.data.manifest import LEARN, MASK_DTYPE, START, DataSet, Shard
 from talm.errors import TalmError
 from talm.train import dist
-from talm.train.loader import SEED_LIMIT, ShardCache, TokenLoader
+from talm.train.loader import SEED_LIMIT, ShardCache, ShuffledCursor, TokenLoader
 
 # What one batch is: inputs, targets (-1 where not learned), conversation ids (None: attention may cross
 # conversations, --no-train.isolate_conversations), and how many targets are learned.
@@ -149,7 +149,7 @@ def micro_batches(
         yield x, y, {}, 1.0
 
 
-class ConversationLoader:
+class ConversationLoader(ShuffledCursor):
     """Shuffled batches of packed conversations from the train split, rank-disjoint (`TokenLoader`'s interface,
     but `next_batch` returns a `Batch`)."""
 
@@ -238,13 +238,6 @@ class ConversationLoader:
         self.cursor += self.batch_size * self.world_size
         self._micro = (self._micro + 1) % self.accum_steps
         return to_batch(rows[0], rows[1], rows[2] if self.isolate else None, self.device)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.cursor, self.seed = int(state["epoch"]), int(state["cursor"]), int(state["seed"])
-        self._micro, self._order_epoch = 0, -1
 
 
 class ConversationEval:
