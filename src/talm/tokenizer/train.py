@@ -24,7 +24,8 @@ from talm.tokenizer.textfiles import READ_BLOCK_BYTES, check_text_files, text_st
 from talm.tokenizer.trainers import LEARN, resolve
 
 TOKENIZER_DIR = Path("tokenizers")  # where train_tokenizer writes NAME.json (relative to the project root)
-_COMPRESSION_SAMPLE_BYTES = 8 << 20  # bytes/token is measured on (up to) the first 8 MB of training text
+_COMPRESSION_SAMPLE_BYTES = 2 << 20  # bytes/token is measured on (up to) the first 2 MB of training text (a
+# figure to 3 digits; encoding 8 MB cost 1.3 s of a 32k-vocab training run, docs/benchmarks.md)
 
 
 @dataclass
