@@ -128,6 +128,9 @@ def test_ctrl_c_in_a_terminal_stops_the_reply_not_the_chat(tmp_path: Path) -> No
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     pid, fd = pty.fork()
     if pid == 0:  # the child: the chat, with the pseudo-terminal as its controlling terminal
+        # SIGINT as a user's shell leaves it: a test run started in the background (`cmd &`) ignores it, and an
+        # ignored signal stays ignored across exec
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execve(argv[0], argv, env)
     seen = bytearray()
     try:
