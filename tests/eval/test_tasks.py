@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,20 @@ def test_unreachable_hub_says_how_to_use_a_local_copy(monkeypatch: pytest.Monkey
     assert "\n" not in message
     assert "cannot read winogrande from the Hub (allenai/winogrande)" in message
     assert "DIR/allenai/winogrande and pass --tasks-dir DIR" in message
+
+
+def test_a_hub_that_refuses_connections_is_reported_in_seconds_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, in_tmp: Path
+) -> None:
+    # Online mode pointed at a port nothing listens on: datasets alone would retry for half a minute and log
+    # warnings first; the probe fails at once.
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    t = time.monotonic()
+    with pytest.raises(TalmError) as err:
+        load_examples("hellaswag")
+    assert time.monotonic() - t < 10
+    message = str(err.value)
+    assert "\n" not in message and "http://127.0.0.1:9" in message and "--tasks-dir DIR" in message

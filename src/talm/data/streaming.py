@@ -42,21 +42,29 @@ def _hub_unreachable(source: TextSource, why: str) -> TalmError:
     )
 
 
-def check_hub_reachable(source: TextSource) -> None:
-    """Fail in seconds, with the way out, when the Hub cannot be reached (datasets would retry for minutes)."""
+def hub_unreachable(repo_id: str, kind: str = "datasets") -> str | None:
+    """Why the Hub cannot be reached (one bounded request for `repo_id`'s api page), or None when it answered or
+    HF_HUB_OFFLINE asks for the local cache only. datasets itself retries for minutes before failing."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
-        return  # the user asked for the local cache only; datasets says what is missing
-    url = f"{constants.ENDPOINT.rstrip('/')}/api/datasets/{source.source}"
+        return None  # the user asked for the local cache only; datasets says what is missing
+    url = f"{constants.ENDPOINT.rstrip('/')}/api/{kind}/{repo_id}"
     try:
         with urllib.request.urlopen(url, timeout=_HUB_PROBE_TIMEOUT_S):
             pass
     except urllib.error.HTTPError:
-        return  # it answered (maybe 401/404): reachable; datasets reports what is wrong with the repo
+        return None  # it answered (maybe 401/404): reachable; datasets reports what is wrong with the repo
     except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        raise _hub_unreachable(source, f"{constants.ENDPOINT}: {reason}") from None
+        return f"{constants.ENDPOINT}: {getattr(err, 'reason', err)}"
+    return None
+
+
+def check_hub_reachable(source: TextSource) -> None:
+    """Fail in seconds, with the way out, when the Hub cannot be reached."""
+    why = hub_unreachable(source.source)
+    if why is not None:
+        raise _hub_unreachable(source, why)
 
 
 @dataclass

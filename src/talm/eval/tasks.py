@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from talm.data.streaming import hub_unreachable
 from talm.errors import TalmError
 
 
@@ -171,10 +172,18 @@ def load_examples(
 ) -> list[Example]:
     """The first `limit` (all if None) examples of task `name`, from the Hub or from `tasks_dir`'s local copy."""
     import datasets  # slow to import: only when a task is read
+    from huggingface_hub.utils import logging as hub_logging
 
+    # the libraries' own warnings (a retried request, a progress bar) would come before talm's one-line error
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    hub_logging.set_verbosity_error()
     task = get_task(name)
     source = str(local_copy(task, tasks_dir)) if tasks_dir is not None else task.repo
+    # in seconds, where datasets would retry for half a minute or more
+    unreachable = hub_unreachable(task.repo) if tasks_dir is None else None
     try:
+        if unreachable is not None:
+            raise ConnectionError(f"unreachable: {unreachable}")
         if tasks_dir is None:
             rows = datasets.load_dataset(source, name=task.config, split=task.split)
         else:
@@ -188,7 +197,8 @@ def load_examples(
     except (OSError, datasets.exceptions.DatasetNotFoundError) as err:
         where = f"the local copy {source!r}" if tasks_dir is not None else f"the Hub ({task.repo})"
         raise TalmError(
-            f"cannot read {task.name} from {where} ({type(err).__name__}): download the dataset repository "
+            f"cannot read {task.name} from {where} ({type(err).__name__}{': ' + str(err) if unreachable else ''}): "
+            "download the dataset repository "
             f"{task.repo} into DIR/{task.repo} and pass --tasks-dir DIR, or set HF_DATASETS_OFFLINE=1 to use a "
             "copy already in the Hugging Face cache"
         ) from None
