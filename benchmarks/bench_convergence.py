@@ -111,6 +111,10 @@ RECIPES: dict[str, list[str]] = {
         "--optim.lr",
         "6e-3",
     ],
+    # Retuning the tiny preset's shape and rates at equal time (the 2.10 target).
+    "tiny-b8": [*TINY, "--batch-size", "8"],
+    "tiny-wide": [*TINY, "--model.d_model", "192", "--model.n_head", "6"],
+    "tiny-hot": [*TINY, "--optim.muon_lr", "0.03", "--optim.lr", "5e-3"],
 }
 DEFAULT_RECIPES = ("baseline", "tiny")
 
