@@ -162,19 +162,22 @@ def test_import_train_generate_export(family: str, in_tmp: Path, tiny_data: Path
     )
 
 
+# A base run small enough to train in a second, for the tests that start from a talm model directory.
+SMALL_BASE = [
+    *TRAIN,
+    "--model.n_layer",
+    "1",
+    "--model.d_model",
+    "32",
+    "--model.n_head",
+    "2",
+    "--optim.lr",
+    "1e-2",
+]
+
+
 def test_a_talm_model_directory_as_the_source(in_tmp: Path, tiny_data: Path, capsys) -> None:
-    fast = [
-        *TRAIN,
-        "--model.n_layer",
-        "1",
-        "--model.d_model",
-        "32",
-        "--model.n_head",
-        "2",
-        "--optim.lr",
-        "1e-2",
-    ]
-    train_model.main(["-n", "base", "-d", str(tiny_data), *fast])
+    train_model.main(["-n", "base", "-d", str(tiny_data), *SMALL_BASE])
     capsys.readouterr()
     for source in ("models/base", "models/base/best"):
         name = source.replace("/", "-")
@@ -192,24 +195,15 @@ def test_a_talm_model_directory_as_the_source(in_tmp: Path, tiny_data: Path, cap
 
 
 def test_resume_from_best_rewinds_the_run(in_tmp: Path, tiny_data: Path, capsys) -> None:
-    fast = [
-        *TRAIN,
-        "--model.n_layer",
-        "1",
-        "--model.d_model",
-        "32",
-        "--model.n_head",
-        "2",
-        "--optim.lr",
-        "1e-2",
-    ]
-    train_model.main(["-n", "r", "-d", str(tiny_data), *fast, "--max-steps", "1"])
+    train_model.main(["-n", "r", "-d", str(tiny_data), *SMALL_BASE, "--max-steps", "1"])
     shutil.copytree("models/r/best", "best-at-1")
-    train_model.main(["-n", "r", "-d", str(tiny_data), *fast, "--max-steps", "3"])
+    train_model.main(["-n", "r", "-d", str(tiny_data), *SMALL_BASE, "--max-steps", "3"])
     shutil.rmtree("models/r/best")
     shutil.copytree("best-at-1", "models/r/best")  # as if step 1 had scored best
     capsys.readouterr()
-    train_model.main(["-n", "r", "-d", str(tiny_data), *fast, "--max-steps", "3", "--resume-from", "best"])
+    train_model.main(
+        ["-n", "r", "-d", str(tiny_data), *SMALL_BASE, "--max-steps", "3", "--resume-from", "best"]
+    )
     err = capsys.readouterr().err
     assert "resuming from models/r/best (step 1), the best checkpoint, as asked" in err
     assert "resuming models/r from step 1" in err
