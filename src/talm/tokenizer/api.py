@@ -63,6 +63,7 @@ class Tokenizer:
         self.eot_id = self.special_tokens[EOT]
         self.token_dtype = np.dtype(np.uint16 if self.vocab_size <= 2**16 else np.uint32)
         self.fingerprint = fingerprint(content.document)
+        self._merges_follow_ranks = content.merges_follow_ranks
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> Tokenizer:
@@ -80,7 +81,9 @@ class Tokenizer:
         """The fast engine, or None where it would not give the same ids as HF (then HF encodes)."""
         if self._merges is not None:  # an HF file: only when provably the same BPE
             document = json.loads(self._hf_json or "{}")
-            if not is_talm_pipeline(document) or not fast.merges_match_ranks(self._merges, self._ranks):
+            if not is_talm_pipeline(document):
+                return None
+            if not self._merges_follow_ranks and not fast.merges_match_ranks(self._merges, self._ranks):
                 return None
         return fast.build_engine(self.name, self.pattern, self._ranks, self.special_tokens, self.vocab_size)
 

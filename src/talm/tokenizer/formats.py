@@ -88,6 +88,7 @@ class TokenizerFile:
     document: dict[str, Any]
     hf_json: str | None
     path: Path | None = None
+    merges_follow_ranks: bool = False  # known to pass fast.merges_match_ranks (a tokenizer rustbpe just trained)
 
 
 def read_tokenizer_file(path: str | os.PathLike[str]) -> TokenizerFile:

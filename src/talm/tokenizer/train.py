@@ -21,7 +21,7 @@ from talm.tokenizer.api import Tokenizer
 from talm.tokenizer.config import SPECIAL_TOKENS, Trainer, vocab_size_problem
 from talm.tokenizer.formats import SPLIT_PATTERN, build_hf_bpe, parse_hf
 from talm.tokenizer.textfiles import READ_BLOCK_BYTES, check_text_files, text_stream
-from talm.tokenizer.trainers import LEARN, resolve
+from talm.tokenizer.trainers import FOLLOWS_RANKS, LEARN, resolve
 
 TOKENIZER_DIR = Path("tokenizers")  # where train_tokenizer writes NAME.json (relative to the project root)
 _COMPRESSION_SAMPLE_BYTES = 2 << 20  # bytes/token is measured on (up to) the first 2 MB of training text (a
@@ -109,9 +109,9 @@ def _train(
     files: list[Path], vocab_size: int, name: str, progress: bool, block_bytes: int, trainer: Trainer
 ) -> tuple[Tokenizer, TrainStats]:
     start = time.perf_counter()
-    learn = LEARN[resolve(trainer)]
-    token_bytes, merges = learn(files, vocab_size - len(SPECIAL_TOKENS), block_bytes, progress)
-    tokenizer = _layout(token_bytes, merges, name)
+    which = resolve(trainer)
+    token_bytes, merges = LEARN[which](files, vocab_size - len(SPECIAL_TOKENS), block_bytes, progress)
+    tokenizer = _layout(token_bytes, merges, name, FOLLOWS_RANKS[which])
     seconds = time.perf_counter() - start
     sample = _sample(files, block_bytes)
     sample_tokens = sum(len(ids) for ids in tokenizer.encode_batch(sample))
@@ -132,12 +132,16 @@ def _sample(files: list[Path], block_bytes: int) -> list[str]:
     return sample
 
 
-def _layout(token_bytes: list[bytes], merges: list[tuple[bytes, bytes]], name: str) -> Tokenizer:
+def _layout(
+    token_bytes: list[bytes], merges: list[tuple[bytes, bytes]], name: str, follows_ranks: bool
+) -> Tokenizer:
     """A trained BPE (ordinary tokens in talm's id order and the merge list) as talm's one file format: the
     HF tokenizers JSON with the special tokens after the ordinary ones, parsed as `Tokenizer.from_file` would."""
     specials = {s: len(token_bytes) + i for i, s in enumerate(SPECIAL_TOKENS)}
     hf = build_hf_bpe(token_bytes, merges, specials, SPLIT_PATTERN)
     text = hf.to_str(pretty=True)
-    tokenizer = Tokenizer(parse_hf(json.loads(text), text, None))
+    content = parse_hf(json.loads(text), text, None)
+    content.merges_follow_ranks = follows_ranks
+    tokenizer = Tokenizer(content)
     tokenizer.name = name
     return tokenizer
