@@ -173,6 +173,44 @@ def test_switching_optimizer_on_resume_is_one_line(tiny_data: Path, in_tmp: Path
     assert isinstance(build_optimizer(gpt(True), OptimConfig(name="muon"), CPU), MuonAdamW)
 
 
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_embedding_lr_is_the_untied_embeddings_own_rate(name: str) -> None:
+    torch.manual_seed(0)
+    model = gpt(False)
+    cfg = OptimConfig(name=name, lr=1e-3, embedding_lr=0.1)
+    opt = build_optimizer(model, cfg, CPU)
+    listed = [p for g in opt.param_groups for p in g["params"]]
+    assert sorted(map(id, listed)) == sorted(id(p) for p in model.parameters())  # each once, none left out
+    (embedding,) = [g for g in opt.param_groups if g.get("embedding")]
+    assert len(embedding["params"]) == 1 and embedding["params"][0] is model.tok_emb.weight
+    apply_schedule(opt, cfg, 10, 0.5)
+    assert embedding["lr"] == pytest.approx(0.05)
+    rest = [g for g in opt.param_groups if not is_muon(g) and not g.get("embedding")]
+    assert all(g["lr"] == pytest.approx(5e-4) for g in rest)
+    assert any(p is model.lm_head.weight for g in rest for p in g["params"])
+    # Adam's first step moves each touched element by about its lr: 0.05 for the embedding, 5e-4 for the head.
+    emb, head = model.tok_emb.weight.detach().clone(), model.lm_head.weight.detach().clone()
+    _, loss = model(torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16)))
+    loss.backward()
+    opt.step()
+    assert (model.tok_emb.weight - emb).abs().max().item() == pytest.approx(0.05, rel=0.05)
+    assert (model.lm_head.weight - head).abs().max().item() == pytest.approx(5e-4, rel=0.05)
+
+
+def test_embedding_lr_with_a_tied_head_is_refused() -> None:
+    with pytest.raises(TalmError, match=r"needs an untied output head: pass --no-model.tie_embeddings"):
+        build_optimizer(gpt(True), OptimConfig(name="muon", embedding_lr=0.1), CPU)
+
+
+def test_setting_embedding_lr_on_resume_is_one_line(tiny_data: Path, in_tmp: Path) -> None:
+    untied = layer(tiny_data)
+    untied["model"]["tie_embeddings"] = False
+    train(validate(RunConfig, untied | {"train": untied["train"] | {"max_steps": 2}}), in_tmp / "m")
+    cfg, resume_from = resolve_run(in_tmp / "m", [{"optim": {"embedding_lr": 0.1}, "train": {"max_steps": 3}}])
+    with pytest.raises(TalmError, match=r"trained without --optim.embedding_lr.*resume without it, or pass"):
+        Trainer(cfg, in_tmp / "m", resume_from=resume_from)
+
+
 @pytest.mark.slow
 def test_muon_under_two_process_ddp_matches_one_process(tiny_data: Path, in_tmp: Path) -> None:
     """Muon orthogonalises the all-reduced gradient, the same matrix on every rank: 2 processes (gloo) train

@@ -151,17 +151,30 @@ def rewarm_segment(
 # ------------------------------------------------------------------------------------------------ optimizers
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, skip: set[int] = frozenset()) -> list[dict]:
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, skip: set[int] = frozenset(), embedding_lr: float | None = None
+) -> list[dict]:
     """Decay every parameter with 2+ dimensions (matmuls, embeddings); not gains (1-D). Shared tensors once;
-    parameters whose id is in `skip` (Muon's) left out."""
+    parameters whose id is in `skip` (Muon's) left out. With `embedding_lr`, the (untied) token embedding has a
+    group of its own, marked "embedding", whose peak lr is that."""
+    embedding = model.get_submodule("tok_emb").weight
+    if embedding_lr is not None and embedding is model.get_submodule("lm_head").weight:
+        raise TalmError(
+            "--optim.embedding_lr needs an untied output head: pass --no-model.tie_embeddings, or leave "
+            "embedding_lr unset (a tied embedding is the head, and takes --optim.lr)"
+        )
+    own = embedding_lr is not None
     decay, no_decay = [], []
     for p in model.parameters():  # parameters() yields a tied tensor only once
-        if p.requires_grad and id(p) not in skip:
+        if p.requires_grad and id(p) not in skip and not (own and p is embedding):
             (decay if p.dim() >= 2 else no_decay).append(p)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if own:
+        groups.append({"params": [embedding], "weight_decay": weight_decay, "lr": embedding_lr, "embedding": True})
+    return groups
 
 
 def hidden_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -312,7 +325,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     """AdamW over the decay / no-decay groups (fused where torch has a fused kernel for the device), or with
     --optim.name muon: torch's Muon over the hidden matrices, AdamW over the rest."""
     if cfg.name == "adamw":
-        return adamw(param_groups(model, cfg.weight_decay), cfg, device)
+        return adamw(param_groups(model, cfg.weight_decay, embedding_lr=cfg.embedding_lr), cfg, device)
     hidden = hidden_matrices(model)
     muon = Muon(
         hidden,
@@ -323,7 +336,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
         nesterov=True,
         adjust_lr_fn=MUON_ADJUST_LR,
     )
-    return MuonAdamW(muon, adamw(param_groups(model, cfg.weight_decay, {id(p) for p in hidden}), cfg, device))
+    rest = param_groups(model, cfg.weight_decay, {id(p) for p in hidden}, cfg.embedding_lr)
+    return MuonAdamW(muon, adamw(rest, cfg, device))
 
 
 def fast_bf16(device: torch.device) -> bool:
@@ -344,12 +358,15 @@ def muon_momentum(cfg: OptimConfig, step: int) -> float:
 
 
 def apply_schedule(optimizer: Optimizer, cfg: OptimConfig, step: int, mult: float) -> float:
-    """Set every group's lr to its own peak (muon_lr for Muon's, lr for AdamW's) times `mult`, and Muon's
-    momentum to its value at `step`. Returns AdamW's lr (the one logged; Muon's keeps its ratio to it)."""
+    """Set every group's lr to its own peak (muon_lr for Muon's, embedding_lr for an untied embedding's, lr for
+    the other AdamW groups) times `mult`, and Muon's momentum to its value at `step`. Returns AdamW's lr (the one
+    logged; the other groups keep their ratio to it)."""
     momentum = muon_momentum(cfg, step)
     for group in optimizer.param_groups:
         if is_muon(group):
             group["lr"], group["momentum"] = cfg.muon_lr * mult, momentum
+        elif group.get("embedding") and cfg.embedding_lr is not None:
+            group["lr"] = cfg.embedding_lr * mult
         else:
             group["lr"] = cfg.lr * mult
     return cfg.lr * mult

@@ -220,6 +220,12 @@ def restore(trainer: Trainer, checkpoint_dir: Path) -> None:
             f"{str(tr.model_dir)!r} was trained with another tokenizer than {str(tr.data.dir)!r} was made "
             "with: resume it on data made with its tokenizer.json, or pick a new --model-name"
         )
+    had = meta["config"].get("optim", {}).get("embedding_lr")
+    if (had is None) != (tr.cfg.optim.embedding_lr is None):  # the embedding's own AdamW group comes or goes
+        raise TalmError(
+            f"{str(checkpoint_dir)!r} was trained {'with' if had else 'without'} --optim.embedding_lr, which "
+            f"decides the optimizer's groups: resume {'with it set' if had else 'without it'}, or pass --restart"
+        )
     state = load_trainer_state(checkpoint_dir)
     if (checkpoint_dir / SHARDS).is_dir():
         load_sharded(tr, checkpoint_dir, state["optimizer"])
