@@ -62,6 +62,16 @@ TINY_BEFORE = [
     "--optim.min_lr_ratio", "0.1", "--batch-size", "16",
 ]  # fmt: skip
 TINY = ["--preset", "tiny"]
+# The tiny preset of the first retuning (Muon, WSD, QK-norm, ReLU², zero-initialised projections; tied head, one
+# AdamW lr), pinned flag by flag: the second retuning's screens are flags on top of it.
+TINY_V1 = [
+    *TINY_BEFORE, "--model.qk_norm", "--model.mlp", "relu2", "--model.zero_init_proj", "--model.tie_embeddings",
+    "--optim.name", "muon", "--optim.schedule", "wsd", "--optim.muon_momentum_warmup", "300",
+    "--optim.decay_fraction", "0.2",
+]  # fmt: skip
+# The second retuning's longer decay to zero and short momentum warmup.
+DECAY = ["--optim.min_lr_ratio", "0", "--optim.decay_fraction", "0.4", "--optim.muon_momentum_warmup", "50"]
+UNTIED = ["--no-model.tie_embeddings"]
 
 # name -> train_model flags. The benchmark appends its own --max-steps, --eval-every, --eval-tokens,
 # --save-every, --log-every and --seed, so a recipe sets everything else. A recipe whose flags this talm does
@@ -71,28 +81,17 @@ RECIPES: dict[str, list[str]] = {
     "tiny": TINY,  # the tiny preset as it is now (--dtype auto: bf16 on CPUs with native bf16)
     "baseline-bf16": [*TINY_BEFORE, "--dtype", "bfloat16"],
     "tiny-compile": [*TINY, "--compile"],
-    # issue 10 options, runnable once their flags exist:
-    "muon": [*TINY, "--optim.name", "muon"],
-    "wsd": [*TINY, "--optim.schedule", "wsd"],
-    "muon-wsd": [*TINY, "--optim.name", "muon", "--optim.schedule", "wsd"],
-    "qk-norm": [*TINY, "--model.qk_norm"],
-    "relu2": [*TINY, "--model.mlp", "relu2"],
-    "softcap": [*TINY, "--model.logit_softcap", "15"],
-    "zero-init": [*TINY, "--model.zero_init_proj"],
-    # combinations measured while retuning the tiny preset (docs/benchmarks.md, "Convergence"):
-    "muon-wsd-arch": [
-        *TINY,
-        "--optim.name",
-        "muon",
-        "--optim.schedule",
-        "wsd",
-        "--model.qk_norm",
-        "--model.mlp",
-        "relu2",
-        "--model.zero_init_proj",
-    ],
+    # The first retuning (docs/benchmarks.md, "Convergence"): each issue 10 option on top of the old preset.
+    "muon": [*TINY_BEFORE, "--optim.name", "muon"],
+    "wsd": [*TINY_BEFORE, "--optim.schedule", "wsd"],
+    "muon-wsd": [*TINY_BEFORE, "--optim.name", "muon", "--optim.schedule", "wsd"],
+    "qk-norm": [*TINY_BEFORE, "--model.qk_norm"],
+    "relu2": [*TINY_BEFORE, "--model.mlp", "relu2"],
+    "softcap": [*TINY_BEFORE, "--model.logit_softcap", "15"],
+    "zero-init": [*TINY_BEFORE, "--model.zero_init_proj"],
+    "muon-wsd-arch": TINY_V1,  # the winner: the first retuned preset
     "muon-wsd-softcap": [
-        *TINY,
+        *TINY_BEFORE,
         "--optim.name",
         "muon",
         "--optim.schedule",
@@ -101,7 +100,7 @@ RECIPES: dict[str, list[str]] = {
         "15",
     ],
     "muon-wsd-hot": [
-        *TINY,
+        *TINY_BEFORE,
         "--optim.name",
         "muon",
         "--optim.schedule",
@@ -111,10 +110,42 @@ RECIPES: dict[str, list[str]] = {
         "--optim.lr",
         "6e-3",
     ],
-    # Retuning the tiny preset's shape and rates at equal time (the 2.10 target).
+    # The second retuning: on top of the first retuned preset (TINY_V1), one change at a time, then combined.
+    "v1-b8": [*TINY_V1, "--batch-size", "8"],
+    "v1-wide": [*TINY_V1, "--model.d_model", "192", "--model.n_head", "6"],
+    "v1-hot": [*TINY_V1, "--optim.muon_lr", "0.03", "--optim.lr", "5e-3"],
+    "v1-ctx256": [*TINY_V1, "--model.context_length", "256", "--batch-size", "8"],
+    "v1-untied": [*TINY_V1, *UNTIED],
+    "v1-decay0": [*TINY_V1, "--optim.min_lr_ratio", "0", "--optim.decay_fraction", "0.4"],
+    "v1-mom50": [*TINY_V1, "--optim.muon_momentum_warmup", "50"],
+    "v1-adam-hot": [*TINY_V1, "--optim.lr", "1e-2"],
+    "v1-deep": [*TINY_V1, "--model.n_layer", "6"],
+    "v1-decay-lr1e-2": [*TINY_V1, *DECAY, "--optim.lr", "1e-2"],
+    "v1-decay-lr2e-2": [*TINY_V1, *DECAY, "--optim.lr", "2e-2"],
+    "v1-decay-lr2e-2-muon3e-2": [*TINY_V1, *DECAY, "--optim.lr", "2e-2", "--optim.muon_lr", "0.03"],
+    "v1-decay-lr3e-2": [*TINY_V1, *DECAY, "--optim.lr", "3e-2"],
+    "v1-untied-lr2e-2": [*TINY_V1, *UNTIED, "--optim.lr", "2e-2"],
+    "v1-untied-decay-lr2e-2": [*TINY_V1, *UNTIED, *DECAY, "--optim.lr", "2e-2"],
+    "v1-emb0.1-head4e-3": [
+        *TINY_V1,
+        *UNTIED,
+        *DECAY,
+        "--optim.lr",
+        "4e-3",
+        "--optim.embedding_lr",
+        "0.1",
+    ],  # won
+    "v1-emb0.3-head4e-3": [*TINY_V1, *UNTIED, *DECAY, "--optim.lr", "4e-3", "--optim.embedding_lr", "0.3"],
+    "v1-emb0.05-head4e-3": [*TINY_V1, *UNTIED, *DECAY, "--optim.lr", "4e-3", "--optim.embedding_lr", "0.05"],
+    "v1-emb0.1-head2e-3": [*TINY_V1, *UNTIED, *DECAY, "--optim.lr", "2e-3", "--optim.embedding_lr", "0.1"],
+    "v1-emb0.1-head1e-2": [*TINY_V1, *UNTIED, *DECAY, "--optim.lr", "1e-2", "--optim.embedding_lr", "0.1"],
+    "v1-emb0.1-head2e-2": [*TINY_V1, *UNTIED, *DECAY, "--optim.lr", "2e-2", "--optim.embedding_lr", "0.1"],
+    # on top of the second retuned preset (what --preset tiny is now)
+    "tiny-muon3e-2": [*TINY, "--optim.muon_lr", "0.03"],
     "tiny-b8": [*TINY, "--batch-size", "8"],
-    "tiny-wide": [*TINY, "--model.d_model", "192", "--model.n_head", "6"],
-    "tiny-hot": [*TINY, "--optim.muon_lr", "0.03", "--optim.lr", "5e-3"],
+    "tiny-wd0": [*TINY, "--optim.weight_decay", "0"],
+    "tiny-decay0.6": [*TINY, "--optim.decay_fraction", "0.6"],
+    "tiny-dropout0.1": [*TINY, "--model.dropout", "0.1"],
 }
 DEFAULT_RECIPES = ("baseline", "tiny")
 
