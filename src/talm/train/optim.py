@@ -153,7 +153,7 @@ def rewarm_segment(
 
 def param_groups(
     model: torch.nn.Module, weight_decay: float, skip: set[int] = frozenset(), embedding_lr: float | None = None
-) -> list[dict]:
+) -> list[dict]:  # fmt: skip
     """Decay every parameter with 2+ dimensions (matmuls, embeddings); not gains (1-D). Shared tensors once;
     parameters whose id is in `skip` (Muon's) left out. With `embedding_lr`, the (untied) token embedding has a
     group of its own, marked "embedding", whose peak lr is that."""
@@ -168,12 +168,9 @@ def param_groups(
     for p in model.parameters():  # parameters() yields a tied tensor only once
         if p.requires_grad and id(p) not in skip and not (own and p is embedding):
             (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if own:
-        groups.append({"params": [embedding], "weight_decay": weight_decay, "lr": embedding_lr, "embedding": True})
+        groups.append({"params": [embedding], "weight_decay": weight_decay, "embedding": True})
     return groups
 
 
