@@ -206,7 +206,9 @@ def test_setting_embedding_lr_on_resume_is_one_line(tiny_data: Path, in_tmp: Pat
     untied = layer(tiny_data)
     untied["model"]["tie_embeddings"] = False
     train(validate(RunConfig, untied | {"train": untied["train"] | {"max_steps": 2}}), in_tmp / "m")
-    cfg, resume_from = resolve_run(in_tmp / "m", [{"optim": {"embedding_lr": 0.1}, "train": {"max_steps": 3}}])
+    cfg, resume_from = resolve_run(
+        in_tmp / "m", [{"optim": {"embedding_lr": 0.1}, "train": {"max_steps": 3}}]
+    )
     with pytest.raises(TalmError, match=r"trained without --optim.embedding_lr.*resume without it, or pass"):
         Trainer(cfg, in_tmp / "m", resume_from=resume_from)
 

@@ -88,7 +88,8 @@ class TokenizerFile:
     document: dict[str, Any]
     hf_json: str | None
     path: Path | None = None
-    merges_follow_ranks: bool = False  # known to pass fast.merges_match_ranks (a tokenizer rustbpe just trained)
+    # Known to pass fast.merges_match_ranks (a tokenizer rustbpe just trained): the check can be skipped.
+    merges_follow_ranks: bool = False
 
 
 def read_tokenizer_file(path: str | os.PathLike[str]) -> TokenizerFile:
