@@ -60,6 +60,16 @@ def test_flags_are_converted_to_the_fields_types_and_pass_strict_validation() ->
     assert parse() == {}  # flags not given stay out, so a file or preset can supply them
 
 
+def test_none_unsets_an_optional_number_a_preset_or_file_set() -> None:
+    assert parse("--maybe-count", "none", "--maybe-ratio", "None") == {
+        "maybe_count": None,
+        "maybe_ratio": None,
+    }
+    assert validate(Sample, {"maybe_ratio": 0.1} | parse("--maybe-ratio", "none")).maybe_ratio is None
+    with pytest.raises(SystemExit):
+        parse("--count", "none")  # a required-to-be-a-number field has no None
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

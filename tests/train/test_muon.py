@@ -198,7 +198,9 @@ def test_embedding_lr_is_the_untied_embeddings_own_rate(name: str) -> None:
 
 
 def test_embedding_lr_with_a_tied_head_is_refused() -> None:
-    with pytest.raises(TalmError, match=r"needs an untied output head: pass --no-model.tie_embeddings"):
+    with pytest.raises(
+        TalmError, match=r"untied output head: pass --no-model.tie_embeddings, or --optim.embedding_lr none"
+    ):
         build_optimizer(gpt(True), OptimConfig(name="muon", embedding_lr=0.1), CPU)
 
 

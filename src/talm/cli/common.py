@@ -91,6 +91,11 @@ def _checked(parse: Callable[[str], Any], expected: str) -> Callable[[str], Any]
     return convert
 
 
+def _or_none(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`convert`, with "none" (any case) meaning the field's None."""
+    return lambda text: None if text.strip().lower() == "none" else convert(text)
+
+
 def flag_for(field: str, prefix: str = "") -> str:
     """Top-level fields use dashes (`--vocab-size`); nested ones keep their dotted path (`--model.n_layer`)."""
     return f"--{prefix}{field}" if prefix else "--" + field.replace("_", "-")
@@ -120,6 +125,7 @@ def add_config_flags(
         flag = flag_for(name, prefix)
         spellings = [short[name], flag] if name in short else [flag]
         names[prefix + name] = "/".join(spellings)
+        optional = _unwrap_optional(field.annotation) is not field.annotation
         annotation, metadata = _strip_annotated(_unwrap_optional(field.annotation))
         metadata = [*field.metadata, *metadata]
         many = typing.get_origin(annotation) in (list, tuple)
@@ -143,6 +149,9 @@ def add_config_flags(
                 kwargs["choices"] = [str(c) for c in typing.get_args(annotation)]
             else:
                 convert = _converter(annotation, metadata)
+                if convert is not None and optional and annotation in (int, float) and not many:
+                    convert = _or_none(convert)  # "none" unsets what a preset or config file set
+                    kwargs["help"] += " (none: unset)"
                 if convert is not None:
                     kwargs["type"] = convert
             kwargs["metavar"] = name.upper().rsplit(".", 1)[-1]

@@ -160,8 +160,8 @@ def param_groups(
     embedding = model.get_submodule("tok_emb").weight
     if embedding_lr is not None and embedding is model.get_submodule("lm_head").weight:
         raise TalmError(
-            "--optim.embedding_lr needs an untied output head: pass --no-model.tie_embeddings, or leave "
-            "embedding_lr unset (a tied embedding is the head, and takes --optim.lr)"
+            "--optim.embedding_lr needs an untied output head: pass --no-model.tie_embeddings, or "
+            "--optim.embedding_lr none (a tied embedding is the head, and takes --optim.lr)"
         )
     own = embedding_lr is not None
     decay, no_decay = [], []
