@@ -199,7 +199,9 @@ class RunLock:
     The lock is the kernel's (`flock` on `DIR/.talm.lock`), so it is released on any exit, a crash or kill -9
     included: a stale lock cannot outlive its process. The file records who holds it (pid, host, command, start
     time) for the message a second run gets. On filesystems without flock (some network mounts) the lock file
-    is created exclusively instead, and a record whose pid is dead on this host counts as stale.
+    is created exclusively instead, and a record whose pid is dead on this host counts as stale. A lock that had
+    to create its directory removes it again on release when the run left nothing else in it (a run refused
+    before its first write leaves no trace).
 
         with RunLock(model_dir, "train_model"):
             ...
@@ -214,6 +216,7 @@ class RunLock:
         self.instead = instead or "wait for it to finish or stop it (Ctrl-C), then rerun"
         self._fd: int | None = None
         self._exclusive_file = False
+        self._created: list[Path] = []  # the directories acquire made, deepest first
 
     # -- the record --------------------------------------------------------------------------------------------
 
@@ -243,13 +246,17 @@ class RunLock:
     # -- acquire / release -------------------------------------------------------------------------------------
 
     def acquire(self) -> RunLock:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._created = missing_dirs(self.directory)
         try:
             import fcntl
         except ImportError:  # Windows: no flock
             fcntl = None  # type: ignore[assignment]
-        if fcntl is not None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        for _ in range(100 if fcntl is not None else 0):
+            self.directory.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # a releasing holder removed the directory it had made: make it again
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
@@ -258,11 +265,18 @@ class RunLock:
                     raise self._refuse() from None
                 if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                     raise
-            else:
-                os.ftruncate(fd, 0)
-                os.write(fd, self._record())
-                self._fd = fd
-                return self
+                break  # no flock on this filesystem
+            if not same_file(fd, self.path):
+                os.close(fd)  # its holder unlinked this file as it left: lock the one at the path now
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, self._record())
+            self._fd = fd
+            return self
+        else:
+            if fcntl is not None:
+                raise self._refuse()
+        self.directory.mkdir(parents=True, exist_ok=True)
         self._acquire_exclusive_file()
         return self
 
@@ -285,19 +299,53 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(
-                self._fd
-            )  # closing drops the flock; the file stays (unlinking it would race a new holder)
+            self._remove_if_unused()  # while the flock is held: a new holder checks it locked the file at the path
+            os.close(self._fd)  # closing drops the flock
             self._fd = None
         if self._exclusive_file:
             self.path.unlink(missing_ok=True)
             self._exclusive_file = False
+            self._remove_if_unused()
+
+    def _remove_if_unused(self) -> None:
+        """Remove the directories acquire made when the run left nothing in them but this lock's file."""
+        if not self._created:
+            return
+        try:
+            if {p.name for p in self.directory.iterdir()} - {self.path.name}:
+                return
+            self.path.unlink(missing_ok=True)
+            for d in self._created:
+                d.rmdir()
+        except OSError:  # something appeared meanwhile: it stays
+            pass
+        self._created = []
 
     def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def missing_dirs(directory: Path) -> list[Path]:
+    """The directories that creating `directory` (with its parents) would make, deepest first."""
+    missing = []
+    d = Path(os.path.abspath(directory))
+    while not d.exists() and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    return missing
+
+
+def same_file(fd: int, path: Path) -> bool:
+    """Whether the open file `fd` is still the file at `path` (not unlinked or replaced since it was opened)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino)
 
 
 def _pid_alive(pid: Any) -> bool:

@@ -186,8 +186,8 @@ def test_damaged_shards_fail_in_one_line_before_anything_is_written(
         code, _, err = run(capsys, monkeypatch, "-n", "new", "-d", str(data), *FAST.split())
         one_line_error(code, err, expected)
         assert "Traceback" not in err, case
-        written = sorted(p.name for p in Path("models/new").iterdir()) if Path("models/new").is_dir() else []
-        assert written in ([], [".talm.lock"]), (case, written)  # no checkpoint, metrics or tokenizer
+        # No checkpoint, metrics or tokenizer: not even the directory.
+        assert not Path("models").exists(), case
 
 
 def test_an_out_of_range_id_in_a_later_shard_is_one_line_naming_it(
