@@ -76,6 +76,8 @@ UNTIED = ["--no-model.tie_embeddings"]
 # name -> train_model flags. The benchmark appends its own --max-steps, --eval-every, --eval-tokens,
 # --save-every, --log-every and --seed, so a recipe sets everything else. A recipe whose flags this talm does
 # not have (an option another branch adds) is skipped with a note, so the table can name them ahead of time.
+# Fourth session: the three screen winners that cost nothing per token (a 3x ReLU² MLP, 2 heads, 10 warmup steps).
+LEAN = ["--model.mlp_hidden", "384", "--model.n_head", "2", "--optim.warmup_steps", "10"]
 RECIPES: dict[str, list[str]] = {
     "baseline": [*TINY_BEFORE, "--dtype", "float32"],  # today's recipe: what every other is compared with
     "tiny": TINY,  # the tiny preset as it is now (--dtype auto: bf16 on CPUs with native bf16)
@@ -146,6 +148,16 @@ RECIPES: dict[str, list[str]] = {
     "tiny-wd0": [*TINY, "--optim.weight_decay", "0"],
     "tiny-decay0.6": [*TINY, "--optim.decay_fraction", "0.6"],
     "tiny-dropout0.1": [*TINY, "--model.dropout", "0.1"],
+    # fourth session: batch and shape at equal time
+    "tiny-b32": [*TINY, "--batch-size", "32"],
+    "tiny-ctx64-b32": [*TINY, "--model.context_length", "64", "--batch-size", "32"],
+    "tiny-mlp384": [*TINY, "--model.mlp_hidden", "384"],
+    "tiny-heads2": [*TINY, "--model.n_head", "2"],
+    "tiny-warmup10": [*TINY, "--optim.warmup_steps", "10"],
+    "tiny-lean": [*TINY, *LEAN],
+    "tiny-lean-b32": [*TINY, *LEAN, "--batch-size", "32"],
+    "tiny-lean-ctx64-b32": [*TINY, *LEAN, "--model.context_length", "64", "--batch-size", "32"],
+    "tiny-lean-mlp256": [*TINY, *LEAN, "--model.mlp_hidden", "256"],
 }
 DEFAULT_RECIPES = ("baseline", "tiny")
 

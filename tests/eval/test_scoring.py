@@ -37,8 +37,9 @@ class LikesTokens(nn.Module):
         with torch.no_grad():
             self.table[list(liked)] = boost
 
-    def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.table.expand(*idx.shape, -1), None
+    def forward(self, idx: torch.Tensor, at: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        logits = self.table.expand(*idx.shape, -1)
+        return (logits if at is None else logits[at]), None  # `at`: GPT.forward's chosen positions
 
 
 def test_encode_pair_splits_as_the_harness_and_starts_a_document(tok: Tokenizer) -> None:

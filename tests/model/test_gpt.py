@@ -65,6 +65,23 @@ def test_last_only_computes_the_last_positions_logits_of_the_full_forward(option
     torch.testing.assert_close(cached, full[:, -1:], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("options", [{}, OPTIONS[-1]], ids=str)
+def test_at_computes_the_chosen_positions_logits_of_the_full_forward_in_row_major_order(
+    options: dict,
+) -> None:
+    model = option_model(options)
+    seq = torch.randint(0, 100, (3, 20), generator=torch.Generator().manual_seed(3))
+    at = torch.zeros(3, 20, dtype=torch.bool)
+    at[0, 17:19] = at[2, 4:9] = at[2, 19] = True  # row 1: none
+    with torch.no_grad():
+        full = model(seq)[0]
+        picked = model(seq, at=at)[0]
+    assert picked.shape == (8, 100)
+    rows, cols = at.nonzero(as_tuple=True)
+    assert rows.tolist() == [0, 0, 2, 2, 2, 2, 2, 2]
+    torch.testing.assert_close(picked, full[rows, cols], atol=1e-5, rtol=1e-5)
+
+
 def test_grouped_query_attention_is_each_kv_head_shared_by_its_group_of_query_heads() -> None:
     # The reference repeats every kv head for its group by hand, as Llama's code does; SDPA's enable_gqa must match.
     from talm.model import gpt

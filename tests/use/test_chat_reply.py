@@ -1,18 +1,21 @@
-"""talm.use.chat: a reply streamed as text (whole characters only, stopped when closed) and a conversation fitted
-to the model's context."""
+"""talm.use.chat: a reply streamed as text (whole characters only, ended by stop strings, stopped when closed) and a
+conversation fitted to the model's context."""
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
 from conftest import BASE_TOKENIZER, endless_chat_model_dir, varied_model
+from hypothesis import given
+from hypothesis import strategies as st
 
 import talm.use.chat as chat_module
 from talm.errors import TalmError
 from talm.tokenizer.api import Tokenizer
 from talm.tokenizer.chat import ChatFormat
-from talm.use.chat import Conversation, ReplyStats, prompt_budget, stream_reply
+from talm.use.chat import Conversation, ReplyStats, prompt_budget, stream_reply, until_stop
 from talm.use.config import SampleConfig
 from talm.use.load import load
 from talm.use.sample import generate_ids
@@ -61,6 +64,54 @@ def test_a_character_split_across_tokens_comes_out_whole(
     pieces = list(stream_reply(model, tokenizer, [1], SampleConfig(), end_id=tokenizer.eot_id))
     assert "".join(pieces) == "a😀b"
     assert all("\ufffd" not in p for p in pieces) and "😀" in pieces
+
+
+def pieces_of(text: str, cuts: list[int], closed: list[bool]) -> Generator[str, None, None]:
+    bounds = [0, *sorted({c % (len(text) + 1) for c in cuts}), len(text)]
+    try:
+        for a, b in zip(bounds, bounds[1:], strict=False):
+            if b > a:
+                yield text[a:b]
+    finally:
+        closed.append(True)
+
+
+@given(
+    text=st.text(alphabet="ab\n", max_size=30),
+    cuts=st.lists(st.integers(0, 30), max_size=8),
+    stops=st.lists(st.text(alphabet="ab\n", min_size=1, max_size=4), min_size=1, max_size=4),
+)
+def test_until_stop_gives_the_text_before_the_first_stop_string_however_it_is_split(
+    text: str, cuts: list[int], stops: list[str]
+) -> None:
+    found = [i for s in stops if (i := text.find(s)) >= 0]
+    stats, closed = ReplyStats(), []
+    out = list(until_stop(pieces_of(text, cuts, closed), stops, stats))
+    assert "".join(out) == (text[: min(found)] if found else text)
+    assert all(out)  # no empty pieces
+    assert stats.finish_reason == ("stop" if found else None) and closed == [True]
+
+
+def test_a_stop_string_ends_the_reply_and_its_generation(tmp_path: Path, chat_format: ChatFormat) -> None:
+    model, tokenizer = load(endless_chat_model_dir(tmp_path / "endless"))
+    prompt = chat_format.render_prompt([{"role": "user", "content": "Hi"}])
+    config = SampleConfig(max_new_tokens=60, temperature=0)
+    free = "".join(stream_reply(model, tokenizer, prompt, config, end_id=tokenizer.eot_id))
+    stop = free[len(free) // 2 : len(free) // 2 + 3]  # a stop string the greedy reply reaches midway
+    assert len(stop) == 3 and free.find(stop) > 0
+    stats = ReplyStats()
+    reply = "".join(
+        stream_reply(
+            model, tokenizer, prompt, config, end_id=tokenizer.eot_id, stats=stats, stop=["zzz", stop]
+        )
+    )
+    assert reply == free[: free.find(stop)] and stats.finish_reason == "stop"
+    assert stats.tokens < 60  # generation ended there, not at the token budget
+    stats = ReplyStats()
+    never = "".join(
+        stream_reply(model, tokenizer, prompt, config, end_id=tokenizer.eot_id, stats=stats, stop=["\x00"])
+    )
+    assert never == free and stats.finish_reason == "length"
 
 
 def test_closing_a_reply_stops_its_generation(tmp_path: Path, chat_format: ChatFormat) -> None:

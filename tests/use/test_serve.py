@@ -145,6 +145,30 @@ def test_a_completion_continues_a_prompt(live: Live) -> None:
     assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text != ""
 
 
+def test_a_stop_sequence_ends_the_reply_before_it_streamed_or_not(live: Live) -> None:
+    client = live.client()
+    free = (
+        client.completions.create(model=NAME, prompt="ROMEO:", max_tokens=40, temperature=0).choices[0].text
+    )
+    stop = free[len(free) // 2 : len(free) // 2 + 2]
+    assert len(stop) == 2
+    for stops in (stop, [stop, "\x00"]):  # one string or a list, as OpenAI's API takes either
+        whole = client.completions.create(
+            model=NAME, prompt="ROMEO:", max_tokens=40, temperature=0, stop=stops
+        )
+        assert whole.choices[0].text == free[: free.find(stop)] and whole.choices[0].finish_reason == "stop"
+        assert whole.usage.completion_tokens < 40
+    chunks = list(
+        client.chat.completions.create(
+            model=NAME, messages=HELLO, max_tokens=40, temperature=0, stream=True, stop=[stop]
+        )
+    )
+    reply = greedy_reply(live, HELLO, 40)
+    expected = reply[: reply.find(stop)] if stop in reply else reply
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].choices[0].finish_reason == ("stop" if stop in reply else "length")
+
+
 @pytest.mark.parametrize(
     ("request_fields", "status", "param", "code", "says"),
     [
@@ -175,7 +199,8 @@ def test_a_completion_continues_a_prompt(live: Live) -> None:
         ({"temperature": 3}, 400, "temperature", None, "less than or equal to 2"),
         ({"max_tokens": 0}, 400, "max_tokens", None, "greater than or equal to 1"),
         ({"n": 2}, 400, "n", None, "only n=1"),
-        ({"stop": ["\n"]}, 400, "stop", None, "not supported"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None, "at most 4 stop sequences"),
+        ({"stop": ["\n", ""]}, 400, "stop", None, "a stop sequence is empty"),
         ({"extra_body": {"best_of": 3}}, 400, "best_of", None, "Extra inputs"),
     ],
 )

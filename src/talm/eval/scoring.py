@@ -76,19 +76,19 @@ def score_tokens(
         chunk = order[start : start + batch_size]
         width = len(fitted[chunk[0]][0]) - 1
         x = torch.zeros((len(chunk), width), dtype=torch.long)
-        rows, cols, targets = [], [], []
+        scored = torch.zeros((len(chunk), width), dtype=torch.bool)
+        rows, targets = [], []
         for row, i in enumerate(chunk):
             ids, n = fitted[i]
             x[row, : len(ids) - 1] = torch.tensor(ids[:-1])
             # position p predicts ids[p + 1]: the continuation's tokens are predicted by the n positions before them
-            positions = range(len(ids) - 1 - n, len(ids) - 1)
+            scored[row, len(ids) - 1 - n : len(ids) - 1] = True
             rows += [row] * n
-            cols += positions
             targets += ids[len(ids) - n :]
-        with autocast():
-            logits, _ = model(x.to(device))
+        with autocast():  # the logits of the scored positions only, row by row: the order of `targets`
+            picked, _ = model(x.to(device), at=scored.to(device))
+        picked = picked.float()
         index = torch.tensor(rows)  # the request (row) each scored position belongs to
-        picked = logits[index.to(device), torch.tensor(cols, device=device)].float()
         target = torch.tensor(targets, device=device)
         token_ll = F.log_softmax(picked, dim=-1).gather(1, target[:, None]).squeeze(1)
         greedy = picked.argmax(dim=-1) == target

@@ -271,12 +271,15 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         doc_ids: torch.Tensor | None = None,
+        at: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T), and the mean cross-entropy if `targets` (B, T)
         are given (positions whose target is -1 are ignored).
 
         With a `cache`, `idx` continues the sequences the cache holds: only the new positions are computed.
         With `last_only`, only the last position's logits are computed (B, 1, vocab_size): what generation needs.
+        With `at`, a boolean (B, T), only those positions' logits, in row-major order (N, vocab_size): what
+        scoring a continuation needs (the output head is a large share of a small model's compute and memory).
         With `doc_ids` (B, T), a position attends only to earlier positions of the same id: sequences packed
         from several conversations do not see each other (RoPE is relative, so positions need no reset).
         """
@@ -310,6 +313,8 @@ class GPT(nn.Module):
             x = block(x, cos, sin, mask, cache)
         if last_only:
             x = x[:, -1:]
+        elif at is not None:
+            x = x[at]
         # The embedding's padding rows are never a token: their logits are cut off (a view, not a copy).
         logits = self.lm_head(self.norm(x))[..., : self.config.vocab_size]
         if self.config.logit_softcap is not None:  # smooth, bounded logits (modded-nanogpt: 30, then 15)

@@ -1,7 +1,8 @@
 """The OpenAI-compatible API's requests, responses and errors (the `serve` command's; `talm.use.serve` runs it).
 
 Requests are pydantic models that refuse what talm does not do rather than ignore it (an unknown field, `n` above
-1, stop sequences, penalties), so a client learns at once that a setting had no effect. An error is OpenAI's
+1, penalties, echo), so a client learns at once that a setting had no effect. `stop` takes up to four strings,
+as OpenAI's does: the reply ends before the first one it would contain. An error is OpenAI's
 shape, `{"error": {"message", "type", "param", "code"}}`, with a 4xx status for what the client can fix.
 Responses and stream chunks are built as plain dicts in OpenAI's shape (the `openai` package parses them).
 
@@ -75,6 +76,9 @@ class StreamOptions(BaseModel):
     """Send a last chunk with the token counts (and no choices), as OpenAI does."""
 
 
+MAX_STOPS = 4  # OpenAI's limit on `stop`
+
+
 class _Sampling(BaseModel):
     """Fields common to both endpoints."""
 
@@ -102,10 +106,13 @@ class _Sampling(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _no_stop(cls, stop: str | list[str] | None) -> None:
-        if stop:
-            raise ValueError("stop sequences are not supported: a reply ends at the model's end token")
-        return None
+    def _stop_sequences(cls, stop: str | list[str] | None) -> list[str]:
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences, as OpenAI's API allows: got {len(stops)}")
+        if any(not s for s in stops):
+            raise ValueError("a stop sequence is empty: give non-empty strings, or leave stop out")
+        return stops
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod

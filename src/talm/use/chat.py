@@ -3,8 +3,8 @@
 The chat format (role tokens, what ends a reply) is `talm.tokenizer.chat`'s; this module only generates with it.
 `stream_reply` is the engine of the `chat` REPL and of the `serve` API: prompt ids in, the reply's text out piece
 by piece as tokens are generated (a multi-byte character split across tokens comes out once it is whole), until
-the reply's end token or the token budget. Stopping early is closing the iterator (or not asking for more): no
-token is generated that nobody asked for.
+the reply's end token, one of its stop sequences or the token budget. Stopping early is closing the iterator (or
+not asking for more): no token is generated that nobody asked for.
 
 `Conversation` is the REPL's memory: the messages so far and an optional system message; when the prompt would
 leave too little room in the context for the reply, the oldest exchanges are left out of it (the system message
@@ -27,8 +27,8 @@ from talm.use.sample import IncrementalDecoder, generate_ids
 
 @dataclass
 class ReplyStats:
-    """What one reply did: tokens generated (its end token included) and why it ended: "stop" (the end token),
-    "length" (the token budget), or None while it is still going or when it was stopped early."""
+    """What one reply did: tokens generated (its end token included) and why it ended: "stop" (the end token or a
+    stop sequence), "length" (the token budget), or None while it is still going or when it was stopped early."""
 
     tokens: int = 0
     finish_reason: str | None = None
@@ -42,11 +42,26 @@ def stream_reply(
     *,
     end_id: int,
     stats: ReplyStats | None = None,
+    stop: Sequence[str] = (),
 ) -> Generator[str, None, None]:
     """Yield the text of the model's continuation of `prompt_ids` (at most the context long) as it is
-    generated, until `end_id` (not part of the text) or `config.max_new_tokens` tokens."""
+    generated, until `end_id` (not part of the text), the first of the `stop` strings (not part of the text
+    either, see `until_stop`) or `config.max_new_tokens` tokens."""
     check_vocab(model, tokenizer, "the model")
     stats = stats if stats is not None else ReplyStats()
+    pieces = _reply_pieces(model, tokenizer, prompt_ids, config, end_id, stats)
+    stops = [s for s in stop if s]
+    return until_stop(pieces, stops, stats) if stops else pieces
+
+
+def _reply_pieces(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[int],
+    config: SampleConfig,
+    end_id: int,
+    stats: ReplyStats,
+) -> Generator[str, None, None]:
     decoder = IncrementalDecoder(tokenizer)
     steps = generate_ids(
         model,
@@ -73,6 +88,45 @@ def stream_reply(
             yield text
     finally:
         steps.close()  # a reply stopped early ends its generation here
+
+
+def until_stop(
+    pieces: Generator[str, None, None], stops: Sequence[str], stats: ReplyStats
+) -> Generator[str, None, None]:
+    """`pieces` up to the first occurrence of one of `stops` (itself left out; `stats.finish_reason` becomes
+    "stop" and `pieces` is closed, ending its generation). Text that may be the start of a stop string is held
+    back until the next piece tells, so a stop string split across pieces is found all the same."""
+    held = ""  # what is not given out yet: at most the longest stop string's length less one
+    try:
+        for piece in pieces:
+            held += piece
+            if (at := find_stop(held, stops)) is not None:
+                stats.finish_reason = "stop"
+                if held[:at]:
+                    yield held[:at]
+                return
+            ready = len(held) - held_back(held, stops)
+            if ready:
+                yield held[:ready]
+                held = held[ready:]
+        if held:
+            yield held
+    finally:
+        pieces.close()
+
+
+def find_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the first of `stops` to occur in `text` begins (None: none occurs)."""
+    found = [i for s in stops if (i := text.find(s)) >= 0]
+    return min(found) if found else None
+
+
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """How many characters at the end of `text` may be the start of one of `stops` (the longest such end)."""
+    return max(
+        (n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
+        default=0,
+    )
 
 
 class Conversation:

@@ -81,7 +81,12 @@ class ModelServer:
                 pieces.close()
 
     async def stream(
-        self, prompt_ids: list[int], config: SampleConfig, stats: ReplyStats, request: Request
+        self,
+        prompt_ids: list[int],
+        config: SampleConfig,
+        stats: ReplyStats,
+        request: Request,
+        stop: list[str] | None = None,
     ) -> AsyncIterator[str]:
         """The reply's pieces as they are generated; generation stops when the client disconnects or this
         iterator is closed early (a cancelled stream)."""
@@ -89,7 +94,13 @@ class ModelServer:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         cancel = threading.Event()
         pieces = stream_reply(
-            self.model, self.tokenizer, prompt_ids, config, end_id=self.tokenizer.eot_id, stats=stats
+            self.model,
+            self.tokenizer,
+            prompt_ids,
+            config,
+            end_id=self.tokenizer.eot_id,
+            stats=stats,
+            stop=stop or (),
         )
 
         def put(item: Any) -> None:
@@ -229,7 +240,7 @@ def create_app(model: GPT, tokenizer: Tokenizer, name: str, *, workers: int = 8)
         prompt_param = "messages" if reply.chat else "prompt"
         config = body.sample_config(server.fit(prompt_ids, body.token_limit, prompt_param))
         stats = ReplyStats()
-        pieces = server.stream(prompt_ids, config, stats, request)
+        pieces = server.stream(prompt_ids, config, stats, request, stop=body.stop)
         if not body.stream:
             text = "".join([piece async for piece in pieces])
             return reply.complete(text, stats.finish_reason, usage(len(prompt_ids), stats.tokens))
