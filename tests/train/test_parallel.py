@@ -146,3 +146,36 @@ def test_loading_sharded_checkpoints_runs_no_code(tiny_data: Path, in_tmp: Path)
     with pytest.raises(TalmError, match=r"cannot load .*sharded.*refusing to load posix.system"):
         load_shards(shards, {"model": model_state})
     assert not Path("pwned").exists()
+
+
+def _global_call(module: str, name: str, arg: str) -> bytes:
+    """A protocol-4 pickle that calls module.name(arg) (pickle resolves a dotted name attribute by attribute)."""
+    def text(s: str) -> bytes:
+        return b"\x8c" + bytes([len(s)]) + s.encode()  # SHORT_BINUNICODE
+
+    return b"\x80\x04" + text(module) + text(name) + b"\x93" + text(arg) + b"\x85R."  # STACK_GLOBAL TUPLE1 REDUCE
+
+
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        ("torch.distributed.checkpoint.metadata", "os.system"),  # the module imports os
+        ("torch.distributed.checkpoint.metadata", "torch.load"),
+        ("torch", "os.system"),
+        ("pathlib", "os.system"),
+        ("torch.distributed.checkpoint.metadata", "dataclass"),  # in the module, not a metadata class
+    ],
+)
+def test_dotted_or_unlisted_names_in_sharded_metadata_run_no_code(
+    tiny_data: Path, in_tmp: Path, module: str, name: str
+) -> None:
+    train_model("m", tiny_data, overrides=tiny(max_steps=1))
+    shards = Path("models/m/latest") / SHARDS
+    model_state = {k: torch.zeros_like(v) for k, v in load_model("models/m/latest")[0].state_dict().items()}
+    payload = _global_call(module, name, "touch pwned")
+    if name == "os.system":  # the payload is a real exploit: plain pickle runs it
+        assert pickle.loads(_global_call(module, name, "true")) == 0
+    (shards / ".metadata").write_bytes(payload)
+    with pytest.raises(TalmError, match=rf"cannot load .*sharded.*refusing to load {module}.{name}"):
+        load_shards(shards, {"model": model_state})
+    assert not Path("pwned").exists()

@@ -129,9 +129,13 @@ def fsync_file(path: Path) -> None:
 
 DCP_METADATA = ".metadata"  # the file DCP's FileSystemWriter writes its metadata to
 # What DCP's metadata pickle names: its own dataclasses and enums, torch's sizes, dtypes and layouts (looked up by
-# name), and the checkpoint's path. None of them runs anything when built.
-SAFE_PICKLE_MODULES = ("torch.distributed.checkpoint.metadata",)
-SAFE_PICKLE_NAMES = {
+# name), and the checkpoint's path. None of them runs anything when built. Exact (module, name) pairs only: pickle
+# resolves dotted names attribute by attribute, so allowing a whole module would allow what it imports (e.g. `os`).
+_DCP_METADATA_CLASSES = (
+    "BytesStorageMetadata", "ChunkStorageMetadata", "Metadata", "MetadataIndex", "StorageMeta",
+    "TensorProperties", "TensorStorageMetadata", "_MEM_FORMAT_ENCODING",
+)  # fmt: skip
+SAFE_PICKLE_NAMES = {("torch.distributed.checkpoint.metadata", name) for name in _DCP_METADATA_CLASSES} | {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch.serialization", "_get_layout"),
     ("torch", "Size"),
@@ -143,10 +147,11 @@ SAFE_PICKLE_NAMES = {
 
 class MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if module in SAFE_PICKLE_MODULES or (module, name) in SAFE_PICKLE_NAMES:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
+        if "." not in name:
+            if (module, name) in SAFE_PICKLE_NAMES:
+                return super().find_class(module, name)
+            if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+                return getattr(torch, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint's metadata")
 
 
