@@ -99,8 +99,39 @@ def plot_runs(
         longest = max((r.get("time", 0.0) for _, t, e in data for r in t + e), default=0.0)
         x_scale, x_label = _time_scale(longest)
     single = len(data) == 1
-    colors = [f"C{i % 10}" for i in range(len(data))]
+    loss_values = _plot_losses(loss_ax, bpb_ax, data, x, x_scale)
 
+    if task_ax:
+        _plot_tasks(task_ax[0], data, task_fields, x, x_scale, single)
+    if loss_values:  # leave out the first steps' spike so the part that matters is readable
+        low, high = min(loss_values), max(loss_values)
+        loss_ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low) + 1e-6)
+    loss_ax.set_title("loss (nats per token)")
+    bpb_ax.set_title("validation bits per byte (lower is better)")
+    for ax in (loss_ax, bpb_ax, *task_ax):
+        ax.set_xlabel(x_label)
+        ax.grid(True, alpha=0.3)
+        if x == "tokens":
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    if loss_ax.has_data():
+        loss_ax.legend(loc="upper right", fontsize=8)
+    if bpb_ax.has_data():
+        if not single:
+            bpb_ax.legend(loc="upper right", fontsize=8)
+    else:
+        bpb_ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=bpb_ax.transAxes)
+        bpb_ax.set_xticks([])
+        bpb_ax.set_yticks([])
+    fig.suptitle(title or ", ".join(label for label, _, _ in data))
+    return save_figure(fig, out)
+
+
+def _plot_losses(
+    loss_ax: Any, bpb_ax: Any, data: list[tuple[str, Any, Any]], x: str, x_scale: float
+) -> list[float]:
+    """Each run's train and val loss on `loss_ax` and val bits per byte on `bpb_ax`; the losses drawn."""
+    single = len(data) == 1
+    colors = [f"C{i % 10}" for i in range(len(data))]
     loss_values: list[float] = []
     for (label, train, evals), color in zip(data, colors, strict=True):
         tx, ty = finite_points(train, "train_loss", x)
@@ -127,30 +158,7 @@ def plot_runs(
                     f"{by[-1]:.3f}", end, textcoords="offset points", xytext=(4, 4), color=val_color
                 )
         loss_values += ty[len(ty) // 20 :] + vy
-
-    if task_ax:
-        _plot_tasks(task_ax[0], data, task_fields, x, x_scale, single)
-    if loss_values:  # leave out the first steps' spike so the part that matters is readable
-        low, high = min(loss_values), max(loss_values)
-        loss_ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low) + 1e-6)
-    loss_ax.set_title("loss (nats per token)")
-    bpb_ax.set_title("validation bits per byte (lower is better)")
-    for ax in (loss_ax, bpb_ax, *task_ax):
-        ax.set_xlabel(x_label)
-        ax.grid(True, alpha=0.3)
-        if x == "tokens":
-            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
-    if loss_ax.has_data():
-        loss_ax.legend(loc="upper right", fontsize=8)
-    if bpb_ax.has_data():
-        if not single:
-            bpb_ax.legend(loc="upper right", fontsize=8)
-    else:
-        bpb_ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=bpb_ax.transAxes)
-        bpb_ax.set_xticks([])
-        bpb_ax.set_yticks([])
-    fig.suptitle(title or ", ".join(label for label, _, _ in data))
-    return save_figure(fig, out)
+    return loss_values
 
 
 def _plot_tasks(
