@@ -11,7 +11,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
-from conftest import BASE_TOKENIZER, one_line_error
+from conftest import one_line_error
+from fixtures.conversations import conversation_data, tiny_run
 from fixtures.task_copies import (
     HELLASWAG_ROWS,
     hellaswag_table,
@@ -215,50 +216,14 @@ def test_a_python_file_in_a_task_copy_is_never_run(
     assert not marker.exists()
 
 
-def conversation_data(root: Path) -> Path:
-    """A small conversation data directory (loss masks: only the assistant's turns are learned)."""
-    import random
-
-    from talm.data.config import DownloadConfig
-    from talm.data.prepare import prepare
-
-    rng = random.Random(0)
-    with open(root / "chats.jsonl", "w", encoding="utf-8") as f:
-        for _ in range(300):
-            digits = " ".join(str(rng.randrange(10)) for _ in range(4))
-            messages = [
-                {"role": "user", "content": f"repeat {digits}"},
-                {"role": "assistant", "content": digits},
-            ]
-            f.write(json.dumps({"messages": messages}) + "\n")
-    cfg = DownloadConfig(
-        dataset="copy", data_files=[str(root / "chats.jsonl")], conversations=True,
-        tokenizer_path=BASE_TOKENIZER, data_root=root / "data", val_tokens=600,
-    )  # fmt: skip
-    result = prepare(cfg, progress=False)
-    assert result.manifest["loss_mask"]
-    return result.out_dir
-
-
 @pytest.mark.parametrize("kind", ["text", "conversations"])
 def test_data_dir_gives_the_runs_own_val_figures(
     tiny_data: Path, in_tmp: Path, capsys: pytest.CaptureFixture[str], kind: str
 ) -> None:
-    from talm.train.config import RunConfig
-    from talm.train.loop import Trainer
     from talm.train.metrics import read_metrics
 
     data = tiny_data if kind == "text" else conversation_data(in_tmp)
-    cfg = RunConfig.model_validate(
-        {
-            "model": {"n_layer": 2, "n_head": 2, "d_model": 64, "context_length": 32},
-            "optim": {"lr": 3e-3, "warmup_steps": 2},
-            "train": {"max_steps": 4, "batch_size": 4, "eval_every": 2, "save_every": 4, "log_every": 2}
-            | {"eval_tokens": 192, "device": "cpu", "dtype": "float32"},
-            "data": {"dir": str(data)},
-        }
-    )
-    Trainer(cfg, "models/m").run()
+    tiny_run(data, Path("models/m"))
     last = [r for r in read_metrics("models/m") if "val_loss" in r][-1]
     assert last["step"] == 4
     main(["-m", "models/m", "--data-dir", str(data), "--device", "cpu", "--dtype", "float32"])
