@@ -185,3 +185,14 @@ def test_the_message_names_the_flag_of_the_command_that_reads_the_tasks(tmp_path
     write_task_repo(tmp_path, "baber/piqa", {"default": piqa_table([{**PIQA_ROWS[0], "label": 9}])})
     with pytest.raises(TalmError, match="or point --eval-tasks-dir at one$"):
         load_examples("piqa", tasks_dir=tmp_path, flag="--eval-tasks-dir")
+
+
+def test_a_json_lines_row_without_a_column_is_named(tmp_path: Path) -> None:
+    folder = tmp_path / "EleutherAI" / "lambada_openai" / "default"
+    folder.mkdir(parents=True)
+    (folder / "test-00000-of-00001.jsonl").write_text('{"text": "a whole passage"}\n{"words": "x y"}\n')
+    with pytest.raises(TalmError, match=r"row 1 of .*test-00000-of-00001.jsonl' has text None, not a string"):
+        load_examples("lambada", tasks_dir=tmp_path)
+    (folder / "test-00000-of-00001.jsonl").write_text('{"text": "a whole passage"}\n{"text": "torn')
+    with pytest.raises(TalmError, match=r"cannot read .*test-00000-of-00001.jsonl' \(Unterminated string"):
+        load_examples("lambada", tasks_dir=tmp_path)

@@ -355,7 +355,7 @@ def read_local_copy(task: Task, path: Path) -> list[RowSource]:
         check_columns(
             task, list(rows[0]) if rows else list(task.columns), where, f"use a copy of {task.repo}"
         )
-        sources.append(RowSource(where, [{c: r[c] for c in task.columns} for r in rows]))
+        sources.append(RowSource(where, [{c: r.get(c) for c in task.columns} for r in rows]))
     return sources
 
 
