@@ -104,7 +104,8 @@ def test_unreachable_hub_says_how_to_use_a_local_copy(monkeypatch: pytest.Monkey
     message = str(err.value)
     assert "\n" not in message
     assert "cannot read winogrande from the Hub (allenai/winogrande)" in message
-    assert "--local-dir DIR/allenai/winogrande) and pass --tasks-dir DIR" in message
+    assert "pass --tasks-dir DIR with the dataset repository allenai/winogrande downloaded into" in message
+    assert "--local-dir DIR/allenai/winogrande)" in message
     assert "hf download allenai/winogrande --repo-type dataset" in message
 
 
@@ -180,10 +181,10 @@ def lambada_table_texts(tasks_dir: Path) -> list[str]:
 
 
 def test_the_message_names_the_flag_of_the_command_that_reads_the_tasks(tmp_path: Path) -> None:
-    with pytest.raises(TalmError, match="or drop --eval-tasks-dir$"):
+    with pytest.raises(TalmError, match=", or drop --eval-tasks-dir$"):
         load_examples("piqa", tasks_dir=tmp_path, flag="--eval-tasks-dir")
     write_task_repo(tmp_path, "baber/piqa", {"default": piqa_table([{**PIQA_ROWS[0], "label": 9}])})
-    with pytest.raises(TalmError, match="or point --eval-tasks-dir at one$"):
+    with pytest.raises(TalmError, match=", or point --eval-tasks-dir at one$"):
         load_examples("piqa", tasks_dir=tmp_path, flag="--eval-tasks-dir")
 
 

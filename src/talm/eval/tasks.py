@@ -261,7 +261,7 @@ def local_copy(task: Task, tasks_dir: str | os.PathLike[str], flag: str = "--tas
     if not path.is_dir():
         raise TalmError(
             f"no local copy of {task.name} at {str(path)!r}: download the dataset repository {task.repo} there "
-            f"({download_hint(task, path)}) or drop {flag}"
+            f"({download_hint(task, path)}), or drop {flag}"
         )
     return path
 
@@ -288,7 +288,7 @@ def load_examples(
     if tasks_dir is not None:
         path = local_copy(task, tasks_dir, flag)
         sources = read_local_copy(task, path)
-        fix = f"download a good copy ({download_hint(task, path)}) or point {flag} at one"
+        fix = f"download a good copy ({download_hint(task, path)}), or point {flag} at one"
     else:
         sources = [RowSource(f"the {task.split!r} split of {task.repo} on the Hub", read_hub(task, flag))]
         fix = f"download a good copy into DIR/{task.repo} and pass {flag} DIR"
@@ -324,9 +324,9 @@ def read_hub(task: Task, flag: str) -> list[dict[str, Any]]:
     except (OSError, datasets.exceptions.DatasetNotFoundError) as err:
         raise TalmError(
             f"cannot read {task.name} from the Hub ({task.repo}) ({type(err).__name__}"
-            f"{': ' + str(err) if unreachable else ''}): download the dataset repository {task.repo} into "
-            f"DIR/{task.repo} (hf download {task.repo} --repo-type dataset --local-dir DIR/{task.repo}) and "
-            f"pass {flag} DIR, or set HF_DATASETS_OFFLINE=1 to use a copy already in the Hugging Face cache"
+            f"{': ' + str(err) if unreachable else ''}): pass {flag} DIR with the dataset repository {task.repo} "
+            f"downloaded into DIR/{task.repo} (hf download {task.repo} --repo-type dataset --local-dir "
+            f"DIR/{task.repo}), or set HF_DATASETS_OFFLINE=1 to use a copy already in the Hugging Face cache"
         ) from None
     except ValueError as err:  # a config or split the repository does not have
         raise TalmError(

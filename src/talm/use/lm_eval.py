@@ -215,8 +215,8 @@ def harness_data_error(repos: list[str], why: str | None, err: BaseException) ->
     repo = repos[0] if repos else "OWNER/NAME"
     return TalmError(
         f"the harness cannot load the data of {', '.join(repos)}: {where}: run it once where the Hub is "
-        f"reachable (the datasets cache keeps it), or copy the dataset (hf download {repo} --repo-type dataset "
-        "--local-dir DIR) and pass a task yaml whose dataset_path is DIR with --include-path"
+        "reachable (the datasets cache keeps it), or pass --include-path with a task yaml whose dataset_path is "
+        f"a copy of the dataset (hf download {repo} --repo-type dataset --local-dir DIR)"
     )
 
 
