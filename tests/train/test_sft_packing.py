@@ -128,9 +128,13 @@ def test_the_step_loss_is_the_mean_over_every_learned_target_of_the_step(conv_da
     torch.testing.assert_close(scaled, direct)
 
 
-def test_doc_ids_keep_attention_inside_each_conversation(conv_data: Path) -> None:
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_doc_ids_keep_attention_inside_each_conversation(conv_data: Path, arch: str) -> None:
+    """A conversation packed after another gives the logits it gives alone: attention stays inside it, and its
+    positions count from its own start (what gpt2's learned position table needs; RoPE is relative)."""
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=1024, context_length=ROW - 1, n_layer=2, n_head=2, d_model=32)).eval()
+    size = {"vocab_size": 1024, "context_length": ROW - 1, "n_layer": 2, "n_head": 2, "d_model": 32}
+    model = GPT(ModelConfig(**size, arch=arch, **({"mlp": "gelu"} if arch == "gpt2" else {}))).eval()
     assert loader(conv_data, isolate=False).next_batch()[2] is None  # --no-train.isolate_conversations
     x, _, docs, _ = loader(conv_data).next_batch()
     assert docs is not None

@@ -6,7 +6,7 @@ context_length + 1 tokens are packed from whole conversations, never cutting one
 row is dropped (and counted, for the run's banner), and the rest of a row that the next conversation does not
 fit into is padding. Each row gives (x, y, doc_ids): y is -1 (ignored by the loss) wherever the target token is
 not flagged LEARN, so the loss counts only what the assistant writes; doc_ids number the conversations of the
-row so attention can be kept inside each (`GPT.forward(doc_ids=...)`).
+row so attention can be kept inside each and positions counted from its start (`GPT.forward(doc_ids=...)`).
 
 `ConversationLoader` has `TokenLoader`'s order and state: every epoch shuffles the conversations from
 (seed, epoch), packs them greedily in that order, and the rows form one global sequence consumed
