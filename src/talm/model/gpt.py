@@ -282,9 +282,11 @@ class GPT(nn.Module):
         last_only: bool = False,
         doc_ids: torch.Tensor | None = None,
         at: torch.Tensor | None = None,
+        reduction: str = "mean",
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T), and the mean cross-entropy if `targets` (B, T)
-        are given (positions whose target is -1 are ignored).
+        are given (positions whose target is -1 are ignored); with reduction="sum", the sum, which is 0 with no
+        target (where the mean is NaN): what a caller dividing by a count of its own needs.
 
         With a `cache`, `idx` continues the sequences the cache holds: only the new positions are computed.
         With `last_only`, only the last position's logits are computed (B, 1, vocab_size): what generation needs.
@@ -339,5 +341,7 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             # flatten keeps the sliced view a view; .float() then makes the one fp32 copy the loss needs.
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+            loss = F.cross_entropy(
+                logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction=reduction
+            )
         return logits, loss
