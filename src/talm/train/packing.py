@@ -210,7 +210,8 @@ class ConversationLoader(ShuffledCursor):
         if self.total_windows < self.step_windows:
             raise TalmError(
                 f"the train split packs into {self.total_windows} rows of context_length+1={self.row_len} tokens "
-                f"({self.conversations} conversations fit, {self.dropped} longer ones dropped), fewer than one batch "
+                f"({self.conversations} conversations fit, {self.dropped} longer ones and {self.unlearned} with nothing to "
+                f"learn dropped), fewer than one batch "
                 f"({batch_size} x {world_size} process(es) x {accum_steps} micro-step(s)): lower --batch-size, raise "
                 "--model.context_length, or prepare more conversations"
             )
