@@ -282,3 +282,27 @@ def test_one_odd_text_row_is_that_rows_problem(in_tmp: Path) -> None:
     assert result.stats is not None and result.stats.malformed == 1
     assert result.stats.first_malformed == ["'docs.jsonl' line 13: 'text' holds a number, not text"]
     assert result.manifest["totals"]["empty_documents"] == 2
+
+
+def test_content_parts_in_parquet_are_joined(in_tmp: Path, chat: ChatFormat) -> None:
+    """Typed (parquet, Hub) rows go through the same check: text parts joined, as from JSON lines."""
+    part = pa.struct([("type", pa.string()), ("text", pa.string())])
+    schema = pa.list_(pa.struct([("role", pa.string()), ("content", pa.list_(part))]))
+    convs = [
+        [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": f"Hi {i}, "}, {"type": "text", "text": "ok?"}],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": f"Fine {i}."}]},
+        ]
+        for i in range(40)
+    ]
+    pq.write_table(pa.table({"messages": pa.array(convs, schema)}), "parts.parquet")
+    cfg = config(dataset="p", data_files=["parts.parquet"], conversations=True, val_tokens=0)
+    result = prepare(cfg, progress=False)
+    joined = [
+        [{"role": "user", "content": f"Hi {i}, ok?"}, {"role": "assistant", "content": f"Fine {i}."}]
+        for i in range(40)
+    ]
+    assert conversations_in(*stream_of(result.out_dir)) == [chat.render(c) for c in joined]

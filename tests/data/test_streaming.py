@@ -188,3 +188,10 @@ def test_local_json_rows_resume_exactly_and_split_over_workers(in_tmp: Path, wor
     batches = list(array.batches(2000, rows_per_read=16))
     assert [t for b in batches for t in b.texts] == texts[200:]
     assert batches[0].places is not None and batches[0].places[1] == "'c.json' item 2"
+
+
+def test_a_position_of_another_reader_is_refused_with_the_way_out(in_tmp: Path) -> None:
+    Path("a.jsonl").write_text(json.dumps({"text": "one"}) + "\n")
+    stream = TextStream(resolve_source(config(dataset="mine", data_files=["a.jsonl"])))
+    with pytest.raises(TalmError, match="read its JSON files another way .*--overwrite"):
+        stream.load_state_dict({"examples_iterable": {"shard_idx": 0, "shard_example_idx": 3}})
