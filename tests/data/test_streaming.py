@@ -184,10 +184,13 @@ def test_local_json_rows_resume_exactly_and_split_over_workers(in_tmp: Path, wor
         assert resumed.state_dict() == state
         assert seen + all_texts(resumed, 3000) == mine
     Path("c.json").write_text(json.dumps([{"text": t} for t in texts[200:]]))
-    array = TextStream(resolve_source(config(dataset="mine", data_files=["c.json"])))
-    batches = list(array.batches(2000, rows_per_read=16))
+    array = resolve_source(config(dataset="mine", data_files=["c.json"]))
+    batches = list(TextStream(array).batches(2000, rows_per_read=16))
     assert [t for b in batches for t in b.texts] == texts[200:]
     assert batches[0].places is not None and batches[0].places[1] == "'c.json' item 2"
+    resumed = TextStream(array)
+    resumed.load_state_dict(batches[1].state)
+    assert all_texts(resumed) == [t for b in batches[2:] for t in b.texts]
 
 
 def test_a_position_of_another_reader_is_refused_with_the_way_out(in_tmp: Path) -> None:

@@ -52,12 +52,12 @@ class JsonRows:
         while self.position["file"] < len(self.files):
             path = self.files[self.position["file"]]
             for number, row in self._rows_of(path, skip=self.position["line"]):
-                self.position["line"] = number
+                self.position["line"] = abs(number)
                 self.position["row"] += 1
-                if (self.position["row"] - 1) % self.num_workers != self.worker_index:
-                    continue
                 if self.position["row"] == 1 and self.column not in row:
                     raise missing_column(self.source, list(row))
+                if (self.position["row"] - 1) % self.num_workers != self.worker_index:
+                    continue
                 values.append(row.get(self.column))
                 places.append(f"{path!r} {'line' if number > 0 else 'item'} {abs(number)}")
                 if len(values) >= rows_per_read:
