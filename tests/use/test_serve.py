@@ -472,3 +472,27 @@ def test_each_request_is_logged_in_one_line_and_health_answers(
             r"127\.0\.0\.1 POST /v1/chat/completions 200, \d+ prompt \+ 5 reply tokens \(length\), \d+\.\d\d s",
             r"127\.0\.0\.1 POST /v1/completions 200, \d+ prompt \+ 3 reply tokens \(length\), \d+\.\d\d s",
         )
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "param", "code"),
+    [
+        ({"max_tokens": "10"}, "max_tokens", "invalid_type"),
+        ({"prompt": 5}, "prompt", "invalid_type"),
+        ({"seed": -(2**63) - 1}, "seed", None),
+        ({"echo": True}, "echo", None),
+        ({"best_of": 2}, "best_of", "unsupported_parameter"),
+        ({"logprobs": 5}, "logprobs", "unsupported_parameter"),
+        ({"suffix": "end"}, "suffix", "unsupported_parameter"),
+    ],
+)
+def test_completion_requests_are_checked_as_chat_requests_are(
+    live: Live, request_fields: dict, param: str, code: str | None
+) -> None:
+    fields = {"model": NAME, "prompt": "ROMEO:", "max_tokens": 4, **request_fields}
+    with pytest.raises(openai.BadRequestError) as raised:
+        live.client().completions.create(**fields)
+    assert raised.value.body["param"] == param and raised.value.body["code"] == code
+    harmless = {"best_of": 1, "suffix": "", "logprobs": None, "echo": False, "seed": -5}
+    reply = live.client().completions.create(model=NAME, prompt="ROMEO:", max_tokens=4, **harmless)
+    assert reply.usage.completion_tokens == 4

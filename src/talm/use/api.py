@@ -50,6 +50,9 @@ NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
     "modalities": (["text"],),
     "store": (False,),
     "service_tier": ("auto", "default"),
+    # in a message: what a client copies back from an earlier reply
+    "tool_calls": ([],),
+    "annotations": ([],),
 }
 # OpenAI fields that only label a request (for OpenAI's logs, caches and abuse checks): any value, ignored.
 LABELS = ("user", "metadata", "prompt_cache_key", "safety_identifier")
@@ -103,8 +106,11 @@ def json_type(value: Any) -> str:
 
 
 def validation_error(errors: list[dict[str, Any]]) -> ApiError:
-    """A 400 naming the first bad field of a request pydantic (or FastAPI) refused."""
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    """A 400 naming a bad field of a request pydantic (or FastAPI) refused: the most specific (a value that may be a
+    string or a list of parts is reported as a list when it is one)."""
+    first = (
+        max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {"loc": (), "msg": "invalid request"}
+    )
     if first.get("type") == "json_invalid":
         return ApiError(400, "the request body is not valid JSON", code="invalid_json")
     param = error_param(first.get("loc", ()))
