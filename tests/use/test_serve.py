@@ -183,6 +183,13 @@ def test_a_stop_sequence_ends_the_reply_before_it_streamed_or_not(live: Live) ->
             "context_length_exceeded",
             "more than the model's context",
         ),
+        (  # null is "not given": max_completion_tokens alone is the limit, and named
+            {"max_tokens": None, "max_completion_tokens": CONTEXT + 1},
+            400,
+            "max_completion_tokens",
+            "context_length_exceeded",
+            "max_completion_tokens is 4097",
+        ),
         (
             {"messages": [{"role": "user", "content": "word " * CONTEXT}], "max_tokens": 5},
             400,

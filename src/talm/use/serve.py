@@ -161,14 +161,17 @@ class ModelServer:
         finally:
             cancel.set()
 
-    def fit(self, prompt_ids: list[int], requested: int | None, prompt_param: str) -> int:
-        """The reply's token budget: `requested` (or the rest of the context) if the prompt and it fit the
-        context, else ApiError 400."""
+    def fit(
+        self, prompt_ids: list[int], requested: int | None, prompt_param: str, limit_param: str = "max_tokens"
+    ) -> int:
+        """The reply's token budget: `requested` (the request's `limit_param`, else the rest of the context) if
+        the prompt and it fit the context, else ApiError 400."""
         if requested is not None and requested > self.context:
             raise ApiError(
                 400,
-                f"max_tokens is {requested}, more than the model's context of {self.context} tokens: ask for fewer",
-                param="max_tokens",
+                f"{limit_param} is {requested}, more than the model's context of {self.context} tokens: ask for "
+                "fewer",
+                param=limit_param,
                 code="context_length_exceeded",
             )
         budget = requested if requested is not None else self.context - len(prompt_ids)
@@ -176,7 +179,7 @@ class ModelServer:
             raise ApiError(
                 400,
                 f"the prompt is {len(prompt_ids)} tokens and the reply may be {max(budget, 1)}: more than the "
-                f"model's context of {self.context} tokens; shorten the {prompt_param} or lower max_tokens",
+                f"model's context of {self.context} tokens; shorten the {prompt_param} or lower {limit_param}",
                 param=prompt_param,
                 code="context_length_exceeded",
             )
@@ -392,7 +395,8 @@ async def respond(
 ) -> Any:
     """The reply to a request whose prompt is `prompt_ids`: whole, or as server-sent events."""
     prompt_param = "messages" if reply.chat else "prompt"
-    config = body.sample_config(server.fit(prompt_ids, body.token_limit, prompt_param))
+    limit_param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+    config = body.sample_config(server.fit(prompt_ids, body.token_limit, prompt_param, limit_param))
     stats = ReplyStats()
     record = request_record(request)
     record.prompt_tokens, record.stats = len(prompt_ids), stats
