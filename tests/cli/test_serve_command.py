@@ -50,14 +50,25 @@ def start_serve(model_dir: Path, port: int) -> subprocess.Popen:
         text=True,
         env=env,
     )
-    banner = process.stderr.readline()
-    assert f"as model {model_dir.name!r}: chat page http://127.0.0.1:{port}/" in banner, banner
+    try:
+        banner = process.stderr.readline()
+        assert f"as model {model_dir.name!r}: chat page http://127.0.0.1:{port}/" in banner, banner
+        wait_until_healthy(port, model_dir.name)
+    except BaseException:  # a server that does not answer as it should is not left running
+        process.kill()
+        process.wait()
+        process.stderr.close()
+        raise
+    return process
+
+
+def wait_until_healthy(port: int, name: str) -> None:
     deadline = time.monotonic() + 30
     while True:  # the banner comes just before uvicorn binds
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
-                assert json.loads(response.read()) == {"status": "ok", "model": model_dir.name}
-            return process
+                assert json.loads(response.read()) == {"status": "ok", "model": name}
+            return
         except OSError:
             assert time.monotonic() < deadline, "the server never answered"
             time.sleep(0.1)
