@@ -1,8 +1,10 @@
-"""`serve` end to end: the console script serving a model until Ctrl-C, the warning for a public address, and
-what is refused in one line (the extra not installed, a port in use, a tokenizer without role tokens)."""
+"""`serve` end to end: the console script serving a model until Ctrl-C (one log line per request; a second
+Ctrl-C during a stream ends it cleanly), the warning for a public address, and what is refused in one line (the
+extra not installed, a port in use, a tokenizer without role tokens, a transformers export)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -14,7 +16,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import drop_role_tokens, one_line_error, save_model_dir, varied_model
+from conftest import (
+    drop_role_tokens,
+    endless_chat_model_dir,
+    one_line_error,
+    save_model_dir,
+    varied_model,
+)
 
 from talm.cli.serve import main
 
@@ -32,9 +40,8 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_serve_answers_until_ctrl_c(model_dir: Path) -> None:
-    pytest.importorskip("uvicorn", reason="the talm[serve] extra is not installed")
-    port = free_port()
+def start_serve(model_dir: Path, port: int) -> subprocess.Popen:
+    """`serve -m model_dir` in a subprocess, once it answers on `port` (its stderr a pipe, its banner read)."""
     code = "import sys; sys.argv[0] = 'serve'; from talm.cli.serve import main; main()"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen(
@@ -45,21 +52,43 @@ def test_serve_answers_until_ctrl_c(model_dir: Path) -> None:
     )
     try:
         banner = process.stderr.readline()
-        assert f"as model 'assistant': chat page http://127.0.0.1:{port}/" in banner, banner
-        deadline = time.monotonic() + 30
-        while True:  # the banner comes just before uvicorn binds
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10) as response:
-                    models = json.loads(response.read())
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the server never answered"
-                time.sleep(0.1)
+        assert f"as model {model_dir.name!r}: chat page http://127.0.0.1:{port}/" in banner, banner
+        wait_until_healthy(port, model_dir.name)
+    except BaseException:  # a server that does not answer as it should is not left running
+        process.kill()
+        process.wait()
+        process.stderr.close()
+        raise
+    return process
+
+
+def wait_until_healthy(port: int, name: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:  # the banner comes just before uvicorn binds
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
+                assert json.loads(response.read()) == {"status": "ok", "model": name}
+            return
+        except OSError:
+            assert time.monotonic() < deadline, "the server never answered"
+            time.sleep(0.1)
+
+
+def test_serve_answers_until_ctrl_c(model_dir: Path) -> None:
+    pytest.importorskip("uvicorn", reason="the talm[serve] extra is not installed")
+    port = free_port()
+    process = start_serve(model_dir, port)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10) as response:
+            models = json.loads(response.read())
         assert [m["id"] for m in models["data"]] == ["assistant"]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
             assert b"<title>talm chat</title>" in response.read()
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0
+        log = process.stderr.read()
+        # one line per request: the health checks, the models, the page
+        assert "GET /v1/models 200" in log and "GET / 200" in log and "GET /health 200" in log, log
     finally:
         if process.poll() is None:
             process.kill()
@@ -67,12 +96,56 @@ def test_serve_answers_until_ctrl_c(model_dir: Path) -> None:
         process.stderr.close()
 
 
+def test_a_second_ctrl_c_while_streaming_ends_the_stream_and_exits_cleanly(tmp_path: Path) -> None:
+    pytest.importorskip("uvicorn", reason="the talm[serve] extra is not installed")
+    model_dir = endless_chat_model_dir(tmp_path / "models" / "endless", context=4096)
+    port = free_port()
+    process = start_serve(model_dir, port)
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        body = {"model": "endless", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4000}
+        headers = {"Content-Type": "application/json"}
+        connection.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}), headers)
+        response = connection.getresponse()
+        for _ in range(3):  # the reply is under way
+            assert response.readline().startswith(b"data: ") and response.readline() == b"\n"
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        process.send_signal(signal.SIGINT)  # at once, not after the grace period
+        rest = response.read().decode()  # the stream ends (rather than hanging or being cut mid-event)
+        assert process.wait(timeout=30) == 0
+        log = process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    events = [e for e in rest.split("\n\n") if e]
+    assert json.loads(events[-1].removeprefix("data: "))["error"]["code"] == "server_shutting_down"
+    assert "Traceback" not in log and "ERROR" not in log, log
+    assert "POST /v1/chat/completions 200" in log and "cut short" in log, log
+
+
+def test_a_transformers_export_is_named_as_such(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("uvicorn", reason="the talm[serve] extra is not installed")
+    from talm.use.export import export_checkpoint
+
+    exported = export_checkpoint(model_dir, model_dir.parent / "exported")
+    err = one_line_error(capsys, main, "-m", str(exported.path), "--port", str(free_port()))
+    assert (
+        "is a transformers model directory" in err and "the talm model directory it was exported from" in err
+    )
+    assert "train" not in err
+
+
 def test_a_public_address_is_served_with_a_warning(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    uvicorn = pytest.importorskip("uvicorn", reason="the talm[serve] extra is not installed")
+    pytest.importorskip("uvicorn", reason="the talm[serve] extra is not installed")
+    import talm.use.serve
+
     calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(talm.use.serve, "run_server", lambda app, host, port: calls.append({"host": host}))
     main(["-m", str(model_dir), "--host", "0.0.0.0", "--port", str(free_port())])
     assert calls and calls[0]["host"] == "0.0.0.0"
     assert "warning: listening on 0.0.0.0" in capsys.readouterr().err

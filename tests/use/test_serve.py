@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
+import re
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -180,6 +183,13 @@ def test_a_stop_sequence_ends_the_reply_before_it_streamed_or_not(live: Live) ->
             "context_length_exceeded",
             "more than the model's context",
         ),
+        (  # null is "not given": max_completion_tokens alone is the limit, and named
+            {"max_tokens": None, "max_completion_tokens": CONTEXT + 1},
+            400,
+            "max_completion_tokens",
+            "context_length_exceeded",
+            "max_completion_tokens is 4097",
+        ),
         (
             {"messages": [{"role": "user", "content": "word " * CONTEXT}], "max_tokens": 5},
             400,
@@ -201,14 +211,52 @@ def test_a_stop_sequence_ends_the_reply_before_it_streamed_or_not(live: Live) ->
         ({"n": 2}, 400, "n", None, "only n=1"),
         ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None, "at most 4 stop sequences"),
         ({"stop": ["\n", ""]}, 400, "stop", None, "a stop sequence is empty"),
-        ({"extra_body": {"best_of": 3}}, 400, "best_of", None, "Extra inputs"),
+        ({"extra_body": {"best_of": 3}}, 400, "best_of", "unsupported_parameter", "except as 1"),
+        ({"extra_body": {"beam_width": 3}}, 400, "beam_width", "unknown_parameter", "Unrecognized"),
+        # strict types, as OpenAI's API: no string for a number, no boolean for an integer, no "yes" for true
+        ({"max_tokens": "10"}, 400, "max_tokens", "invalid_type", "got a string"),
+        ({"max_tokens": True}, 400, "max_tokens", "invalid_type", "got a boolean"),
+        ({"max_tokens": 10.0}, 400, "max_tokens", "invalid_type", "got a number"),
+        ({"stream": "yes"}, 400, "stream", "invalid_type", "valid boolean"),
+        ({"temperature": "0.5"}, 400, "temperature", "invalid_type", "got a string"),
+        (
+            {"messages": [{"role": "user", "content": 5}]},
+            400,
+            "messages[0].content",
+            "invalid_type",
+            "string",
+        ),
+        # OpenAI's ranges
+        ({"seed": 2**63}, 400, "seed", None, "less than 9223372036854775808"),
+        ({"seed": -(2**63) - 1}, 400, "seed", None, "greater than or equal to"),
+        ({"top_p": 0}, 400, "top_p", None, "greater than 0"),
+        ({"presence_penalty": 3}, 400, "presence_penalty", None, "less than or equal to 2"),
+        ({"max_completion_tokens": 4}, 400, "max_completion_tokens", None, "at the same time"),
+        # OpenAI's fields that talm does not act on, at a value that would change the reply
+        ({"logprobs": True}, 400, "logprobs", "unsupported_parameter", "not supported"),
+        (
+            {"response_format": {"type": "json_object"}},
+            400,
+            "response_format",
+            "unsupported_parameter",
+            "text",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}]},
+            400,
+            "tools",
+            "unsupported_parameter",
+            "",
+        ),
+        ({"extra_body": {"logit_bias": {"50": 5}}}, 400, "logit_bias", "unsupported_parameter", ""),
+        ({"tool_choice": "required"}, 400, "tool_choice", "unsupported_parameter", '"none" or "auto"'),
     ],
 )
 def test_bad_chat_requests_get_openai_shaped_errors(
     live: Live, request_fields: dict, status: int, param: str, code: str | None, says: str
 ) -> None:
     fields = {"model": NAME, "messages": HELLO, "max_tokens": 4, **request_fields}
-    with pytest.raises(openai.APIStatusError) as raised:
+    with pytest.raises(openai.APIStatusError) as raised:  # the client sends what it is given, unchecked
         live.client().chat.completions.create(**fields)
     err = raised.value
     assert err.status_code == status
@@ -311,3 +359,147 @@ def test_text_parts_and_the_developer_role_read_as_plain_content_and_system(live
         for m in (plain, parts)
     ]
     assert replies[0] == replies[1] == greedy_reply(live, plain, 6)
+
+
+def test_openai_fields_at_values_that_change_nothing_are_accepted(live: Live) -> None:
+    """What OpenAI's clients send by default, or to say "nothing special": the reply is the plain one."""
+    client = live.client()
+    harmless = {
+        "logprobs": False,
+        "response_format": {"type": "text"},
+        "tools": [],
+        "tool_choice": "none",
+        "parallel_tool_calls": True,
+        "store": False,
+        "user": "someone",
+        "metadata": {"run": "test"},
+        "stream_options": None,
+        "extra_body": {"top_logprobs": 0, "logit_bias": {}, "modalities": ["text"], "service_tier": "auto"},
+    }
+    reply = client.chat.completions.create(
+        model=NAME, messages=HELLO, max_tokens=6, temperature=0, **harmless
+    )
+    assert reply.choices[0].message.content == greedy_reply(live, HELLO, 6)
+    # null is "not given", as in OpenAI's API; max_completion_tokens alone is max_tokens
+    nulls = {"temperature": None, "top_p": None, "n": None, "stop": None, "seed": None, "max_tokens": None}
+    body = {"model": NAME, "messages": HELLO, "max_completion_tokens": 6, **nulls}
+    status, answer = post(live, "/v1/chat/completions", body)
+    assert status == 200 and answer["usage"]["completion_tokens"] == 6
+
+
+@pytest.mark.parametrize("seed", [-1, -(2**63), 2**63 - 1, 0])
+def test_any_64_bit_seed_is_a_reproducible_reply(live: Live, seed: int) -> None:
+    client = live.client()
+    replies = [
+        client.chat.completions.create(model=NAME, messages=HELLO, max_tokens=8, temperature=1.5, seed=seed)
+        .choices[0]
+        .message.content
+        for _ in range(2)
+    ]
+    assert replies[0] == replies[1] != ""
+
+
+def post(live: Live, path: str, body: object, connection: http.client.HTTPConnection | None = None) -> tuple:
+    """POST `body` (JSON, or bytes as they are) on `connection` (else a new one): the status and the JSON."""
+    connection = connection or http.client.HTTPConnection("127.0.0.1", live.port, timeout=60)
+    data = body if isinstance(body, bytes) else json.dumps(body)
+    connection.request("POST", path, data, {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def test_bad_and_failing_requests_leave_the_connection_usable(
+    live: Live, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Errors are JSON in OpenAI's shape, 400 for the client's, 500 for the server's (logged in one line), and the
+    client's next request goes on the same connection."""
+    connection = http.client.HTTPConnection("127.0.0.1", live.port, timeout=60)
+    ok = {"model": NAME, "messages": HELLO, "max_tokens": 2}
+    assert post(live, "/v1/chat/completions", ok, connection)[0] == 200
+    sock = connection.sock
+    bad = [
+        ({**ok, "seed": -1}, 200, None),
+        ({**ok, "seed": 2**64}, 400, "seed"),
+        ({**ok, "max_tokens": "10"}, 400, "max_tokens"),
+        ({**ok, "stream": "yes"}, 400, "stream"),
+        (b'{"model": "endless", "messages": [], "temperature": NaN}', 400, None),
+        ([ok], 400, None),
+    ]
+    for body, status, param in bad:
+        got, answer = post(live, "/v1/chat/completions", body, connection)
+        assert got == status, answer
+        assert status == 200 or (
+            set(answer["error"]) == {"message", "type", "param", "code"} and got == status
+        )
+        assert param is None or answer["error"]["param"] == param
+        assert connection.sock is sock  # the same connection, kept open
+
+    def fail(*args: object) -> None:
+        raise RuntimeError("something unexpected")
+
+    monkeypatch.setattr(live.server, "fit", fail)
+    with caplog.at_level(logging.INFO, logger="talm.serve"):
+        status, answer = post(live, "/v1/chat/completions", ok, connection)
+        assert status == 500 and answer["error"]["type"] == "server_error"
+        assert "something unexpected" in answer["error"]["message"]
+        assert connection.sock is sock
+        monkeypatch.undo()
+        assert post(live, "/v1/chat/completions", ok, connection)[0] == 200
+        assert connection.sock is sock
+        (line,) = wait_for_log_lines(caplog, r".* POST /v1/chat/completions 500, .*")
+    assert "error: RuntimeError: something unexpected at test_serve.py:" in line
+    assert "\n" not in line and not any(r.exc_info for r in caplog.records)  # one line, no traceback
+
+
+def wait_for_log_lines(caplog: pytest.LogCaptureFixture, *patterns: str) -> list[str]:
+    """The server's log line matching each regex of `patterns`, once each has been written (a line is written
+    just after its response is sent); each must match exactly one line."""
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [r.getMessage() for r in caplog.records if r.name == "talm.serve"]
+        found = [[line for line in lines if re.fullmatch(p, line)] for p in patterns]
+        if all(found) or time.monotonic() > deadline:
+            assert all(len(f) == 1 for f in found), (patterns, lines)
+            return [f[0] for f in found]
+        time.sleep(0.02)
+
+
+def test_each_request_is_logged_in_one_line_and_health_answers(
+    live: Live, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="talm.serve"):
+        with urllib.request.urlopen(live.url + "/health", timeout=10) as response:
+            assert json.loads(response.read()) == {"status": "ok", "model": NAME}
+        live.client().chat.completions.create(model=NAME, messages=HELLO, max_tokens=5)
+        chunks = live.client().completions.create(model=NAME, prompt="ROMEO:", max_tokens=3, stream=True)
+        assert len(list(chunks)) >= 2
+        wait_for_log_lines(
+            caplog,
+            r"127\.0\.0\.1 GET /health 200, \d+\.\d\d s",
+            r"127\.0\.0\.1 POST /v1/chat/completions 200, \d+ prompt \+ 5 reply tokens \(length\), \d+\.\d\d s",
+            r"127\.0\.0\.1 POST /v1/completions 200, \d+ prompt \+ 3 reply tokens \(length\), \d+\.\d\d s",
+        )
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "param", "code"),
+    [
+        ({"max_tokens": "10"}, "max_tokens", "invalid_type"),
+        ({"prompt": 5}, "prompt", "invalid_type"),
+        ({"seed": -(2**63) - 1}, "seed", None),
+        ({"echo": True}, "echo", None),
+        ({"best_of": 2}, "best_of", "unsupported_parameter"),
+        ({"logprobs": 5}, "logprobs", "unsupported_parameter"),
+        ({"suffix": "end"}, "suffix", "unsupported_parameter"),
+    ],
+)
+def test_completion_requests_are_checked_as_chat_requests_are(
+    live: Live, request_fields: dict, param: str, code: str | None
+) -> None:
+    fields = {"model": NAME, "prompt": "ROMEO:", "max_tokens": 4, **request_fields}
+    with pytest.raises(openai.BadRequestError) as raised:
+        live.client().completions.create(**fields)
+    assert raised.value.body["param"] == param and raised.value.body["code"] == code
+    harmless = {"best_of": 1, "suffix": "", "logprobs": None, "echo": False, "seed": -5}
+    reply = live.client().completions.create(model=NAME, prompt="ROMEO:", max_tokens=4, **harmless)
+    assert reply.usage.completion_tokens == 4

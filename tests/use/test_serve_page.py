@@ -1,5 +1,7 @@
 """The chat page served at / (talm/use/page/chat.html), driven in a real headless Chromium with selenium: a
-conversation whose replies are the API's for the whole conversation so far, Stop, and an error shown.
+conversation whose replies are the API's for the whole conversation so far, a reply cut at its limit said so,
+Stop, errors shown (a server gone: "cannot reach the server"), the conversation and settings kept across a
+reload, and markdown rendered without ever running HTML from a reply.
 
 Needs Debian's `chromium` and `chromium-driver` (.ci/run installs them); skipped, saying so, without them."""
 
@@ -68,8 +70,29 @@ def wait_for(browser: webdriver.Chrome, script: str, timeout: float = 60) -> obj
 
 
 def replies(browser: webdriver.Chrome) -> list[str]:
+    """The replies' text as the API gave it (the page shows it rendered as markdown)."""
     return browser.execute_script(
-        "return [...document.querySelectorAll('.message.assistant')].map(e => e.textContent)"
+        "return [...document.querySelectorAll('.message.assistant')].map(e => e.dataset.text)"
+    )
+
+
+def open_page(browser: webdriver.Chrome, live: Live) -> None:
+    """The chat page, fresh: nothing kept from an earlier test's conversation."""
+    browser.get(live.url + "/")
+    browser.execute_script("localStorage.clear()")
+    browser.get(live.url + "/")
+    wait_for(browser, f"document.getElementById('model').textContent === {NAME!r}")
+
+
+def status(browser: webdriver.Chrome) -> str:
+    return browser.execute_script("return document.getElementById('status').textContent")
+
+
+def wait_until_replied(browser: webdriver.Chrome, count: int) -> None:
+    wait_for(
+        browser,
+        f"document.querySelectorAll('.message.assistant').length === {count} "
+        "&& document.body.dataset.busy === 'false'",
     )
 
 
@@ -88,8 +111,7 @@ def set_field(browser: webdriver.Chrome, field: str, value: str) -> None:
 
 
 def test_a_conversation_on_the_page(live: Live, browser: webdriver.Chrome, tmp_path: Path) -> None:
-    browser.get(live.url + "/")
-    wait_for(browser, f"document.getElementById('model').textContent === {NAME!r}")
+    open_page(browser, live)
     set_field(browser, "temperature", "0")
     set_field(browser, "max-tokens", "8")
 
@@ -100,6 +122,8 @@ def test_a_conversation_on_the_page(live: Live, browser: webdriver.Chrome, tmp_p
     )
     first = greedy_reply(live, [{"role": "user", "content": "Hello"}], 8)
     assert replies(browser) == [first] and first
+    # this model never ends a reply by itself: it reached Max tokens, and the page says so, as `chat` does
+    assert "the reply reached Max tokens (8)" in status(browser)
 
     send(browser, "How are you?")
     wait_for(
@@ -120,9 +144,9 @@ def test_a_conversation_on_the_page(live: Live, browser: webdriver.Chrome, tmp_p
 
 
 def test_stop_ends_the_reply_and_its_generation(live: Live, browser: webdriver.Chrome) -> None:
-    browser.get(live.url + "/")
-    wait_for(browser, f"document.getElementById('model').textContent === {NAME!r}")
-    set_field(browser, "temperature", "0")  # max tokens unset: the rest of the context, thousands of tokens
+    open_page(browser, live)
+    set_field(browser, "temperature", "0")
+    set_field(browser, "max-tokens", str(CONTEXT - 100))  # thousands of tokens
     before = live.server.tokens_generated
     send(browser, "Tell me everything")
     wait_for(browser, "(document.querySelector('.message.assistant') || {}).textContent.length > 20")
@@ -142,8 +166,7 @@ def test_stop_ends_the_reply_and_its_generation(live: Live, browser: webdriver.C
 
 
 def test_an_error_is_shown_and_the_message_given_back(live: Live, browser: webdriver.Chrome) -> None:
-    browser.get(live.url + "/")
-    wait_for(browser, f"document.getElementById('model').textContent === {NAME!r}")
+    open_page(browser, live)
     set_field(browser, "max-tokens", str(CONTEXT + 1))
     send(browser, "Hello")
     status = wait_for(browser, "document.getElementById('status').textContent")
@@ -155,8 +178,7 @@ def test_an_error_is_shown_and_the_message_given_back(live: Live, browser: webdr
 def test_a_conversation_that_outgrows_the_context_leaves_its_oldest_exchange_out(
     live: Live, browser: webdriver.Chrome
 ) -> None:
-    browser.get(live.url + "/")
-    wait_for(browser, f"document.getElementById('model').textContent === {NAME!r}")
+    open_page(browser, live)
     set_field(browser, "temperature", "0")
     set_field(browser, "max-tokens", "4")
     long_one, long_two = (
@@ -178,3 +200,103 @@ def test_a_conversation_that_outgrows_the_context_leaves_its_oldest_exchange_out
     assert "left out" in browser.execute_script("return document.getElementById('status').textContent")
     alone = greedy_reply(live, [{"role": "user", "content": long_two + "x"}], 4)
     assert replies(browser)[1] == alone  # the reply to the second message without the first exchange
+
+
+def test_markdown_is_rendered_and_html_in_a_reply_never_runs(live: Live, browser: webdriver.Chrome) -> None:
+    open_page(browser, live)
+
+    def render(text: str) -> dict:
+        """renderMarkdown's output: its HTML, its text, and the tags it holds."""
+        return browser.execute_script(
+            "const div = document.createElement('div'); div.append(renderMarkdown(arguments[0]));"
+            "return {html: div.innerHTML, text: div.textContent,"
+            " tags: [...div.querySelectorAll('*')].map(e => e.tagName.toLowerCase())}",
+            text,
+        )
+
+    hostile = '<script>window.ran = 1</script> <img src=x onerror="window.ran = 1"> <b>bold?</b>'
+    shown = render(hostile)
+    assert shown["tags"] == ["p"] and shown["text"] == hostile  # shown as written, as text
+    assert "<img" not in shown["html"] and "&lt;img" in shown["html"]
+    code = render("```html\n<img src=x onerror=alert(1)>\n```")
+    assert code["tags"] == ["pre", "code"] and code["text"] == "<img src=x onerror=alert(1)>"
+
+    inline = render("**bold** and *italic* and _also_ and `a<b` in snake_case_name")
+    assert inline["html"] == (
+        "<p><strong>bold</strong> and <em>italic</em> and <em>also</em> and <code>a&lt;b</code> in snake_case_name</p>"
+    )
+    lists = render("Steps:\n- one\n- **two**\n\n1. first\n2. second")
+    assert lists["html"] == (
+        "<p>Steps:</p><ul><li>one</li><li><strong>two</strong></li></ul><ol><li>first</li><li>second</li></ol>"
+    )
+    links = render("[docs](https://example.com/a?b=1) [bad](javascript:alert(1)) [data](data:text/html,x)")
+    assert links["tags"] == ["p", "a"]
+    assert (
+        '<a href="https://example.com/a?b=1" target="_blank" rel="noopener noreferrer">docs</a>'
+        in links["html"]
+    )
+    assert "[bad](javascript:alert(1)) [data](data:text/html,x)" in links["text"]
+
+    # a reply on the page goes through the same renderer: one restored from storage holding HTML stays text
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": hostile}]
+    browser.execute_script(
+        "localStorage.setItem('talm-chat', JSON.stringify({chat: {messages: arguments[0], dropped: 0}}))",
+        conversation,
+    )
+    browser.get(live.url + "/")
+    wait_for(browser, f"document.getElementById('model').textContent === {NAME!r}")
+    assert replies(browser) == [hostile]
+    assert (
+        browser.execute_script("return document.querySelectorAll('#messages img, #messages script').length")
+        == 0
+    )
+    assert browser.execute_script("return window.ran") is None
+
+
+def test_the_conversation_and_settings_survive_a_reload(live: Live, browser: webdriver.Chrome) -> None:
+    open_page(browser, live)
+    for field, value in (("temperature", "0"), ("max-tokens", "6"), ("system", "Be brief.")):
+        browser.execute_script(
+            "const e = document.getElementById(arguments[0]); e.value = arguments[1];"
+            "e.dispatchEvent(new Event('input'))",
+            field,
+            value,
+        )
+    send(browser, "Hello")
+    wait_until_replied(browser, 1)
+    first = replies(browser)
+
+    browser.refresh()
+    wait_for(browser, f"document.getElementById('model').textContent === {NAME!r}")
+    assert replies(browser) == first
+    settings = browser.execute_script(
+        "return ['temperature', 'max-tokens', 'system'].map(id => document.getElementById(id).value)"
+    )
+    assert settings == ["0", "6", "Be brief."]
+    send(browser, "And then?")  # the restored conversation is the one sent
+    wait_until_replied(browser, 2)
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": first[0]},
+        {"role": "user", "content": "And then?"},
+    ]
+    assert replies(browser)[1] == greedy_reply(live, conversation, 6)
+
+    browser.execute_script("document.getElementById('new-chat').click()")
+    browser.refresh()
+    wait_for(browser, f"document.getElementById('model').textContent === {NAME!r}")
+    assert replies(browser) == []
+
+
+def test_a_send_the_server_never_gets_says_it_cannot_reach_the_server(
+    browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    model_dir = endless_chat_model_dir(tmp_path / "models" / NAME, context=64)
+    with serving(model_dir, NAME) as gone:
+        open_page(browser, gone)
+    send(browser, "Hello")  # the server has stopped
+    shown = wait_for(browser, "document.getElementById('status').textContent")
+    assert "cannot reach the server" in shown
+    assert replies(browser) == []
+    assert browser.execute_script("return document.getElementById('input').value") == "Hello"  # to send again

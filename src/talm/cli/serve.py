@@ -2,8 +2,10 @@
 
 Open http://127.0.0.1:8000/ for the chat page, or point any OpenAI client at http://127.0.0.1:8000/v1 (the model
 id is the model directory's name: models/NAME -> NAME; any API key). Endpoints: POST /v1/chat/completions
-(stream or not), POST /v1/completions, GET /v1/models. Binds to 127.0.0.1 (this machine only) unless --host
-says otherwise; there is no authentication, so --host 0.0.0.0 lets anyone on the network use it. Ctrl-C stops.
+(stream or not), POST /v1/completions, GET /v1/models, GET /health; each request is logged in one line on
+stderr. Binds to 127.0.0.1 (this machine only) unless --host says otherwise; there is no authentication, so
+--host 0.0.0.0 lets anyone on the network use it. Ctrl-C stops (open replies get 3 s to finish; Ctrl-C again
+ends them at once).
 """
 
 from __future__ import annotations
@@ -65,9 +67,9 @@ def check_port_free(host: str, port: int) -> None:
 
 def run(args: argparse.Namespace) -> None:
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 -- run_server's: checked here, before the model loads
 
-        from talm.use.serve import create_app
+        from talm.use.serve import create_app, run_server
     except ImportError:
         raise TalmError(
             "serve needs FastAPI and uvicorn, which are not installed: pip install 'talm[serve]'"
@@ -91,5 +93,4 @@ def run(args: argparse.Namespace) -> None:
         file=sys.stderr,
         flush=True,
     )
-    # Ctrl-C: streams still open get 3 s to end before the server closes them (their generation then stops)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=3)
+    run_server(app, args.host, args.port)  # logs each request; Ctrl-C gives open replies 3 s, twice ends them

@@ -68,11 +68,27 @@ def load_checkpoint(
     """
     if isinstance(device, str):
         device = pick_device(device)
-    checkpoint_dir = resolve_checkpoint(model_dir, checkpoint)
+    try:
+        checkpoint_dir = resolve_checkpoint(model_dir, checkpoint)
+    except TalmError:
+        refuse_transformers_dir(Path(model_dir))
+        raise
     tokenizer = find_tokenizer(checkpoint_dir, read_meta(checkpoint_dir), Path(model_dir))
     model, meta = load_model(checkpoint_dir, device)
     check_vocab(model, tokenizer, f"checkpoint {str(checkpoint_dir)!r}")
     return model, tokenizer, meta
+
+
+def refuse_transformers_dir(path: Path) -> None:
+    """A transformers model directory (an `export_model` output: config.json and model.safetensors) where a talm
+    model directory was expected: say what it is and what to pass instead, rather than "train it first"."""
+    weights = [*path.glob("model*.safetensors"), *path.glob("pytorch_model*.bin")]
+    if (path / "config.json").is_file() and weights:
+        raise TalmError(
+            f"{str(path)!r} is a transformers model directory (config.json and {weights[0].name}, as export_model "
+            "writes), not a talm model: pass the talm model directory it was exported from (models/NAME), or "
+            "load it with transformers"
+        )
 
 
 def load(

@@ -1,7 +1,9 @@
 """The `serve` command's web app: an OpenAI-compatible API and a chat page, on FastAPI (the `talm[serve]` extra).
 
     GET  /                      the chat page (page/chat.html: one file, inline JavaScript, streams replies)
-    GET  /v1/models             the one model served, named after its directory (models/NAME -> "NAME")
+    GET  /health                200 {"status": "ok", "model": NAME} while the server takes requests
+    GET  /v1/models             the one model served, named after its directory (models/NAME -> "NAME"), with
+                                its `context_length` and the page's default reply length (`default_max_tokens`)
     POST /v1/chat/completions   a reply in talm's chat format; `stream: true` sends server-sent events
     POST /v1/completions        a plain continuation of a prompt (a base model's use)
 
@@ -15,13 +17,24 @@ a time (a lock held per token), so concurrent replies all progress. Between two 
 reply's cancel flag, which is set when its client disconnects (a stream whose client left, or a plain request
 whose client is gone, checked every `POLL_S`): generation stops there. `ModelServer.tokens_generated` counts
 every token generated, for the logs and the tests.
+
+Every request is logged in one line (`RequestLog`: client, method, path, status, tokens, seconds) on the logger
+"talm.serve". An exception no route handles is a 500 in OpenAI's shape, logged in that line, and the connection
+stays usable. Stopping (`run_server`): the first Ctrl-C (or SIGTERM) stops taking connections and gives open
+replies `GRACE_S` to finish; a second ends them at once. A reply cut short ends with an error (503, or an error
+event in a stream), and the process exits 0 without a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
+import sys
 import threading
+import time
+import traceback
 from collections.abc import AsyncIterator, Generator
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -37,12 +50,14 @@ from talm.model.gpt import GPT
 from talm.tokenizer.api import Tokenizer
 from talm.tokenizer.chat import BadConversation, ChatFormat
 from talm.use.api import ApiError, ChatRequest, CompletionRequest, Reply, usage, validation_error
-from talm.use.chat import ReplyStats, stream_reply
+from talm.use.chat import ReplyStats, prompt_budget, stream_reply
 from talm.use.config import SampleConfig
 from talm.use.sample import encode_prompt
 
 POLL_S = 0.1  # how often a waiting request checks that its client is still there
+GRACE_S = 3.0  # after Ctrl-C, how long open replies may go on
 _DONE = object()  # what a worker puts on its queue after the last piece
+log = logging.getLogger("talm.serve")
 
 
 class ModelServer:
@@ -55,6 +70,15 @@ class ModelServer:
         self.lock = threading.Lock()  # the model: one token of one reply at a time
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="talm-generate")
         self.tokens_generated = 0
+        self.stop_at: float | None = None  # time.monotonic() at which open replies end (None: not stopping)
+
+    def stop(self, grace_s: float) -> None:
+        """End every open reply in `grace_s` (or sooner, if an earlier stop said so)."""
+        at = time.monotonic() + grace_s
+        self.stop_at = at if self.stop_at is None else min(self.stop_at, at)
+
+    def stopped(self) -> bool:
+        return self.stop_at is not None and time.monotonic() >= self.stop_at
 
     def _generate(
         self,
@@ -66,7 +90,7 @@ class ModelServer:
         """Worker: pull the reply's pieces (the lock held per piece), hand each to the event loop with `put`,
         until the reply ends or `cancel` is set."""
         try:
-            while not cancel.is_set():
+            while not cancel.is_set() and not self.stopped():
                 with self.lock:
                     before = stats.tokens
                     piece = next(pieces, _DONE)
@@ -110,6 +134,13 @@ class ModelServer:
         checked = loop.time()
         try:
             while True:
+                if self.stopped():
+                    raise ApiError(
+                        503,
+                        "the server is shutting down: the reply was cut short",
+                        type="server_error",
+                        code="server_shutting_down",
+                    )
                 if loop.time() - checked >= POLL_S:  # not at every token: it costs
                     if await request.is_disconnected():
                         return
@@ -130,14 +161,17 @@ class ModelServer:
         finally:
             cancel.set()
 
-    def fit(self, prompt_ids: list[int], requested: int | None, prompt_param: str) -> int:
-        """The reply's token budget: `requested` (or the rest of the context) if the prompt and it fit the
-        context, else ApiError 400."""
+    def fit(
+        self, prompt_ids: list[int], requested: int | None, prompt_param: str, limit_param: str = "max_tokens"
+    ) -> int:
+        """The reply's token budget: `requested` (the request's `limit_param`, else the rest of the context) if
+        the prompt and it fit the context, else ApiError 400."""
         if requested is not None and requested > self.context:
             raise ApiError(
                 400,
-                f"max_tokens is {requested}, more than the model's context of {self.context} tokens: ask for fewer",
-                param="max_tokens",
+                f"{limit_param} is {requested}, more than the model's context of {self.context} tokens: ask for "
+                "fewer",
+                param=limit_param,
                 code="context_length_exceeded",
             )
         budget = requested if requested is not None else self.context - len(prompt_ids)
@@ -145,7 +179,7 @@ class ModelServer:
             raise ApiError(
                 400,
                 f"the prompt is {len(prompt_ids)} tokens and the reply may be {max(budget, 1)}: more than the "
-                f"model's context of {self.context} tokens; shorten the {prompt_param} or lower max_tokens",
+                f"model's context of {self.context} tokens; shorten the {prompt_param} or lower {limit_param}",
                 param=prompt_param,
                 code="context_length_exceeded",
             )
@@ -165,19 +199,116 @@ def chat_page() -> str:
     return resources.files("talm.use").joinpath("page", "chat.html").read_text(encoding="utf-8")
 
 
+class RequestRecord:
+    """What one request's log line says beyond HTTP: its tokens and its error. Routes fill it in
+    (`request_record`); `RequestLog` writes the line."""
+
+    def __init__(self) -> None:
+        self.prompt_tokens: int | None = None
+        self.stats: ReplyStats | None = None
+        self.error: str | None = None
+
+    def describe(self) -> str:
+        parts = []
+        if self.prompt_tokens is not None and self.stats is not None:
+            why = f" ({self.stats.finish_reason})" if self.stats.finish_reason else ""
+            parts.append(f"{self.prompt_tokens} prompt + {self.stats.tokens} reply tokens{why}")
+        if self.error:
+            parts.append(f"error: {self.error}")
+        return ", ".join(parts)
+
+
+_RECORD = "talm_record"  # its key in the request's ASGI state
+
+
+def request_record(request: Request) -> RequestRecord:
+    return request.scope.setdefault("state", {}).setdefault(_RECORD, RequestRecord())
+
+
+def describe_exception(err: BaseException) -> str:
+    """An exception in one line: its type, message and the line that raised it."""
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f" at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else ""
+    message = " ".join(str(err).split())
+    return f"{type(err).__name__}: {message}{where}" if message else f"{type(err).__name__}{where}"
+
+
+class RequestLog:
+    """ASGI middleware: one log line per HTTP request (client, method, path, status, tokens, seconds). An
+    exception that no route handled is answered here, never left to uvicorn (which logs a traceback and drops the
+    connection): a 500 in OpenAI's shape if the response has not started, else the response is ended. A request
+    cancelled while the server stops (asyncio cancels what is left) ends its response the same way, quietly."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        record = scope.setdefault("state", {}).setdefault(_RECORD, RequestRecord())
+        response: dict[str, Any] = {"status": None, "complete": False}
+        start = time.perf_counter()
+
+        async def sending(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                response["status"] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                response["complete"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except (
+            asyncio.CancelledError
+        ):  # the server is stopping: end the response rather than raise into uvicorn
+            record.error = "cut short: the server stopped"
+            await self._finish(sending, response, ApiError(503, "the server stopped", type="server_error"))
+        except Exception as err:
+            record.error = describe_exception(err)
+            await self._finish(
+                sending, response, ApiError(500, f"the server failed: {err}", type="server_error")
+            )
+        finally:
+            client = scope.get("client")
+            who = f"{client[0]} " if client else ""
+            status = response["status"] or "-"
+            details = record.describe()
+            log.info(
+                f"{who}{scope['method']} {scope['path']} {status}{', ' + details if details else ''}, "
+                f"{time.perf_counter() - start:.2f} s"
+            )
+
+    @staticmethod
+    async def _finish(send: Any, response: dict[str, Any], err: ApiError) -> None:
+        with contextlib.suppress(Exception):  # the client may be gone
+            if response["status"] is None:
+                body = json.dumps(err.body()).encode()
+                headers = [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ]
+                await send({"type": "http.response.start", "status": err.status, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+            elif not response["complete"]:
+                await send({"type": "http.response.body", "body": b""})
+
+
 def create_app(model: GPT, tokenizer: Tokenizer, name: str, *, workers: int = 8) -> FastAPI:
     """The web app serving `model` under the model id `name`."""
     server = ModelServer(model, tokenizer, name, workers=workers)
     app = FastAPI(title="talm", docs_url=None, redoc_url=None)
     app.state.server = server
+    app.add_middleware(RequestLog)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+        request_record(request).error = err.message
         return error_response(err)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        return error_response(validation_error(list(err.errors())))
+        return await _api_error(request, validation_error(list(err.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -186,25 +317,64 @@ def create_app(model: GPT, tokenizer: Tokenizer, name: str, *, workers: int = 8)
             ApiError(err.status_code, f"{request.method} {request.url.path}: {err.detail}", code=code)
         )
 
-    @app.exception_handler(Exception)
-    async def _failed(request: Request, err: Exception) -> JSONResponse:
-        return error_response(ApiError(500, f"the server failed: {err}", type="server_error"))
+    add_info_routes(app, server)
 
-    def check_model(requested: str) -> None:
-        if requested != name:
-            raise ApiError(
-                404,
-                f"the model {requested!r} does not exist: this server serves {name!r}",
-                param="model",
-                code="model_not_found",
-            )
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatRequest, request: Request) -> Any:
+        check_model(server, body.model)
+        try:
+            prompt_ids = server.chat_format.render_prompt([m.as_chat() for m in body.messages])
+        except BadConversation as err:
+            raise ApiError(400, str(err), param="messages") from None
+        return await respond(server, body, request, prompt_ids, Reply(name, chat=True))
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        check_model(server, body.model)
+        assert isinstance(body.prompt, str)  # the validator made one string of it
+        try:
+            prompt_ids = encode_prompt(tokenizer, body.prompt)
+        except TalmError as err:
+            raise ApiError(400, str(err), param="prompt") from None
+        return await respond(server, body, request, prompt_ids, Reply(name, chat=False))
+
+    return app
+
+
+def check_model(server: ModelServer, requested: str) -> None:
+    if requested != server.name:
+        raise ApiError(
+            404,
+            f"the model {requested!r} does not exist: this server serves {server.name!r}",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def add_info_routes(app: FastAPI, server: ModelServer) -> None:
+    """GET /, /health, /v1/models and /v1/models/ID."""
 
     def model_card() -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": 0, "owned_by": "talm"}
+        # beyond OpenAI's card: the context, and the reply length `chat` reserves by default (the page's default)
+        default_max_tokens = server.context - prompt_budget(server.context, SampleConfig().max_new_tokens)
+        return {
+            "id": server.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "talm",
+            "context_length": server.context,
+            "default_max_tokens": default_max_tokens,
+        }
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
         return chat_page()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if server.stop_at is not None:
+            return JSONResponse({"status": "stopping", "model": server.name}, status_code=503)
+        return JSONResponse({"status": "ok", "model": server.name})
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -212,57 +382,86 @@ def create_app(model: GPT, tokenizer: Tokenizer, name: str, *, workers: int = 8)
 
     @app.get("/v1/models/{model_id:path}")
     async def one_model(model_id: str) -> dict[str, Any]:
-        check_model(model_id)
+        check_model(server, model_id)
         return model_card()
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatRequest, request: Request) -> Any:
-        check_model(body.model)
+
+async def respond(
+    server: ModelServer,
+    body: ChatRequest | CompletionRequest,
+    request: Request,
+    prompt_ids: list[int],
+    reply: Reply,
+) -> Any:
+    """The reply to a request whose prompt is `prompt_ids`: whole, or as server-sent events."""
+    prompt_param = "messages" if reply.chat else "prompt"
+    limit_param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+    config = body.sample_config(server.fit(prompt_ids, body.token_limit, prompt_param, limit_param))
+    stats = ReplyStats()
+    record = request_record(request)
+    record.prompt_tokens, record.stats = len(prompt_ids), stats
+    pieces = server.stream(prompt_ids, config, stats, request, stop=body.stop)
+    if not body.stream:
+        text = "".join([piece async for piece in pieces])
+        return reply.complete(text, stats.finish_reason, usage(len(prompt_ids), stats.tokens))
+
+    async def events() -> AsyncIterator[str]:
         try:
-            prompt_ids = server.chat_format.render_prompt([m.as_chat() for m in body.messages])
-        except BadConversation as err:
-            raise ApiError(400, str(err), param="messages") from None
-        return await respond(body, request, prompt_ids, Reply(name, chat=True))
+            if reply.chat:  # OpenAI's first chat chunk names the role
+                yield sse(reply.chunk([reply.choice("", None, first=True)]))
+            async for piece in pieces:
+                yield sse(reply.chunk([reply.choice(piece, None)]))
+            if stats.finish_reason is None:  # the client left: nobody to tell
+                return
+            yield sse(reply.chunk([reply.choice(None, stats.finish_reason)]))
+            if body.include_usage:
+                yield sse(reply.chunk([], usage(len(prompt_ids), stats.tokens)))
+            yield sse("[DONE]")
+        except Exception as err:  # the headers are sent: an error event is all a client can still get
+            if not isinstance(err, ApiError):
+                record.error = describe_exception(err)
+                err = ApiError(500, f"generation failed: {err}", type="server_error")
+            else:
+                record.error = err.message
+            yield sse(err.body())
+        finally:
+            await pieces.aclose()
 
-    @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest, request: Request) -> Any:
-        check_model(body.model)
-        assert isinstance(body.prompt, str)  # the validator made one string of it
-        try:
-            prompt_ids = encode_prompt(tokenizer, body.prompt)
-        except TalmError as err:
-            raise ApiError(400, str(err), param="prompt") from None
-        return await respond(body, request, prompt_ids, Reply(name, chat=False))
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
-    async def respond(
-        body: ChatRequest | CompletionRequest, request: Request, prompt_ids: list[int], reply: Reply
-    ) -> Any:
-        prompt_param = "messages" if reply.chat else "prompt"
-        config = body.sample_config(server.fit(prompt_ids, body.token_limit, prompt_param))
-        stats = ReplyStats()
-        pieces = server.stream(prompt_ids, config, stats, request, stop=body.stop)
-        if not body.stream:
-            text = "".join([piece async for piece in pieces])
-            return reply.complete(text, stats.finish_reason, usage(len(prompt_ids), stats.tokens))
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                if reply.chat:  # OpenAI's first chat chunk names the role
-                    yield sse(reply.chunk([reply.choice("", None, first=True)]))
-                async for piece in pieces:
-                    yield sse(reply.chunk([reply.choice(piece, None)]))
-                if stats.finish_reason is None:  # the client left: nobody to tell
-                    return
-                yield sse(reply.chunk([reply.choice(None, stats.finish_reason)]))
-                if body.include_usage:
-                    yield sse(reply.chunk([], usage(len(prompt_ids), stats.tokens)))
-                yield sse("[DONE]")
-            except Exception as err:  # the headers are sent: an error event is all a client can still get
-                yield sse(ApiError(500, f"generation failed: {err}", type="server_error").body())
-            finally:
-                await pieces.aclose()
+def run_server(app: FastAPI, host: str, port: int) -> None:
+    """Serve `app` with uvicorn until Ctrl-C (or SIGTERM), logging each request on stderr. The first signal stops
+    taking connections and gives open replies GRACE_S to end; a second ends them now; a third exits at once."""
+    import uvicorn
 
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+    server: ModelServer = app.state.server
 
-    return app
+    class Server(uvicorn.Server):
+        # uvicorn's own handler re-raised the signals once stopped, and a second Ctrl-C cancelled open replies
+        # inside asyncio.run: tracebacks. Here replies end by themselves (ModelServer.stop) and nothing re-raises.
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not self.should_exit:
+                print(
+                    f"serve: stopping: open replies may go on {GRACE_S:g} s (Ctrl-C again ends them now)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                server.stop(GRACE_S)
+                self.should_exit = True
+            elif not server.stopped():
+                server.stop(0)
+            else:
+                self.force_exit = True
+
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("serve: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(GRACE_S) + 2
+    )
+    Server(config).run()
