@@ -84,8 +84,9 @@ def test_resume_config_and_architecture_check(tiny_data: Path, in_tmp: Path) -> 
     layers = [{"train": {"max_steps": 8}, "data": {"dir": str(tiny_data)}}]
     cfg, resume_from = resolve_run("models/m", layers)
     assert resume_from == Path("models/m/latest") and cfg.model.d_model == 64 and cfg.train.max_steps == 8
+    cfg, resume_from = resolve_run("models/m", [{"model": {"d_model": 32}}])
     with pytest.raises(TalmError, match=r"another architecture \(d_model 64 -> 32\)"):
-        resolve_run("models/m", [{"model": {"d_model": 32}}])
+        Trainer(cfg, "models/m", resume_from=resume_from)  # resume.plan_resume, before anything is built
     cfg, resume_from = resolve_run("models/m", [{"model": {"d_model": 32, "n_head": 2}}], restart=True)
     assert resume_from is None and cfg.model.d_model == 32
     result = Trainer(

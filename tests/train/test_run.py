@@ -10,6 +10,7 @@ import torch
 from talm.errors import TalmError
 from talm.train import precision, rundir
 from talm.train.precision import Precision, autocast_dtype
+from talm.train.loop import Trainer
 from talm.train.run import config_layers, resolve_run, train_model
 
 
@@ -91,5 +92,6 @@ def test_a_run_saved_before_the_architecture_options_resumes(tiny_data: Path, in
     meta_path.write_text(json.dumps(meta))
     cfg, resume_from = resolve_run(in_tmp / "m", [layer | {"train": layer["train"] | {"max_steps": 3}}])
     assert resume_from == in_tmp / "m" / "latest" and cfg.model.mlp == "swiglu" and not cfg.model.qk_norm
+    cfg, resume_from = resolve_run(in_tmp / "m", [layer | {"model": layer["model"] | {"qk_norm": True}}])
     with pytest.raises(TalmError, match=r"another architecture \(qk_norm False -> True\)"):
-        resolve_run(in_tmp / "m", [layer | {"model": layer["model"] | {"qk_norm": True}}])
+        Trainer(cfg, in_tmp / "m", resume_from=resume_from)

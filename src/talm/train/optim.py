@@ -7,7 +7,7 @@ clipping and checkpoints. AdamW decays matrices, not the RMSNorm gains.
 
 The schedule (`--optim.schedule`: cosine or warmup-stable-decay) is a multiplier in [0, 1], a pure function of
 the step, applied to each parameter group's own peak lr (`lr` for AdamW, `muon_lr` for Muon), so the groups
-keep their ratio and the schedule needs no state to resume. The one exception is a re-warm (`rewarm_segment`):
+keep their ratio and the schedule needs no state to resume. The one exception is a re-warm (`talm.train.resume.rewarm_segment`):
 a resume whose new settings would raise the lr more than one warmup step does is refused, or with
 `--optim.rewarm` warmed up from the lr the run had to the new schedule; that segment is saved with the run.
 """
@@ -105,47 +105,6 @@ def schedule(cfg: OptimConfig, max_steps: int, segment: dict | None = None) -> C
     """The lr of AdamW's groups (peak `cfg.lr`) at each step, re-warmed over `segment` if given."""
     mult = rewarmed(multiplier(cfg, max_steps), segment, cfg.warmup_steps)
     return lambda step: cfg.lr * mult(step)
-
-
-def rewarm_segment(
-    saved: dict[str, Any], new: OptimConfig, new_max_steps: int, step: int, segment: dict | None
-) -> tuple[dict | None, str | None]:
-    """Whether resuming at `step` keeps the lr continuous. `saved` is the resumed run's config (checkpoint.json
-    "config"), `segment` its saved re-warm (or None). The new schedule may follow the saved one, or fall below
-    it; it may not rise above both the saved lr and the last lr plus one warmup step (1/warmup_steps of the
-    peak: what warmup itself does per step). Returns (the segment to train with, a line saying what happened);
-    TalmError naming the choices if it would rise further and --optim.rewarm is off."""
-    try:
-        old_cfg = OptimConfig.model_validate(saved["optim"])
-        old_max = int(saved["train"]["max_steps"])
-    except (KeyError, TypeError, ValueError):  # a config without a schedule we can read: nothing to compare
-        return segment, None
-    old = rewarmed(multiplier(old_cfg, old_max), segment, old_cfg.warmup_steps)
-    new_mult = rewarmed(multiplier(new, new_max_steps), segment, new.warmup_steps)
-    if step <= 0:
-        return segment, None
-    last, now = old(step - 1), new_mult(step)
-    allowed = max(old(step), last + 1.0 / max(new.warmup_steps, 1))
-    if now <= allowed + 1e-12:
-        return segment, None
-    fields = ("schedule", "warmup_steps", "min_lr_ratio", "decay_fraction")
-    changes = [f"max_steps {old_max} -> {new_max_steps}"] if old_max != new_max_steps else []
-    changes += [
-        f"{k} {getattr(old_cfg, k)} -> {getattr(new, k)}"
-        for k in fields
-        if getattr(old_cfg, k) != getattr(new, k)
-    ]
-    what = ", ".join(changes) or "these settings"
-    was, would = f"{old_cfg.lr * last:.3g}", f"{new.lr * now:.3g}"  # AdamW's lr, the one metrics.jsonl logs
-    if not new.rewarm:
-        raise TalmError(
-            f"resuming at step {step} with {what} would raise the lr from {was} to {would} at once: keep "
-            f"--max-steps {old_max} and the saved schedule, pass --optim.rewarm to warm up from {was} to the new "
-            f"schedule over {new.warmup_steps} steps, or --restart to train from scratch"
-        )
-    return {"step": step, "from": last}, (
-        f"{what}: re-warming the lr from {was} to the new schedule ({would}) over {new.warmup_steps} steps"
-    )
 
 
 # ------------------------------------------------------------------------------------------------ optimizers

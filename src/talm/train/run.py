@@ -18,7 +18,6 @@ from typing import Any
 
 from talm.config import load_toml, merge, validate
 from talm.errors import TalmError
-from talm.model.config import ModelConfig
 from talm.train import dist, rundir
 from talm.train.checkpoint import read_meta
 from talm.train.config import PRESETS, RunConfig
@@ -84,19 +83,6 @@ def resolve_run(
     cfg = validate(RunConfig, data, flag_names)
     if checkpoint is None and cfg.train.init_from:
         check_data(cfg.train.init_from, cfg.data.dir)
-    if checkpoint is not None:
-        # The saved config with today's defaults filled in: a field added since (an architecture option) holds
-        # its default, which is what the saved model computes.
-        saved = ModelConfig.model_validate(base["model"]).model_dump()
-        if cfg.model.vocab_size is None:
-            cfg.model.vocab_size = saved["vocab_size"]
-        changed = {k: (saved[k], v) for k, v in cfg.model.model_dump().items() if saved[k] != v}
-        if changed:
-            diff = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
-            raise TalmError(
-                f"{str(model_dir)!r} holds a model with another architecture ({diff}): pick a new "
-                "--model-name, drop the differing settings to resume it, or pass --restart to start it over"
-            )
     return cfg, checkpoint
 
 
