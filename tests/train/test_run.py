@@ -9,8 +9,8 @@ import torch
 
 from talm.errors import TalmError
 from talm.train import precision, rundir
-from talm.train.precision import Precision, autocast_dtype
 from talm.train.loop import Trainer
+from talm.train.precision import Precision, autocast_dtype
 from talm.train.run import config_layers, resolve_run, train_model
 
 

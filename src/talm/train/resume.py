@@ -32,8 +32,14 @@ SHAPE = "the saved weights were trained for it"
 
 # field -> (decision, why: the reason a note or a refusal gives)
 POLICY: dict[str, tuple[str, str]] = {
-    **{f"model.{k}": (ARCH, SHAPE) for k in ("vocab_size", "context_length", "n_layer", "n_head", "n_kv_head")},
-    **{f"model.{k}": (ARCH, SHAPE) for k in ("d_model", "arch", "mlp", "mlp_hidden", "rope_theta", "norm_eps")},
+    **{
+        f"model.{k}": (ARCH, SHAPE)
+        for k in ("vocab_size", "context_length", "n_layer", "n_head", "n_kv_head")
+    },
+    **{
+        f"model.{k}": (ARCH, SHAPE)
+        for k in ("d_model", "arch", "mlp", "mlp_hidden", "rope_theta", "norm_eps")
+    },
     **{f"model.{k}": (ARCH, SHAPE) for k in ("qk_norm", "logit_softcap", "zero_init_proj", "tie_embeddings")},
     "model.dropout": (NOTE, "a regularisation of training; the weights carry on"),
     "optim.name": (REFUSED, "the saved optimizer state is the other optimizer's"),
@@ -53,7 +59,10 @@ POLICY: dict[str, tuple[str, str]] = {
     **{f"train.{k}": (SILENT, "") for k in ("eval_tasks_dir", "report_to", "parallel", "deterministic")},
     **{f"train.{k}": (SILENT, "") for k in ("activation_checkpointing", "sample_every", "sample_prompts")},
     "train.sample_tokens": (SILENT, ""),
-    "train.eval_tokens": (NOTE, "val losses are now measured on another slice, best/ compares them all the same"),
+    "train.eval_tokens": (
+        NOTE,
+        "val losses are now measured on another slice, best/ compares them all the same",
+    ),
     "train.dtype": (NOTE, "another precision for the remaining steps"),
     "train.isolate_conversations": (NOTE, "which conversations of a packed row see each other"),
     "train.seed": (KEPT, "a resumed run continues its checkpoint's data order and random state"),
@@ -181,7 +190,9 @@ def keep_global_batch(
     micro = t.batch_size * cfg.model.context_length * world_size
     if saved is None or (t.tokens_per_step or micro) == saved:
         if old.train.batch_size != t.batch_size:
-            return [f"train.batch_size {old.train.batch_size} -> {t.batch_size}: the same {saved} tokens per step"]
+            return [
+                f"train.batch_size {old.train.batch_size} -> {t.batch_size}: the same {saved} tokens per step"
+            ]
         return []
     was_processes = len(trainer_state.get("rng") or []) or "?"
     if t.tokens_per_step not in (None, old.train.tokens_per_step):
