@@ -95,3 +95,40 @@ def test_a_run_saved_before_the_architecture_options_resumes(tiny_data: Path, in
     cfg, resume_from = resolve_run(in_tmp / "m", [layer | {"model": layer["model"] | {"qk_norm": True}}])
     with pytest.raises(TalmError, match=r"another architecture \(qk_norm False -> True\)"):
         Trainer(cfg, in_tmp / "m", resume_from=resume_from)
+
+
+def test_restart_deletes_everything_the_old_run_wrote_and_nothing_else(tiny_data: Path, in_tmp: Path) -> None:
+    """--restart removes every output of the earlier run (rundir.RUN_OUTPUTS: checkpoints, metrics, plot,
+    evaluate's evals/, the trackers' files), so no old score is merged into the new run's; a file talm did not
+    write stays. A directory holding only evals/ is an earlier run: a fresh start without --restart is refused."""
+    import json
+
+    from talm.eval.runner import TaskResult, read_results, write_results
+
+    layer = {
+        "model": {"n_layer": 1, "n_head": 2, "d_model": 32, "context_length": 32},
+        "train": {"max_steps": 2, "batch_size": 4, "eval_every": 100, "save_every": 100, "device": "cpu"},
+        "data": {"dir": str(tiny_data)},
+    }
+    d = in_tmp / "models" / "m"
+    old = TaskResult("hellaswag", {"acc": 0.9, "acc_norm": 0.9}, 0.25, 10, 1.0)
+    write_results(d, 2, [old])  # as `evaluate` scores the old run's step 2
+    with pytest.raises(TalmError, match=r"holds an earlier run \(evals/\)"):
+        rundir.check_fresh_start(d)
+    cfg, _ = resolve_run(d, [layer], restart=True)
+    Trainer(cfg, d, restart=True).run()
+    for name in ("tensorboard", "wandb"):  # the trackers' directories, as their sinks make them
+        (d / name).mkdir()
+        (d / name / "events").write_text("old")
+    (d / "wandb_run_id").write_text("0123\n")
+    (d / "loss.png").write_bytes(b"old plot")
+    write_results(d, 2, [old])
+    (d / "notes.txt").write_text("mine")  # not talm's: never deleted
+    cfg, _ = resolve_run(d, [layer], restart=True)
+    Trainer(cfg, d, restart=True).run()
+    assert not (d / "evals").exists() and not (d / "wandb").exists() and not (d / "tensorboard").exists()
+    assert not (d / "wandb_run_id").exists() and (d / "notes.txt").read_text() == "mine"
+    assert (d / "loss.png").read_bytes() != b"old plot"
+    assert [json.loads(line)["step"] for line in (d / "metrics.jsonl").read_text().splitlines()] == [2, 2]
+    new = TaskResult("arc_easy", {"acc": 0.5, "acc_norm": 0.5}, 0.25, 10, 1.0)
+    assert set(read_results(write_results(d, 2, [new]))["tasks"]) == {"arc_easy"}  # nothing merged
