@@ -132,3 +132,35 @@ def test_restart_deletes_everything_the_old_run_wrote_and_nothing_else(tiny_data
     assert [json.loads(line)["step"] for line in (d / "metrics.jsonl").read_text().splitlines()] == [2, 2]
     new = TaskResult("arc_easy", {"acc": 0.5, "acc_norm": 0.5}, 0.25, 10, 1.0)
     assert set(read_results(write_results(d, 2, [new]))["tasks"]) == {"arc_easy"}  # nothing merged
+
+
+def test_a_preset_is_checked_against_its_data(tiny_data: Path, in_tmp: Path) -> None:
+    """--preset sft on plain text (no loss masks) would learn every token: refused before anything is written;
+    a text preset on conversation data is said in one line (the loss is on the replies only)."""
+    import json
+
+    from conftest import BASE_TOKENIZER
+
+    from talm.data.config import DownloadConfig
+    from talm.data.prepare import prepare
+    from talm.train.config import PRESET_DATA, PRESETS
+    from talm.train.run import preset_data_note
+
+    assert set(PRESET_DATA) == set(PRESETS)  # every preset says what data it is for
+    with pytest.raises(
+        TalmError, match=r"--preset sft fine-tunes on conversations .* holds plain text"
+    ) as err:
+        train_model("m", tiny_data, preset_name="sft", overrides={"train": {"device": "cpu"}})
+    assert "download_data smoltalk" in str(err.value) and "--preset finetune" in str(err.value)
+    assert not Path("models").exists()
+    chats = [[{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "yo"}] for i in range(40)]
+    Path("chats.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats), encoding="utf-8")
+    cfg = DownloadConfig(
+        dataset="chats", data_files=["chats.jsonl"], conversations=True, tokenizer_path=BASE_TOKENIZER,
+        data_root=Path("data"), val_tokens=50,
+    )  # fmt: skip
+    conversations = prepare(cfg, progress=False).out_dir
+    assert preset_data_note("sft", conversations) is None and preset_data_note("tiny", tiny_data) is None
+    note = preset_data_note("tiny", conversations)
+    assert note is not None and "\n" not in note
+    assert "--preset tiny is a recipe for plain text" in note and "on the assistant's replies only" in note
