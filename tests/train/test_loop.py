@@ -283,3 +283,26 @@ def test_evaluate_makes_no_float64_tensor_and_keeps_its_value(tiny_data: Path, i
             total += trainer.model(x, y)[1].double() * y.numel()
             count += y.numel()
     assert val_loss == (total / count).item() and bpb is not None
+
+
+def test_the_progress_bar_shows_the_last_val_loss(
+    tiny_data: Path, in_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After each evaluation the bar shows its val loss beside the train loss, until the next one."""
+    import talm.train.steps
+
+    shown: list[tuple[int, dict]] = []  # (the bar's step, its fields) at each update of the fields
+
+    class Bar(talm.train.steps.tqdm):
+        def set_postfix(self, ordered_dict=None, refresh=True, **kwargs) -> None:
+            shown.append((self.n, dict(ordered_dict or {}, **kwargs)))
+            super().set_postfix(ordered_dict, refresh, **kwargs)
+
+    monkeypatch.setattr(talm.train.steps, "tqdm", Bar)
+    Trainer(run_config(tiny_data, log_every=2), "models/m").run()
+    val = {r["step"]: r["val_loss"] for r in read_metrics("models/m") if "val_loss" in r}
+    assert sorted(val) == [3, 6]
+    # logs at steps 2, 4, 6 and evaluations at 3 and 6: each evaluation's loss shown from it on
+    v3, v6 = f"{val[3]:.4f}", f"{val[6]:.4f}"
+    assert [fields.get("val") for _, fields in shown] == [None, v3, v3, v3, v6]
+    assert all("loss" in fields for _, fields in shown)  # beside the train loss
