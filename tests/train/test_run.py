@@ -153,8 +153,12 @@ def test_a_preset_is_checked_against_its_data(tiny_data: Path, in_tmp: Path) -> 
         train_model("m", tiny_data, preset_name="sft", overrides={"train": {"device": "cpu"}})
     assert "download_data smoltalk" in str(err.value) and "--preset finetune" in str(err.value)
     assert not Path("models").exists()
-    chats = [[{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "yo"}] for i in range(40)]
-    Path("chats.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats), encoding="utf-8")
+    chats = [
+        [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "yo"}] for i in range(40)
+    ]
+    Path("chats.jsonl").write_text(
+        "".join(json.dumps({"messages": c}) + "\n" for c in chats), encoding="utf-8"
+    )
     cfg = DownloadConfig(
         dataset="chats", data_files=["chats.jsonl"], conversations=True, tokenizer_path=BASE_TOKENIZER,
         data_root=Path("data"), val_tokens=50,

@@ -37,7 +37,16 @@ TOKENIZER_FILE = "tokenizer.json"
 # start): the checkpoints, the metrics and the plot drawn from them, `evaluate`'s scores (evals/), the trackers'
 # files (wandb/ is W&B's local directory, as WandbSink sets it). What --restart deletes, and a trace of an
 # earlier run; nothing else in models/NAME is touched.
-RUN_OUTPUTS = ("latest", "best", "metrics.jsonl", "loss.png", EVALS_DIR, "tensorboard", "wandb_run_id", "wandb")
+RUN_OUTPUTS = (
+    "latest",
+    "best",
+    "metrics.jsonl",
+    "loss.png",
+    EVALS_DIR,
+    "tensorboard",
+    "wandb_run_id",
+    "wandb",
+)
 OTHER_NAME = "pick another --model-name"
 
 
