@@ -70,14 +70,12 @@ def test_a_10x_peak_lr_raise_is_refused_without_rewarm(peak: str) -> None:
     msg = str(err.value)
     assert "\n" not in msg and f"optim.{peak} " in msg and "10x at once" in msg
     assert f"keep --optim.{peak} " in msg and "--optim.rewarm" in msg and "--restart" in msg
-    # re-warmed: accepted, every group starting at or below the lr it had
+    # re-warmed: accepted, every group starting at the lr it had (step 1 of a 4-step warmup: half its peak)
     cfg, p = plan(MUON_UNTIED, changed(raised, "optim", rewarm=True))
     assert p.lr_segment is not None and p.lr_segment["step"] == 2
     assert any("re-warming" in n for n in p.notes)
-    for old_peak, new_peak in zip(
-        resume.peaks(validate(RunConfig, MUON_UNTIED).optim), resume.peaks(cfg.optim), strict=True
-    ):
-        assert new_peak * p.lr_segment["from"] <= old_peak * (1 + 1e-12)
+    old, new = resume.peaks(validate(RunConfig, MUON_UNTIED).optim), resume.peaks(cfg.optim)
+    assert {k: new[k] * p.lr_segment["from"][k] for k in new} == pytest.approx({k: old[k] * 0.5 for k in old})
 
 
 def test_a_lower_peak_is_said_and_a_rewarm_without_warmup_refused() -> None:

@@ -31,7 +31,7 @@ from talm.train.config import RunConfig
 from talm.train.evaluate import evaluate, scores_text
 from talm.train.inputs import accumulation, load_inputs, make_loaders
 from talm.train.metrics import MetricsLog
-from talm.train.optim import apply_schedule, build_optimizer, multiplier
+from talm.train.optim import apply_schedule, build_optimizer, group_multipliers
 from talm.train.packing import ConversationLoader, micro_batches
 from talm.train.parallel import Parallel
 from talm.train.precision import Precision, set_deterministic
@@ -148,7 +148,7 @@ class Trainer:
         self.task_scores = TrainingTasks.of_run(self.tokenizer, t, self.precision.autocast)  # --eval-tasks
         # A multiplier of each group's peak lr, re-warmed over the segment a resume decided (resume.rewarm_segment).
         self.lr_segment = plan.lr_segment
-        self.lr_mult = multiplier(cfg.optim, t.max_steps)
+        self.lr_mult = group_multipliers(cfg.optim, t.max_steps, None)
 
         self.step = 0
         self.tokens_seen = 0

@@ -86,12 +86,16 @@ def multiplier(cfg: OptimConfig, max_steps: int) -> Callable[[int], float]:
     return lambda step: lr_at(step, max_lr=1.0, shape=cfg.schedule, decay_fraction=cfg.decay_fraction, **kw)
 
 
-def rewarmed(base: Callable[[int], float], segment: dict | None, warmup_steps: int) -> Callable[[int], float]:
+def rewarmed(
+    base: Callable[[int], float], segment: dict | None, warmup_steps: int, group: str = "lr"
+) -> Callable[[int], float]:
     """`base`, except over the `warmup_steps` steps from segment["step"]: a linear blend from the multiplier
-    segment["from"] (the lr the run had) to `base` (reached at the segment's last step)."""
+    segment["from"] (the lr the run had, as a multiplier of the group's peak: one number for every group, or one
+    per group of `PEAKS`) to `base` (reached at the segment's last step)."""
     if not segment or warmup_steps <= 0:
         return base
-    start, origin = int(segment["step"]), float(segment["from"])
+    start, origin = int(segment["step"]), segment["from"]
+    origin = float(origin[group] if isinstance(origin, dict) else origin)
 
     def mult(step: int) -> float:
         if not start <= step < start + warmup_steps:
@@ -99,6 +103,19 @@ def rewarmed(base: Callable[[int], float], segment: dict | None, warmup_steps: i
         return origin + (base(step) - origin) * (step - start + 1) / warmup_steps
 
     return mult
+
+
+# The peak lrs of the parameter groups (OptimConfig fields): AdamW's, Muon's matrices', the untied embedding's.
+PEAKS = ("lr", "muon_lr", "embedding_lr")
+
+
+def group_multipliers(
+    cfg: OptimConfig, max_steps: int, segment: dict | None
+) -> Callable[[int], dict[str, float]]:
+    """Each peak's multiplier at a step (`apply_schedule`'s): the schedule, re-warmed per group over `segment`."""
+    base = multiplier(cfg, max_steps)
+    mults = {k: rewarmed(base, segment, cfg.warmup_steps, k) for k in PEAKS}
+    return lambda step: {k: mult(step) for k, mult in mults.items()}
 
 
 def schedule(cfg: OptimConfig, max_steps: int, segment: dict | None = None) -> Callable[[int], float]:
@@ -313,19 +330,22 @@ def muon_momentum(cfg: OptimConfig, step: int) -> float:
     return (1 - frac) * min(MUON_MOMENTUM_START, cfg.muon_momentum) + frac * cfg.muon_momentum
 
 
-def apply_schedule(optimizer: Optimizer, cfg: OptimConfig, step: int, mult: float) -> float:
+def apply_schedule(
+    optimizer: Optimizer, cfg: OptimConfig, step: int, mult: float | dict[str, float]
+) -> float:
     """Set every group's lr to its own peak (muon_lr for Muon's, embedding_lr for an untied embedding's, lr for
-    the other AdamW groups) times `mult`, and Muon's momentum to its value at `step`. Returns AdamW's lr (the one
-    logged; the other groups keep their ratio to it)."""
+    the other AdamW groups) times `mult` (one for all, or per peak: `group_multipliers`), and Muon's momentum to
+    its value at `step`. Returns AdamW's lr (the one logged)."""
+    mults = mult if isinstance(mult, dict) else dict.fromkeys(PEAKS, mult)
     momentum = muon_momentum(cfg, step)
     for group in optimizer.param_groups:
         if is_muon(group):
-            group["lr"], group["momentum"] = cfg.muon_lr * mult, momentum
+            group["lr"], group["momentum"] = cfg.muon_lr * mults["muon_lr"], momentum
         elif group.get("embedding") and cfg.embedding_lr is not None:
-            group["lr"] = cfg.embedding_lr * mult
+            group["lr"] = cfg.embedding_lr * mults["embedding_lr"]
         else:
-            group["lr"] = cfg.lr * mult
-    return cfg.lr * mult
+            group["lr"] = cfg.lr * mults["lr"]
+    return cfg.lr * mults["lr"]
 
 
 def inner_optimizers(optimizer: Optimizer) -> list[torch.optim.Optimizer]:

@@ -22,7 +22,7 @@ from typing import Any
 
 from talm.errors import TalmError
 from talm.train.config import OptimConfig, RunConfig
-from talm.train.optim import multiplier, rewarmed
+from talm.train.optim import PEAKS, multiplier, rewarmed
 
 SILENT, NOTE, ARCH, REFUSED, KEPT, PEAK, SCHEDULE, BATCH = (
     "silent", "note", "architecture", "refused", "kept", "peak", "schedule", "global batch",
@@ -215,10 +215,10 @@ def keep_global_batch(
     ]
 
 
-def peaks(cfg: OptimConfig) -> list[float]:
-    """Each parameter group's peak lr in use: AdamW's, Muon's (with muon), the embedding's (when set)."""
-    used = [cfg.lr] + ([cfg.muon_lr] if cfg.name == "muon" else [])
-    return used + ([cfg.embedding_lr] if cfg.embedding_lr is not None else [])
+def peaks(cfg: OptimConfig) -> dict[str, float]:
+    """Each parameter group's peak lr in use (optim.PEAKS): AdamW's, Muon's (with muon), the embedding's (set)."""
+    used = {"lr": cfg.lr} | ({"muon_lr": cfg.muon_lr} if cfg.name == "muon" else {})
+    return used | ({"embedding_lr": cfg.embedding_lr} if cfg.embedding_lr is not None else {})
 
 
 def rewarm_segment(
@@ -229,33 +229,44 @@ def rewarm_segment(
     or fall below it; a group's lr may not rise above both its saved lr and its last lr plus one warmup step
     (1/warmup_steps of its peak: what warmup itself does per step). Returns (the segment to train with, a line
     saying what happened); TalmError naming the choices if it would rise further and --optim.rewarm is off. The
-    segment's start is a multiplier of the new peaks: the lowest at which no group starts above its last lr."""
+    segment starts each group at the lr it had (a multiplier of its new peak)."""
     try:
         old_cfg = OptimConfig.model_validate(saved["optim"])
         old_max = int(saved["train"]["max_steps"])
     except (KeyError, TypeError, ValueError):  # a config without a schedule we can read: nothing to compare
         return segment, None
-    old = rewarmed(multiplier(old_cfg, old_max), segment, old_cfg.warmup_steps)
-    new_mult = rewarmed(multiplier(new, new_max_steps), segment, new.warmup_steps)
     if step <= 0:
         return segment, None
-    ratios = [a / b for a, b in zip(peaks(old_cfg), peaks(new), strict=False)]  # each group's old peak / new
-    last, now = old(step - 1), new_mult(step)
-    allowed = min(max(r * old(step), r * last + 1.0 / max(new.warmup_steps, 1)) for r in ratios)
-    if now <= allowed + 1e-12:
+    old_peaks, new_peaks = peaks(old_cfg), peaks(new)
+    last, now, jumps = (
+        {},
+        {},
+        False,
+    )  # per group: its last lr and its next one, as multipliers of the new peak
+    for k in new_peaks.keys() & old_peaks.keys():
+        ratio = old_peaks[k] / new_peaks[k]
+        old = rewarmed(multiplier(old_cfg, old_max), segment, old_cfg.warmup_steps, k)
+        last[k], now[k] = (
+            ratio * old(step - 1),
+            rewarmed(multiplier(new, new_max_steps), segment, new.warmup_steps, k)(step),
+        )
+        jumps |= now[k] > max(ratio * old(step), last[k] + 1.0 / max(new.warmup_steps, 1)) + 1e-12
+    if not jumps:
         return segment, None
     fields = ("schedule", "warmup_steps", "min_lr_ratio", "decay_fraction", "lr", "muon_lr", "embedding_lr")
     changes = [f"max_steps {old_max} -> {new_max_steps}"] if old_max != new_max_steps else []
     changes += [f"{k} {getattr(old_cfg, k)} -> {getattr(new, k)}" for k in fields if getattr(old_cfg, k) != getattr(new, k)]  # fmt: skip
     what = ", ".join(changes) or "these settings"
-    was, would = f"{old_cfg.lr * last:.3g}", f"{new.lr * now:.3g}"  # AdamW's lr, the one metrics.jsonl logs
+    was, would = (
+        f"{new.lr * last['lr']:.3g}",
+        f"{new.lr * now['lr']:.3g}",
+    )  # AdamW's lr, the one metrics.jsonl logs
     if not new.rewarm:
         raise TalmError(
             f"resuming at step {step} with {what} would raise the lr from {was} to {would} at once: keep "
             f"--max-steps {old_max} and the saved schedule, pass --optim.rewarm to warm up from {was} to the new "
             f"schedule over {new.warmup_steps} steps, or --restart to train from scratch"
         )
-    start = min(r * last for r in ratios)
-    return {"step": step, "from": start}, (
+    return {"step": step, "from": {k: last.get(k, last["lr"]) for k in PEAKS}}, (
         f"{what}: re-warming the lr from {was} to the new schedule ({would}) over {new.warmup_steps} steps"
     )

@@ -47,12 +47,11 @@ from talm.train.checkpoint import (
 )
 from talm.train.optim import (
     check_kind,
+    group_multipliers,
     inner_optimizers,
     is_muon,
     keep_kernel,
     load_optimizer_state,
-    multiplier,
-    rewarmed,
 )
 from talm.train.rundir import OTHER_NAME, TOKENIZER_FILE
 
@@ -236,9 +235,7 @@ def restore(trainer: Trainer, checkpoint_dir: Path, saved: tuple[dict[str, Any],
             load_optimizer_state(tr.optimizer, state["optimizer"])
         except (ValueError, KeyError, TypeError) as err:
             raise optimizer_misfit(checkpoint_dir / TRAINER_STATE, str(err)) from None
-    tr.lr_mult = rewarmed(
-        multiplier(tr.cfg.optim, tr.cfg.train.max_steps), tr.lr_segment, tr.cfg.optim.warmup_steps
-    )
+    tr.lr_mult = group_multipliers(tr.cfg.optim, tr.cfg.train.max_steps, tr.lr_segment)
     if state.get("scaler"):
         tr.precision.scaler.load_state_dict(state["scaler"])
     tr.loader.load_state_dict(state["loader"])
