@@ -57,7 +57,10 @@ def test_every_config_field_has_a_resume_decision(name: str) -> None:
 
 def test_a_field_without_a_decision_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(resume.POLICY, "train.eval_every")
-    with pytest.raises(TalmError, match=r"train.eval_every changed is not supported .*--restart"):
+    with pytest.raises(
+        TalmError,
+        match=r"train.eval_every 100 -> 7 is not supported .*keep --train.eval_every 100, or pass --restart",
+    ):
         plan(MUON_UNTIED, changed(MUON_UNTIED, "train", eval_every=7))
     assert plan(MUON_UNTIED, MUON_UNTIED)[1].notes == []  # unchanged: nothing to decide
 
@@ -113,6 +116,14 @@ def test_two_processes_resumed_on_one_keep_the_global_batch() -> None:
         MUON_UNTIED, changed(MUON_UNTIED, "train", batch_size=2)
     )  # a smaller micro-batch: 2 of them
     assert cfg.train.tokens_per_step == 128 and "2 micro-step(s) per step keep its 128 tokens" in p.notes[0]
+
+
+def test_a_schedule_change_without_a_jump_is_said() -> None:
+    _, p = plan(MUON_UNTIED, changed(MUON_UNTIED, "optim", min_lr_ratio=0.0))  # flat until max_steps anyway
+    assert p.notes == [
+        "optim.min_lr_ratio 0.1 -> 0.0: the lr follows the new schedule from here (it does not jump)"
+    ]
+    assert plan(MUON_UNTIED, changed(MUON_UNTIED, "train", max_steps=8))[1].notes == []  # extended: silent
 
 
 def test_architecture_optimizer_and_kept_fields() -> None:

@@ -49,7 +49,10 @@ POLICY: dict[str, tuple[str, str]] = {
     **{f"optim.{k}": (NOTE, OPTIMIZER_NOTE) for k in ("muon_momentum", "muon_momentum_warmup")},
     **{f"optim.{k}": (NOTE, OPTIMIZER_NOTE) for k in ("muon_weight_decay", "weight_decay", "beta1", "beta2")},
     **{f"optim.{k}": (NOTE, OPTIMIZER_NOTE) for k in ("eps", "grad_clip")},
-    **{f"optim.{k}": (SCHEDULE, "") for k in ("schedule", "decay_fraction", "min_lr_ratio", "warmup_steps")},
+    **{
+        f"optim.{k}": (SCHEDULE, "the lr follows the new schedule from here (it does not jump)")
+        for k in ("schedule", "decay_fraction", "min_lr_ratio", "warmup_steps")
+    },
     "optim.rewarm": (SILENT, ""),
     "train.max_steps": (SCHEDULE, ""),
     "train.batch_size": (BATCH, ""),
@@ -105,7 +108,7 @@ def plan_resume(
     plan = ResumePlan()
     for name, was, now in changes:
         decision, why = POLICY[name]
-        if decision == NOTE or (decision == PEAK and now < was):
+        if decision == NOTE or (decision == SCHEDULE and why) or (decision == PEAK and now < was):
             plan.notes.append(f"{name} {was} -> {now}: {why or 'lowered at once'}")
         elif decision == KEPT:
             section, key = name.split(".")
@@ -126,12 +129,12 @@ def values(old: RunConfig, new: RunConfig, name: str) -> tuple[Any, Any]:
 
 def refuse_changes(changes: list[tuple[str, Any, Any]], model_dir: Path, cfg: RunConfig, step: int) -> None:
     """TalmError (one line) for the first refused change: the architecture's all together, then field order."""
-    unknown = [name for name, _, _ in changes if name not in POLICY]
-    if unknown:
-        raise TalmError(
-            f"resuming {str(model_dir)!r} with {unknown[0]} changed is not supported (no resume rule for it): "
-            f"keep its saved value, or pass --restart to start over"
-        )
+    for name, was, now in changes:
+        if name not in POLICY:
+            raise TalmError(
+                f"resuming {str(model_dir)!r} with {name} {was} -> {now} is not supported (no resume rule for it): "
+                f"keep {flag(name)} {was}, or pass --restart to start over"
+            )
     arch = [(name, a, b) for name, a, b in changes if POLICY[name][0] == ARCH]
     if arch:
         diff = ", ".join(f"{name.split('.')[1]} {a} -> {b}" for name, a, b in arch)
