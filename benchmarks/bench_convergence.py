@@ -158,6 +158,10 @@ RECIPES: dict[str, list[str]] = {
     "tiny-lean-b32": [*TINY, *LEAN, "--batch-size", "32"],
     "tiny-lean-ctx64-b32": [*TINY, *LEAN, "--model.context_length", "64", "--batch-size", "32"],
     "tiny-lean-mlp256": [*TINY, *LEAN, "--model.mlp_hidden", "256"],
+    # Muon per projection (the default since the fifth session) against the fused weights as one matrix each
+    "tiny-fused": [*TINY, "--no-optim.muon_per_projection"],
+    "tiny-muon3e-2-fused": [*TINY, "--optim.muon_lr", "0.03", "--no-optim.muon_per_projection"],
+    "tiny-muon1.5e-2": [*TINY, "--optim.muon_lr", "0.015"],
 }
 DEFAULT_RECIPES = ("baseline", "tiny")
 

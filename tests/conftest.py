@@ -34,6 +34,24 @@ def _offline_hub(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", os.environ.get("TOKENIZERS_PARALLELISM", "true"))
 
 
+@pytest.fixture(autouse=True)
+def _hints_name_the_commands_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every user error a console script prints in a test is checked: each flag it names is a flag of the command
+    it names it for (the printing one, unless the hint names another, "rerun download_data with --conversations")."""
+    from hints import wrong_flags
+
+    import talm.cli.common as common
+
+    print_error = common.user_error
+
+    def checked(parser: Any, message: str) -> Any:
+        wrong = wrong_flags(message, parser.prog)
+        assert not wrong, f"{parser.prog}'s message names {wrong}: {message}"
+        return print_error(parser, message)
+
+    monkeypatch.setattr(common, "user_error", checked)
+
+
 def write_token_shards(
     out_dir: Path,
     text: str,

@@ -99,3 +99,38 @@ def test_the_line_at_fault_is_named(in_tmp: Path, capsys: pytest.CaptureFixture[
     path.write_text(path.read_text().rsplit("\n", 2)[0] + "\n" + '{"step": 6, "tok')  # torn: skipped
     main(["models/a", "-o", "out.png"])
     assert is_png(in_tmp / "out.png")
+
+
+def test_an_sft_runs_evaluations_are_drawn(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fixtures.conversations import conversation_data, tiny_run
+
+    from talm.train.metrics import read_metrics
+    from talm.train.plots import draw_runs
+
+    run = tiny_run(conversation_data(in_tmp), in_tmp / "models" / "sft")
+    evals = [r for r in read_metrics(run) if "val_loss" in r]
+    assert evals and all(r["val_bpb"] is None for r in evals)  # conversation data: no bits per byte
+
+    fig = draw_runs([("sft", run)])
+    right = fig.axes[1]
+    texts = [t.get_text() for t in right.texts]
+    assert "no evaluation yet" not in texts
+    (line,) = right.get_lines()
+    assert list(line.get_ydata()) == pytest.approx([r["val_loss"] for r in evals])
+    assert "validation loss" in right.get_title()
+    main([str(run)])  # its loss.png, through the command
+    assert is_png(run / "loss.png") and "wrote" in capsys.readouterr().err
+
+    # beside a text run, the right panel stays bits per byte (one unit per panel), drawn for the text run
+    text_run = in_tmp / "models" / "text"
+    write_metrics(text_run)
+    right = draw_runs([("sft", run), ("text", text_run)]).axes[1]
+    assert "bits per byte" in right.get_title() and len(right.get_lines()) == 1
+
+
+def test_no_evaluation_yet_only_when_no_run_evaluated(in_tmp: Path) -> None:
+    from talm.train.plots import draw_runs
+
+    write_metrics(in_tmp / "models" / "a", steps=5, eval_every=100)
+    right = draw_runs([("a", in_tmp / "models" / "a")]).axes[1]
+    assert [t.get_text() for t in right.texts] == ["no evaluation yet"] and not right.get_lines()

@@ -141,3 +141,38 @@ def test_the_harness_command_line_knows_the_talm_model(
     main()
     out = capsys.readouterr().out
     assert "talm ({'path'" in out and "|local_piqa|" in out.replace(" ", "")
+
+
+def test_an_unreachable_hub_fails_in_seconds_in_one_line(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    import datasets.config
+    from huggingface_hub import constants
+
+    from talm.errors import TalmError
+
+    # the harness's own hellaswag task (its data on the Hub), with the Hub at a port nothing listens on
+    (tmp_path / "hub_hellaswag.yaml").write_text(
+        f"include: {HARNESS_TASKS / YAMLS['hellaswag']}\ntask: hub_hellaswag\ntag: []\n", encoding="utf-8"
+    )
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    start = time.monotonic()
+    with pytest.raises(TalmError) as err:
+        run_harness(
+            tiny_model_dir,
+            ["hub_hellaswag"],
+            device="cpu",
+            include_path=str(tmp_path),
+            include_defaults=False,
+        )
+    assert time.monotonic() - start < 15  # datasets alone retries for a minute
+    message = str(err.value)
+    assert "\n" not in message and "Rowan/hellaswag" in message and "http://127.0.0.1:9" in message
+    assert "hf download Rowan/hellaswag --repo-type dataset" in message and "--include-path" in message
+    # the offline mode it ran in is undone
+    assert not constants.HF_HUB_OFFLINE and not datasets.config.HF_HUB_OFFLINE

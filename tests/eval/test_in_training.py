@@ -52,8 +52,23 @@ def test_task_scores_are_recorded_at_their_steps(tiny_data: Path, in_tmp: Path) 
 
 def test_a_missing_task_fails_before_the_run_writes_anything(tiny_data: Path, in_tmp: Path) -> None:
     cfg = run_config(tiny_data, eval_tasks=["piqa"], eval_tasks_dir=str(in_tmp / "nowhere"))
-    with pytest.raises(TalmError, match="no local copy of piqa"):
+    with pytest.raises(TalmError, match="no local copy of piqa.* or drop --eval-tasks-dir$"):
         Trainer(cfg, "models/m")
+    assert not Path("models/m").exists()
+
+
+def test_an_unreachable_hub_names_train_models_flag(
+    tiny_data: Path, in_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
+    with pytest.raises(TalmError) as err:
+        Trainer(run_config(tiny_data, eval_tasks=["piqa"]), "models/m")
+    message = str(err.value)
+    assert "cannot read piqa from the Hub" in message and "pass --eval-tasks-dir DIR" in message
+    assert "--tasks-dir" not in message.replace("--eval-tasks-dir", "")  # evaluate's flag, not train_model's
     assert not Path("models/m").exists()
 
 

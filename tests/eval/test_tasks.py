@@ -6,7 +6,18 @@ import time
 from pathlib import Path
 
 import pytest
-from fixtures.task_copies import ARC_ROWS, HELLASWAG_ROWS, write_all_tasks, write_task_repo
+from fixtures.task_copies import (
+    ARC_ROWS,
+    HELLASWAG_ROWS,
+    PIQA_ROWS,
+    WINOGRANDE_ROWS,
+    arc_table,
+    lambada_table,
+    piqa_table,
+    winogrande_table,
+    write_all_tasks,
+    write_task_repo,
+)
 
 from talm.errors import TalmError
 from talm.eval.tasks import TASKS, get_task, load_examples
@@ -93,7 +104,9 @@ def test_unreachable_hub_says_how_to_use_a_local_copy(monkeypatch: pytest.Monkey
     message = str(err.value)
     assert "\n" not in message
     assert "cannot read winogrande from the Hub (allenai/winogrande)" in message
-    assert "DIR/allenai/winogrande and pass --tasks-dir DIR" in message
+    assert "pass --tasks-dir DIR with the dataset repository allenai/winogrande downloaded into" in message
+    assert "--local-dir DIR/allenai/winogrande)" in message
+    assert "hf download allenai/winogrande --repo-type dataset" in message
 
 
 def test_a_hub_that_refuses_connections_is_reported_in_seconds_in_one_line(
@@ -111,3 +124,76 @@ def test_a_hub_that_refuses_connections_is_reported_in_seconds_in_one_line(
     assert time.monotonic() - t < 10
     message = str(err.value)
     assert "\n" not in message and "http://127.0.0.1:9" in message and "--tasks-dir DIR" in message
+
+
+@pytest.mark.parametrize(
+    ("task", "repo", "config", "table", "problem"),
+    [
+        ("arc_easy", "allenai/ai2_arc", "ARC-Easy",
+         arc_table([ARC_ROWS[0], {**ARC_ROWS[1], "answerKey": "E"}]), "row 1 of .* has answerKey 'E', not one of"),
+        ("arc_easy", "allenai/ai2_arc", "ARC-Easy",
+         arc_table([{**ARC_ROWS[0], "labels": ["A", "B"]}]), "row 0 of .* has 3 choices.text but 2 choices.label"),
+        ("piqa", "baber/piqa", "default", piqa_table([PIQA_ROWS[0], {**PIQA_ROWS[1], "label": 2}]),
+         "row 1 of .* has label 2, not one of 0..1"),
+        ("piqa", "baber/piqa", "default", piqa_table([{**PIQA_ROWS[0], "sol2": None}]),
+         "row 0 of .* has sol2 None, not a string"),
+        ("winogrande", "allenai/winogrande", "winogrande_xl",
+         winogrande_table([{**WINOGRANDE_ROWS[0], "answer": "0"}]), "has answer '0', not one of 1..2"),
+        ("winogrande", "allenai/winogrande", "winogrande_xl",
+         winogrande_table([{**WINOGRANDE_ROWS[0], "sentence": "no blank here"}]), "a sentence without the blank"),
+        ("lambada", "EleutherAI/lambada_openai", "default", lambada_table(["fine passage", ""]),
+         "row 1 of .* has text '', not a passage followed by its last word"),
+    ],
+)  # fmt: skip
+def test_every_task_checks_its_rows_against_its_schema(
+    tmp_path: Path, task: str, repo: str, config: str, table: object, problem: str
+) -> None:
+    write_task_repo(tmp_path, repo, {config: table})
+    with pytest.raises(TalmError, match=problem) as err:
+        load_examples(task, tasks_dir=tmp_path)
+    assert "\n" not in str(err.value) and f"--local-dir {tmp_path / repo}" in str(err.value)
+
+
+def test_limit_checks_only_the_rows_it_scores(tmp_path: Path) -> None:
+    write_task_repo(
+        tmp_path, "baber/piqa", {"default": piqa_table([PIQA_ROWS[0], {**PIQA_ROWS[1], "label": 5}])}
+    )
+    assert len(load_examples("piqa", tasks_dir=tmp_path, limit=1)) == 1
+    with pytest.raises(TalmError, match="row 1 of "):
+        load_examples("piqa", tasks_dir=tmp_path, limit=2)
+
+
+def test_a_json_lines_copy_is_read_as_the_parquet_one(tmp_path: Path, tasks_dir: Path) -> None:
+    import json
+
+    folder = tmp_path / "EleutherAI" / "lambada_openai" / "default"
+    folder.mkdir(parents=True)
+    texts = lambada_table_texts(tasks_dir)
+    (folder / "test-00000-of-00001.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert load_examples("lambada", tasks_dir=tmp_path) == load_examples("lambada", tasks_dir=tasks_dir)
+
+
+def lambada_table_texts(tasks_dir: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    (file,) = (tasks_dir / "EleutherAI" / "lambada_openai").rglob("*.parquet")
+    return pq.read_table(file).column("text").to_pylist()
+
+
+def test_the_message_names_the_flag_of_the_command_that_reads_the_tasks(tmp_path: Path) -> None:
+    with pytest.raises(TalmError, match=", or drop --eval-tasks-dir$"):
+        load_examples("piqa", tasks_dir=tmp_path, flag="--eval-tasks-dir")
+    write_task_repo(tmp_path, "baber/piqa", {"default": piqa_table([{**PIQA_ROWS[0], "label": 9}])})
+    with pytest.raises(TalmError, match=", or point --eval-tasks-dir at one$"):
+        load_examples("piqa", tasks_dir=tmp_path, flag="--eval-tasks-dir")
+
+
+def test_a_json_lines_row_without_a_column_is_named(tmp_path: Path) -> None:
+    folder = tmp_path / "EleutherAI" / "lambada_openai" / "default"
+    folder.mkdir(parents=True)
+    (folder / "test-00000-of-00001.jsonl").write_text('{"text": "a whole passage"}\n{"words": "x y"}\n')
+    with pytest.raises(TalmError, match=r"row 1 of .*test-00000-of-00001.jsonl' has text None, not a string"):
+        load_examples("lambada", tasks_dir=tmp_path)
+    (folder / "test-00000-of-00001.jsonl").write_text('{"text": "a whole passage"}\n{"text": "torn')
+    with pytest.raises(TalmError, match=r"cannot read .*test-00000-of-00001.jsonl' \(Unterminated string"):
+        load_examples("lambada", tasks_dir=tmp_path)

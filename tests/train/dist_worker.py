@@ -79,11 +79,11 @@ def muon_split(ctx: dist.DistContext) -> dict[str, Any]:
     odd = ((6, 5), (5, 1), (1, 7))  # (in, out) features: weights of 5, 1 and 7 rows
     result: dict[str, Any] = {}
     try:
-        for case in ("gpt", "odd"):
+        for case in ("gpt", "gpt_projections", "odd"):
             models = []
             for shard in (False, True):
                 torch.manual_seed(3)
-                if case == "gpt":
+                if case.startswith("gpt"):
                     model = GPT(cfg)
                 else:
                     model = torch.nn.Sequential(*(torch.nn.Linear(i, o, bias=False) for i, o in odd))
@@ -91,9 +91,11 @@ def muon_split(ctx: dist.DistContext) -> dict[str, Any]:
                     for block in getattr(model, "blocks", []):
                         fully_shard(block, mesh=mesh)
                     fully_shard(model, mesh=mesh)
-                params = optim.hidden_matrices(model) if case == "gpt" else list(model.parameters())
-                muon = optim.Muon(params, ns_dtype=torch.float32, lr=0.05, weight_decay=0.1, momentum=0.9,
-                                  nesterov=True, adjust_lr_fn=optim.MUON_ADJUST_LR)  # fmt: skip
+                params = optim.hidden_matrices(model) if case.startswith("gpt") else list(model.parameters())
+                rows = model.fused_row_blocks() if case == "gpt_projections" else {}
+                blocks = {p: rows[name] for name, p in model.named_parameters() if name in rows}
+                muon = optim.Muon(params, ns_dtype=torch.float32, row_blocks=blocks, lr=0.05, weight_decay=0.1,
+                                  momentum=0.9, nesterov=True, adjust_lr_fn=optim.MUON_ADJUST_LR)  # fmt: skip
                 models.append((model, params, muon))
             (plain, plain_params, plain_muon), (sharded, sharded_params, sharded_muon) = models
             before = {k: v.clone() for k, v in plain.state_dict().items()}

@@ -127,17 +127,24 @@ def test_fsdp_muon_splits_the_orthogonalisation_and_updates_the_same_bits(
 ) -> None:
     """Two steps of Muon over sharded matrices give the very weights of Muon over the whole ones, while each of
     the two processes runs Newton-Schulz on its half of the matrices (round robin), whole; with uneven shards
-    too (5 and 1 rows over 2 processes)."""
+    too (5 and 1 rows over 2 processes); per projection, the owner of a fused weight orthogonalises each of its
+    projections."""
     ranks = check_results(two_process[0], "muon_split")
-    for case, owned in (("gpt", (4, 4)), ("odd", (2, 1))):
+    for case, owned in (("gpt", (4, 4)), ("gpt_projections", (10, 4)), ("odd", (2, 1))):
         for rank, mine in zip(ranks, owned, strict=True):
             seen = rank[case]
             assert seen["differ"] == [] and len(seen["moved"]) == seen["matrices"], (case, seen)
             assert [len(step) for step in seen["orthogonalised"]] == [mine, mine], (case, seen)
         shapes = sorted(map(tuple, ranks[0][case]["orthogonalised"][0] + ranks[1][case]["orthogonalised"][0]))
-        assert len(shapes) == ranks[0][case]["matrices"]  # every matrix once, by one process
+        if case != "gpt_projections":
+            assert len(shapes) == ranks[0][case]["matrices"]  # every matrix once, by one process
     # the whole matrices: qkv (96 x 32) and gate_up (256 x 32) of both blocks on rank 0, the rest on rank 1
     assert sorted(map(tuple, ranks[0]["gpt"]["orthogonalised"][0])) == [(96, 32)] * 2 + [(256, 32)] * 2
+    # per projection: q, k, v (32 x 32 each) and gate, up (128 x 32 each) of both blocks
+    assert (
+        sorted(map(tuple, ranks[0]["gpt_projections"]["orthogonalised"][0]))
+        == [(32, 32)] * 6 + [(128, 32)] * 4
+    )
 
 
 @pytest.mark.slow
@@ -159,8 +166,11 @@ def test_fsdp_matches_ddp_and_one_process(
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     whole, _ = load_model(latest)
     one, _ = load_model(models / f"one-{optim}" / "latest")
+    # Summation order only: AdamW normalises each gradient element, so an element whose gradient is noise-sized
+    # (a rare token's embedding row) may move by up to one step's lr (6e-4) differently; with Muon's bf16
+    # Newton-Schulz (CPUs with native bf16) such differences reach 2e-4 after 4 steps. Far below that: the same.
     for (name, a), b in zip(whole.state_dict().items(), one.state_dict().values(), strict=True):
-        assert (a - b).abs().max().item() < 1e-4, name
+        assert (a - b).abs().max().item() < 5e-4, name
     assert len(load_trainer_state(latest)["rng"]) == 2
 
 

@@ -23,7 +23,16 @@ from talm.train.checkpoint import load_trainer_state, read_meta
 from talm.train.config import OptimConfig, RunConfig
 from talm.train.loop import Trainer
 from talm.train.metrics import read_metrics
-from talm.train.optim import Muon, MuonAdamW, apply_schedule, build_optimizer, is_muon, muon_momentum
+from talm.train.optim import (
+    Muon,
+    MuonAdamW,
+    apply_schedule,
+    build_optimizer,
+    fast_bf16,
+    is_muon,
+    muon_momentum,
+    orthogonalize,
+)
 from talm.train.run import resolve_run, train
 
 CPU = torch.device("cpu")
@@ -239,3 +248,44 @@ def test_muon_under_two_process_ddp_matches_one_process(tiny_data: Path, in_tmp:
     assert len(train_1) == len(train_2) == 8
     assert train_2 == pytest.approx(train_1, rel=1e-3) and val_2 == pytest.approx(val_1, rel=1e-3)
     assert train_1[-1] < train_1[0]
+
+
+@pytest.mark.parametrize("kv_heads", [None, 1])  # q, k, v of equal rows, and grouped-query's smaller k, v
+def test_muon_orthogonalises_each_projection_of_a_fused_weight_alone(kv_heads: int | None) -> None:
+    """Per projection (the default), a step of qkv is each of q, k, v orthogonalised as a matrix of its own at
+    its own shape's lr scale, and gate_up's halves likewise; fused, the whole weight as one matrix."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=100, n_layer=1, n_head=4, n_kv_head=kv_heads, d_model=32, context_length=16
+    )
+    steps = {}
+    for per_projection in (True, False):
+        model = GPT(config)
+        torch.manual_seed(1)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        cfg = OptimConfig(name="muon", muon_momentum=0.0, muon_per_projection=per_projection)
+        build_optimizer(model, cfg, CPU).step()
+        steps[per_projection] = {n: before[n] - p.detach() for n, p in model.named_parameters()}
+        grads = {n: p.grad for n, p in model.named_parameters()}
+    ns_dtype = torch.bfloat16 if fast_bf16(CPU) else torch.float32  # as build_optimizer chooses
+    muon = {"lr": cfg.muon_lr, "eps": 1e-7, "ns_steps": 5, "ns_coefficients": (3.4445, -4.775, 2.0315)}
+
+    def step_of(matrix: torch.Tensor) -> torch.Tensor:
+        return (
+            cfg.muon_lr
+            * orthogonalize(matrix, muon, ns_dtype).float()
+            * max(1, matrix.size(0) / matrix.size(1)) ** 0.5
+        )
+
+    rows = GPT(config).fused_row_blocks()
+    assert sorted(rows) == ["blocks.0.attn.qkv.weight", "blocks.0.mlp.gate_up.weight"]
+    for name, sizes in rows.items():
+        alone = torch.cat([step_of(block) for block in grads[name].split(sizes)])
+        torch.testing.assert_close(steps[True][name], alone, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(steps[False][name], step_of(grads[name]), rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(steps[True][name], steps[False][name], atol=1e-4)
+    q, k, v = steps[True]["blocks.0.attn.qkv.weight"].split(rows["blocks.0.attn.qkv.weight"])
+    rms = [b.pow(2).mean().sqrt().item() for b in (q, k, v)]
+    assert max(rms) / min(rms) < 1.5  # each projection moves by its own orthogonal step

@@ -185,21 +185,26 @@ def add_model_flags(parser: argparse.ArgumentParser, *, device: bool = True) -> 
         )
 
 
-def run_main(command: Callable[[], Any], flag_names: dict[str, str] | None = None) -> None:
+def run_main(
+    parser: argparse.ArgumentParser, command: Callable[[], Any], flag_names: dict[str, str] | None = None
+) -> None:
     """Run a console script's body: user errors become one line on stderr and exit status 2."""
-    prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv else "talm"
     try:
         command()
     except TalmError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        user_error(parser, str(err))
     except ValidationError as err:
-        print(f"{prog}: error: {describe_validation_error(err, flag_names)}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        user_error(parser, describe_validation_error(err, flag_names))
     except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted; nothing partial was left behind", file=sys.stderr)
+        print(f"\n{parser.prog}: interrupted; nothing partial was left behind", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:
         # `train_model ... | head`: the reader left, which is not an error of ours.
         sys.stderr.close()
         sys.exit(0)
+
+
+def user_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """Print a user error as one line naming the command (its hints name that command's flags) and exit 2."""
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)

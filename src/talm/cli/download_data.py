@@ -6,6 +6,7 @@ ends with one summary line. All the work is `talm.data.prepare.prepare`; this mo
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -52,7 +53,7 @@ def run(cfg: DownloadConfig) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     presets = "\n".join(
         f"  {name:<16}{p.source}  (configs: {', '.join(p.configs)}{', CC-MAIN-YYYY-WW' if p.config_pattern else ''})"
         for name, p in DATASET_PRESETS.items()
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
             "(parquet, jsonl, json, csv, txt)\n\n"
             "examples:\n  download_data tinyshakespeare\n  download_data fineweb --ds-sample sample-10BT --max-tokens 1e9\n"
             "  download_data mycorpus --data-files ~/corpus/*.parquet --text-column content\n"
-            "  download_data smoltalk --ds-sample everyday-conversations   # conversations, for --preset sft\n"
+            "  download_data smoltalk --ds-sample everyday-conversations   # conversations, for train_model --preset sft\n"
             "  download_data mychats --data-files chats.jsonl --conversations   # a messages column\n"
             "  download_data fineweb --ds-sample sample-100BT --num-workers 8 --worker-index 0   # one of 8"
         ),
@@ -76,10 +77,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("dataset", help=DownloadConfig.model_fields["dataset"].description)
     flags = add_config_flags(parser, DownloadConfig, short={"tokenizer_path": "-t"}, skip=("dataset",))
     flags["dataset"] = "DATASET"
+    return parser, flags
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser, flags = build_parser()
     args = parser.parse_args(argv)
 
     def command() -> None:
         data = {"dataset": args.dataset, **collect_config_flags(args, DownloadConfig)}
         run(validate(DownloadConfig, data, flags))
 
-    run_main(command, flags)
+    run_main(parser, command, flags)

@@ -53,7 +53,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser, names = build_parser()
     args = parser.parse_args(argv)
-    run_main(lambda: run(args, names), names)
+    run_main(parser, lambda: run(args, names), names)
 
 
 def run(args: argparse.Namespace, names: dict[str, str]) -> None:

@@ -1,7 +1,8 @@
 """`plot_metrics`: draw the training curves of one or several runs on one chart.
 
 Each RUN is a model directory (models/NAME) or a metrics.jsonl. Left: train and val loss; right: val bits per
-byte, which compares runs even when their tokenizers differ. One run is drawn to RUN/loss.png (the picture
+byte, which compares runs even when their tokenizers differ (fine-tuning runs on conversation data have none:
+their val loss instead). One run is drawn to RUN/loss.png (the picture
 training keeps up to date), several to compare.png, unless -o says otherwise.
 """
 
@@ -35,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    run_main(lambda: run(args))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run_main(parser, lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> None:

@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    run_main(lambda: run(args))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run_main(parser, lambda: run(args))
 
 
 def model_name(model: str) -> str:

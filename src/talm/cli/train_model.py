@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             resume_from=args.resume_from,
         )
 
-    run_main(command, names)
+    run_main(parser, command, names)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ no datasets, so it starts in well under a second.
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from talm.cli.common import ArgumentParser, HelpFormatter, add_config_flags, collect_config_flags, run_main
@@ -36,7 +37,7 @@ def run(config: TokenizerConfig) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     parser = ArgumentParser(
         prog="train_tokenizer",
         description=(
@@ -52,9 +53,16 @@ def main(argv: list[str] | None = None) -> None:
         TokenizerConfig,
         short={"vocab_size": "-vs", "name": "-n", "text_files": "--text-file"},
     )
+    return parser, flags
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser, flags = build_parser()
     args = parser.parse_args(argv)
     run_main(
-        lambda: run(validate(TokenizerConfig, collect_config_flags(args, TokenizerConfig), flags)), flags
+        parser,
+        lambda: run(validate(TokenizerConfig, collect_config_flags(args, TokenizerConfig), flags)),
+        flags,
     )
 
 

@@ -25,6 +25,8 @@ class EvalConfig(Config):
     """Directory holding local copies of the tasks' Hub repositories (DIR/OWNER/NAME, e.g. DIR/Rowan/hellaswag);
     unset: the Hugging Face Hub (or its cache)."""
     data_dir: str | None = None
-    """Also measure bits per byte on the val split of this talm data directory (made with the model's tokenizer)."""
-    data_tokens: int = Field(default=1_048_576, ge=1)
-    """Tokens of --data-dir's val split evaluated (a fixed slice from its start, as training's val loss)."""
+    """Also measure val loss and bits per byte on the val split of this talm data directory (made with the model's
+    tokenizer) as training measures them (conversation data: the loss over the assistant's tokens only)."""
+    data_tokens: int | None = Field(default=None, ge=1)
+    """Tokens of --data-dir's val split evaluated (a fixed slice from its start, as training's val loss); unset:
+    the run's own train.eval_tokens, so the val loss is the one its metrics.jsonl recorded."""

@@ -73,9 +73,11 @@ def prepare(
     *,
     tasks_dir: str | os.PathLike[str] | None = None,
     limit: int | None = None,
+    flag: str = "--tasks-dir",
 ) -> PreparedTask:
+    """Task `name` read (every row checked) and tokenized; `flag` is the asking command's tasks-directory option."""
     task = get_task(name)
-    examples = load_examples(task.name, tasks_dir=tasks_dir, limit=limit)
+    examples = load_examples(task.name, tasks_dir=tasks_dir, limit=limit, flag=flag)
     if not examples:
         raise TalmError(
             f"{task.name} has no examples in its {task.split!r} split: use a complete copy of {task.repo}"
@@ -204,7 +206,10 @@ class TrainingTasks:
         batch_size: int,
         autocast: Callable[[], AbstractContextManager] = nullcontext,
     ) -> None:
-        self.tasks = [prepare(tokenizer, n, tasks_dir=tasks_dir, limit=limit) for n in dict.fromkeys(names)]
+        self.tasks = [
+            prepare(tokenizer, n, tasks_dir=tasks_dir, limit=limit, flag="--eval-tasks-dir")
+            for n in dict.fromkeys(names)
+        ]
         self.every, self.batch_size, self.autocast = every, batch_size, autocast
         self.last_step: int | None = None
 

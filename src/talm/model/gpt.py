@@ -241,6 +241,18 @@ class GPT(nn.Module):
             residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
             nn.init.normal_(p, mean=0.0, std=residual_std if into_residual else 0.02)
 
+    def fused_row_blocks(self) -> dict[str, list[int]]:
+        """The projections stacked in each fused weight, as row counts by parameter name: q, k, v in an
+        attention's qkv; gate, up in a SwiGLU's gate_up. For what treats each projection as its own matrix
+        (Muon orthogonalises each alone, as with nanochat's separate q, k, v weights)."""
+        c = self.config
+        blocks = {}
+        for i, block in enumerate(self.blocks):
+            blocks[f"blocks.{i}.attn.qkv.weight"] = [c.n_head * c.head_dim] + [c.kv_heads * c.head_dim] * 2
+            if isinstance(block.mlp, SwiGLU):
+                blocks[f"blocks.{i}.mlp.gate_up.weight"] = [block.mlp.hidden] * 2
+        return blocks
+
     def num_params(self, *, embeddings: bool = True) -> int:
         """Parameter count (shared tensors counted once); without the token (and position) embeddings if
         `embeddings=False`."""

@@ -37,6 +37,9 @@ class OptimConfig(Config):
     """Muon's (Nesterov) momentum, as nanochat and the modded-nanogpt speedrun use."""
     muon_momentum_warmup: int = Field(default=300, ge=0)
     """Steps over which Muon's momentum ramps linearly from 0.85 to muon_momentum (nanochat: 300; 0: none)."""
+    muon_per_projection: bool = True
+    """Orthogonalise each projection of a fused weight (q, k, v of the attention; gate, up of SwiGLU) as its own
+    matrix with its own lr scale, as nanochat and modded-nanogpt do; false: each fused weight as one matrix."""
     muon_weight_decay: float = Field(default=0.0, ge=0.0)
     """Muon's decoupled weight decay (per step: weights *= 1 - muon_lr * this); nanochat's Muon uses none."""
     schedule: Literal["cosine", "wsd"] = "cosine"

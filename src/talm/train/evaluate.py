@@ -1,4 +1,5 @@
-"""Evaluation on the fixed validation slice: mean loss (nats/token) over all ranks, and bits per byte.
+"""Evaluation on the fixed validation slice: which slice (`val_slice`, the one definition training's val_loss and
+`evaluate --data-dir` share), its mean loss (nats/token) over all ranks, and bits per byte.
 
 Apart from the loop because its numerics are delicate: MPS has no float64, so the per-batch losses stay float32
 on the device and are summed in float64 on the host, with one transfer at the end; only the cross-rank sum
@@ -14,9 +15,36 @@ from contextlib import AbstractContextManager
 import torch
 from torch.distributed.fsdp import FSDPModule
 
+from talm.data.manifest import DataSet
 from talm.train import dist
+from talm.train.config import TrainConfig
 from talm.train.loader import EvalSlice
 from talm.train.packing import ConversationEval
+
+
+def val_slice(
+    data: DataSet,
+    train: TrainConfig,
+    context_length: int,
+    ctx: dist.DistContext,
+    *,
+    vocab_size: int | None = None,
+    eval_tokens: int | None = None,
+) -> EvalSlice | ConversationEval | None:
+    """This rank's fixed validation slice of `data` as a run with `train`'s settings evaluates it (None without
+    val tokens): `eval_tokens` (default train.eval_tokens) of the val split, in windows; conversation data (loss
+    masks) packed from whole conversations, its loss over the learned tokens only (padding is <|endoftext|>)."""
+    if not any(s.tokens > 0 for s in data.split("val")):
+        return None
+    common = {
+        "eval_tokens": eval_tokens or train.eval_tokens, "context_length": context_length,
+        "batch_size": train.batch_size, "rank": ctx.rank, "world_size": ctx.world_size, "device": ctx.device,
+        "vocab_size": vocab_size,
+    }  # fmt: skip
+    if data.loss_mask:
+        pad = int(data.tokenizer["eot_id"])
+        return ConversationEval(data, pad_id=pad, isolate=train.isolate_conversations, **common)
+    return EvalSlice(data, **common)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from talm.data.manifest import DataSet, read_data
 from talm.errors import TalmError
 from talm.train import dist
 from talm.train.config import RunConfig
+from talm.train.evaluate import val_slice
 from talm.train.loader import EvalSlice, TokenLoader, check_shards
 from talm.train.packing import ConversationEval, ConversationLoader
 
@@ -91,13 +92,7 @@ def make_loaders(
         data, batch_size=t.batch_size, context_length=T, seed=t.seed, rank=ctx.rank, world_size=W,
         device=ctx.device, vocab_size=vocab_size, accum_steps=accum,
     )  # fmt: skip
-    eval_slice = None
-    if any(s.tokens > 0 for s in data.split("val")):
-        eval_slice = EvalSlice(
-            data, eval_tokens=t.eval_tokens, context_length=T, batch_size=t.batch_size, rank=ctx.rank,
-            world_size=W, device=ctx.device, vocab_size=vocab_size,
-        )  # fmt: skip
-    return loader, eval_slice
+    return loader, val_slice(data, t, T, ctx, vocab_size=vocab_size)
 
 
 def make_conversation_loaders(
@@ -110,10 +105,4 @@ def make_conversation_loaders(
         isolate=t.isolate_conversations, rank=ctx.rank, world_size=W,
         device=ctx.device, vocab_size=vocab_size, accum_steps=accum,
     )  # fmt: skip
-    eval_slice = None
-    if any(s.tokens > 0 for s in data.split("val")):
-        eval_slice = ConversationEval(
-            data, eval_tokens=t.eval_tokens, context_length=T, batch_size=t.batch_size, pad_id=pad,
-            isolate=t.isolate_conversations, rank=ctx.rank, world_size=W, device=ctx.device, vocab_size=vocab_size,
-        )  # fmt: skip
-    return loader, eval_slice
+    return loader, val_slice(data, t, T, ctx, vocab_size=vocab_size)

@@ -183,6 +183,18 @@ def orthogonalize(x: torch.Tensor, group: dict, dtype: torch.dtype) -> torch.Ten
     return x.T if tall else x
 
 
+def muon_update(x: torch.Tensor, group: dict, dtype: torch.dtype, rows: list[int] | None) -> torch.Tensor:
+    """Muon's update of a matrix from its momentum-mixed gradient `x`: each block of `rows` (one projection of a
+    fused weight; None: the whole matrix) orthogonalised alone and scaled by its own shape, as torch's
+    "original" adjust_lr_fn scales a matrix's lr: sqrt(max(1, rows / cols))."""
+    return torch.cat(
+        [
+            orthogonalize(block, group, dtype).to(x.dtype) * math.sqrt(max(1, block.size(0) / block.size(1)))
+            for block in (x.split(rows) if rows else [x])
+        ]
+    )
+
+
 class Muon(torch.optim.Muon):
     """torch's Muon with its Newton-Schulz iteration in `ns_dtype`, and for FSDP's sharded matrices.
 
@@ -195,16 +207,27 @@ class Muon(torch.optim.Muon):
     gathers its (momentum-mixed) gradient's rows from every process, then sends each process its rows of the
     update (`sharded_updates`). The update is the same bits as if every process orthogonalised every matrix:
     the same whole matrix goes through the same computation, only on one process. The momentum stays sharded.
-    Same state and groups as torch's, so checkpoints are the same."""
+    A fused weight (qkv, gate_up) is orthogonalised per projection (`row_blocks`): jointly, a dominant q
+    gradient shrank the k and v updates (per-block update RMS 0.074 / 0.020 / 0.020 fused, 0.079 / 0.079 / 0.078
+    per projection) and the shape's lr scale was sqrt(3) off. Same state and groups as torch's, so checkpoints
+    are the same."""
 
-    def __init__(self, params: list[torch.Tensor], *, ns_dtype: torch.dtype, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        *,
+        ns_dtype: torch.dtype,
+        row_blocks: dict[torch.Tensor, list[int]] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(params, **kwargs)
         self.ns_dtype = ns_dtype
+        self.row_blocks = row_blocks or {}
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:
         sharded = any(isinstance(p, DTensor) for g in self.param_groups for p in g["params"])
-        if self.ns_dtype == torch.bfloat16 and not sharded:
+        if self.ns_dtype == torch.bfloat16 and not sharded and not self.row_blocks:
             return super().step(closure)
         pending = []  # (parameter, its group, its momentum-mixed gradient) of the sharded matrices
         for group in self.param_groups:
@@ -218,7 +241,9 @@ class Muon(torch.optim.Muon):
                 if isinstance(x, DTensor):
                     pending.append((p, group, x))
                 else:
-                    apply_update(p, group, orthogonalize(x, group, self.ns_dtype).to(p.dtype))
+                    apply_update(
+                        p, group, muon_update(x, group, self.ns_dtype, self.row_blocks.get(p)).to(p.dtype)
+                    )
         if pending:
             for (p, group, _), update in zip(pending, self.sharded_updates(pending), strict=True):
                 apply_update(p, group, update)
@@ -234,7 +259,9 @@ class Muon(torch.optim.Muon):
         owners = [i % world for i in range(len(pending))]
         wholes = [gather_rows(x, owner, group) for (_, _, x), owner in zip(pending, owners, strict=True)]
         updates = [
-            orthogonalize(whole, grp, self.ns_dtype).to(p.dtype) if owner == me else None
+            muon_update(whole, grp, self.ns_dtype, self.row_blocks.get(p)).to(p.dtype)
+            if owner == me
+            else None
             for (p, grp, _), owner, whole in zip(pending, owners, wholes, strict=True)
         ]
         del wholes
@@ -245,11 +272,11 @@ class Muon(torch.optim.Muon):
 
 
 def apply_update(p: torch.Tensor, group: dict, update: torch.Tensor) -> None:
-    """Muon's step of one matrix: decoupled weight decay, then the orthogonalised update at the lr scaled as
-    torch's "original" adjust_lr_fn does."""
+    """Muon's step of one matrix: decoupled weight decay, then the update (`muon_update`, already scaled by
+    its blocks' shapes) at the group's lr."""
     assert group["adjust_lr_fn"] == MUON_ADJUST_LR == "original"
     p.mul_(1 - group["lr"] * group["weight_decay"])
-    p.add_(update, alpha=-group["lr"] * math.sqrt(max(1, p.size(0) / p.size(1))))
+    p.add_(update, alpha=-group["lr"])
 
 
 class MuonAdamW:
@@ -300,9 +327,11 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     if cfg.name == "adamw":
         return adamw(param_groups(model, cfg.weight_decay, embedding_lr=cfg.embedding_lr), cfg, device)
     hidden = hidden_matrices(model)
+    rows = model.fused_row_blocks() if cfg.muon_per_projection else {}
     muon = Muon(
         hidden,
         ns_dtype=torch.bfloat16 if fast_bf16(device) else torch.float32,
+        row_blocks={p: rows[name] for name, p in model.named_parameters() if name in rows},
         lr=cfg.muon_lr,
         weight_decay=cfg.muon_weight_decay,
         momentum=cfg.muon_momentum,

@@ -1,5 +1,5 @@
-"""Training curves as pictures: train and val loss, val bits per byte, and (when the run scored any with
---eval-tasks) benchmark scores, against tokens seen.
+"""Training curves as pictures: train and val loss, val bits per byte (a run on conversation data has none: its
+val loss takes that panel), and (when the run scored any with --eval-tasks) benchmark scores, against tokens seen.
 
 The runs' metrics.jsonl are read with `talm.train.metrics` (the one definition of that format); `plot_runs` draws one
 or several runs on one chart and writes the PNG atomically, to a path checked before any work
@@ -66,23 +66,25 @@ def plot_runs(
     x: str = "tokens",
     title: str | None = None,
 ) -> Path:
-    """Draw the runs ((label, model dir or metrics.jsonl), ...) on one chart and save it as PNG at `out`.
-
-    Left: train loss (faint: as logged; solid: smoothed) and val loss. Right: val bits per byte, the number
-    that compares runs with different tokenizers. The file is replaced atomically.
-    """
+    """Draw the runs ((label, model dir or metrics.jsonl), ...) on one chart (`draw_runs`) and save it as PNG at
+    `out`, a path checked before any work. The file is replaced atomically."""
     if x not in X_AXES:
         raise TalmError(f"unknown x axis {x!r}: use one of {', '.join(X_AXES)}")
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import EngFormatter
-    except ImportError:
-        raise TalmError(
-            "plotting needs matplotlib, which is not installed: pip install 'talm[plot]'"
-        ) from None
-
+    if not matplotlib_available():
+        raise TalmError("plotting needs matplotlib, which is not installed: pip install 'talm[plot]'")
     out = check_plot_path(out, [path for _, path in runs])
+    return save_figure(draw_runs(runs, x=x, title=title), out)
+
+
+def draw_runs(runs: list[tuple[str, str | Path]], *, x: str = "tokens", title: str | None = None) -> Any:
+    """The chart of the runs, a matplotlib Figure. Left: train loss (faint: as logged; solid: smoothed) and val
+    loss. Right: val bits per byte, the number that compares runs with different tokenizers; for runs whose
+    evaluations have no bits per byte (conversation data: the loss covers the assistant's tokens only), their val
+    loss on its own scale. Benchmarks, if any run scored them, in a third panel."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter
+
     data = [(label, *read_timelines(path)) for label, path in runs]
     for (_, train, evals), (_, path) in zip(data, runs, strict=True):
         if not train and not evals:
@@ -99,7 +101,9 @@ def plot_runs(
         longest = max((r.get("time", 0.0) for _, t, e in data for r in t + e), default=0.0)
         x_scale, x_label = _time_scale(longest)
     single = len(data) == 1
-    loss_values = _plot_losses(loss_ax, bpb_ax, data, x, x_scale)
+    # bits per byte if any run has them (one unit per panel), else the runs' val loss
+    has_bpb = any(finite_points(evals, "val_bpb", x)[1] for _, _, evals in data)
+    loss_values = _plot_losses(loss_ax, bpb_ax, data, x, x_scale, "val_bpb" if has_bpb else "val_loss")
 
     if task_ax:
         _plot_tasks(task_ax[0], data, task_fields, x, x_scale, single)
@@ -107,7 +111,6 @@ def plot_runs(
         low, high = min(loss_values), max(loss_values)
         loss_ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low) + 1e-6)
     loss_ax.set_title("loss (nats per token)")
-    bpb_ax.set_title("validation bits per byte (lower is better)")
     for ax in (loss_ax, bpb_ax, *task_ax):
         ax.set_xlabel(x_label)
         ax.grid(True, alpha=0.3)
@@ -115,28 +118,38 @@ def plot_runs(
             ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     if loss_ax.has_data():
         loss_ax.legend(loc="upper right", fontsize=8)
-    if bpb_ax.has_data():
-        if not single:
-            bpb_ax.legend(loc="upper right", fontsize=8)
-    else:
-        bpb_ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=bpb_ax.transAxes)
-        bpb_ax.set_xticks([])
-        bpb_ax.set_yticks([])
+    _finish_right_panel(bpb_ax, has_bpb, single)
     fig.suptitle(title or ", ".join(label for label, _, _ in data))
-    return save_figure(fig, out)
+    return fig
+
+
+def _finish_right_panel(ax: Any, has_bpb: bool, single: bool) -> None:
+    """Title the right panel by what it holds; 'no evaluation yet' only when no run has evaluated."""
+    if has_bpb:
+        ax.set_title("validation bits per byte (lower is better)")
+    elif ax.has_data():
+        ax.set_title("validation loss, no bits per byte (conversation data: the assistant's tokens)")
+    if ax.has_data():
+        if not single:
+            ax.legend(loc="upper right", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks([])
+        ax.set_yticks([])
 
 
 def _plot_losses(
-    loss_ax: Any, bpb_ax: Any, data: list[tuple[str, Any, Any]], x: str, x_scale: float
+    loss_ax: Any, bpb_ax: Any, data: list[tuple[str, Any, Any]], x: str, x_scale: float, right: str
 ) -> list[float]:
-    """Each run's train and val loss on `loss_ax` and val bits per byte on `bpb_ax`; the losses drawn."""
+    """Each run's train and val loss on `loss_ax` and its `right` field (val_bpb, or val_loss when no run has
+    bits per byte) on `bpb_ax`; the losses drawn."""
     single = len(data) == 1
     colors = [f"C{i % 10}" for i in range(len(data))]
     loss_values: list[float] = []
     for (label, train, evals), color in zip(data, colors, strict=True):
         tx, ty = finite_points(train, "train_loss", x)
         vx, vy = finite_points(evals, "val_loss", x)
-        bx, by = finite_points(evals, "val_bpb", x)
+        bx, by = finite_points(evals, right, x)
         tx, vx, bx = ([v / x_scale for v in xs] for xs in (tx, vx, bx))
         train_color = "C0" if single else color
         val_color = "C1" if single else color

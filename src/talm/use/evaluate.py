@@ -1,8 +1,9 @@
 """`evaluate` as a function: a trained model directory -> benchmark scores, bits per byte on a data directory, and
 `models/NAME/evals/<step>.json`.
 
-The tasks are scored by `talm.eval`; bits per byte reuses training's validation code (`talm.train.evaluate` on a
-`talm.train.loader.EvalSlice`), so `--data-dir` measures exactly what a run's val_bpb measures.
+The tasks are scored by `talm.eval`; `--data-dir` reuses training's validation code (`talm.train.evaluate`: the
+slice `val_slice` picks with the run's recorded settings, then `evaluate`), so on the run's own data it gives the
+run's val_loss and val_bpb: over the learned (assistant) tokens of conversation data, all tokens of text.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from talm.eval.config import EvalConfig
 from talm.eval.runner import TaskResult, prepare, read_results, results_path, score, write_results
 from talm.files import check_writable_dir
 from talm.train.checkpoint import resolve_checkpoint
+from talm.train.config import TrainConfig
 from talm.train.dist import DistContext
-from talm.train.evaluate import evaluate
-from talm.train.loader import EvalSlice
+from talm.train.evaluate import evaluate, val_slice
 from talm.train.precision import Precision
 from talm.use.load import load_checkpoint
 
@@ -36,9 +37,15 @@ class Evaluation:
 
 
 def data_scores(
-    model: torch.nn.Module, tokenizer: Any, data_dir: str, tokens: int, batch_size: int, precision: Precision
+    model: torch.nn.Module,
+    tokenizer: Any,
+    data_dir: str,
+    run: dict[str, Any],
+    precision: Precision,
+    tokens: int | None = None,
 ) -> dict[str, Any]:
-    """Val loss and bits per byte of `model` on the first `tokens` tokens of `data_dir`'s val split."""
+    """Val loss and bits per byte of `model` on `data_dir`'s val split, measured as the run whose recorded config
+    is `run` measured its val_loss (its eval_tokens unless `tokens`, batch size, conversation isolation)."""
     from talm.data.manifest import read_data
 
     data = read_data(data_dir, splits=("val",))
@@ -48,18 +55,26 @@ def data_scores(
             "tokenizer (models/NAME/tokenizer.json)"
         )
     device = next(model.parameters()).device
-    val = EvalSlice(
-        data,
-        eval_tokens=tokens,
-        context_length=model.config.context_length,
-        batch_size=batch_size,
-        device=device,
-        vocab_size=tokenizer.vocab_size,
-    )
     ctx = DistContext(rank=0, local_rank=0, world_size=1, device=device)
+    val = val_slice(
+        data, run_train_config(run), model.config.context_length, ctx, vocab_size=model.config.vocab_size,
+        eval_tokens=tokens,
+    )  # fmt: skip
+    assert val is not None  # read_data refused a val split without tokens
     val_loss, bpb = evaluate(model, val, ctx, precision.autocast)
     model.eval()  # evaluate leaves the model in train mode (what training wants)
     return {"dir": str(data_dir), "tokens": val.tokens, "val_loss": val_loss, "val_bpb": bpb}
+
+
+def run_train_config(run: dict[str, Any]) -> TrainConfig:
+    """The validation settings of the run's recorded config (checkpoint.json's config.train); defaults for any it
+    lacks."""
+    recorded = run.get("train") if isinstance(run.get("train"), dict) else {}
+    fields = ("eval_tokens", "batch_size", "isolate_conversations")
+    try:
+        return TrainConfig.model_validate({k: recorded[k] for k in fields if k in recorded})
+    except ValueError:  # a hand-edited checkpoint.json: the defaults, as a run without those settings
+        return TrainConfig()
 
 
 def evaluate_model(
@@ -92,9 +107,8 @@ def evaluate_model(
     ]
     data = None
     if config.data_dir is not None:
-        data = data_scores(
-            model, tokenizer, config.data_dir, config.data_tokens, config.batch_size, precision
-        )
+        run = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+        data = data_scores(model, tokenizer, config.data_dir, run, precision, config.data_tokens)
     results = [
         score(model, p, batch_size=config.batch_size, autocast=precision.autocast, progress=progress)
         for p in tasks

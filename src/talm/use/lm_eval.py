@@ -15,18 +15,23 @@ or `evaluate -m models/NAME --harness hellaswag` (run_harness below).
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from talm.errors import TalmError
 
 try:
+    from datasets.exceptions import DatasetNotFoundError
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
 except ImportError:  # the extra is not installed: say how to get it, once, when something needs it
     raise TalmError("the lm-evaluation-harness is not installed: pip install 'talm[eval]'") from None
 
+from talm.data.streaming import hub_unreachable
 from talm.eval.scoring import encode_pair, score_tokens
 from talm.use.load import load_checkpoint
 from talm.use.sample import FINISHED, fit_prompt, generate_ids
@@ -155,10 +160,64 @@ def run_harness(
             f"the harness knows no task {', '.join(unknown)}: see `lm-eval ls tasks`, or pass the folder of your "
             "task yaml with --include-path"
         )
-    results = simple_evaluate(
-        model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=log_samples
-    )
+    repos = hub_datasets(manager, tasks)
+    # one bounded request: datasets would retry an unreachable Hub for a minute, then end in a traceback
+    why = hub_unreachable(repos[0] if repos else tasks[0]) if repos or not include_path else None
+    with hub_offline(
+        why is not None
+    ):  # offline, a local or cached dataset still loads, a missing one fails at once
+        try:
+            results = simple_evaluate(
+                model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=log_samples
+            )
+        except (OSError, DatasetNotFoundError) as err:
+            raise harness_data_error(repos or tasks, why, err) from None
     return make_table(results), results
+
+
+def hub_datasets(manager: Any, tasks: list[str]) -> list[str]:
+    """The Hub datasets (dataset_path, when not a local folder) of the named harness tasks that say theirs."""
+    repos = []
+    for name in tasks:
+        cfg = getattr(manager.task_index.get(name), "cfg", None) or {}
+        path = cfg.get("dataset_path") if isinstance(cfg, dict) else None
+        if isinstance(path, str) and not Path(path).is_dir():
+            repos.append(path)
+    return list(dict.fromkeys(repos))
+
+
+@contextmanager
+def hub_offline(offline: bool) -> Iterator[None]:
+    """Hugging Face libraries in offline mode (the cache and local folders only) while inside, if `offline`."""
+    if not offline:
+        yield
+        return
+    import datasets.config
+    from huggingface_hub import constants
+
+    saved = (os.environ.get("HF_HUB_OFFLINE"), datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        if saved[0] is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved[0]
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved[1], saved[2]
+
+
+def harness_data_error(repos: list[str], why: str | None, err: BaseException) -> TalmError:
+    """One line: which dataset could not be loaded, and the ways to a copy that loads without the Hub."""
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    where = f"the Hub is unreachable ({why}) and it is not in the datasets cache" if why else reason
+    repo = repos[0] if repos else "OWNER/NAME"
+    return TalmError(
+        f"the harness cannot load the data of {', '.join(repos)}: {where}: run it once where the Hub is "
+        "reachable (the datasets cache keeps it), or pass --include-path with a task yaml whose dataset_path is "
+        f"a copy of the dataset (hf download {repo} --repo-type dataset --local-dir DIR)"
+    )
 
 
 def main() -> None:
