@@ -48,7 +48,7 @@ POLICY: dict[str, tuple[str, str]] = {
     "optim.muon_lr": (PEAK, ""),
     **{f"optim.{k}": (NOTE, OPTIMIZER_NOTE) for k in ("muon_momentum", "muon_momentum_warmup")},
     **{f"optim.{k}": (NOTE, OPTIMIZER_NOTE) for k in ("muon_weight_decay", "weight_decay", "beta1", "beta2")},
-    **{f"optim.{k}": (NOTE, OPTIMIZER_NOTE) for k in ("eps", "grad_clip")},
+    **{f"optim.{k}": (NOTE, OPTIMIZER_NOTE) for k in ("eps", "grad_clip", "muon_per_projection")},
     **{
         f"optim.{k}": (SCHEDULE, "the lr follows the new schedule from here (it does not jump)")
         for k in ("schedule", "decay_fraction", "min_lr_ratio", "warmup_steps")
