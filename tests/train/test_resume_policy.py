@@ -126,6 +126,14 @@ def test_a_schedule_change_without_a_jump_is_said() -> None:
     assert plan(MUON_UNTIED, changed(MUON_UNTIED, "train", max_steps=8))[1].notes == []  # extended: silent
 
 
+def test_a_checkpoint_without_tokens_per_step_gives_it_by_its_processes() -> None:
+    meta, state = saved(MUON_UNTIED, processes=2)
+    del meta["tokens_per_step"]  # as talm wrote checkpoint.json before it recorded the global batch
+    cfg = validate(RunConfig, MUON_UNTIED)
+    resume.plan_resume(meta, state, cfg, world_size=1, model_dir=Path("models/m"))
+    assert cfg.train.tokens_per_step == 256  # 4 x 32 on each of the 2 processes its RNG states count
+
+
 def test_architecture_optimizer_and_kept_fields() -> None:
     with pytest.raises(TalmError, match=r"another architecture \(n_layer 1 -> 2, d_model 32 -> 64\)"):
         plan(MUON_UNTIED, changed(MUON_UNTIED, "model", n_layer=2, d_model=64))

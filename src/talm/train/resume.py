@@ -175,12 +175,15 @@ def refuse_peak(name: str, was: float | None, now: float | None, cfg: RunConfig,
         )
 
 
-def saved_tokens_per_step(meta: dict[str, Any], trainer_state: dict[str, Any]) -> int | None:
-    """The resumed run's tokens per optimizer step (checkpoint.json's, else tokens seen over steps)."""
+def saved_tokens_per_step(meta: dict[str, Any], trainer_state: dict[str, Any], old: RunConfig) -> int | None:
+    """The resumed run's tokens per optimizer step: checkpoint.json's; for a checkpoint written before it was
+    recorded, its config's, else its micro-batch times its process count (one RNG state per process)."""
     if meta.get("tokens_per_step"):
         return int(meta["tokens_per_step"])
-    step, tokens = int(trainer_state["step"]), int(trainer_state["tokens_seen"])
-    return tokens // step if step > 0 else None
+    if old.train.tokens_per_step:
+        return old.train.tokens_per_step
+    processes = len(trainer_state.get("rng") or [])
+    return old.train.batch_size * old.model.context_length * processes if processes else None
 
 
 def keep_global_batch(
@@ -188,7 +191,7 @@ def keep_global_batch(
 ) -> list[str]:
     """The global batch (batch_size x context x processes x micro-steps) stays the run's: another process count
     or batch_size keeps it by gradient accumulation (setting train.tokens_per_step), else TalmError."""
-    saved = saved_tokens_per_step(meta, trainer_state)
+    saved = saved_tokens_per_step(meta, trainer_state, old)
     t = cfg.train
     micro = t.batch_size * cfg.model.context_length * world_size
     if saved is None or (t.tokens_per_step or micro) == saved:
