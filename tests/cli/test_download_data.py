@@ -199,18 +199,21 @@ def test_python_edu_is_refused_and_nothing_is_written(
 def test_data_files_with_empty_and_null_texts(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     texts = sample_texts(120)
     rows = [{"body": t, "id": i} for i, t in enumerate(texts)]
-    rows[3]["body"], rows[50]["body"], rows[51]["body"] = "", None, ""
+    rows[3]["body"], rows[50]["body"], rows[51]["body"], rows[7]["body"] = "", None, "", 7
     Path("mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     code, out, err = run(
         ["mycorpus", "--data-files", "mine.jsonl", "--text-column", "body", "--val-tokens", "0"], capsys
     )
     assert code == 0, err
-    assert "(3 empty skipped)" in out
+    assert (
+        "(3 empty, 1 malformed skipped; the first: 'mine.jsonl' line 8: 'body' holds a number, not text)"
+        in out
+    )
     d = project / "data" / "mycorpus" / "default"
     m = json.loads((d / "meta.json").read_text())
-    assert m["totals"]["empty_documents"] == 3 and m["totals"]["documents"] == 117
+    assert m["totals"]["empty_documents"] == 4 and m["totals"]["documents"] == 116
     assert m["files"] == ["mine.jsonl"] and [s["split"] for s in m["shards"]] == ["train"]
-    assert documents(d) == [r["body"] for r in rows if r["body"]]
+    assert documents(d) == [r["body"] for r in rows if r["body"] and isinstance(r["body"], str)]
 
 
 def _closed_port() -> int:

@@ -123,7 +123,7 @@ def test_smoltalk_from_a_hub_layout_copy_gives_each_conversation_with_its_mask(
         assert flags.dtype == MASK_DTYPE and len(flags) == len(tokens) == shard["tokens"]
     ids, flags = stream_of(result.out_dir)
     assert conversations_in(ids, flags) == [chat.render(c) for c in convs if c not in MALFORMED]
-    assert result.stats is not None and "must be from 'assistant'" in result.stats.first_skipped
+    assert result.stats is not None and "must be from 'assistant'" in result.stats.first_malformed[0]
     assert read_data(result.out_dir).loss_mask
 
 
@@ -171,8 +171,13 @@ def test_all_malformed_is_refused_and_leaves_nothing(in_tmp: Path) -> None:
 
 def test_a_text_column_is_refused_as_conversations(in_tmp: Path) -> None:
     Path("t.jsonl").write_text("".join(json.dumps({"messages": "just text"}) + "\n" for _ in range(5)))
-    with pytest.raises(TalmError, match="not lists of messages: pass the column"):
+    with pytest.raises(
+        TalmError, match="held no valid conversation: 5 malformed ones skipped .*--text-column"
+    ):
         prepare(config(dataset="t", data_files=["t.jsonl"], conversations=True), progress=False)
+    pq.write_table(pa.table({"messages": ["just text"] * 5}), "t.parquet")  # a typed column: refused as such
+    with pytest.raises(TalmError, match="not lists of messages: pass the column"):
+        prepare(config(dataset="t", data_files=["t.parquet"], conversations=True), progress=False)
 
 
 def test_conversations_need_jsonl_or_parquet(in_tmp: Path) -> None:
@@ -229,4 +234,75 @@ def test_the_cli_summary_counts_conversations_and_skipped(
     )
     main(["mine", "--data-files", "chats.jsonl", "--conversations", "-t", "base.json", "--val-tokens", "100"])
     out = capsys.readouterr().out
-    assert "50 conversations" in out and "5 malformed skipped, the first: conversation 11:" in out
+    assert "50 conversations" in out and "5 malformed skipped; the first: 'chats.jsonl' line 11: " in out
+
+
+def test_one_odd_row_is_that_rows_problem_not_every_rows(in_tmp: Path, chat: ChatFormat) -> None:
+    """A message whose content is a number among good rows: the good rows are written exactly as given (not as
+    JSON text, '"Question 0..."'), the odd one is skipped, counted and named by its line. (datasets' JSON loader
+    made the whole column JSON text.) OpenAI-style text parts are joined; other parts make the row malformed."""
+    good = rows(60)
+    odd = [{"role": "user", "content": 7}, {"role": "assistant", "content": "seven"}]
+    parts = [
+        {"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hello."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Hello."}]},
+    ]
+    image = [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+        {"role": "assistant", "content": "A cat."},
+    ]
+    written = [*good[:30], odd, *good[30:], parts, image]
+    Path("chats.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in written))
+    result = prepare(config(dataset="c", data_files=["chats.jsonl"], conversations=True), progress=False)
+    joined = [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello."}]
+    assert conversations_in(*stream_of(result.out_dir)) == [chat.render(c) for c in [*good, joined]]
+    assert result.stats is not None and result.stats.malformed == 2
+    assert result.stats.first_malformed == [
+        "'chats.jsonl' line 31: message 0's content is a number, not text",
+        "'chats.jsonl' line 63: message 0's content is a list of content parts that are not all text parts "
+        "({'type': 'text', 'text': str})",
+    ]
+
+
+def test_one_odd_text_row_is_that_rows_problem(in_tmp: Path) -> None:
+    """Plain text JSON lines: a row whose text is a number is skipped and named; every other document is
+    written exactly as given; a row without the column is an empty document, as a null text is."""
+    tok = Tokenizer.from_file(BASE)
+    texts = [f"Document {i}: some text, naïve café." for i in range(40)]
+    lines = [json.dumps({"text": t}) for t in texts]
+    lines[12] = json.dumps({"text": 12})
+    lines[20] = json.dumps({"other": "no text here"})
+    Path("docs.jsonl").write_text("\n".join(lines) + "\n")
+    result = prepare(config(dataset="d", data_files=["docs.jsonl"], val_tokens=50), progress=False)
+    data = read_data(result.out_dir)
+    ids = np.concatenate([np.load(s.path) for s in data.split("val") + data.split("train")])
+    cuts = np.flatnonzero(ids == tok.eot_id)
+    documents = [tok.decode(d[1:].tolist()) for d in np.split(ids, cuts[1:])]
+    assert documents == [t for i, t in enumerate(texts) if i not in (12, 20)]
+    assert result.stats is not None and result.stats.malformed == 1
+    assert result.stats.first_malformed == ["'docs.jsonl' line 13: 'text' holds a number, not text"]
+    assert result.manifest["totals"]["empty_documents"] == 2
+
+
+def test_content_parts_in_parquet_are_joined(in_tmp: Path, chat: ChatFormat) -> None:
+    """Typed (parquet, Hub) rows go through the same check: text parts joined, as from JSON lines."""
+    part = pa.struct([("type", pa.string()), ("text", pa.string())])
+    schema = pa.list_(pa.struct([("role", pa.string()), ("content", pa.list_(part))]))
+    convs = [
+        [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": f"Hi {i}, "}, {"type": "text", "text": "ok?"}],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": f"Fine {i}."}]},
+        ]
+        for i in range(40)
+    ]
+    pq.write_table(pa.table({"messages": pa.array(convs, schema)}), "parts.parquet")
+    cfg = config(dataset="p", data_files=["parts.parquet"], conversations=True, val_tokens=0)
+    result = prepare(cfg, progress=False)
+    joined = [
+        [{"role": "user", "content": f"Hi {i}, ok?"}, {"role": "assistant", "content": f"Fine {i}."}]
+        for i in range(40)
+    ]
+    assert conversations_in(*stream_of(result.out_dir)) == [chat.render(c) for c in joined]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import SHAKESPEARE
+from conftest import BASE_TOKENIZER, SHAKESPEARE
 from fixtures.hub_layout import (
     cosmopedia_table,
     fineweb_edu_dedup_table,
@@ -22,6 +22,7 @@ from fixtures.hub_layout import (
 
 from talm.config import validate
 from talm.data.config import DownloadConfig
+from talm.data.prepare import prepare
 from talm.data.sources import resolve_source
 from talm.data.streaming import TextStream
 from talm.errors import TalmError
@@ -55,8 +56,14 @@ def test_jsonl_and_text_columns(in_tmp: Path) -> None:
     assert all_texts(TextStream(resolve_source(cfg))) == [r["content"] for r in rows]
     with pytest.raises(TalmError, match="has no column 'text'.*--text-column.*content, n"):
         all_texts(TextStream(resolve_source(config(dataset="mine", data_files=["c.jsonl"]))))
-    with pytest.raises(TalmError, match="column 'n' .* holds int64, not text"):
-        all_texts(TextStream(resolve_source(config(dataset="mine", data_files=["c.jsonl"], text_column="n"))))
+    numbers = config(
+        dataset="mine", data_files=["c.jsonl"], text_column="n", tokenizer_path=str(BASE_TOKENIZER)
+    )
+    assert all_texts(TextStream(resolve_source(numbers))) == list(range(51))  # as given: the encoder checks
+    with pytest.raises(
+        TalmError, match="held no text: 51 malformed rows skipped .*'c.jsonl' line 1: 'n' holds a"
+    ):
+        prepare(numbers, progress=False)
 
 
 # ------------------------------------------------------------------------------------------------ hub layouts
@@ -146,3 +153,48 @@ def test_unreachable_hub_fails_fast_with_the_way_out(in_tmp: Path, monkeypatch: 
     message = str(err.value)
     assert "could not reach the Hugging Face Hub" in message
     assert "--data-files" in message and "./HuggingFaceFW/fineweb" in message and "HF_ENDPOINT" in message
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_local_json_rows_resume_exactly_and_split_over_workers(in_tmp: Path, workers: int) -> None:
+    """Local JSON is read by talm row by row (jsonl.gz and a .json array too): the position is (file, line), a
+    resumed stream continues exactly, and the workers' parts cover every row once."""
+    import gzip
+
+    texts = sample_texts(300)
+    Path("a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n\n" for t in texts[:40]))
+    with gzip.open("b.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts[40:200])
+    source = resolve_source(config(dataset="mine", data_files=["a.jsonl", "b.jsonl.gz"]))
+    parts = [all_texts(TextStream(source, num_workers=workers, worker_index=i)) for i in range(workers)]
+    assert sorted(t for part in parts for t in part) == sorted(texts[:200])
+    mine = parts[-1]
+    for stop_after in (0, 2):  # inside the first file, inside the second
+        stream = TextStream(source, num_workers=workers, worker_index=workers - 1)
+        seen: list[str | None] = []
+        for k, batch in enumerate(stream.batches(1000 * (4 - workers), rows_per_read=4)):
+            seen += batch.texts
+            if k == stop_after:
+                state = batch.state
+                break
+        else:
+            raise AssertionError("the stream is too short for this test")
+        resumed = TextStream(source, num_workers=workers, worker_index=workers - 1)
+        resumed.load_state_dict(json.loads(json.dumps(state)))
+        assert resumed.state_dict() == state
+        assert seen + all_texts(resumed, 3000) == mine
+    Path("c.json").write_text(json.dumps([{"text": t} for t in texts[200:]]))
+    array = resolve_source(config(dataset="mine", data_files=["c.json"]))
+    batches = list(TextStream(array).batches(2000, rows_per_read=16))
+    assert [t for b in batches for t in b.texts] == texts[200:]
+    assert batches[0].places is not None and batches[0].places[1] == "'c.json' item 2"
+    resumed = TextStream(array)
+    resumed.load_state_dict(batches[1].state)
+    assert all_texts(resumed) == [t for b in batches[2:] for t in b.texts]
+
+
+def test_a_position_of_another_reader_is_refused_with_the_way_out(in_tmp: Path) -> None:
+    Path("a.jsonl").write_text(json.dumps({"text": "one"}) + "\n")
+    stream = TextStream(resolve_source(config(dataset="mine", data_files=["a.jsonl"])))
+    with pytest.raises(TalmError, match="read its JSON files another way .*--overwrite"):
+        stream.load_state_dict({"examples_iterable": {"shard_idx": 0, "shard_example_idx": 3}})

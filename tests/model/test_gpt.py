@@ -295,3 +295,11 @@ def test_flops_per_token_count_the_output_layer_tied_or_not(tied: bool, kv: int 
     # tying shares a matrix, not a matmul: the compute is the same either way
     other = GPT(c.model_copy(update={"tie_embeddings": not tied}))
     assert model.flops_per_token() == other.flops_per_token()
+
+
+def test_document_positions_count_from_each_documents_first_token() -> None:
+    from talm.model.gpt import document_positions
+
+    docs = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [0, 1, 1, 1, 1, 1, 2, 3]])
+    want = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2], [0, 0, 1, 2, 3, 4, 0, 0]])
+    assert torch.equal(document_positions(docs), want)

@@ -112,7 +112,7 @@ def test_the_eval_slice_packs_the_val_split(conv_data: Path) -> None:
 
 
 def test_the_step_loss_is_the_mean_over_every_learned_target_of_the_step(conv_data: Path) -> None:
-    """Micro-batches learn different numbers of targets: the scaled means must add up to the mean over all."""
+    """Micro-batches learn different numbers of targets: the scaled sums must add up to the mean over all."""
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=1024, context_length=ROW - 1, n_layer=1, n_head=2, d_model=32))
     ld = loader(conv_data, batch_size=2, accum_steps=3)
@@ -122,15 +122,19 @@ def test_the_step_loss_is_the_mean_over_every_learned_target_of_the_step(conv_da
     counts = [int((y >= 0).sum()) for _, y, _, _ in step]
     assert len(set(counts)) > 1  # the case that a mean of means gets wrong
     with torch.no_grad():
-        scaled = sum(model(x, y)[1] * scale for x, y, _, scale in step) / 3
+        scaled = sum(model(x, y, reduction="sum")[1] * scale for x, y, _, scale in step) / 3
         logits = torch.cat([model(x)[0].flatten(0, 1) for x, _, _, _ in step])
         direct = F.cross_entropy(logits, torch.cat([y.flatten() for _, y, _, _ in step]), ignore_index=-1)
     torch.testing.assert_close(scaled, direct)
 
 
-def test_doc_ids_keep_attention_inside_each_conversation(conv_data: Path) -> None:
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_doc_ids_keep_attention_inside_each_conversation(conv_data: Path, arch: str) -> None:
+    """A conversation packed after another gives the logits it gives alone: attention stays inside it, and its
+    positions count from its own start (what gpt2's learned position table needs; RoPE is relative)."""
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=1024, context_length=ROW - 1, n_layer=2, n_head=2, d_model=32)).eval()
+    size = {"vocab_size": 1024, "context_length": ROW - 1, "n_layer": 2, "n_head": 2, "d_model": 32}
+    model = GPT(ModelConfig(**size, arch=arch, **({"mlp": "gelu"} if arch == "gpt2" else {}))).eval()
     assert loader(conv_data, isolate=False).next_batch()[2] is None  # --no-train.isolate_conversations
     x, _, docs, _ = loader(conv_data).next_batch()
     assert docs is not None
@@ -210,3 +214,108 @@ def test_a_fine_tuning_run_stopped_and_resumed_repeats_the_uninterrupted_losses(
     assert sorted(cut) == list(range(1, 9))
     assert [cut[s] for s in range(5, 9)] == pytest.approx([whole[s] for s in range(5, 9)], rel=1e-6)
     assert losses("cut", "val_loss")[8] == pytest.approx(losses("whole", "val_loss")[8], rel=1e-6)
+
+
+def conversations_dir(root: Path, convs: list[list[dict[str, str]]], **kwargs) -> Path:
+    """Conversation data made by the real data stage from `convs` (DownloadConfig fields in kwargs)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "c.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"messages": c}) + "\n" for c in convs)
+    args = {"dataset": "c", "data_files": [str(root / "c.jsonl")], "conversations": True} | kwargs
+    return prepare(
+        DownloadConfig(**args, tokenizer_path=BASE, data_root=root / "data"), progress=False
+    ).out_dir
+
+
+class Batches:
+    """A stand-in loader handing out fixed batches."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches = iter(batches)
+
+    def next_batch(self) -> tuple:
+        return next(self.batches)
+
+
+def test_a_micro_batch_with_no_learned_target_adds_nothing_to_the_step() -> None:
+    """A fully masked micro-batch (a row holding only a conversation cut before its answer) leaves the step's
+    loss finite and its gradient exactly that of the other micro-batches (a mean over no target is NaN)."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=1024, context_length=ROW - 1, n_layer=1, n_head=2, d_model=32))
+    ctx = dist.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    x = torch.randint(0, 1024, (1, ROW - 1))
+    y = torch.where(torch.arange(ROW - 1) % 3 == 0, torch.randint(0, 1024, (1, ROW - 1)), -1)
+    learned, empty = (x, y, None, int((y >= 0).sum())), (x.flip(1), torch.full_like(y, -1), None, 0)
+
+    def step_gradient(batches: list) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad()
+        total = 0.0
+        for x, y, _, scale in conversation_step(Batches(batches), len(batches), ctx):
+            loss = model(x, y, reduction="sum")[1] * scale / len(batches)  # as the trainer does
+            loss.backward()
+            total += loss.item()
+        return total, [p.grad.clone() for p in model.parameters()]
+
+    loss_with_empty, with_empty = step_gradient([empty, learned])
+    loss_alone, alone = step_gradient([learned])
+    assert np.isfinite(loss_with_empty) and loss_with_empty == pytest.approx(loss_alone, rel=1e-6)
+    for a, b in zip(with_empty, alone, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_a_conversation_cut_before_its_answer_trains_with_batch_one(tmp_path: Path) -> None:
+    """--max-tokens cutting the last conversation after its question leaves a conversation with nothing to
+    learn: it is dropped (and said), not trained on as a batch whose loss is NaN ('diverged')."""
+    from talm.config import validate
+    from talm.train.config import RunConfig
+    from talm.train.metrics import read_metrics
+    from talm.train.run import train
+
+    convs = [
+        [
+            {"role": "user", "content": f"question {i} " + "word " * 12},
+            {"role": "assistant", "content": f"a{i}"},
+        ]
+        for i in range(12)
+    ]
+    chat = ChatFormat(Tokenizer.from_file(BASE))
+    lengths = [len(chat.render(c)[0]) for c in convs]
+    question = len(chat.render_prompt(convs[-1][:1])) - 1  # the last one's role token and question only
+    data = conversations_dir(tmp_path, convs, val_tokens=0, max_tokens=sum(lengths[:-1]) + question)
+    ld = ConversationLoader(
+        read_data(data, splits=("train",)), batch_size=1, context_length=max(lengths), seed=0, pad_id=1020
+    )
+    assert (
+        ld.conversations == len(convs) - 1 and "1 with no assistant token to learn dropped" in ld.describe()
+    )
+    layer = {
+        "model": {"n_layer": 1, "n_head": 2, "d_model": 32, "context_length": max(lengths)},
+        "train": {"max_steps": 12, "batch_size": 1, "log_every": 1, "save_every": 100, "device": "cpu"},
+        "data": {"dir": str(data)},
+    }
+    train(validate(RunConfig, layer), tmp_path / "run")
+    losses = [r["train_loss"] for r in read_metrics(tmp_path / "run") if "train_loss" in r]
+    assert len(losses) == 12 and np.isfinite(losses).all()
+
+
+def test_a_val_split_with_nothing_to_score_is_refused_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every val conversation longer than the context: train_model says so in one line at the start, exit 2,
+    and models/NAME is not made (before: it trained, then died with ZeroDivisionError at the first eval)."""
+    from talm.cli import train_model
+
+    long = [{"role": "user", "content": "word " * 60}, {"role": "assistant", "content": "ok"}]
+    short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    data = conversations_dir(tmp_path, [long] * 3 + [short] * 40, val_tokens=150)
+    assert read_data(data).split("val")
+    monkeypatch.chdir(tmp_path)
+    argv = ["train_model", "-n", "sft", "-d", str(data), "--device", "cpu", "--model.context_length", "32"]
+    argv += "--model.n_layer 1 --model.d_model 32 --model.n_head 2 --batch-size 1 --max-steps 4".split()
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit) as exit:
+        train_model.main()
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "val split has nothing to score (3 conversation(s): 3 longer than context_length+1=33" in err
+    assert "--model.context_length" in err and not (tmp_path / "models" / "sft").exists()

@@ -41,11 +41,11 @@ def run(cfg: DownloadConfig) -> None:
     resumed = " (resumed)" if result.status == "resume" else ""
     if result.repaired:
         resumed = f" (resumed from the last good shard: {result.repaired})"
-    skipped = f"{stats.empty_documents:,} empty skipped"
-    if conversations:
-        skipped = f"{stats.empty_documents:,} malformed skipped" + (
-            f", the first: {stats.first_skipped}" if stats.first_skipped else ""
-        )
+    named = f"; the first: {'; '.join(stats.first_malformed)}" if stats.first_malformed else ""
+    skipped = f"{stats.malformed:,} malformed skipped{named}"
+    if not conversations:  # text: rows without text are skipped too, and are no error
+        empty = f"{stats.empty_documents - stats.malformed:,} empty"
+        skipped = f"{empty}, {skipped}" if stats.malformed else f"{empty} skipped"
     print(
         f"wrote {result.out_dir}{resumed}: {layout}; this run {stats.tokens:,} tokens, {stats.documents:,} {docs}"
         f" ({skipped}) in {stats.seconds:.1f} s, {stats.tokens_per_s:,.0f} tokens/s, "

@@ -16,14 +16,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from talm.data.config import DownloadConfig
-from talm.data.conversations import ConversationEncoder
+from talm.data.conversations import ConversationEncoder, MalformedRows, json_kind
 from talm.data.manifest import lock_name
 from talm.data.shard_dir import missing_dirs, remove_empty_dirs
 from talm.data.sources import resolve_source
@@ -59,6 +59,37 @@ def tokenize_batch(
     return TokenBatch(tokens.astype(tokenizer.token_dtype, copy=False), doc_tokens, utf8_bytes, state_before)
 
 
+class TextEncoder:
+    """`tokenize_batch` of a batch's texts (the default `encode` of `write_shards`); a row whose value is not
+    text (a number, a list: local JSON rows keep their own types) is malformed: skipped, counted and named."""
+
+    def __init__(self, tokenizer: Any, num_threads: int | None = None, column: str = "text") -> None:
+        self.tokenizer, self.num_threads, self.column = tokenizer, num_threads, column
+        self.valid = 0
+        self.malformed = MalformedRows()
+
+    def __call__(self, batch: Any, state_before: dict) -> TokenBatch:
+        texts = batch.texts
+        bad = [i for i, t in enumerate(texts) if t is not None and not isinstance(t, str)]
+        if bad:
+            texts = list(texts)
+            for i in bad:
+                where = (
+                    batch.places[i] if batch.places else f"document {self.valid + self.malformed.count + 1}"
+                )
+                self.malformed.add(where, f"{self.column!r} holds {json_kind(texts[i])}, not text")
+                texts[i] = None
+        self.valid += sum(1 for t in texts if t)
+        return tokenize_batch(self.tokenizer, texts, batch.utf8_bytes, state_before, self.num_threads)
+
+    def no_valid_document(self, source: Any) -> TalmError:
+        """The refusal when the whole source held no text, only malformed rows."""
+        return TalmError(
+            f"{source.source} held no text: {self.malformed.count:,} malformed rows skipped (the first: "
+            f"{self.malformed.first[0]}): pass the column holding the text with --text-column"
+        )
+
+
 @dataclass
 class WriteStats:
     """What one run of `write_shards` did, for the summary line."""
@@ -68,7 +99,8 @@ class WriteStats:
     empty_documents: int  # documents without text, skipped
     text_bytes: int  # UTF-8 text read by this run
     seconds: float
-    first_skipped: str | None = None  # conversations: why the first malformed one of this run was skipped
+    malformed: int = 0  # documents skipped because their row was malformed (counted in empty_documents too)
+    first_malformed: list[str] = field(default_factory=list)  # the first few, each named by place and why
 
     @property
     def tokens_per_s(self) -> float:
@@ -113,7 +145,7 @@ def write_shards(
     batch_bytes: int | None = None,
     queue_batches: int = 3,
     progress: bool = True,
-    encode: Callable[[list[Any], np.ndarray, dict], TokenBatch] | None = None,
+    encode: Callable[[Any, dict], TokenBatch] | None = None,
     progress_lines: bool = False,
     num_threads: int | None = None,
 ) -> WriteStats:
@@ -123,11 +155,12 @@ def write_shards(
 
     Memory is bounded by the queues: at most `queue_batches` batches of `batch_bytes` text wait at each stage,
     and shards go to disk as they fill. Resumes from `writer.resume_state` when the writer was loaded from an
-    interrupted run. `encode` turns a batch's rows into tokens (default: `tokenize_batch` of texts on
-    `num_threads` encoder threads; conversations: `ConversationEncoder`).
+    interrupted run. `encode` turns a batch (`streaming.TextBatch`) into tokens (default: `TextEncoder`,
+    `tokenize_batch` of texts on `num_threads` encoder threads; conversations: `ConversationEncoder`).
     """
     from tqdm import tqdm
 
+    encode = encode or TextEncoder(tokenizer, num_threads)
     tokenizer.encode_batch(["build the engine here, not in the tokenizing thread"], num_threads=1)
     if writer.resume_state is not None:
         stream.load_state_dict(writer.resume_state)
@@ -154,10 +187,7 @@ def write_shards(
                     _put(tokens_q, item, stop)
                     return
                 batch, before = item
-                if encode is None:
-                    encoded = tokenize_batch(tokenizer, batch.texts, batch.utf8_bytes, before, num_threads)
-                else:
-                    encoded = encode(batch.texts, batch.utf8_bytes, before)
+                encoded = encode(batch, before)
                 if not _put(tokens_q, (encoded, int(batch.utf8_bytes.sum()), len(batch.texts)), stop):
                     return
         except BaseException as err:
@@ -203,13 +233,22 @@ def write_shards(
         writer.close()  # a shard still being written when the run stops is dropped (the next run makes it)
         for t in threads:
             t.join(timeout=5)
+    return _stats(writer, before, text_bytes, time.perf_counter() - start, encode)
+
+
+def _stats(writer: ShardWriter, before: dict, text_bytes: int, seconds: float, encode: Any) -> WriteStats:
+    """What this run of `write_shards` did, from the writer's totals before and after it and the encoder's
+    tally of malformed rows (if it keeps one)."""
     after = writer.state_dict()["totals"]
+    malformed = getattr(encode, "malformed", None) or MalformedRows()
     return WriteStats(
         tokens=after["tokens"] - before["tokens"],
         documents=after["documents"] - before["documents"],
         empty_documents=after["empty_documents"] - before["empty_documents"],
         text_bytes=text_bytes,
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
+        malformed=malformed.count,
+        first_malformed=list(malformed.first),
     )
 
 
@@ -284,9 +323,12 @@ def prepare(cfg: DownloadConfig, *, progress: bool = True, progress_lines: bool 
         "eot_id": tokenizer.eot_id,
     }
     header = {"dataset": source.dataset, **source.describe(), "tokenizer": tokenizer_info}
-    encoder = ConversationEncoder(tokenizer) if source.conversations else None  # checks the role tokens
-    if encoder is not None:
+    encoder: ConversationEncoder | TextEncoder
+    if source.conversations:
+        encoder = ConversationEncoder(tokenizer)  # checks the role tokens
         header["loss_mask"] = True
+    else:
+        encoder = TextEncoder(tokenizer, cfg.num_proc, column=source.text_column)
     arguments = {
         **source.describe(),
         "tokenizer": tokenizer.fingerprint,
@@ -327,9 +369,9 @@ def prepare(cfg: DownloadConfig, *, progress: bool = True, progress_lines: bool 
                 writer.discard()  # nothing usable came of the bad input: leave nothing behind
             raise
         except TalmError:
-            if encoder is not None and encoder.valid == 0 and encoder.skipped and not writer.shards:
-                raise encoder.no_valid_conversation(source) from None
+            if encoder.valid == 0 and encoder.malformed.count and not writer.shards:
+                if isinstance(encoder, ConversationEncoder):
+                    raise encoder.no_valid_conversation(source) from None
+                raise encoder.no_valid_document(source) from None
             raise
-        if encoder is not None:
-            stats.first_skipped = encoder.first_problem
         return PrepareResult(cfg.out_dir, writer.state_dict(), status, stats, writer.repaired)

@@ -150,6 +150,22 @@ def resolve_source(cfg: DownloadConfig) -> TextSource:
 # chunk; these say which file, which line, and the fix (streaming.py calls `describe_bad_content`).
 
 
+class SourceDataError(TalmError):
+    """The source's own content cannot be read (not UTF-8, a broken JSON line, ...): the message names the file,
+    the place and the fix."""
+
+
+def missing_column(source: TextSource, columns: list[str]) -> TalmError:
+    """The refusal of a source whose rows lack the column asked for, listing the ones they have."""
+    hint = (
+        "" if source.conversations or "messages" not in columns else " (conversations: add --conversations)"
+    )
+    return TalmError(
+        f"{source.source} ({source.config}) has no column {source.text_column!r}{hint}: pass the column holding "
+        f"the text with --text-column (its columns: {', '.join(columns)})"
+    )
+
+
 def _open_local(path: str) -> Any:
     """A local file for reading its raw (decompressed) bytes, or None for a compression the stdlib lacks."""
     import bz2
@@ -162,6 +178,22 @@ def _open_local(path: str) -> Any:
     if path.lower().endswith(_COMPRESSIONS):
         return None
     return open(path, "rb")
+
+
+def open_data_file(path: str) -> Any:
+    """A local data file for reading its (decompressed) bytes: the stdlib's decompressors, else fsspec's (zstd,
+    lz4, as `datasets` reads them)."""
+    f = _open_local(path)
+    if f is not None:
+        return f
+    import fsspec
+
+    try:
+        return fsspec.open(path, "rb", compression="infer").open()
+    except (ImportError, ValueError) as err:
+        raise TalmError(
+            f"cannot decompress {path!r} ({err}): decompress it first, or install the module"
+        ) from None
 
 
 def text_file_problem(path: str) -> str | None:
@@ -180,34 +212,36 @@ def text_file_problem(path: str) -> str | None:
     return None
 
 
+def json_line_problem(path: str, number: int, line: bytes) -> str | None:
+    """What is wrong with line `number` of a JSON-lines file if it is not a JSON object (torn, invalid, not
+    UTF-8), said with the fix; None if it is one."""
+    try:
+        value = json.loads(line.decode("utf-8"))
+        if isinstance(value, dict):
+            return None
+        why = f"holds a JSON {type(value).__name__}, not an object"
+    except UnicodeDecodeError as err:
+        why = f"is not UTF-8 (invalid byte 0x{line[err.start]:02x} at column {err.start + 1})"
+    except json.JSONDecodeError as err:
+        torn = not line.endswith(b"\n")  # only the last line can lack its newline
+        why = (
+            f"is cut off (a torn last line: {err.msg}, column {err.colno})"
+            if torn
+            else f"is not valid JSON ({err.msg}, column {err.colno})"
+        )
+    return f"{path!r} line {number} {why}: fix or delete that line (each line must be one JSON object), then rerun"
+
+
 def json_lines_problem(path: str) -> str | None:
     """The first line of a JSON-lines file that is not a JSON object (torn, invalid, not UTF-8), or None."""
     f = _open_local(path)
     if f is None:
         return None
     with f:
-        number = 0
-        for number, line in enumerate(f, start=1):  # noqa: B007 (used after the loop)
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line.decode("utf-8"))
-                if isinstance(value, dict):
-                    continue
-                why = f"holds a JSON {type(value).__name__}, not an object"
-            except UnicodeDecodeError as err:
-                why = f"is not UTF-8 (invalid byte 0x{line[err.start]:02x} at column {err.start + 1})"
-            except json.JSONDecodeError as err:
-                torn = not line.endswith(b"\n")  # only the last line can lack its newline
-                why = (
-                    f"is cut off (a torn last line: {err.msg}, column {err.colno})"
-                    if torn
-                    else f"is not valid JSON ({err.msg}, column {err.colno})"
-                )
-            return (
-                f"{path!r} line {number} {why}: fix or delete that line (each line must be one JSON object), "
-                "then rerun"
-            )
+        for number, line in enumerate(f, start=1):
+            problem = json_line_problem(path, number, line) if line.strip() else None
+            if problem is not None:
+                return problem
     return None
 
 

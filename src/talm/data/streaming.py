@@ -20,18 +20,16 @@ from typing import Any
 
 import numpy as np
 
-from talm.data.conversations import conversation_rows
-from talm.data.sources import TextSource, describe_bad_content
+from talm.data.conversations import content_bytes, conversation_rows
+from talm.data.jsonrows import JsonRows
+from talm.data.sources import SourceDataError, TextSource, describe_bad_content, missing_column
 from talm.errors import TalmError
+
+__all__ = ["SourceDataError", "TextBatch", "TextStream"]
 
 # A quick look at the Hub before streaming from it: datasets would otherwise retry for tens of seconds.
 _HUB_PROBE_TIMEOUT_S = 10
 ROWS_PER_READ = 1024  # rows per Arrow batch taken from `datasets`; texts are then grouped by bytes
-
-
-class SourceDataError(TalmError):
-    """The source's own content cannot be read (not UTF-8, a broken JSON line, ...): the message names the file,
-    the place and the fix."""
 
 
 def _hub_unreachable(source: TextSource, why: str) -> TalmError:
@@ -71,9 +69,16 @@ def check_hub_reachable(source: TextSource) -> None:
 class TextBatch:
     """Consecutive documents of the stream, and the stream position just after the last of them."""
 
-    texts: list[str | None]  # None or "" for documents without text (skipped and counted by the writer)
+    texts: list[Any]  # texts (None or "" for documents without text), or conversations' messages; local JSON
+    # rows as parsed, of any type (checked by the encoder, which counts and names a malformed one)
     utf8_bytes: np.ndarray  # int64, UTF-8 length of each text (0 for None)
-    state: dict[str, Any]  # IterableDataset.state_dict() after this batch: resume from here
+    state: dict[str, Any]  # the stream position after this batch: resume from here
+    places: list[str] | None = None  # where each row is ("'chats.jsonl' line 7"), when the reader knows
+
+
+def reads_json_itself(source: TextSource) -> bool:
+    """Local JSON files are read by talm (jsonrows.py), each row with its own types; the rest by `datasets`."""
+    return bool(source.files) and source.load_args.get("path") == "json"
 
 
 class TextStream:
@@ -81,45 +86,85 @@ class TextStream:
 
     def __init__(self, source: TextSource, *, num_workers: int = 1, worker_index: int = 0) -> None:
         self.source = source
-        self._dataset = _open(source, num_workers=num_workers, worker_index=worker_index)
-        self._loaded: dict[str, Any] | None = None  # a loaded position not yet reached by iterating
+        split = {"num_workers": num_workers, "worker_index": worker_index}
+        self._reader = (
+            JsonRows(source, **split)
+            if reads_json_itself(source)
+            else DatasetReads(source, _open(source, **split))
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """The stream position (after the last batch yielded), as plain JSON-able data."""
-        # datasets reports its initial state between load_state_dict() and the next read: not where we are.
-        return copy.deepcopy(self._loaded) if self._loaded is not None else self._dataset.state_dict()
+        return self._reader.state_dict()
 
-    def _position(self) -> dict[str, Any]:
-        # a copy: datasets may keep mutating the dicts it returned (seen after load_state_dict), while the
-        # position of a batch must stay what it was when the batch was read
-        return copy.deepcopy(self._dataset.state_dict())
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._reader.load_state_dict(state)
+
+    def batches(self, target_bytes: int = 4 << 20, rows_per_read: int | None = None) -> Iterator[TextBatch]:
+        """Texts in stream order, grouped into batches of about `target_bytes` of UTF-8 (whole reads of
+        `rows_per_read` rows, the granularity of the stream positions)."""
+        texts: list[Any] = []
+        sizes: list[np.ndarray] = []
+        places: list[str] | None = [] if isinstance(self._reader, JsonRows) else None
+        n_bytes = 0
+        for values, row_bytes, where in self._reads(rows_per_read or ROWS_PER_READ):
+            texts.extend(values)
+            sizes.append(row_bytes)
+            n_bytes += int(row_bytes.sum())
+            if places is not None:
+                places.extend(where)
+            if n_bytes >= target_bytes:
+                yield TextBatch(texts, np.concatenate(sizes), self.state_dict(), places)
+                texts, sizes, n_bytes = [], [], 0
+                places = None if places is None else []
+        if texts:
+            yield TextBatch(texts, np.concatenate(sizes), self.state_dict(), places)
+
+    def _reads(self, rows_per_read: int) -> Iterator[tuple[list[Any], np.ndarray, list[str]]]:
+        if isinstance(self._reader, DatasetReads):
+            yield from self._reader.reads(rows_per_read)
+            return
+        measure = content_bytes if self.source.conversations else _text_bytes
+        for values, where in self._reader.reads(rows_per_read):
+            yield values, np.fromiter(map(measure, values), dtype=np.int64, count=len(values)), where
+
+
+def _text_bytes(value: Any) -> int:
+    return len(value.encode("utf-8", "surrogatepass")) if isinstance(value, str) else 0
+
+
+class DatasetReads:
+    """A `datasets` IterableDataset of Arrow batches, read as the text column's values (texts, or conversations'
+    messages) and their UTF-8 bytes; its state_dict() is the stream position."""
+
+    def __init__(self, source: TextSource, dataset: Any) -> None:
+        self.source, self._dataset = source, dataset
+        self._loaded: dict[str, Any] | None = None  # a loaded position not yet reached by iterating
+
+    def state_dict(self) -> dict[str, Any]:
+        # datasets reports its initial state between load_state_dict() and the next read: not where we are; and
+        # a copy, as datasets may keep mutating the dicts it returned (seen after load_state_dict)
+        return copy.deepcopy(self._loaded if self._loaded is not None else self._dataset.state_dict())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._dataset.load_state_dict(copy.deepcopy(state))  # datasets mutates the dict it is given
         self._loaded = copy.deepcopy(state)
 
-    def batches(self, target_bytes: int = 4 << 20, rows_per_read: int | None = None) -> Iterator[TextBatch]:
-        """Texts in stream order, grouped into batches of about `target_bytes` of UTF-8 (whole reads of
-        `rows_per_read` rows, the granularity of the stream positions)."""
+    def reads(self, rows_per_read: int) -> Iterator[tuple[list[Any], np.ndarray, list[str]]]:
         import pyarrow as pa
         import pyarrow.compute as pc
 
         column = self.source.text_column
-        texts: list[str | None] = []
-        sizes: list[np.ndarray] = []
-        n_bytes = 0
-        tables = self._dataset.iter(batch_size=rows_per_read or ROWS_PER_READ)
+        tables = self._dataset.iter(batch_size=rows_per_read)
         try:
             for table in _reading(self.source, tables):
                 self._loaded = None
                 if column not in table.column_names:
-                    raise _missing_column(self.source, table.column_names)
+                    raise missing_column(self.source, table.column_names)
                 values = table.column(column)
                 if self.source.conversations:  # lists of messages, checked and rendered by conversations.py
                     rows, row_bytes = conversation_rows(self.source, values)
-                    texts.extend(rows)
-                    sizes.append(row_bytes)
-                    n_bytes += int(row_bytes.sum())
+                    yield rows, row_bytes, []
                 elif not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
                     hint = (
                         " (conversations, lists of messages: add --conversations)"
@@ -132,14 +177,7 @@ class TextStream:
                     )
                 else:
                     lengths = pc.fill_null(pc.binary_length(values), 0).to_numpy(zero_copy_only=False)
-                    texts.extend(values.to_pylist())
-                    sizes.append(lengths.astype(np.int64))
-                    n_bytes += int(lengths.sum())
-                if n_bytes >= target_bytes:
-                    yield TextBatch(texts, np.concatenate(sizes), self._position())
-                    texts, sizes, n_bytes = [], [], 0
-            if texts:
-                yield TextBatch(texts, np.concatenate(sizes), self._position())
+                    yield values.to_pylist(), lengths.astype(np.int64), []
         finally:
             tables.close()  # closes datasets' file readers now, not at interpreter exit
 
@@ -157,16 +195,6 @@ def _reading(source: TextSource, tables: Iterator[Any]) -> Iterator[Any]:
         except (UnicodeError, ValueError) as err:  # pyarrow.ArrowInvalid is a ValueError
             raise SourceDataError(describe_bad_content(source, err)) from None
         yield table
-
-
-def _missing_column(source: TextSource, columns: list[str]) -> TalmError:
-    hint = (
-        "" if source.conversations or "messages" not in columns else " (conversations: add --conversations)"
-    )
-    return TalmError(
-        f"{source.source} ({source.config}) has no column {source.text_column!r}{hint}: pass the column holding "
-        f"the text with --text-column (its columns: {', '.join(columns)})"
-    )
 
 
 def _import_datasets() -> Any:
@@ -220,7 +248,7 @@ def _open(source: TextSource, *, num_workers: int, worker_index: int) -> Any:
     datasets.disable_progress_bars()
     dataset = _load(datasets, source, {})
     if dataset.features is not None and source.text_column not in dataset.features:
-        raise _missing_column(source, list(dataset.features))
+        raise missing_column(source, list(dataset.features))
     if dataset.info.builder_name == "parquet" and dataset.features is not None and len(dataset.features) > 1:
         # Read only the text column: the others (urls, ids, metadata) would cost as much to decode as the text.
         dataset = _load(datasets, source, {"columns": [source.text_column]})

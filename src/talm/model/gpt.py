@@ -41,6 +41,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's position inside its document, (B, T), for rows of documents packed back to back (`doc_ids`
+    constant along each document): 0 at every document's first token."""
+    T = doc_ids.shape[1]
+    index = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
+    first = torch.ones_like(doc_ids, dtype=torch.bool)
+    first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return index - torch.where(first, index, 0).cummax(dim=1).values
+
+
 class KVCache:
     """Keys and values of every layer for a batch of sequences being generated.
 
@@ -284,16 +294,19 @@ class GPT(nn.Module):
         last_only: bool = False,
         doc_ids: torch.Tensor | None = None,
         at: torch.Tensor | None = None,
+        reduction: str = "mean",
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T), and the mean cross-entropy if `targets` (B, T)
-        are given (positions whose target is -1 are ignored).
+        are given (positions whose target is -1 are ignored); with reduction="sum", the sum, which is 0 with no
+        target (where the mean is NaN): what a caller dividing by a count of its own needs.
 
         With a `cache`, `idx` continues the sequences the cache holds: only the new positions are computed.
         With `last_only`, only the last position's logits are computed (B, 1, vocab_size): what generation needs.
         With `at`, a boolean (B, T), only those positions' logits, in row-major order (N, vocab_size): what
         scoring a continuation needs (the output head is a large share of a small model's compute and memory).
-        With `doc_ids` (B, T), a position attends only to earlier positions of the same id: sequences packed
-        from several conversations do not see each other (RoPE is relative, so positions need no reset).
+        With `doc_ids` (B, T), a position attends only to earlier positions of the same id, and positions count
+        from each document's first token: a document packed after others is computed exactly as if alone (a
+        learned position table needs the reset; RoPE, being relative, gives the same either way).
         """
         B, T = idx.shape
         start = 0 if cache is None else cache.length
@@ -301,12 +314,16 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence of {start + T} tokens exceeds the model's context_length={self.config.context_length}"
             )
-        if cache is None:
+        if cache is None and doc_ids is None:
             pos = torch.arange(T, device=idx.device)
             cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None  # is_causal: flash kernels on GPU
-            if doc_ids is not None:  # block-diagonal causal mask (B, 1, T, T)
-                causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-                mask = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal).unsqueeze(1)
+        elif (
+            cache is None
+        ):  # packed documents: block-diagonal causal mask (B, 1, T, T), positions per document
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+            mask = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal).unsqueeze(1)
+            pos = document_positions(doc_ids)
+            cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
         else:
             q_pos = torch.arange(start, start + T, device=idx.device)
             k_pos = torch.arange(start + T, device=idx.device)
@@ -336,5 +353,7 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             # flatten keeps the sliced view a view; .float() then makes the one fp32 copy the loss needs.
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+            loss = F.cross_entropy(
+                logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction=reduction
+            )
         return logits, loss

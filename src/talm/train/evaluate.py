@@ -58,20 +58,25 @@ def evaluate(
     Under FSDP every forward gathers weights from every process: a process with fewer batches than another runs
     uncounted forwards until all have run as many."""
     model.eval()
-    losses, counts = [], []
+    # per batch: its loss, what that loss is multiplied by to make a sum, and its count of targets
+    losses, weights, counts = [], [], []
     for batch in eval_slice:
         x, y = batch[0], batch[1]
         with autocast():  # conversation data's batches also carry doc_ids and their learned-target count
-            _, loss = model(x, y) if len(batch) == 2 else model(x, y, doc_ids=batch[2])
+            if len(batch) == 2:  # text: every target counts, and the mean of a full window is exact
+                _, loss = model(x, y)
+            else:  # summed: a batch with no learned target gives 0 where a mean is NaN
+                _, loss = model(x, y, doc_ids=batch[2], reduction="sum")
         losses.append(loss.detach().float())
         counts.append(y.numel() if len(batch) == 2 else batch[3])
+        weights.append(counts[-1] if len(batch) == 2 else 1)
     if isinstance(model, FSDPModule):
         for _ in range(eval_slice.most_batches - len(losses)):
             with autocast():
                 model(*eval_slice.any_batch())
     model.train()
     values = torch.stack(losses).cpu().tolist() if losses else []
-    loss_sum = sum(v * n for v, n in zip(values, counts, strict=True))
+    loss_sum = sum(v * w for v, w in zip(values, weights, strict=True))
     count = float(sum(counts))
     if ctx.distributed:
         total = torch.tensor([loss_sum, count], dtype=torch.float64, device=ctx.device)

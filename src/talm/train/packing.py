@@ -6,7 +6,7 @@ context_length + 1 tokens are packed from whole conversations, never cutting one
 row is dropped (and counted, for the run's banner), and the rest of a row that the next conversation does not
 fit into is padding. Each row gives (x, y, doc_ids): y is -1 (ignored by the loss) wherever the target token is
 not flagged LEARN, so the loss counts only what the assistant writes; doc_ids number the conversations of the
-row so attention can be kept inside each (`GPT.forward(doc_ids=...)`).
+row so attention can be kept inside each and positions counted from its start (`GPT.forward(doc_ids=...)`).
 
 `ConversationLoader` has `TokenLoader`'s order and state: every epoch shuffles the conversations from
 (seed, epoch), packs them greedily in that order, and the rows form one global sequence consumed
@@ -43,15 +43,28 @@ class SplitStream:
     def _mask(self, shard: Shard) -> np.ndarray:
         return self.flags[Shard(shard.mask_path, shard.split, shard.tokens, None)]
 
-    def conversations(self) -> tuple[np.ndarray, np.ndarray]:
-        """(start offset, length) in the stream of every conversation, in stream order."""
+    def conversations(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(start offset, length, learned tokens) in the stream of every conversation, in stream order."""
         starts = [
             np.flatnonzero(self._mask(s) & START) + (end - s.tokens)
             for s, end in zip(self.shards, self.ends, strict=True)
         ]
         first = np.concatenate(starts) if starts else np.empty(0, dtype=np.int64)
         total = int(self.ends[-1]) if len(self.ends) else 0
-        return first, np.diff(first, append=total)
+        return first, np.diff(first, append=total), self._learned(first)
+
+    def _learned(self, first: np.ndarray) -> np.ndarray:
+        """LEARN-flagged tokens of each conversation starting at `first`, summed shard by shard (a conversation
+        may span shards) without a stream-long array."""
+        learned = np.zeros(len(first), dtype=np.int64)
+        for shard, end in zip(self.shards, self.ends, strict=True):
+            begin = end - shard.tokens
+            inside = first[(first > begin) & (first < end)] - begin
+            cuts = np.concatenate([[0], inside]).astype(np.int64)
+            sums = np.add.reduceat((self._mask(shard) & LEARN) != 0, cuts, dtype=np.int64)
+            owner = np.searchsorted(first, cuts + begin, side="right") - 1  # -1: before any conversation
+            np.add.at(learned, owner[owner >= 0], sums[owner >= 0])
+        return learned
 
     def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """Tokens and flags of stream positions [start, stop), which may span shards."""
@@ -69,6 +82,8 @@ class SplitStream:
 def pack(lengths: np.ndarray, row_len: int) -> np.ndarray:
     """Greedy packing of conversations of `lengths` (each <= row_len), in order, into rows of `row_len` tokens:
     the indices where each row starts, then len(lengths)."""
+    if len(lengths) == 0:
+        return np.zeros(1, dtype=np.int64)  # no rows (not one empty row)
     bounds, fill = [0], 0
     for i, n in enumerate(lengths.tolist()):
         if fill + n > row_len:
@@ -116,19 +131,23 @@ def to_batch(ids: np.ndarray, flags: np.ndarray, docs: np.ndarray | None, device
 def conversation_step(
     loader: ConversationLoader, accum: int, ctx: dist.DistContext
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]]:
-    """The `accum` micro-batches of one optimizer step, each with the scale of its mean loss.
+    """The `accum` micro-batches of one optimizer step, each with the scale of its summed loss
+    (`GPT.forward(reduction="sum")`).
 
     The step's loss is the sum of every learned target's loss over all micro-batches and ranks, divided by the
     number of learned targets in the whole step (not a mean of means: micro-batches learn different numbers of
-    targets). Micro-batch i's mean loss times n_i * world_size * accum / N_step is that: the trainer divides
-    by accum before backward, and DDP averages gradients over the world_size ranks. One all-reduce of the count
-    per step."""
+    targets). Micro-batch i's summed loss times world_size * accum / N_step is that: the trainer divides by
+    accum before backward, and DDP averages gradients over the world_size ranks. A micro-batch with no learned
+    target adds 0 (a mean would be NaN). One all-reduce of the count per step."""
     batches = [loader.next_batch() for _ in range(accum)]
     count = sum(b[3] for b in batches)
     if ctx.distributed:
         count = int(dist.all_reduce_sum(torch.tensor([count], dtype=torch.int64, device=ctx.device)).item())
-    total = max(count, 1)
-    return [(x, y, d, n * ctx.world_size * accum / total) for x, y, d, n in batches]
+    if count == 0:  # the loaders pack only conversations with a learned token, so every row has one
+        raise TalmError(
+            "an optimizer step with no learned target: the data has nothing to learn in this step"
+        )
+    return [(x, y, d, ctx.world_size * accum / count) for x, y, d, _ in batches]
 
 
 def micro_batches(
@@ -138,11 +157,11 @@ def micro_batches(
 
     Text data's come one at a time, as `TokenLoader` gives them, with no extra arguments and a scale of 1.0
     (exact: training is bitwise what it was without this). Conversation data's come all at once, with their
-    doc_ids when attention is kept inside conversations and the scale that makes the step's loss the mean over
-    its learned targets (`conversation_step`)."""
+    doc_ids when attention is kept inside conversations, the summed loss asked for, and the scale that makes the
+    step's loss the mean over its learned targets (`conversation_step`)."""
     if isinstance(loader, ConversationLoader):
         for x, y, doc_ids, scale in conversation_step(loader, accum, ctx):
-            yield x, y, ({} if doc_ids is None else {"doc_ids": doc_ids}), scale
+            yield x, y, {"reduction": "sum"} | ({} if doc_ids is None else {"doc_ids": doc_ids}), scale
         return
     for _ in range(accum):
         x, y = loader.next_batch()
@@ -175,10 +194,14 @@ class ConversationLoader(ShuffledCursor):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device = torch.device(device)
         self.stream = SplitStream(data, "train", vocab_size)
-        starts, lengths = self.stream.conversations()
+        starts, lengths, learned = self.stream.conversations()
         fits = lengths <= self.row_len
         self.dropped, self.dropped_tokens = int(np.count_nonzero(~fits)), int(lengths[~fits].sum())
-        self.starts, self.lengths = starts[fits], lengths[fits]
+        self.unlearned = int(np.count_nonzero(fits & (learned == 0)))
+        keep = fits & (
+            learned > 0
+        )  # a conversation with no assistant token (cut by --max-tokens) teaches nothing
+        self.starts, self.lengths = starts[keep], lengths[keep]
         self.conversations = len(self.starts)
         self.accum_steps = accum_steps
         self.step_windows = batch_size * world_size * accum_steps
@@ -187,7 +210,8 @@ class ConversationLoader(ShuffledCursor):
         if self.total_windows < self.step_windows:
             raise TalmError(
                 f"the train split packs into {self.total_windows} rows of context_length+1={self.row_len} tokens "
-                f"({self.conversations} conversations fit, {self.dropped} longer ones dropped), fewer than one batch "
+                f"({self.conversations} conversations fit, {self.dropped} longer ones and {self.unlearned} with nothing to "
+                f"learn dropped), fewer than one batch "
                 f"({batch_size} x {world_size} process(es) x {accum_steps} micro-step(s)): lower --batch-size, raise "
                 "--model.context_length, or prepare more conversations"
             )
@@ -201,6 +225,8 @@ class ConversationLoader(ShuffledCursor):
             if self.dropped
             else ""
         )
+        if self.unlearned:
+            dropped += f"; {self.unlearned:,} with no assistant token to learn dropped"
         attention = "kept inside each conversation" if self.isolate else "crossing conversations of a row"
         return (
             f"conversation data: {self.conversations:,} conversations packed into {self.total_windows:,} rows of "
@@ -240,6 +266,20 @@ class ConversationLoader(ShuffledCursor):
         return to_batch(rows[0], rows[1], rows[2] if self.isolate else None, self.device)
 
 
+def nothing_to_score(lengths: np.ndarray, learned: np.ndarray, row_len: int) -> TalmError:
+    """The refusal of a val split none of whose conversations can be scored, saying why."""
+    n, long = len(lengths), int(np.count_nonzero(lengths > row_len))
+    unlearned = int(np.count_nonzero((lengths <= row_len) & (learned == 0)))
+    why = [f"{long:,} longer than context_length+1={row_len} tokens"] if long else []
+    why += [f"{unlearned:,} with no assistant token (cut by download_data --max-tokens)"] if unlearned else []
+    held = f"{n:,} conversation(s): {' and '.join(why)}" if n else "no conversation"
+    return TalmError(
+        f"the val split has nothing to score ({held}), so the run could not evaluate: raise "
+        "--model.context_length (with --init-from: up to the source's), or remake the data with more "
+        "download_data --val-tokens"
+    )
+
+
 class ConversationEval:
     """The fixed validation slice of conversation data: the val split's conversations packed in stream order
     until the rows hold `eval_tokens` positions, rows split over ranks (r, r + world_size, ...)."""
@@ -261,17 +301,14 @@ class ConversationEval:
         self.isolate = isolate
         self.row_len, self.pad_id, self.batch_size = context_length + 1, pad_id, batch_size
         self.stream = SplitStream(data, "val", vocab_size)
-        starts, lengths = self.stream.conversations()
-        fits = lengths <= self.row_len
-        self.starts, self.lengths = starts[fits], lengths[fits]
+        starts, lengths, learned = self.stream.conversations()
+        keep = (lengths <= self.row_len) & (learned > 0)  # what can be scored: whole, with a learned target
+        if not keep.any():
+            raise nothing_to_score(lengths, learned, self.row_len)
+        self.starts, self.lengths = starts[keep], lengths[keep]
         bounds = pack(self.lengths, self.row_len)
         wanted = max(1, -(-eval_tokens // context_length))
         rows = [np.arange(bounds[r], bounds[r + 1]) for r in range(min(wanted, len(bounds) - 1))]
-        if not rows:
-            raise TalmError(
-                f"the val split holds no conversation of at most context_length+1={self.row_len} tokens: raise "
-                "--model.context_length or prepare the data with more --val-tokens"
-            )
         self.tokens = len(rows) * context_length
         self.mine = rows[rank::world_size]
         self.most_batches = -(-len(rows[0::world_size]) // batch_size)  # rank 0 holds the most rows
