@@ -147,7 +147,11 @@ def test_bad_inputs_fail_in_one_line_and_overwrite_nothing(
         ),
         "negative": (["-d", d, "--batch-size", "0"], "--batch-size=0"),
         "architecture": (["-d", d, "--model.n_layer", "3"], "another architecture (n_layer 2 -> 3)"),
-        "accumulation": (["-d", d, "--train.tokens_per_step", "100"], "not a multiple of batch_size"),
+        "accumulation": (
+            ["-d", d, "--restart", "--train.tokens_per_step", "100"],
+            "not a multiple of batch_size",
+        ),
+        "global batch": (["-d", d, "--train.tokens_per_step", "256"], "would change the run's global batch"),
         "float16 on cpu": (["-d", d, "--dtype", "float16", "--max-steps", "9"], "float16 needs a CUDA GPU"),
     }
     for case, (args, expected) in cases.items():

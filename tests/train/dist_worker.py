@@ -1,6 +1,7 @@
 """Runs train_model's Python entry point once per job, under torchrun: `torchrun ... dist_worker.py JOBS.json`.
 
-JOBS.json is a list of {"name": model name, "data": data dir, "flags": {"train": {...}, ...}}, or of
+JOBS.json is a list of {"name": model name, "data": data dir, "flags": {"train": {...}, ...}} (with
+"eot_on_rank1": EOT_ID, rank 1's sampling always picks that token), or of
 {"check": a function of this file, "out": a directory}: the check writes what each rank saw to
 out/CHECK-RANK.json for the test to assert on. One launch runs several tiny runs (DDP and FSDP, AdamW and Muon)
 and checks so that a test pays for starting torch and the processes once. The runs share one process group:
@@ -120,6 +121,15 @@ def muon_split(ctx: dist.DistContext) -> dict[str, Any]:
     return result
 
 
+def always_eot(eot_id: int) -> None:
+    """This rank's sampling picks <|endoftext|> every time: its generation would end at once, the other rank's
+    go on (how ranks whose sampling differs behave)."""
+    import talm.model.sample
+
+    real = talm.model.sample.sample_next
+    talm.model.sample.sample_next = lambda logits, *args: torch.full_like(real(logits, *args), eot_id)
+
+
 def main(jobs_file: str) -> None:
     teardown, dist.teardown = dist.teardown, lambda: None
     try:
@@ -130,6 +140,8 @@ def main(jobs_file: str) -> None:
                 out = Path(job["out"]) / f"{job['check']}-{ctx.rank}.json"
                 out.write_text(json.dumps(result), encoding="utf-8")
             else:
+                if "eot_on_rank1" in job and dist.setup("cpu", group=True).rank == 1:
+                    always_eot(job["eot_on_rank1"])
                 train_model(job["name"], job["data"], overrides=job["flags"])
     finally:
         teardown()

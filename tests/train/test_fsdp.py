@@ -48,10 +48,16 @@ def flags(parallel: str, optim: str = "adamw", **train: Any) -> dict[str, Any]:
 
 
 def launch(
-    jobs: list[tuple[str, dict[str, Any]]], data: Path, cwd: Path, *launcher: str, checks: list[dict] = ()
+    jobs: list[tuple[str, dict[str, Any]]],
+    data: Path,
+    cwd: Path,
+    *launcher: str,
+    checks: list[dict] = (),
+    **job: Any,
 ) -> subprocess.Popen:
+    """torchrun of dist_worker.py over `jobs` (name, flags) and `checks`; `job`'s keys go into every run's job."""
     jobs_file = cwd / f"jobs-{os.getpid()}-{len(list(cwd.glob('jobs-*')))}.json"
-    runs = [{"name": n, "data": str(data), "flags": f} for n, f in jobs]
+    runs = [{"name": n, "data": str(data), "flags": f, **job} for n, f in jobs]
     jobs_file.write_text(json.dumps(runs + list(checks)))
     launcher = launcher or ("--standalone", "--nproc-per-node", "2")
     return subprocess.Popen(
@@ -217,3 +223,31 @@ def test_checkpoints_reshard_across_process_counts(
         same_curve(models / "whole", models / name, range(3, 5))
         assert sorted(losses(models / name)) == list(range(1, 5)), name
         assert load_trainer_state(models / name / "latest")["loader"] == whole_loader, name
+
+
+@pytest.mark.slow
+def test_fsdp_samples_and_scores_tasks_without_the_ranks_diverging(tiny_data: Path, tmp_path: Path) -> None:
+    """--sample-every and --eval-tasks under FSDP: every rank takes part in every forward pass of the sharded
+    model (the same number of them, whatever tokens each rank's sampling picks), so the run ends, with the
+    samples and the task scores in metrics.jsonl. Rank 1's sampling here picks <|endoftext|> every time: a
+    generation that stopped there would leave rank 0 waiting in its next forward pass (the launch times out)."""
+    from conftest import BASE_TOKENIZER
+    from fixtures.task_copies import write_all_tasks
+
+    from talm.tokenizer.api import Tokenizer
+
+    tasks = write_all_tasks(tmp_path / "tasks")
+    extra = {"sample_every": 2, "sample_tokens": 12, "sample_prompts": ["To be", "KING"]}
+    extra |= {
+        "eval_every": 2,
+        "eval_tasks": ["arc_easy"],
+        "eval_tasks_dir": str(tasks),
+        "eval_tasks_limit": 3,
+    }
+    eot = Tokenizer.from_file(BASE_TOKENIZER).eot_id
+    err = finish(launch([("s", flags("fsdp", **extra))], tiny_data, tmp_path, eot_on_rank1=eot), timeout=240)
+    assert "parallel: fsdp (as asked, 2 process(es))" in err
+    evals = [r for r in read_metrics(tmp_path / "models" / "s") if "val_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(len(r["samples"]) == 2 and "arc_easy/acc" in r for r in evals)
+    assert all(s["greedy"] and s["sampled"] for r in evals for s in r["samples"])  # rank 0's, not cut

@@ -84,8 +84,9 @@ def test_resume_config_and_architecture_check(tiny_data: Path, in_tmp: Path) -> 
     layers = [{"train": {"max_steps": 8}, "data": {"dir": str(tiny_data)}}]
     cfg, resume_from = resolve_run("models/m", layers)
     assert resume_from == Path("models/m/latest") and cfg.model.d_model == 64 and cfg.train.max_steps == 8
+    cfg, resume_from = resolve_run("models/m", [{"model": {"d_model": 32}}])
     with pytest.raises(TalmError, match=r"another architecture \(d_model 64 -> 32\)"):
-        resolve_run("models/m", [{"model": {"d_model": 32}}])
+        Trainer(cfg, "models/m", resume_from=resume_from)  # resume.plan_resume, before anything is built
     cfg, resume_from = resolve_run("models/m", [{"model": {"d_model": 32, "n_head": 2}}], restart=True)
     assert resume_from is None and cfg.model.d_model == 32
     result = Trainer(
@@ -284,3 +285,26 @@ def test_evaluate_makes_no_float64_tensor_and_keeps_its_value(tiny_data: Path, i
             total += loss.double() * y.numel()
             count += y.numel()
     assert val_loss == (total / count).item() and bpb is not None
+
+
+def test_the_progress_bar_shows_the_last_val_loss(
+    tiny_data: Path, in_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After each evaluation the bar shows its val loss beside the train loss, until the next one."""
+    import talm.train.steps
+
+    shown: list[tuple[int, dict]] = []  # (the bar's step, its fields) at each update of the fields
+
+    class Bar(talm.train.steps.tqdm):
+        def set_postfix(self, ordered_dict=None, refresh=True, **kwargs) -> None:
+            shown.append((self.n, dict(ordered_dict or {}, **kwargs)))
+            super().set_postfix(ordered_dict, refresh, **kwargs)
+
+    monkeypatch.setattr(talm.train.steps, "tqdm", Bar)
+    Trainer(run_config(tiny_data, log_every=2), "models/m").run()
+    val = {r["step"]: r["val_loss"] for r in read_metrics("models/m") if "val_loss" in r}
+    assert sorted(val) == [3, 6]
+    # logs at steps 2, 4, 6 and evaluations at 3 and 6: each evaluation's loss shown from it on
+    v3, v6 = f"{val[3]:.4f}", f"{val[6]:.4f}"
+    assert [fields.get("val") for _, fields in shown] == [None, v3, v3, v3, v6]
+    assert all("loss" in fields for _, fields in shown)  # beside the train loss

@@ -88,14 +88,16 @@ def test_lr_schedule_continues_across_a_resume(
 
 ARGS = (
     "--device cpu --model.context_length 32 --model.n_layer 2 --model.d_model 64 --model.n_head 2 "
-    "--batch-size 4 --train.tokens_per_step 256 --log-every 1 --eval-every 4 --save-every 4 "
+    "--batch-size 4 --log-every 1 --eval-every 4 --save-every 4 "
     "--eval-tokens 512 --optim.warmup_steps 2 --optim.min_lr_ratio 1"
 ).split()
 
 
 @pytest.mark.slow
 def test_run_started_on_two_processes_resumes_on_one(tiny_data: Path, in_tmp: Path) -> None:
-    """Steps 1-4 on 2 processes (gloo), steps 5-8 resumed on 1 process, against steps 1-8 on 1 process.
+    """Steps 1-4 on 2 processes (gloo), steps 5-8 resumed on 1 process, against steps 1-8 on 1 process. The
+    2-process run leaves tokens_per_step unset (256: one micro-batch of 4 x 32 per process): the resume keeps it
+    with 2 micro-steps (resume.py), where 1 process would otherwise train on half the batch.
 
     The lr schedule is flat after warmup (min_lr_ratio 1) so raising --max-steps on resume leaves it unchanged.
     Tolerance: 2 processes average their gradients by an all-reduce where 1 process accumulates 2 micro-batches,
@@ -118,9 +120,11 @@ def test_run_started_on_two_processes_resumes_on_one(tiny_data: Path, in_tmp: Pa
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming models/r from step 4 (1,024 tokens seen)" in resumed.stderr
     assert "1 process(es), 256 tokens/step (2 micro-step(s)" in resumed.stderr  # the same global batch
+    assert "2 micro-step(s) per step keep its 256 tokens per step" in resumed.stderr
     whole = subprocess.run(
-        [*train_cmd, "-n", "whole", "--max-steps", "8"], env=env, capture_output=True, text=True
-    )
+        [*train_cmd, "-n", "whole", "--max-steps", "8", "--train.tokens_per_step", "256"],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
     assert whole.returncode == 0, whole.stderr
 
     loss_r, loss_w = steps_of(Path("models/r"), "train_loss"), steps_of(Path("models/whole"), "train_loss")

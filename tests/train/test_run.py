@@ -9,6 +9,7 @@ import torch
 
 from talm.errors import TalmError
 from talm.train import precision, rundir
+from talm.train.loop import Trainer
 from talm.train.precision import Precision, autocast_dtype
 from talm.train.run import config_layers, resolve_run, train_model
 
@@ -91,5 +92,79 @@ def test_a_run_saved_before_the_architecture_options_resumes(tiny_data: Path, in
     meta_path.write_text(json.dumps(meta))
     cfg, resume_from = resolve_run(in_tmp / "m", [layer | {"train": layer["train"] | {"max_steps": 3}}])
     assert resume_from == in_tmp / "m" / "latest" and cfg.model.mlp == "swiglu" and not cfg.model.qk_norm
+    cfg, resume_from = resolve_run(in_tmp / "m", [layer | {"model": layer["model"] | {"qk_norm": True}}])
     with pytest.raises(TalmError, match=r"another architecture \(qk_norm False -> True\)"):
-        resolve_run(in_tmp / "m", [layer | {"model": layer["model"] | {"qk_norm": True}}])
+        Trainer(cfg, in_tmp / "m", resume_from=resume_from)
+
+
+def test_restart_deletes_everything_the_old_run_wrote_and_nothing_else(tiny_data: Path, in_tmp: Path) -> None:
+    """--restart removes every output of the earlier run (rundir.RUN_OUTPUTS: checkpoints, metrics, plot,
+    evaluate's evals/, the trackers' files), so no old score is merged into the new run's; a file talm did not
+    write stays. A directory holding only evals/ is an earlier run: a fresh start without --restart is refused."""
+    import json
+
+    from talm.eval.runner import TaskResult, read_results, write_results
+
+    layer = {
+        "model": {"n_layer": 1, "n_head": 2, "d_model": 32, "context_length": 32},
+        "train": {"max_steps": 2, "batch_size": 4, "eval_every": 100, "save_every": 100, "device": "cpu"},
+        "data": {"dir": str(tiny_data)},
+    }
+    d = in_tmp / "models" / "m"
+    old = TaskResult("hellaswag", {"acc": 0.9, "acc_norm": 0.9}, 0.25, 10, 1.0)
+    write_results(d, 2, [old])  # as `evaluate` scores the old run's step 2
+    with pytest.raises(TalmError, match=r"holds an earlier run \(evals/\)"):
+        rundir.check_fresh_start(d)
+    cfg, _ = resolve_run(d, [layer], restart=True)
+    Trainer(cfg, d, restart=True).run()
+    for name in ("tensorboard", "wandb"):  # the trackers' directories, as their sinks make them
+        (d / name).mkdir()
+        (d / name / "events").write_text("old")
+    (d / "wandb_run_id").write_text("0123\n")
+    (d / "loss.png").write_bytes(b"old plot")
+    write_results(d, 2, [old])
+    (d / "notes.txt").write_text("mine")  # not talm's: never deleted
+    cfg, _ = resolve_run(d, [layer], restart=True)
+    Trainer(cfg, d, restart=True).run()
+    assert not (d / "evals").exists() and not (d / "wandb").exists() and not (d / "tensorboard").exists()
+    assert not (d / "wandb_run_id").exists() and (d / "notes.txt").read_text() == "mine"
+    assert (d / "loss.png").read_bytes() != b"old plot"
+    assert [json.loads(line)["step"] for line in (d / "metrics.jsonl").read_text().splitlines()] == [2, 2]
+    new = TaskResult("arc_easy", {"acc": 0.5, "acc_norm": 0.5}, 0.25, 10, 1.0)
+    assert set(read_results(write_results(d, 2, [new]))["tasks"]) == {"arc_easy"}  # nothing merged
+
+
+def test_a_preset_is_checked_against_its_data(tiny_data: Path, in_tmp: Path) -> None:
+    """--preset sft on plain text (no loss masks) would learn every token: refused before anything is written;
+    a text preset on conversation data is said in one line (the loss is on the replies only)."""
+    import json
+
+    from conftest import BASE_TOKENIZER
+
+    from talm.data.config import DownloadConfig
+    from talm.data.prepare import prepare
+    from talm.train.config import PRESET_DATA, PRESETS
+    from talm.train.run import preset_data_note
+
+    assert set(PRESET_DATA) == set(PRESETS)  # every preset says what data it is for
+    with pytest.raises(
+        TalmError, match=r"--preset sft fine-tunes on conversations .* holds plain text"
+    ) as err:
+        train_model("m", tiny_data, preset_name="sft", overrides={"train": {"device": "cpu"}})
+    assert "download_data smoltalk" in str(err.value) and "--preset finetune" in str(err.value)
+    assert not Path("models").exists()
+    chats = [
+        [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "yo"}] for i in range(40)
+    ]
+    Path("chats.jsonl").write_text(
+        "".join(json.dumps({"messages": c}) + "\n" for c in chats), encoding="utf-8"
+    )
+    cfg = DownloadConfig(
+        dataset="chats", data_files=["chats.jsonl"], conversations=True, tokenizer_path=BASE_TOKENIZER,
+        data_root=Path("data"), val_tokens=50,
+    )  # fmt: skip
+    conversations = prepare(cfg, progress=False).out_dir
+    assert preset_data_note("sft", conversations) is None and preset_data_note("tiny", tiny_data) is None
+    note = preset_data_note("tiny", conversations)
+    assert note is not None and "\n" not in note
+    assert "--preset tiny is a recipe for plain text" in note and "on the assistant's replies only" in note

@@ -17,7 +17,8 @@ from talm.train.checkpoint import read_meta
 from talm.train.config import PRESETS, OptimConfig, RunConfig
 from talm.train.loop import Trainer
 from talm.train.metrics import read_metrics
-from talm.train.optim import lr_at, multiplier, rewarm_segment
+from talm.train.optim import lr_at, multiplier
+from talm.train.resume import rewarm_segment
 from talm.train.run import resolve_run, train
 
 

@@ -298,3 +298,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     },
 }
+
+# The data each preset's recipe is made for: "conversations" (data with loss masks, made by download_data with
+# --conversations or a chat preset: the loss on the assistant's replies) or "text" (every token learned).
+PRESET_DATA: dict[str, Literal["text", "conversations"]] = {
+    "tiny": "text",
+    "small": "text",
+    "sft": "conversations",
+    "finetune": "text",
+    "gpt2-124m": "text",
+}

@@ -25,13 +25,13 @@ from typing import Any
 import torch
 
 from talm.eval.runner import TrainingTasks
-from talm.train import dist, init, rundir, state
+from talm.train import dist, init, resume, rundir, state
 from talm.train.checkpoint import read_meta
 from talm.train.config import RunConfig
 from talm.train.evaluate import evaluate, scores_text
 from talm.train.inputs import accumulation, load_inputs, make_loaders
 from talm.train.metrics import MetricsLog
-from talm.train.optim import apply_schedule, build_optimizer, multiplier
+from talm.train.optim import apply_schedule, build_optimizer, group_multipliers
 from talm.train.packing import ConversationLoader, micro_batches
 from talm.train.parallel import Parallel
 from talm.train.precision import Precision, set_deterministic
@@ -66,6 +66,8 @@ def announce(tr: Trainer) -> None:
     t = tr.cfg.train
     if tr.resumed:
         say(f"resuming {tr.model_dir} from step {tr.step} ({tr.tokens_seen:,} tokens seen)")
+        for note in tr.resume_notes:  # what the resume changes (resume.py)
+            say(note)
     elif tr.step == 0:
         source = init.describe(t.init_from) if t.init_from else "scratch"
         if not t.init_from and isinstance(tr.loader, ConversationLoader):
@@ -121,6 +123,11 @@ class Trainer:
             rundir.check_fresh_start(self.model_dir)
         self.ctx = dist.setup(cfg.train.device, group=cfg.train.parallel != "auto")
         self.device = self.ctx.device
+        saved, plan = None, resume.ResumePlan()
+        if resume_from is not None:  # every change of the saved config: refused, or kept, said, adjusted
+            saved = state.read_saved(resume_from)
+            plan = resume.plan_resume(*saved, cfg, world_size=self.ctx.world_size, model_dir=self.model_dir)
+        self.resume_notes = plan.notes
         t = cfg.train
         if t.deterministic:
             set_deterministic(self.device)
@@ -139,8 +146,9 @@ class Trainer:
         self.model = init.build_model(cfg, self.tokenizer, self.parallel, resumed=resume_from is not None)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.task_scores = TrainingTasks.of_run(self.tokenizer, t, self.precision.autocast)  # --eval-tasks
-        # A multiplier of each group's peak lr, and its re-warm (optim.rewarm_segment) once state.restore sets one.
-        self.lr_mult, self.lr_segment = multiplier(cfg.optim, t.max_steps), None
+        # A multiplier of each group's peak lr, re-warmed over the segment a resume decided (resume.rewarm_segment).
+        self.lr_segment = plan.lr_segment
+        self.lr_mult = group_multipliers(cfg.optim, t.max_steps, None)
 
         self.step = 0
         self.tokens_seen = 0
@@ -152,8 +160,8 @@ class Trainer:
         self._t0 = time.perf_counter()
         self.resume_from = resume_from
         self.resumed = resume_from is not None
-        if resume_from is not None:
-            state.restore(self, resume_from)
+        if resume_from is not None and saved is not None:
+            state.restore(self, resume_from, saved)
         else:  # the init above was the same on every rank; dropout must differ per rank
             torch.manual_seed(t.seed + self.ctx.rank)
         self.loader.check_next()  # the shard of the first batch: ids out of range fail before any write

@@ -7,7 +7,7 @@ clipping and checkpoints. AdamW decays matrices, not the RMSNorm gains.
 
 The schedule (`--optim.schedule`: cosine or warmup-stable-decay) is a multiplier in [0, 1], a pure function of
 the step, applied to each parameter group's own peak lr (`lr` for AdamW, `muon_lr` for Muon), so the groups
-keep their ratio and the schedule needs no state to resume. The one exception is a re-warm (`rewarm_segment`):
+keep their ratio and the schedule needs no state to resume. The one exception is a re-warm (`talm.train.resume.rewarm_segment`):
 a resume whose new settings would raise the lr more than one warmup step does is refused, or with
 `--optim.rewarm` warmed up from the lr the run had to the new schedule; that segment is saved with the run.
 """
@@ -86,12 +86,16 @@ def multiplier(cfg: OptimConfig, max_steps: int) -> Callable[[int], float]:
     return lambda step: lr_at(step, max_lr=1.0, shape=cfg.schedule, decay_fraction=cfg.decay_fraction, **kw)
 
 
-def rewarmed(base: Callable[[int], float], segment: dict | None, warmup_steps: int) -> Callable[[int], float]:
+def rewarmed(
+    base: Callable[[int], float], segment: dict | None, warmup_steps: int, group: str = "lr"
+) -> Callable[[int], float]:
     """`base`, except over the `warmup_steps` steps from segment["step"]: a linear blend from the multiplier
-    segment["from"] (the lr the run had) to `base` (reached at the segment's last step)."""
+    segment["from"] (the lr the run had, as a multiplier of the group's peak: one number for every group, or one
+    per group of `PEAKS`) to `base` (reached at the segment's last step)."""
     if not segment or warmup_steps <= 0:
         return base
-    start, origin = int(segment["step"]), float(segment["from"])
+    start, origin = int(segment["step"]), segment["from"]
+    origin = float(origin[group] if isinstance(origin, dict) else origin)
 
     def mult(step: int) -> float:
         if not start <= step < start + warmup_steps:
@@ -101,51 +105,23 @@ def rewarmed(base: Callable[[int], float], segment: dict | None, warmup_steps: i
     return mult
 
 
+# The peak lrs of the parameter groups (OptimConfig fields): AdamW's, Muon's matrices', the untied embedding's.
+PEAKS = ("lr", "muon_lr", "embedding_lr")
+
+
+def group_multipliers(
+    cfg: OptimConfig, max_steps: int, segment: dict | None
+) -> Callable[[int], dict[str, float]]:
+    """Each peak's multiplier at a step (`apply_schedule`'s): the schedule, re-warmed per group over `segment`."""
+    base = multiplier(cfg, max_steps)
+    mults = {k: rewarmed(base, segment, cfg.warmup_steps, k) for k in PEAKS}
+    return lambda step: {k: mult(step) for k, mult in mults.items()}
+
+
 def schedule(cfg: OptimConfig, max_steps: int, segment: dict | None = None) -> Callable[[int], float]:
     """The lr of AdamW's groups (peak `cfg.lr`) at each step, re-warmed over `segment` if given."""
     mult = rewarmed(multiplier(cfg, max_steps), segment, cfg.warmup_steps)
     return lambda step: cfg.lr * mult(step)
-
-
-def rewarm_segment(
-    saved: dict[str, Any], new: OptimConfig, new_max_steps: int, step: int, segment: dict | None
-) -> tuple[dict | None, str | None]:
-    """Whether resuming at `step` keeps the lr continuous. `saved` is the resumed run's config (checkpoint.json
-    "config"), `segment` its saved re-warm (or None). The new schedule may follow the saved one, or fall below
-    it; it may not rise above both the saved lr and the last lr plus one warmup step (1/warmup_steps of the
-    peak: what warmup itself does per step). Returns (the segment to train with, a line saying what happened);
-    TalmError naming the choices if it would rise further and --optim.rewarm is off."""
-    try:
-        old_cfg = OptimConfig.model_validate(saved["optim"])
-        old_max = int(saved["train"]["max_steps"])
-    except (KeyError, TypeError, ValueError):  # a config without a schedule we can read: nothing to compare
-        return segment, None
-    old = rewarmed(multiplier(old_cfg, old_max), segment, old_cfg.warmup_steps)
-    new_mult = rewarmed(multiplier(new, new_max_steps), segment, new.warmup_steps)
-    if step <= 0:
-        return segment, None
-    last, now = old(step - 1), new_mult(step)
-    allowed = max(old(step), last + 1.0 / max(new.warmup_steps, 1))
-    if now <= allowed + 1e-12:
-        return segment, None
-    fields = ("schedule", "warmup_steps", "min_lr_ratio", "decay_fraction")
-    changes = [f"max_steps {old_max} -> {new_max_steps}"] if old_max != new_max_steps else []
-    changes += [
-        f"{k} {getattr(old_cfg, k)} -> {getattr(new, k)}"
-        for k in fields
-        if getattr(old_cfg, k) != getattr(new, k)
-    ]
-    what = ", ".join(changes) or "these settings"
-    was, would = f"{old_cfg.lr * last:.3g}", f"{new.lr * now:.3g}"  # AdamW's lr, the one metrics.jsonl logs
-    if not new.rewarm:
-        raise TalmError(
-            f"resuming at step {step} with {what} would raise the lr from {was} to {would} at once: keep "
-            f"--max-steps {old_max} and the saved schedule, pass --optim.rewarm to warm up from {was} to the new "
-            f"schedule over {new.warmup_steps} steps, or --restart to train from scratch"
-        )
-    return {"step": step, "from": last}, (
-        f"{what}: re-warming the lr from {was} to the new schedule ({would}) over {new.warmup_steps} steps"
-    )
 
 
 # ------------------------------------------------------------------------------------------------ optimizers
@@ -383,19 +359,22 @@ def muon_momentum(cfg: OptimConfig, step: int) -> float:
     return (1 - frac) * min(MUON_MOMENTUM_START, cfg.muon_momentum) + frac * cfg.muon_momentum
 
 
-def apply_schedule(optimizer: Optimizer, cfg: OptimConfig, step: int, mult: float) -> float:
+def apply_schedule(
+    optimizer: Optimizer, cfg: OptimConfig, step: int, mult: float | dict[str, float]
+) -> float:
     """Set every group's lr to its own peak (muon_lr for Muon's, embedding_lr for an untied embedding's, lr for
-    the other AdamW groups) times `mult`, and Muon's momentum to its value at `step`. Returns AdamW's lr (the one
-    logged; the other groups keep their ratio to it)."""
+    the other AdamW groups) times `mult` (one for all, or per peak: `group_multipliers`), and Muon's momentum to
+    its value at `step`. Returns AdamW's lr (the one logged)."""
+    mults = mult if isinstance(mult, dict) else dict.fromkeys(PEAKS, mult)
     momentum = muon_momentum(cfg, step)
     for group in optimizer.param_groups:
         if is_muon(group):
-            group["lr"], group["momentum"] = cfg.muon_lr * mult, momentum
+            group["lr"], group["momentum"] = cfg.muon_lr * mults["muon_lr"], momentum
         elif group.get("embedding") and cfg.embedding_lr is not None:
-            group["lr"] = cfg.embedding_lr * mult
+            group["lr"] = cfg.embedding_lr * mults["embedding_lr"]
         else:
-            group["lr"] = cfg.lr * mult
-    return cfg.lr * mult
+            group["lr"] = cfg.lr * mults["lr"]
+    return cfg.lr * mults["lr"]
 
 
 def inner_optimizers(optimizer: Optimizer) -> list[torch.optim.Optimizer]:

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from talm.config import load_toml, merge, validate
+from talm.data.manifest import read_data
 from talm.errors import TalmError
-from talm.model.config import ModelConfig
 from talm.train import dist, rundir
 from talm.train.checkpoint import read_meta
-from talm.train.config import PRESETS, RunConfig
+from talm.train.config import PRESET_DATA, PRESETS, RunConfig
 from talm.train.init import apply_source, check_data
 from talm.train.loop import Trainer, TrainResult
 
@@ -30,6 +30,27 @@ def preset(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise TalmError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def preset_data_note(preset_name: str | None, data_dir: str | Path) -> str | None:
+    """What a preset's recipe learns on this data (config.PRESET_DATA): TalmError for a conversation recipe on
+    plain text (it would learn every token, not the replies); a line for a text recipe on conversations."""
+    if not preset_name:
+        return None
+    preset(preset_name)  # an unknown name: one line
+    conversations = read_data(data_dir, splits=("train",)).loss_mask
+    if PRESET_DATA[preset_name] == "conversations" and not conversations:
+        raise TalmError(
+            f"--preset {preset_name} fine-tunes on conversations (the loss on the assistant's replies), but "
+            f"{str(data_dir)!r} holds plain text without loss masks, so every token would be learned: make "
+            "conversation data (download_data smoltalk, or download_data --conversations), or use --preset finetune on text"
+        )
+    if PRESET_DATA[preset_name] == "text" and conversations:
+        return (
+            f"--preset {preset_name} is a recipe for plain text, but {data_dir} holds conversations: the loss is "
+            "on the assistant's replies only, at this preset's rates (--preset sft is the fine-tuning recipe)"
+        )
+    return None
 
 
 def config_layers(
@@ -84,19 +105,6 @@ def resolve_run(
     cfg = validate(RunConfig, data, flag_names)
     if checkpoint is None and cfg.train.init_from:
         check_data(cfg.train.init_from, cfg.data.dir)
-    if checkpoint is not None:
-        # The saved config with today's defaults filled in: a field added since (an architecture option) holds
-        # its default, which is what the saved model computes.
-        saved = ModelConfig.model_validate(base["model"]).model_dump()
-        if cfg.model.vocab_size is None:
-            cfg.model.vocab_size = saved["vocab_size"]
-        changed = {k: (saved[k], v) for k, v in cfg.model.model_dump().items() if saved[k] != v}
-        if changed:
-            diff = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
-            raise TalmError(
-                f"{str(model_dir)!r} holds a model with another architecture ({diff}): pick a new "
-                "--model-name, drop the differing settings to resume it, or pass --restart to start it over"
-            )
     return cfg, checkpoint
 
 
@@ -162,6 +170,9 @@ def train_model(
     over) models/`model_name` on the shards of `data_dir`. `flag_names` maps config paths to the flags that set
     them, for error messages."""
     model_dir = rundir.model_dir_for(model_name)
+    note = preset_data_note(preset_name, data_dir)  # before anything is written
+    if note:
+        dist.print0(note)
     layers = config_layers(
         data_dir=data_dir,
         tokenizer_path=tokenizer_path,

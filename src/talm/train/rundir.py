@@ -1,7 +1,7 @@
 """The run directory models/NAME: its name, what a run keeps in it, and the rules for touching it.
 
 A run writes `latest/` and `best/` (checkpoints), metrics.jsonl, loss.png, tokenizer.json and the trackers'
-files into models/NAME. This module is the one place that knows that layout and guards it:
+files into models/NAME, and `evaluate` its scores (evals/): `RUN_OUTPUTS` lists them. This module is the one place that knows that layout and guards it:
 
 - `model_dir_for` turns a --model-name into models/NAME, refusing anything but a plain name (no path escapes);
 - `resume_point` says which checkpoint a run continues from (latest/, else best/), and refuses a directory that
@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from talm.errors import TalmError
+from talm.eval.runner import EVALS_DIR
 from talm.files import (
     PLAIN_NAME_RULE,
     RunLock,
@@ -32,8 +33,20 @@ from talm.train.metrics import truncate_after
 
 MODELS_ROOT = Path("models")  # where train_model writes models/NAME, relative to the working directory
 TOKENIZER_FILE = "tokenizer.json"
-# What a run writes into models/NAME beside tokenizer.json: what --restart deletes, and a trace of an earlier run.
-RUN_OUTPUTS = ("latest", "best", "metrics.jsonl", "loss.png", "tensorboard", "wandb_run_id")
+# Everything talm writes into models/NAME that describes a run, beside tokenizer.json (rewritten by every fresh
+# start): the checkpoints, the metrics and the plot drawn from them, `evaluate`'s scores (evals/), the trackers'
+# files (wandb/ is W&B's local directory, as WandbSink sets it). What --restart deletes, and a trace of an
+# earlier run; nothing else in models/NAME is touched.
+RUN_OUTPUTS = (
+    "latest",
+    "best",
+    "metrics.jsonl",
+    "loss.png",
+    EVALS_DIR,
+    "tensorboard",
+    "wandb_run_id",
+    "wandb",
+)
 OTHER_NAME = "pick another --model-name"
 
 

@@ -28,17 +28,23 @@ def is_due(step: int, every: int | None, eval_every: int, last: bool) -> bool:
 
 
 def continuation(trainer: Trainer, prompt_ids: list[int], temperature: float) -> str:
+    """The prompt's continuation up to <|endoftext|>. Under FSDP each forward pass is a collective of every rank:
+    one whose sampling ended early would leave the others waiting for it forever, so a sharded model generates
+    all sample_tokens tokens on every rank (the same forward passes whatever each picks) and the text is cut
+    after; a whole model stops at <|endoftext|>."""
     tok, model = trainer.tokenizer, trainer.model
-    out: list[int] = []
+    stop_at_eot = not trainer.parallel.sharded
     with trainer.precision.autocast():
-        for step in generate_ids(
-            model, [prompt_ids], max_new_tokens=trainer.cfg.train.sample_tokens, temperature=temperature,
-            top_k=TOP_K, eot_id=tok.eot_id, seed=trainer.step, vocab_size=tok.vocab_size,
-        ):  # fmt: skip
-            if step[0] in (FINISHED, tok.eot_id):
-                break
-            out.append(step[0])
-    return tok.decode(out)
+        picked = [
+            step[0]
+            for step in generate_ids(
+                model, [prompt_ids], max_new_tokens=trainer.cfg.train.sample_tokens, temperature=temperature,
+                top_k=TOP_K, eot_id=tok.eot_id if stop_at_eot else None, seed=trainer.step,
+                vocab_size=tok.vocab_size,
+            )
+        ]  # fmt: skip
+    ends = [i for i, t in enumerate(picked) if t in (FINISHED, tok.eot_id)]
+    return tok.decode(picked[: ends[0]] if ends else picked)
 
 
 def samples_at_eval(trainer: Trainer) -> dict[str, Any]:

@@ -2,9 +2,9 @@
 
 checkpoint.py owns the file format (trainer_state.pt, checkpoint.json); this module owns their content for a
 training run: the counters (step, tokens seen, elapsed time, best val loss), the optimizer state (both
-optimizers' with Muon), the lr schedule's re-warm, the loss-scaler state, the loader's position and every rank's
+optimizers' with Muon), the lr schedule's re-warm (decided by resume.py), the loss-scaler state, the loader's position and every rank's
 RNG states, so that a resumed run continues the run it resumes (the same data order and, on the same process
-count, the same dropout masks, the same lr: a resume whose settings would make it jump is refused or re-warmed).
+count, the same dropout masks, the same lr; what a resume may change is resume.py's decision).
 
 Under FSDP each process holds shards of the weights and optimizer state: they are saved with DCP (sharded/,
 see checkpoint.py) beside a model.safetensors gathered on rank 0, and any checkpoint resumes under any strategy
@@ -47,13 +47,11 @@ from talm.train.checkpoint import (
 )
 from talm.train.optim import (
     check_kind,
+    group_multipliers,
     inner_optimizers,
     is_muon,
     keep_kernel,
     load_optimizer_state,
-    multiplier,
-    rewarm_segment,
-    rewarmed,
 )
 from talm.train.rundir import OTHER_NAME, TOKENIZER_FILE
 
@@ -115,6 +113,7 @@ def save(trainer: Trainer, which: str, val: tuple[float, float | None] | None = 
         meta = {
             "step": tr.step,
             "tokens_seen": tr.tokens_seen,
+            "tokens_per_step": tr.tokens_per_step,  # the global batch a resume keeps (resume.py)
             "config": tr.cfg.model_dump(mode="json"),
             "tokenizer": {"file": TOKENIZER_FILE, "fingerprint": tr.tokenizer.fingerprint},
             "val_loss": val[0] if val else None,
@@ -209,24 +208,23 @@ def optimizer_misfit(checkpoint_dir: Path, why: str) -> TalmError:
     )
 
 
-def restore(trainer: Trainer, checkpoint_dir: Path) -> None:
-    """Load a checkpoint's weights and trainer state into a freshly built Trainer; TalmError (one line) if the
-    checkpoint does not belong to this run's tokenizer or model."""
+def read_saved(checkpoint_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A checkpoint's checkpoint.json and trainer state, read once for the resume's decisions and `restore`."""
+    return read_meta(checkpoint_dir), load_trainer_state(checkpoint_dir)
+
+
+def restore(trainer: Trainer, checkpoint_dir: Path, saved: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    """Load a checkpoint's weights and trainer state (`saved`: `read_saved`'s) into a freshly built Trainer whose
+    config resume.plan_resume has accepted; TalmError (one line) if the checkpoint does not belong to this run's
+    tokenizer or model."""
     tr = trainer
-    meta = read_meta(checkpoint_dir)
+    meta, state = saved
     trained_with = meta["tokenizer"]["fingerprint"]
     if trained_with != tr.tokenizer.fingerprint:
         raise TalmError(
             f"{str(tr.model_dir)!r} was trained with another tokenizer than {str(tr.data.dir)!r} was made "
             "with: resume it on data made with its tokenizer.json, or pick a new --model-name"
         )
-    had = meta["config"].get("optim", {}).get("embedding_lr")
-    if (had is None) != (tr.cfg.optim.embedding_lr is None):  # the embedding's own AdamW group comes or goes
-        raise TalmError(
-            f"{str(checkpoint_dir)!r} was trained {'with' if had else 'without'} --optim.embedding_lr, which "
-            f"decides the optimizer's groups: resume {'with it set' if had else 'without it'}, or pass --restart"
-        )
-    state = load_trainer_state(checkpoint_dir)
     if (checkpoint_dir / SHARDS).is_dir():
         load_sharded(tr, checkpoint_dir, state["optimizer"])
     elif tr.parallel.sharded:
@@ -237,20 +235,7 @@ def restore(trainer: Trainer, checkpoint_dir: Path) -> None:
             load_optimizer_state(tr.optimizer, state["optimizer"])
         except (ValueError, KeyError, TypeError) as err:
             raise optimizer_misfit(checkpoint_dir / TRAINER_STATE, str(err)) from None
-    # The lr must not jump: refused, or re-warmed (--optim.rewarm), when the settings changed the schedule.
-    segment, note = rewarm_segment(
-        meta["config"],
-        tr.cfg.optim,
-        tr.cfg.train.max_steps,
-        int(state["step"]),
-        state.get("lr_segment") or None,
-    )
-    if note:
-        dist.print0(note, ctx=tr.ctx)
-    tr.lr_segment = segment
-    tr.lr_mult = rewarmed(
-        multiplier(tr.cfg.optim, tr.cfg.train.max_steps), segment, tr.cfg.optim.warmup_steps
-    )
+    tr.lr_mult = group_multipliers(tr.cfg.optim, tr.cfg.train.max_steps, tr.lr_segment)
     if state.get("scaler"):
         tr.precision.scaler.load_state_dict(state["scaler"])
     tr.loader.load_state_dict(state["loader"])

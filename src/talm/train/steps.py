@@ -38,6 +38,7 @@ def run_steps(tr: Trainer, log: MetricsLog) -> tuple[float, bool]:
     try:
         with StopRequest() as stop:
             window_tokens, window_time = 0, 0.0
+            postfix: dict[str, str] = {}  # the bar's fields: the last logged step's, then the last val loss
             pending: list[tuple[int, torch.Tensor]] = []  # stats of the steps not read yet
             while tr.step < t.max_steps:
                 t_step = time.perf_counter()
@@ -61,16 +62,18 @@ def run_steps(tr: Trainer, log: MetricsLog) -> tuple[float, bool]:
                     mfu = utilisation(tr, tps)
                     extra = {} if mfu is None else {"mfu": round(mfu, 4)}
                     log.log(tr._record(train_loss=loss, lr=lr, tokens_per_s=tps, **extra))
-                    shown = {} if mfu is None else {"mfu": f"{100 * mfu:.1f}%"}
-                    bar.set_postfix(
-                        loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", **shown, refresh=False
-                    )
+                    postfix |= {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok_s": f"{tps:,.0f}"}
+                    postfix |= {} if mfu is None else {"mfu": f"{100 * mfu:.1f}%"}
+                    bar.set_postfix(postfix, refresh=False)
                     window_tokens, window_time = 0, 0.0
                 bar.update(1)
                 if interrupted:
                     break
                 if evals:
                     tr.eval_and_log(log)
+                    assert tr.last_val is not None
+                    postfix["val"] = f"{tr.last_val[0]:.4f}"  # shown until the next evaluation
+                    bar.set_postfix(postfix, refresh=False)
                 if saves:
                     tr.save("latest", tr.last_val)
                     saved_step = tr.step
