@@ -93,3 +93,25 @@ def test_a_run_saved_before_the_architecture_options_resumes(tiny_data: Path, in
     assert resume_from == in_tmp / "m" / "latest" and cfg.model.mlp == "swiglu" and not cfg.model.qk_norm
     with pytest.raises(TalmError, match=r"another architecture \(qk_norm False -> True\)"):
         resolve_run(in_tmp / "m", [layer | {"model": layer["model"] | {"qk_norm": True}}])
+
+
+@pytest.mark.parametrize("saved", [True, False], ids=["after a save", "before any save"])
+def test_a_divergence_says_which_checkpoint_is_kept_only_if_one_was_saved(
+    tiny_data: Path, in_tmp: Path, saved: bool
+) -> None:
+    from test_loop import Sabotage, run_config
+
+    from talm.train.loop import Trainer
+
+    trainer = Trainer(
+        run_config(tiny_data, max_steps=10, eval_every=100, save_every=4 if saved else 100), "models/m"
+    )
+    trainer.net = Sabotage(trainer.model, calls=5, action="nan")
+    with pytest.raises(TalmError, match="diverged at step 6") as info:
+        trainer.run()
+    message = str(info.value)
+    if saved:
+        assert "the checkpoint of step 4 is kept in 'models/m/latest'" in message and "resume" in message
+    else:
+        assert "before any checkpoint was saved" in message and "kept" not in message
+        assert "--restart" in message and not Path("models/m/latest").exists()
