@@ -273,3 +273,23 @@ def test_train_model_names_the_damaged_file_of_a_sharded_checkpoint(
     if case == "NaN in a shard":  # the way out it names works
         train_model.main([*args, "--resume-from", "best"])
         assert read_meta(model_dir / "latest")["step"] == 6
+
+
+@pytest.mark.parametrize("case", ["NaN weights", "bad checkpoint.json"])
+def test_a_damaged_init_from_source_is_named_with_train_models_flag(
+    trained: Path,
+    tiny_data: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+) -> None:
+    from talm.cli import train_model
+
+    model_dir = damaged_copy(trained, tmp_path / "work", case)
+    monkeypatch.chdir(tmp_path / "work")
+    args = ["-n", "x", "-d", str(tiny_data), "--init-from", "models/m/latest", *FAST.split()]
+    line = one_line_error(capsys, train_model.main, *args)
+    assert f"cannot load '{model_dir.relative_to(Path.cwd())}/latest/{DAMAGE[case][0]}'" in line, line
+    assert "pass an intact checkpoint to --init-from" in line and "--checkpoint" not in line
+    assert not Path("models/x").exists()
