@@ -54,6 +54,14 @@ def default_mode() -> int:
     return 0o666 & ~umask
 
 
+def give_default_mode(file: int | Path) -> None:
+    """Set a file's (path or descriptor) mode to `default_mode`, where the filesystem has modes at all."""
+    try:
+        os.chmod(file, default_mode())
+    except OSError:  # e.g. FAT or SMB mounts, whose files have no mode of their own: nothing to fix
+        pass
+
+
 def write_atomically(
     path: str | os.PathLike[str], write: Callable[[BinaryIO], object], *, overwrite: bool = True
 ) -> None:
@@ -67,7 +75,7 @@ def write_atomically(
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
-            os.fchmod(f.fileno(), default_mode())  # a temporary a crash left may have had another mode
+            give_default_mode(f.fileno())  # a temporary a crash left may have had another mode
             os.fsync(f.fileno())
         if overwrite:
             os.replace(tmp, path)
@@ -97,10 +105,9 @@ def replace_dir(staged: Path, target: Path) -> None:
     """Make the directory built in `staged` the new `target`: fsync it, move the old one aside, rename, and
     only then delete the old one. A crash in between leaves either directory complete (see
     `talm.train.checkpoint.recover_interrupted_save`)."""
-    mode = default_mode()
     for f in sorted(staged.rglob("*"), reverse=True):  # files before the directories holding them
-        if f.is_file() and not f.is_symlink():
-            os.chmod(f, mode)  # what a library wrote through a private temporary gets every other file's mode
+        if f.is_file() and not f.is_symlink():  # a library's file written through a private temporary too
+            give_default_mode(f)
         fsync(f)
     fsync(staged)
     old = aside_path(target)
