@@ -115,3 +115,23 @@ def test_a_divergence_says_which_checkpoint_is_kept_only_if_one_was_saved(
     else:
         assert "before any checkpoint was saved" in message and "kept" not in message
         assert "--restart" in message and not Path("models/m/latest").exists()
+
+
+def test_a_damaged_checkpoints_fix_offers_only_a_checkpoint_that_can_be_resumed(tmp_path: Path) -> None:
+    model_dir = tmp_path / "models" / "m"
+
+    def resumable(which: str) -> None:
+        (model_dir / which).mkdir(parents=True)
+        for name in ("checkpoint.json", "model.safetensors", "trainer_state.pt"):
+            (model_dir / which / name).write_bytes(b"")
+
+    def fix(damaged: str) -> str:
+        return rundir.damaged_fix(model_dir, model_dir / damaged / "model.safetensors")
+
+    assert "(--restart)" in fix("latest") and "--resume-from" not in fix("latest")
+    resumable("best")
+    assert "resume from best/ (--resume-from best)" in fix("latest")
+    assert "latest/ cannot be resumed either" in fix("best") and "--resume-from" not in fix("best")
+    resumable("latest")
+    assert "without --resume-from best" in fix("best")
+    assert "--init-from" in rundir.damaged_fix(model_dir, tmp_path / "elsewhere" / "model.safetensors")

@@ -130,11 +130,14 @@ def damaged_fix(model_dir: Path, damaged_file: Path) -> str:
         which = Path(os.path.abspath(damaged_file)).relative_to(os.path.abspath(model_dir)).parts[0]
     except (ValueError, IndexError):  # outside models/NAME: the --init-from source
         return "the checkpoint is damaged: pass an intact checkpoint to --init-from (its best/, say)"
-    if which.lstrip(".").startswith("best"):  # best/, or its copy an interrupted save moved aside
-        return "the checkpoint is damaged: resume from latest/ (drop --resume-from best), or start over (--restart)"
-    if is_resumable(model_dir / "best"):
-        return "the checkpoint is damaged: resume from best/ (--resume-from best), or start over (--restart)"
-    return "the checkpoint is damaged and best/ cannot be resumed either: start the run over (--restart)"
+    other = "latest" if which.lstrip(".").startswith("best") else "best"  # .best.old: best/ moved aside
+    if not is_resumable(model_dir / other):
+        return (
+            f"the checkpoint is damaged and {other}/ cannot be resumed either: start the run over (--restart)"
+        )
+    if other == "latest":
+        return "the checkpoint is damaged: resume from latest/ (without --resume-from best), or start over (--restart)"
+    return "the checkpoint is damaged: resume from best/ (--resume-from best), or start over (--restart)"
 
 
 def diverged(model_dir: Path, at: str) -> TalmError:
