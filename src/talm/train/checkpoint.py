@@ -70,9 +70,8 @@ class DamagedCheckpoint(TalmError):
     what is wrong and `fix`, the way out with the flags of the command that loaded it."""
 
     def __init__(self, path: Path, reason: str, fix: str = DAMAGED_FIX) -> None:
-        super().__init__(
-            path, reason, fix
-        )  # all three: the error pickles (it crosses processes under torchrun)
+        # all three to the base: the error pickles (it crosses processes under torchrun)
+        super().__init__(path, reason, fix)
         self.path, self.reason, self.fix = Path(path), reason, fix
 
     def __str__(self) -> str:
@@ -424,12 +423,8 @@ def load_trainer_state(checkpoint_dir: str | Path) -> dict[str, Any]:
     bad = first_non_finite(state["optimizer"], "optimizer")
     if bad:
         raise damaged(path, f"non-finite values in {bad}")
-    optimizer = state["optimizer"]
-    if isinstance(optimizer, dict) and set(optimizer) == {
-        "param_groups"
-    }:  # an FSDP run's: tensors in sharded/
-        if not (Path(checkpoint_dir) / SHARDS).is_dir():
-            raise damaged(
-                Path(checkpoint_dir) / SHARDS, f"missing: {TRAINER_STATE} keeps its optimizer state there"
-            )
+    shards = Path(checkpoint_dir) / SHARDS
+    sharded = isinstance(state["optimizer"], dict) and set(state["optimizer"]) == {"param_groups"}
+    if sharded and not shards.is_dir():  # an FSDP run's: its optimizer's tensors are in sharded/
+        raise damaged(shards, f"missing: {TRAINER_STATE} keeps its optimizer state there")
     return state
