@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,10 +42,30 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
+def default_mode() -> int:
+    """The mode a new file gets from the process's umask (0o644 under the usual 022): every file talm writes gets
+    it, also those written by libraries through a private temporary (safetensors': 0o600)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:  # Linux: reads the umask without changing it
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)  # elsewhere only setting it reads it: set it back at once
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def give_default_mode(file: int | Path) -> None:
+    """Set a file's (path or descriptor) mode to `default_mode`, where the filesystem has modes at all."""
+    try:
+        os.chmod(file, default_mode())
+    except OSError:  # e.g. FAT or SMB mounts, whose files have no mode of their own: nothing to fix
+        pass
+
+
 def write_atomically(
     path: str | os.PathLike[str], write: Callable[[BinaryIO], object], *, overwrite: bool = True
 ) -> None:
-    """Call `write(f)` on a temporary beside `path`, fsync it, then rename it to `path`.
+    """Call `write(f)` on a temporary beside `path`, fsync it, then rename it to `path` (with `default_mode`).
 
     Without `overwrite` the last step is a hard link, which raises FileExistsError if `path` appeared meanwhile.
     """
@@ -54,6 +75,7 @@ def write_atomically(
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
+            give_default_mode(f.fileno())  # a temporary a crash left may have had another mode
             os.fsync(f.fileno())
         if overwrite:
             os.replace(tmp, path)
@@ -83,7 +105,9 @@ def replace_dir(staged: Path, target: Path) -> None:
     """Make the directory built in `staged` the new `target`: fsync it, move the old one aside, rename, and
     only then delete the old one. A crash in between leaves either directory complete (see
     `talm.train.checkpoint.recover_interrupted_save`)."""
-    for f in staged.iterdir():
+    for f in sorted(staged.rglob("*"), reverse=True):  # files before the directories holding them
+        if f.is_file() and not f.is_symlink():  # a library's file written through a private temporary too
+            give_default_mode(f)
         fsync(f)
     fsync(staged)
     old = aside_path(target)
@@ -115,6 +139,24 @@ def _reason(err: OSError) -> str:
     return err.strerror or str(err)
 
 
+def fix_for(err: OSError) -> str:
+    """What to do about a write that failed with `err`, by its cause."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free some disk space, then rerun"
+    if err.errno == errno.EROFS:
+        return "the filesystem is mounted read-only: write somewhere else, or remount it writable"
+    return "fix its permissions, then rerun"
+
+
+def fix_or(err: OSError, instead: str) -> str:
+    """`fix_for` with another way out (`instead`, e.g. "pick another -o")."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"free some disk space or {instead}"
+    if err.errno == errno.EROFS:
+        return f"the filesystem is mounted read-only: {instead}"
+    return f"fix its permissions or {instead}"
+
+
 def check_writable_dir(directory: str | os.PathLike[str], *, instead: str) -> None:
     """Fail with one line, before any work, if `directory` cannot be created and written; leave nothing behind.
 
@@ -135,18 +177,23 @@ def check_writable_dir(directory: str | os.PathLike[str], *, instead: str) -> No
             try:
                 p.mkdir()
             except OSError as err:
-                where = f"{str(p.parent)!r} does not allow new folders" if p.parent.exists() else str(err)
+                denied = err.errno in (errno.EACCES, errno.EPERM) and p.parent.exists()
+                where = f"; {str(p.parent)!r} does not allow new folders" if denied else ""
                 raise TalmError(
-                    f"cannot write to {str(p)!r} ({_reason(err)}; {where}): fix its permissions or {instead}"
+                    f"cannot write to {str(p)!r} ({_reason(err)}{where}): {fix_or(err, instead)}"
                 ) from None
             created.append(p)
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
         raise TalmError(
-            f"cannot write to {str(directory)!r} ({_reason(err)}): fix its permissions or {instead}"
+            f"cannot write to {str(directory)!r} ({_reason(err)}): {fix_or(err, instead)}"
         ) from None
     finally:
+        try:
+            probe.unlink(missing_ok=True)  # a probe whose write failed midway
+        except OSError:
+            pass
         for p in reversed(created):
             p.rmdir()
 
@@ -191,6 +238,8 @@ def sweep_stale_temps(directory: str | os.PathLike[str]) -> None:
 # Run locks: one process owns a directory (models/NAME, a data directory) at a time.
 
 LOCK_FILE = ".talm.lock"
+# The flock lock's retries: each is a holder that unlinked the file between our open and our flock (it left).
+LOCK_TRIES = 100
 
 
 class RunLock:
@@ -198,10 +247,12 @@ class RunLock:
 
     The lock is the kernel's (`flock` on `DIR/.talm.lock`), so it is released on any exit, a crash or kill -9
     included: a stale lock cannot outlive its process. The file records who holds it (pid, host, command, start
-    time) for the message a second run gets. On filesystems without flock (some network mounts) the lock file
-    is created exclusively instead, and a record whose pid is dead on this host counts as stale. A lock that had
-    to create its directory removes it again on release when the run left nothing else in it (a run refused
-    before its first write leaves no trace).
+    time) for the message a second run gets, and is removed on release (while still locked: a run that opened
+    it meanwhile finds, once it holds the flock, that the path no longer names the file it locked, and retries).
+    On filesystems without flock (some network mounts) the lock is the file itself, created whole (its record
+    written to a temporary first, then hard-linked into place); such a file is stale only if its record names a
+    pid that is dead on this host. Directories the lock had to create go again on release when the run left
+    nothing else in them (a run refused before its first write leaves no trace).
 
         with RunLock(model_dir, "train_model"):
             ...
@@ -215,7 +266,7 @@ class RunLock:
         self.command = command
         self.instead = instead or "wait for it to finish or stop it (Ctrl-C), then rerun"
         self._fd: int | None = None
-        self._exclusive_file = False
+        self._exclusive: tuple[int, int] | None = None  # the lock file's (device, inode) without flock
         self._created: list[Path] = []  # the directories acquire made, deepest first
 
     # -- the record --------------------------------------------------------------------------------------------
@@ -231,31 +282,56 @@ class RunLock:
 
     def holder(self) -> dict[str, Any]:
         try:
-            return json.loads(self.path.read_text(encoding="utf-8") or "{}")
+            found = json.loads(self.path.read_text(encoding="utf-8") or "{}")
         except (OSError, ValueError):
             return {}
+        return found if isinstance(found, dict) else {}
 
     def _refuse(self) -> TalmError:
         h = self.holder()
+        if (
+            not h
+        ):  # flock refused, or (without flock) a lock file without a record that talm could have written
+            return TalmError(
+                f"{str(self.directory)!r} is locked ({str(self.path)!r} is held by another process): {self.instead}"
+            )
         who = f"{h.get('command', 'another talm run')} (pid {h.get('pid', '?')} on {h.get('host', '?')}"
         if isinstance(h.get("since"), (int, float)):
             who += ", since " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["since"]))
         who += ")"
         return TalmError(f"{str(self.directory)!r} is in use by {who}: {self.instead}")
 
+    def _cannot_write(self, err: OSError) -> TalmError:
+        return TalmError(f"cannot write the run lock {str(self.path)!r} ({_reason(err)}): {fix_for(err)}")
+
     # -- acquire / release -------------------------------------------------------------------------------------
 
     def acquire(self) -> RunLock:
+        """Take the lock, or raise TalmError (held by another run, or the directory cannot be written: a full
+        disk, a read-only filesystem), leaving no lock file and no directory behind."""
         self._created = missing_dirs(self.directory)
+        try:
+            if not self._acquire_flock():
+                self._acquire_exclusive_file()
+        except OSError as err:
+            self._remove_created()
+            raise self._cannot_write(err) from None
+        except TalmError:
+            self._remove_created()
+            raise
+        return self
+
+    def _acquire_flock(self) -> bool:
+        """Take the flock on the lock file; False if this filesystem (or platform) has no flock."""
         try:
             import fcntl
         except ImportError:  # Windows: no flock
-            fcntl = None  # type: ignore[assignment]
-        for _ in range(100 if fcntl is not None else 0):
+            return False
+        for _ in range(LOCK_TRIES):
             self.directory.mkdir(parents=True, exist_ok=True)
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except FileNotFoundError:  # a releasing holder removed the directory it had made: make it again
+                fd, made = self._open_lock_file()
+            except FileNotFoundError:  # a releasing holder removed the file or the directory it had made
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -265,60 +341,116 @@ class RunLock:
                     raise self._refuse() from None
                 if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                     raise
-                break  # no flock on this filesystem
+                if made:  # no flock on this filesystem: the file this made would read as another's lock
+                    self.path.unlink(missing_ok=True)
+                return False
             if not same_file(fd, self.path):
                 os.close(fd)  # its holder unlinked this file as it left: lock the one at the path now
                 continue
-            os.ftruncate(fd, 0)
-            os.write(fd, self._record())
             self._fd = fd
-            return self
-        else:
-            if fcntl is not None:
-                raise self._refuse()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._acquire_exclusive_file()
-        return self
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, self._record())
+            except OSError:
+                self._release_flock()  # a full disk: the file we made goes, under the lock
+                raise
+            return True
+        raise self._refuse()
+
+    def _open_lock_file(self) -> tuple[int, bool]:
+        """The lock file's descriptor, and whether this call created it."""
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, default_mode()), True
+        except FileExistsError:
+            return os.open(self.path, os.O_RDWR), False
 
     def _acquire_exclusive_file(self) -> None:
-        for _ in range(2):
+        """Without flock: the lock is the file at the path, linked there complete with its record (never seen
+        empty or half-written), so only a record of a dead pid on this host is ever taken as stale."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        record = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        try:
+            fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, default_mode())
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                h = self.holder()
-                stale = h.get("host") == socket.gethostname() and not _pid_alive(h.get("pid"))
-                if not stale and h:
-                    raise self._refuse() from None
-                self.path.unlink(missing_ok=True)  # stale (dead pid here) or an empty record
-                continue
-            os.write(fd, self._record())
-            os.close(fd)
-            self._exclusive_file = True
-            return
-        raise self._refuse()
+                os.write(fd, self._record())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            for _ in range(LOCK_TRIES):
+                try:
+                    os.link(record, self.path)
+                except FileExistsError:
+                    if not self._break_if_stale():
+                        raise self._refuse() from None
+                    continue
+                st = os.stat(self.path)
+                self._exclusive = (st.st_dev, st.st_ino)
+                return
+            raise self._refuse()
+        finally:
+            record.unlink(missing_ok=True)
+
+    def _break_if_stale(self) -> bool:
+        """Remove the lock file if its record names a pid dead on this host; whether the path may be free now."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return True  # its holder released it meanwhile
+        h = self.holder()
+        if h.get("host") != socket.gethostname() or _pid_alive(h.get("pid")):
+            return False  # a live holder, another host's, or no record talm wrote: never taken
+        # Compare and remove: move it aside, and if what moved was not the stale file (another run broke it and
+        # took the lock meanwhile), link that run's file back.
+        aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}-{threading.get_ident()}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return True
+        moved = os.stat(aside)
+        try:
+            if (moved.st_dev, moved.st_ino) != (st.st_dev, st.st_ino):
+                try:
+                    os.link(aside, self.path)
+                except FileExistsError:
+                    pass
+                return False
+            return True
+        finally:
+            aside.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self._fd is not None:
-            self._remove_if_unused()  # while the flock is held: a new holder checks it locked the file at the path
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
-        if self._exclusive_file:
-            self.path.unlink(missing_ok=True)
-            self._exclusive_file = False
-            self._remove_if_unused()
+            self._release_flock()
+        if self._exclusive is not None:
+            try:
+                st = os.stat(self.path)
+                if (st.st_dev, st.st_ino) == self._exclusive:
+                    self.path.unlink()
+            except FileNotFoundError:
+                pass
+            self._exclusive = None
+        self._remove_created()
 
-    def _remove_if_unused(self) -> None:
-        """Remove the directories acquire made when the run left nothing in them but this lock's file."""
-        if not self._created:
-            return
+    def _release_flock(self) -> None:
+        """Remove the lock file while the flock is held (a new holder checks it locked the file at the path),
+        then close it, which drops the flock."""
+        assert self._fd is not None
         try:
-            if {p.name for p in self.directory.iterdir()} - {self.path.name}:
-                return
-            self.path.unlink(missing_ok=True)
-            for d in self._created:
-                d.rmdir()
-        except OSError:  # something appeared meanwhile: it stays
+            if same_file(self._fd, self.path):
+                self.path.unlink()
+        except OSError:
             pass
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def _remove_created(self) -> None:
+        """Remove the directories acquire made, if the run left nothing in them (something else stays)."""
+        for d in self._created:
+            try:
+                d.rmdir()
+            except OSError:  # not empty (the run wrote there, or another run holds it now), or gone
+                break
         self._created = []
 
     def __enter__(self) -> RunLock:

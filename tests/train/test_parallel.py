@@ -120,7 +120,7 @@ def test_a_failed_sharded_save_keeps_the_previous_checkpoint(
     with pytest.raises(TalmError, match="could not save checkpoint .*the previous checkpoint is kept"):
         train_model("m", tiny_data, overrides=tiny())
     latest = Path("models/m/latest")
-    assert sorted(p.name for p in Path("models/m").iterdir() if p.name.startswith(".")) == [".talm.lock"]
+    assert sorted(p.name for p in Path("models/m").iterdir() if p.name.startswith(".")) == []
     assert calls[1].parent.name.startswith(".latest.tmp-")  # it was staged beside latest/, then removed
     assert load_model(latest)[1]["step"] == 1 and load_trainer_state(latest)["step"] == 1
     assert (latest / SHARDS / ".metadata").is_file()

@@ -168,3 +168,45 @@ def test_a_preset_is_checked_against_its_data(tiny_data: Path, in_tmp: Path) -> 
     note = preset_data_note("tiny", conversations)
     assert note is not None and "\n" not in note
     assert "--preset tiny is a recipe for plain text" in note and "on the assistant's replies only" in note
+
+
+@pytest.mark.parametrize("saved", [True, False], ids=["after a save", "before any save"])
+def test_a_divergence_says_which_checkpoint_is_kept_only_if_one_was_saved(
+    tiny_data: Path, in_tmp: Path, saved: bool
+) -> None:
+    from test_loop import Sabotage, run_config
+
+    from talm.train.loop import Trainer
+
+    trainer = Trainer(
+        run_config(tiny_data, max_steps=10, eval_every=100, save_every=4 if saved else 100), "models/m"
+    )
+    trainer.net = Sabotage(trainer.model, calls=5, action="nan")
+    with pytest.raises(TalmError, match="diverged at step 6") as info:
+        trainer.run()
+    message = str(info.value)
+    if saved:
+        assert "the checkpoint of step 4 is kept in 'models/m/latest'" in message and "resume" in message
+    else:
+        assert "before any checkpoint was saved" in message and "kept" not in message
+        assert "--restart" in message and not Path("models/m/latest").exists()
+
+
+def test_a_damaged_checkpoints_fix_offers_only_a_checkpoint_that_can_be_resumed(tmp_path: Path) -> None:
+    model_dir = tmp_path / "models" / "m"
+
+    def resumable(which: str) -> None:
+        (model_dir / which).mkdir(parents=True)
+        for name in ("checkpoint.json", "model.safetensors", "trainer_state.pt"):
+            (model_dir / which / name).write_bytes(b"")
+
+    def fix(damaged: str) -> str:
+        return rundir.damaged_fix(model_dir, model_dir / damaged / "model.safetensors")
+
+    assert "(--restart)" in fix("latest") and "--resume-from" not in fix("latest")
+    resumable("best")
+    assert "resume from best/ (--resume-from best)" in fix("latest")
+    assert "latest/ cannot be resumed either" in fix("best") and "--resume-from" not in fix("best")
+    resumable("latest")
+    assert "without --resume-from best" in fix("best")
+    assert "--init-from" in rundir.damaged_fix(model_dir, tmp_path / "elsewhere" / "model.safetensors")

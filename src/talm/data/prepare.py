@@ -25,7 +25,6 @@ import numpy as np
 from talm.data.config import DownloadConfig
 from talm.data.conversations import ConversationEncoder, MalformedRows, json_kind
 from talm.data.manifest import lock_name
-from talm.data.shard_dir import missing_dirs, remove_empty_dirs
 from talm.data.sources import resolve_source
 from talm.data.streaming import SourceDataError, TextStream
 from talm.data.writer import ShardWriter, TokenBatch
@@ -288,20 +287,10 @@ def _share(total: int, workers: int, index: int) -> int:
 @contextmanager
 def locked(out_dir: Path, tag: str) -> Iterator[None]:
     """Hold the data directory's `RunLock` (one per worker tag: the workers of a layout write disjoint files
-    and may run at once) for the whole run. A directory the lock had to create is removed again if the run
-    leaves nothing else in it (a run refused for bad input leaves nothing behind)."""
-    created = missing_dirs(out_dir)
-    lock = RunLock(out_dir, "download_data", name=lock_name(tag))
-    lock.acquire()
-    try:
+    and may run at once) for the whole run. The lock removes its file on release, and a directory it had to
+    create if the run left nothing else in it (a run refused for bad input leaves nothing behind)."""
+    with RunLock(out_dir, "download_data", name=lock_name(tag)):
         yield
-    finally:
-        if created and {p.name for p in out_dir.iterdir()} <= {lock.path.name}:
-            lock.path.unlink(missing_ok=True)  # still held, so no other run is using it
-            lock.release()
-            remove_empty_dirs(created)
-        else:
-            lock.release()
 
 
 def prepare(cfg: DownloadConfig, *, progress: bool = True, progress_lines: bool = False) -> PrepareResult:

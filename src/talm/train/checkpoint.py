@@ -20,6 +20,7 @@ old one if the crash fell between the two renames).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -37,6 +38,7 @@ from safetensors.torch import load_model as load_safetensors_into
 from safetensors.torch import save_model as save_safetensors_from
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.futures import Future
 
 from talm.errors import TalmError
 from talm.files import aside_path, replace_dir, staging_dir
@@ -49,22 +51,62 @@ META = "checkpoint.json"
 TRAINER_STATE = "trainer_state.pt"
 SHARDS = "sharded"
 
-# What to do about a damaged checkpoint file, for every command that loads one.
+# What to do about a damaged checkpoint file, said with the flags of the command that loads it: this is the
+# commands that use a model (generate, chat, serve, evaluate, export_model); train_model says its own
+# (`DamagedCheckpoint.with_fix`, see talm.train.rundir.damaged_fix).
 DAMAGED_FIX = (
-    "the checkpoint is damaged: use another one (--checkpoint best), or move it away (train_model then resumes "
-    "from best/), or start the run over (train_model --restart)"
+    "the checkpoint is damaged: load another one (--checkpoint best, or a checkpoint directory's path)"
 )
 
 
 def _reason(err: BaseException) -> str:
+    """What went wrong, short: the error's type and first sentence."""
     text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+    return f"{type(err).__name__}: {text[0].split('. ')[0]}" if text else type(err).__name__
 
 
-def damaged(path: Path, err: BaseException | str) -> TalmError:
+class DamagedCheckpoint(TalmError):
+    """A checkpoint file that is missing, cannot be read or holds non-finite values: one line naming the file,
+    what is wrong and `fix`, the way out with the flags of the command that loaded it."""
+
+    def __init__(self, path: Path, reason: str, fix: str = DAMAGED_FIX) -> None:
+        # all three to the base: the error pickles (it crosses processes under torchrun)
+        super().__init__(path, reason, fix)
+        self.path, self.reason, self.fix = Path(path), reason, fix
+
+    def __str__(self) -> str:
+        return f"cannot load {str(self.path)!r} ({self.reason}): {self.fix}"
+
+    def with_fix(self, fix: str) -> DamagedCheckpoint:
+        return DamagedCheckpoint(self.path, self.reason, fix)
+
+
+def damaged(path: Path, err: BaseException | str) -> DamagedCheckpoint:
     """The one-line error for a checkpoint file that cannot be loaded."""
-    reason = err if isinstance(err, str) else _reason(err)
-    return TalmError(f"cannot load {str(path)!r} ({reason}): {DAMAGED_FIX}")
+    if isinstance(err, FileNotFoundError):
+        err = "missing"
+    return DamagedCheckpoint(path, err if isinstance(err, str) else _reason(err))
+
+
+def first_non_finite(tensors: Any, where: str = "") -> str | None:
+    """The name of the first floating-point tensor in `tensors` (nested dicts, lists and tuples of tensors)
+    holding a NaN or an infinity, or None: a checkpoint never holds one (a diverging run stops before it saves),
+    so one means the file's bytes were damaged."""
+    if isinstance(tensors, torch.Tensor):
+        if tensors.is_floating_point() and not bool(torch.isfinite(tensors).all()):
+            return where or "a tensor"
+        return None
+    if isinstance(tensors, dict):
+        items = list(tensors.items())
+    elif isinstance(tensors, (list, tuple)):
+        items = list(enumerate(tensors))
+    else:
+        return None
+    for key, value in items:
+        found = first_non_finite(value, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
 
 
 def save_failed(target: Path, err: BaseException) -> TalmError:
@@ -97,10 +139,7 @@ def save_checkpoint(
         for shard in (tmp / SHARDS).glob("*"):  # replace_dir syncs the directory's own files, not these
             fsync_file(shard)
         (tmp / META).write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n", encoding="utf-8")
-        save_safetensors_from(model, str(tmp / WEIGHTS))
-        # safetensors writes through a private temporary (mode 0600): give the weights the mode of every other
-        # file (what the umask makes of 0666, as checkpoint.json got)
-        os.chmod(tmp / WEIGHTS, (tmp / META).stat().st_mode & 0o777)
+        save_safetensors_from(model, str(tmp / WEIGHTS))  # replace_dir gives it the mode of every other file
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
         replace_dir(tmp, target)
@@ -155,16 +194,47 @@ class MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint's metadata")
 
 
+class DamagedShard(Exception):
+    """A file of sharded/ that could not be read or held non-finite values (raised inside DCP, on any rank)."""
+
+    def __init__(self, file: str, why: str) -> None:
+        super().__init__(file, why)
+        self.file, self.why = file, why
+
+
+class NonFinite(ValueError):
+    """A tensor read from sharded/ holds a NaN or an infinity."""
+
+
 class SafeReader(dcp.FileSystemReader):
-    """DCP's file reader, its metadata read through `MetadataUnpickler` (DCP's own uses pickle.load)."""
+    """DCP's file reader, its metadata read through `MetadataUnpickler` (DCP's own uses pickle.load), and any
+    failure to read a file of sharded/ said as a `DamagedShard` naming that file."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        with open(Path(self.path) / DCP_METADATA, "rb") as f:
-            metadata = MetadataUnpickler(f).load()
+        try:
+            with open(Path(self.path) / DCP_METADATA, "rb") as f:
+                metadata = MetadataUnpickler(f).load()
+        except Exception as err:  # noqa: BLE001 -- missing, truncated or garbled: any unpickling error
+            raise DamagedShard(DCP_METADATA, damaged(Path(DCP_METADATA), err).reason) from None
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+    def read_data(self, plan: Any, planner: Any) -> Any:
+        per_file: dict[str, list[Any]] = {}
+        for item in plan.items:
+            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+        for file, items in per_file.items():
+            try:
+                super().read_data(dataclasses.replace(plan, items=items), planner).wait()
+            except NonFinite as err:
+                raise DamagedShard(file, str(err)) from None
+            except Exception as err:  # noqa: BLE001 -- missing, truncated or garbled: zip, pickle, EOF errors
+                raise DamagedShard(file, damaged(Path(file), err).reason) from None
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
 
 
 class TensorsOnlyPlanner(dcp.DefaultLoadPlanner):
@@ -172,6 +242,11 @@ class TensorsOnlyPlanner(dcp.DefaultLoadPlanner):
         raise ValueError(
             f"{read_item.dest_index.fqn} is not a tensor (talm's sharded checkpoints hold only tensors)"
         )
+
+    def commit_tensor(self, read_item: Any, tensor: torch.Tensor) -> None:
+        if first_non_finite(tensor):
+            raise NonFinite(f"non-finite values in {read_item.dest_index.fqn}")
+        super().commit_tensor(read_item, tensor)
 
 
 def first_failure(err: BaseException) -> BaseException:
@@ -188,14 +263,24 @@ def save_shards(path: Path, state: dict[str, Any]) -> None:
 
 def load_shards(path: Path, state: dict[str, Any]) -> None:
     """Fill `state` (the same layout as saved, each tensor already where and as sharded as it is wanted) from
-    sharded/ directory `path`, on any number of processes; TalmError naming the checkpoint if it cannot."""
+    sharded/ directory `path`, on any number of processes; `DamagedCheckpoint` naming the file (a missing one,
+    one that cannot be read, one holding non-finite values) if it cannot."""
+    if not path.is_dir():
+        raise damaged(path, "missing: the checkpoint's weights and optimizer state are kept in it")
+    try:
+        SafeReader(path).read_metadata()  # first, alone: DCP would log a traceback for each way it tries
+    except DamagedShard as err:
+        raise damaged(path / err.file, err.why) from None
     try:
         alone = not torch.distributed.is_initialized()  # one process without a group (resuming without FSDP)
         with warnings.catch_warnings():  # alone, DCP warns it assumes one process: it is right
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, storage_reader=SafeReader(path), planner=TensorsOnlyPlanner(), no_dist=alone)
     except (Exception, CheckpointException) as err:  # noqa: BLE001 -- missing keys, bad files, any rank's
-        raise damaged(path, first_failure(err)) from None
+        failure = first_failure(err)
+        if isinstance(failure, DamagedShard):
+            raise damaged(path / failure.file, failure.why) from None
+        raise damaged(path, failure) from None
 
 
 def recover_interrupted_save(target: str | Path) -> None:
@@ -241,6 +326,9 @@ def resolve_checkpoint(model_dir: str | Path, which: str = "latest") -> Path:
         return path
     if is_checkpoint(aside_path(path)):  # a save was interrupted between its two renames
         return aside_path(path)
+    if path.is_dir() and any(path.iterdir()):  # a checkpoint that lost a file
+        missing = next(f for f in (META, WEIGHTS) if not (path / f).is_file())
+        raise damaged(path / missing, "missing")
     if which == "best":
         raise TalmError(
             f"{str(model_dir)!r} has no best checkpoint yet (it is written at the first evaluation): "
@@ -294,15 +382,18 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -
 
 
 def load_weights(model: GPT, checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> None:
-    """Fill `model` (moved to `device`) with the weights of a checkpoint directory; no code is executed."""
+    """Fill `model` (moved to `device`) with the weights of a checkpoint directory; no code is executed.
+    `DamagedCheckpoint` naming model.safetensors if it is missing, unreadable or holds non-finite values."""
     model.to(device)
     path = Path(checkpoint_dir) / WEIGHTS
+    if not path.is_file():
+        raise damaged(path, "missing")
     try:
         load_safetensors_into(model, str(path), strict=True, device=str(device))
     except RuntimeError as err:  # missing or unexpected tensors, wrong shapes
-        raise TalmError(
-            f"cannot load weights from {str(path)!r} ({str(err).strip().splitlines()[0]}): it belongs to another "
-            "architecture than its checkpoint.json says, or " + DAMAGED_FIX
+        raise damaged(
+            path,
+            f"{str(err).strip().splitlines()[0]}; it belongs to another architecture than its {META} says",
         ) from None
     except (
         SafetensorError,
@@ -310,6 +401,9 @@ def load_weights(model: GPT, checkpoint_dir: str | Path, device: str | torch.dev
         ValueError,
     ) as err:  # truncated or garbled: SafetensorError is no OSError
         raise damaged(path, err) from None
+    bad = first_non_finite(model.state_dict())
+    if bad:
+        raise damaged(path, f"non-finite values in {bad}")
 
 
 TRAINER_STATE_KEYS = ("step", "tokens_seen", "elapsed", "best_val_loss", "optimizer", "loader", "rng")
@@ -326,4 +420,11 @@ def load_trainer_state(checkpoint_dir: str | Path) -> dict[str, Any]:
         raise damaged(path, err) from None
     if not isinstance(state, dict) or any(k not in state for k in TRAINER_STATE_KEYS):
         raise damaged(path, "not a talm trainer state")
+    bad = first_non_finite(state["optimizer"], "optimizer")
+    if bad:
+        raise damaged(path, f"non-finite values in {bad}")
+    shards = Path(checkpoint_dir) / SHARDS
+    sharded = isinstance(state["optimizer"], dict) and set(state["optimizer"]) == {"param_groups"}
+    if sharded and not shards.is_dir():  # an FSDP run's: its optimizer's tensors are in sharded/
+        raise damaged(shards, f"missing: {TRAINER_STATE} keeps its optimizer state there")
     return state

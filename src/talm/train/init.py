@@ -23,7 +23,7 @@ from talm.errors import TalmError
 from talm.model.config import ModelConfig
 from talm.model.gpt import GPT
 from talm.model.hf import from_hf_config, from_hf_state_dict, is_network_error
-from talm.train.checkpoint import WEIGHTS, is_checkpoint, read_meta
+from talm.train.checkpoint import WEIGHTS, damaged, first_non_finite, is_checkpoint, read_meta
 
 if TYPE_CHECKING:
     from talm.tokenizer.api import Tokenizer
@@ -177,15 +177,21 @@ def source_state_dict(source: Source, config: ModelConfig) -> dict[str, torch.Te
     context: GPT-2's position table then keeps its first rows)."""
     where = f"--init-from {source.name!r}"
     if source.kind == "transformers":
-        return from_hf_state_dict(config, read_weights(source.path, where), where)
+        state = from_hf_state_dict(config, read_weights(source.path, where), where)
+        bad = first_non_finite(state)
+        if bad:  # a damaged download: a model's weights are finite
+            raise TalmError(f"{where} holds non-finite values in {bad}: pass an intact model to --init-from")
+        return state
     from safetensors.torch import load_file
 
+    # A damaged talm checkpoint is a DamagedCheckpoint: train_model words its fix (--init-from).
     try:
         state = load_file(str(source.path / WEIGHTS))
     except Exception as err:  # noqa: BLE001 -- truncated or garbled
-        raise TalmError(
-            f"cannot load {str(source.path / WEIGHTS)!r} ({type(err).__name__}): pass an intact model"
-        ) from None
+        raise damaged(source.path / WEIGHTS, err) from None
+    bad = first_non_finite(state)
+    if bad:  # bytes overwritten: a checkpoint never holds NaN or infinity (see talm.train.checkpoint)
+        raise damaged(source.path / WEIGHTS, f"non-finite values in {bad}")
     if "pos_emb.weight" in state:
         state["pos_emb.weight"] = state["pos_emb.weight"][: config.context_length]
     if config.tie_embeddings:  # safetensors stores a shared tensor under one of its names

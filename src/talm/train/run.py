@@ -20,7 +20,7 @@ from talm.config import load_toml, merge, validate
 from talm.data.manifest import read_data
 from talm.errors import TalmError
 from talm.train import dist, rundir
-from talm.train.checkpoint import read_meta
+from talm.train.checkpoint import DamagedCheckpoint, read_meta
 from talm.train.config import PRESET_DATA, PRESETS, RunConfig
 from talm.train.init import apply_source, check_data
 from talm.train.loop import Trainer, TrainResult
@@ -180,7 +180,14 @@ def train_model(
         config_file=config_file,
         overrides=overrides,
     )
-    return run_training(model_dir, layers, restart=restart, flag_names=flag_names, resume_from=resume_from)
+    try:
+        return run_training(
+            model_dir, layers, restart=restart, flag_names=flag_names, resume_from=resume_from
+        )
+    except (
+        DamagedCheckpoint
+    ) as err:  # its fix in train_model's flags, not those of the commands that use a model
+        raise err.with_fix(rundir.damaged_fix(model_dir, err.path)) from None
 
 
 def train(cfg: RunConfig, model_dir: str | Path, *, resume_from: Path | None = None) -> TrainResult:

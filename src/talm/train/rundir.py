@@ -14,6 +14,7 @@ files into models/NAME, and `evaluate` its scores (evals/): `RUN_OUTPUTS` lists 
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from talm.files import (
     sweep_stale_temps,
     write_file,
 )
-from talm.train.checkpoint import TRAINER_STATE, is_checkpoint, recover_interrupted_save
+from talm.train.checkpoint import TRAINER_STATE, is_checkpoint, read_meta, recover_interrupted_save
 from talm.train.metrics import truncate_after
 
 MODELS_ROOT = Path("models")  # where train_model writes models/NAME, relative to the working directory
@@ -133,6 +134,42 @@ def resume_point(model_dir: Path, *, probe: bool = False, which: str = "latest")
     if probe:
         return None
     raise refuse_to_wipe(model_dir, traces)
+
+
+def damaged_fix(model_dir: Path, damaged_file: Path) -> str:
+    """train_model's way out of a damaged checkpoint file (`talm.train.checkpoint.DamagedCheckpoint`), in its own
+    flags, by which checkpoint the file belongs to: latest/, best/, or the --init-from source."""
+    try:
+        which = Path(os.path.abspath(damaged_file)).relative_to(os.path.abspath(model_dir)).parts[0]
+    except (ValueError, IndexError):  # outside models/NAME: the --init-from source
+        return "the checkpoint is damaged: pass an intact checkpoint to --init-from (its best/, say)"
+    other = "latest" if which.lstrip(".").startswith("best") else "best"  # .best.old: best/ moved aside
+    if not is_resumable(model_dir / other):
+        return (
+            f"the checkpoint is damaged and {other}/ cannot be resumed either: start the run over (--restart)"
+        )
+    if other == "latest":
+        return "the checkpoint is damaged: resume from latest/ (without --resume-from best), or start over (--restart)"
+    return "the checkpoint is damaged: resume from best/ (--resume-from best), or start over (--restart)"
+
+
+def diverged(model_dir: Path, at: str) -> TalmError:
+    """The run diverged (`at`: the step and the loss or gradient norm): say which checkpoint a rerun resumes
+    from, if one was saved (it was written before the divergence, and a load checks its values are finite)."""
+    fix = "lower --optim.lr or raise --optim.warmup_steps, then"
+    try:
+        point = resume_point(model_dir)
+        step = read_meta(point)["step"] if point is not None else None
+    except TalmError:  # no checkpoint to resume, or a damaged one
+        point = step = None
+    if point is None:
+        return TalmError(
+            f"training diverged at {at}, before any checkpoint was saved: {fix} rerun with --restart"
+        )
+    return TalmError(
+        f"training diverged at {at}; the checkpoint of step {step} is kept in {str(point)!r}: {fix} rerun the same "
+        "command to resume from it (or pass --restart)"
+    )
 
 
 def run_lock(model_dir: Path) -> RunLock:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from talm.errors import TalmError
+from talm.train import rundir
 from talm.train.metrics import MetricsLog
 from talm.train.stop import StopRequest
 
@@ -94,11 +94,7 @@ def settle(tr: Trainer, pending: list[tuple[int, torch.Tensor]]) -> tuple[float,
         # With float16's scaler an inf gradient only skips the step (and lowers the scale): not a divergence.
         if not math.isfinite(loss) or (not tr.precision.scaler.is_enabled() and not math.isfinite(grad_norm)):
             what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
-            raise TalmError(
-                f"training diverged at step {step} ({what}); the last good checkpoint is kept in "
-                f"{str(tr.model_dir / 'latest')!r}: lower --optim.lr or raise --optim.warmup_steps, then "
-                "resume (or --restart)"
-            )
+            raise rundir.diverged(tr.model_dir, f"step {step} ({what})")
     return values[-1][0] / tr.ctx.world_size, any(v[2] > 0 for v in values)
 
 
