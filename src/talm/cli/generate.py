@@ -4,13 +4,14 @@ With -p/--prompt, each prompt is printed followed by its continuation (several p
 generated together in one batch, shown one after the other). Without a prompt, an interactive loop: type a
 prompt, read the continuation; an empty line or Ctrl-D ends it, Ctrl-C stops the current continuation.
 Generation stops at <|endoftext|> or after --max-new-tokens; --temperature 0 always picks the likeliest token.
+At the end, one line on stderr: tokens generated, the time spent generating (not typing) and tokens/s, and why
+generation stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ from talm.cli.common import (
     HelpFormatter,
     add_config_flags,
     add_model_flags,
+    check_streams,
     collect_config_flags,
     run_main,
 )
@@ -67,6 +69,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace, names: dict[str, str]) -> None:
+    stdin = (
+        None
+        if args.prompt is not None
+        else "without -p/--prompt, generate reads prompts from it: pass -p TEXT"
+    )
+    check_streams("generate", stdin=stdin)
     config = validate(SampleConfig, collect_config_flags(args, SampleConfig), names)
     # these import torch: after validation
     from talm.use.load import describe_checkpoint, load_checkpoint
@@ -85,7 +93,6 @@ def run(args: argparse.Namespace, names: dict[str, str]) -> None:
         return [(text, ids) for text, (ids, _) in zip(texts, prepared, strict=True)]
 
     stats = GenerationStats()
-    start = time.perf_counter()
     if args.prompt is not None:
         generate_and_print(model, tokenizer, prepare(args.prompt), config, stats, echo=True)
     else:
@@ -103,12 +110,7 @@ def run(args: argparse.Namespace, names: dict[str, str]) -> None:
                 generate_and_print(model, tokenizer, prompts, config, stats, echo=False)
             except KeyboardInterrupt:
                 print("\n[stopped]", flush=True)
-    seconds = time.perf_counter() - start
-    print(
-        f"generated {stats.tokens:,} tokens in {seconds:.1f} s ({stats.tokens / max(seconds, 1e-9):,.0f} tokens/s) "
-        f"on {device}",
-        file=sys.stderr,
-    )
+    print(stats.summary(device), file=sys.stderr)
 
 
 def read_prompt() -> str | None:
