@@ -59,7 +59,9 @@ def test_functions_stay_short(path: Path) -> None:
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             size = own_lines(node)
-            assert size <= 80, f"{node.name} in {path.relative_to(SRC)} has {size} lines of its own (at most 80)"
+            assert size <= 80, (
+                f"{node.name} in {path.relative_to(SRC)} has {size} lines of its own (at most 80)"
+            )
 
 
 def test_every_module_is_in_the_design_docs_module_map() -> None:

@@ -273,6 +273,6 @@ def test_the_summary_says_why_generation_stopped(tiny_model_dir: Path, capsys) -
     )
     summary = err.strip().splitlines()[-1]
     assert re.fullmatch(
-        r"generated 6 tokens in [\d.]+ s \([\d,]+ tokens/s\) on cpu; stopped at: --max-new-tokens \(2\)",
+        r"generated 6 tokens in [\d.]+ s \([\d,]+ tokens/s\) on cpu with \d+ thread\(s\); stopped at: --max-new-tokens \(2\)",
         summary,
     )

@@ -150,10 +150,13 @@ def test_loading_sharded_checkpoints_runs_no_code(tiny_data: Path, in_tmp: Path)
 
 def _global_call(module: str, name: str, arg: str) -> bytes:
     """A protocol-4 pickle that calls module.name(arg) (pickle resolves a dotted name attribute by attribute)."""
+
     def text(s: str) -> bytes:
         return b"\x8c" + bytes([len(s)]) + s.encode()  # SHORT_BINUNICODE
 
-    return b"\x80\x04" + text(module) + text(name) + b"\x93" + text(arg) + b"\x85R."  # STACK_GLOBAL TUPLE1 REDUCE
+    return (
+        b"\x80\x04" + text(module) + text(name) + b"\x93" + text(arg) + b"\x85R."
+    )  # STACK_GLOBAL TUPLE1 REDUCE
 
 
 @pytest.mark.parametrize(

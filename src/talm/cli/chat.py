@@ -72,11 +72,13 @@ def run(args: argparse.Namespace, names: dict[str, str]) -> None:
     config = validate(SampleConfig, flags, names)
     limit = config.max_new_tokens if "max_new_tokens" in flags else None  # None: the room the prompt leaves
     # these import torch: after validation
+    from talm.model.threads import use_cpu_threads
     from talm.tokenizer.chat import ChatFormat
     from talm.use.chat import Conversation, PromptTooLong, prompt_budget
     from talm.use.load import describe_checkpoint, load_checkpoint
 
     model, tokenizer, meta = load_checkpoint(args.model, args.checkpoint, args.device)
+    use_cpu_threads(next(model.parameters()).device)  # on CPU: the idle cores' count (the summary says it)
     chat_format = ChatFormat(tokenizer)  # refuses a tokenizer without role tokens
     session = Session(model, tokenizer, chat_format, config, limit)
     session.conversation = Conversation(chat_format, args.system)

@@ -77,10 +77,12 @@ def run(args: argparse.Namespace, names: dict[str, str]) -> None:
     check_streams("generate", stdin=stdin)
     config = validate(SampleConfig, collect_config_flags(args, SampleConfig), names)
     # these import torch: after validation
+    from talm.model.threads import use_cpu_threads
     from talm.use.load import describe_checkpoint, load_checkpoint
     from talm.use.sample import GenerationStats, prepare_prompt
 
     model, tokenizer, meta = load_checkpoint(args.model, args.checkpoint, args.device)
+    use_cpu_threads(next(model.parameters()).device)  # on CPU: the idle cores' count (the summary says it)
     device = next(model.parameters()).device
     context = model.config.context_length
 

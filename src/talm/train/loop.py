@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from talm.eval.runner import TrainingTasks
+from talm.model.threads import use_cpu_threads
 from talm.train import dist, init, rundir, state
 from talm.train.checkpoint import read_meta
 from talm.train.config import RunConfig
@@ -81,6 +82,7 @@ def announce(tr: Trainer) -> None:
     )
     checkpointing = ", activation checkpointing per block" if t.activation_checkpointing else ""
     say(f"parallel: {tr.parallel.description}{checkpointing}")
+    say(tr.threads)
     say(describe(tr.cfg))
     if isinstance(tr.loader, ConversationLoader):
         say(tr.loader.describe())
@@ -121,6 +123,7 @@ class Trainer:
             rundir.check_fresh_start(self.model_dir)
         self.ctx = dist.setup(cfg.train.device, group=cfg.train.parallel != "auto")
         self.device = self.ctx.device
+        self.threads = use_cpu_threads(self.device)  # "threads: N (why)", for the banner
         t = cfg.train
         if t.deterministic:
             set_deterministic(self.device)

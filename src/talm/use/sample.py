@@ -20,6 +20,8 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from talm.errors import TalmError
 from talm.model.gpt import GPT
 from talm.model.sample import (  # the core's names stay importable from here (talm.generate_ids, benchmarks)
@@ -143,11 +145,13 @@ class GenerationStats:
     ended_by: Counter[str] = field(default_factory=Counter)
 
     def summary(self, device: object) -> str:
-        """The one line said at the end: tokens, time, tokens/s, device and why generation stopped."""
+        """The one line said at the end: tokens, time, tokens/s, device (and CPU threads) and why generation
+        stopped."""
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
         endings = ", ".join(f"{ENDINGS[k]} ({n})" for k, n in sorted(self.ended_by.items()))
         why = f"; stopped at: {endings}" if endings else ""
-        return f"generated {self.tokens:,} tokens in {self.seconds:.1f} s ({rate:,.0f} tokens/s) on {device}{why}"
+        on = f"{device} with {torch.get_num_threads()} thread(s)" if str(device) == "cpu" else str(device)
+        return f"generated {self.tokens:,} tokens in {self.seconds:.1f} s ({rate:,.0f} tokens/s) on {on}{why}"
 
 
 def stream_samples(
