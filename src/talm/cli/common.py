@@ -192,7 +192,8 @@ def check_streams(prog: str, *, stdin: str | None = None) -> None:
         raise TalmError(f"stdin is closed: {stdin}")
     if sys.stdout is None or sys.stdout.closed:
         raise TalmError(
-            f"stdout is closed: {prog} writes the text there; run it with stdout open (a terminal, a file or a pipe)"
+            f"stdout is closed: {prog} writes the text there; run it with stdout open (a terminal, a file or "
+            "a pipe)"
         )
 
 

@@ -177,8 +177,8 @@ class HFReader:
         }[kind]
         if not ok:
             raise TalmError(
-                f"{self.where}: {key!r} is {json.dumps(value, default=repr)}, not {self.KINDS[kind]}: fix the config.json or "
-                "start from another model"
+                f"{self.where}: {key!r} is {json.dumps(value, default=repr)}, not {self.KINDS[kind]}: fix the "
+                "config.json or start from another model"
             )
         return value
 
