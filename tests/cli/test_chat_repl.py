@@ -114,7 +114,8 @@ def test_an_overlong_piped_message_ends_the_chat_in_one_line(
     out, err = capsys.readouterr()
     assert info.value.code == 2 and len(out.splitlines()) == 1  # the reply to "Hi" only
     errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "more than the 61 that the model's context of 64 leaves" in errors[0]
+    assert len(errors) == 1 and not errors[0].startswith(">")  # on a line of its own
+    assert "more than the 61 that the model's context of 64 leaves" in errors[0]
 
 
 @pytest.mark.parametrize("typed", [False, True])
@@ -146,6 +147,7 @@ def test_a_system_message_that_leaves_no_room_is_refused(
             main(["-m", str(chat_model_dir), "--max-new-tokens", "2"])
         errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert info.value.code == 2 and len(errors) == 1 and "the system message (/system) is" in errors[0]
+        assert not errors[0].startswith(">")
 
 
 def test_the_default_reply_takes_the_room_the_prompt_leaves(

@@ -100,6 +100,7 @@ def run(args: argparse.Namespace, names: dict[str, str]) -> None:
         except PromptTooLong as err:
             problem = session.too_long(err)
             if piped:
+                print(file=sys.stderr)  # the error on a line of its own, after the "> " prompt
                 raise problem from None
             print(f"error: {problem}", file=sys.stderr, flush=True)
             continue
@@ -173,6 +174,7 @@ class Session:
             except TalmError as err:
                 self.conversation.system = before
                 if piped:
+                    print(file=sys.stderr)  # the error on a line of its own, after the "> " prompt
                     raise
                 print(f"error: {err}", file=sys.stderr, flush=True)
                 return True
