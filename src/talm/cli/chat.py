@@ -74,14 +74,13 @@ def run(args: argparse.Namespace, names: dict[str, str]) -> None:
     # these import torch: after validation
     from talm.model.threads import use_cpu_threads
     from talm.tokenizer.chat import ChatFormat
-    from talm.use.chat import Conversation, PromptTooLong, prompt_budget
+    from talm.use.chat import PromptTooLong, prompt_budget
     from talm.use.load import describe_checkpoint, load_checkpoint
 
     model, tokenizer, meta = load_checkpoint(args.model, args.checkpoint, args.device)
     use_cpu_threads(next(model.parameters()).device)  # on CPU: the idle cores' count (the summary says it)
     chat_format = ChatFormat(tokenizer)  # refuses a tokenizer without role tokens
-    session = Session(model, tokenizer, chat_format, config, limit)
-    session.conversation = Conversation(chat_format, args.system)
+    session = Session(model, tokenizer, chat_format, config, limit, args.system)
     session.check_system("--system")
     print(f"{describe_checkpoint(args.model, meta)}: type a message; {HELP}", file=sys.stderr)
 
@@ -113,7 +112,15 @@ def run(args: argparse.Namespace, names: dict[str, str]) -> None:
 class Session:
     """The chat's model, settings, conversation and totals; what each typed command and message does."""
 
-    def __init__(self, model: Any, tokenizer: Any, chat_format: Any, config: SampleConfig, limit: int | None):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        chat_format: Any,
+        config: SampleConfig,
+        limit: int | None,
+        system: str | None,
+    ) -> None:
         from talm.use.chat import Conversation
         from talm.use.sample import GenerationStats
 
@@ -125,7 +132,7 @@ class Session:
             limit,
         )
         self.context: int = model.config.context_length
-        self.conversation = Conversation(chat_format)
+        self.conversation = Conversation(chat_format, system)
         self.stats = GenerationStats()
 
     def reserve(self) -> int:
