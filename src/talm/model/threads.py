@@ -25,7 +25,7 @@ def choose_threads(cores: int, load: float, omp: str | None = None) -> tuple[int
     threads = max(1, min(cores, int(idle + 0.5)))
     return (
         threads,
-        f"{cores} core(s), {min(load, cores):.1f} busy by the load average; OMP_NUM_THREADS=N sets it",
+        f"{cores} core(s) for this process, 1-minute load average {load:.1f}; OMP_NUM_THREADS=N sets it",
     )
 
 
