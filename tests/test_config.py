@@ -169,3 +169,26 @@ def test_seeds_must_fit_in_63_bits(cls: type[Config]) -> None:
         assert validate(cls, {"seed": good}).seed == good
     if cls is SampleConfig:
         assert validate(cls, {}).seed is None  # unset: a fresh seed each run
+
+
+def test_a_refusal_quoting_a_nested_pydantic_error_carries_no_url_nor_type_tag() -> None:
+    from pydantic import field_validator
+
+    class Inner(Config):
+        n: int = 1
+
+    class Outer(Config):
+        inner: dict = {}
+
+        @field_validator("inner")
+        @classmethod
+        def _check(cls, value: dict) -> dict:
+            try:
+                Inner.model_validate(value)
+            except ValidationError as err:
+                raise ValueError(str(err)) from None
+            return value
+
+    message = refusal(Outer, {"inner": {"n": "x"}})
+    assert "Input should be a valid integer" in message, message
+    assert "http" not in message and "[type=" not in message and "pydantic" not in message

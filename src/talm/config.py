@@ -16,6 +16,7 @@ This module is a leaf: it imports nothing else from talm but `errors`, and never
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,6 +87,10 @@ _EXPECTED = {
 }
 
 
+# What pydantic appends to an error's text (str(ValidationError)), which a message quoting one must not carry.
+_PYDANTIC_NOISE = re.compile(r"\s*\[type=[^\]]*\]|\s*For further information visit \S+")
+
+
 def _type_name(value: Any) -> str:
     if isinstance(value, dict):
         return "a table"
@@ -109,6 +114,7 @@ def describe_validation_error(err: ValidationError, flag_names: dict[str, str] |
             continue
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
+        msg = _PYDANTIC_NOISE.sub("", " ".join(msg.split()))  # a nested error's text: its URL and type tag
         value = e.get("input")
         if e["type"] in _EXPECTED:
             msg = f"must be {_EXPECTED[e['type']]}, not {_type_name(value)}"

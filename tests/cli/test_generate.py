@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -229,3 +231,48 @@ def test_missing_device(tiny_model_dir: Path, capsys) -> None:
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present")
     assert "no CUDA GPU" in fails(capsys, "-m", str(tiny_model_dir), "--device", "cuda", "-p", "x")
+
+
+def shell(command: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`command` run by bash with the console scripts of this Python on its PATH: a shell can close streams."""
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    return subprocess.run(
+        ["bash", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PATH": path, **env},
+    )
+
+
+@pytest.mark.parametrize(
+    ("streams", "message"),
+    [
+        ("-p Hi >&-", "stdout is closed: generate writes the text there; run it with stdout open"),
+        ("<&-", "stdin is closed: without -p/--prompt, generate reads prompts from it: pass -p TEXT"),
+    ],
+)
+def test_a_closed_stream_is_refused_in_one_line(tiny_model_dir: Path, streams: str, message: str) -> None:
+    done = shell(f"generate -m {tiny_model_dir} --max-new-tokens 2 {streams}")
+    assert done.returncode == 2 and done.stderr.strip().startswith(f"generate: error: {message}"), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_prompts_need_no_stdin_and_a_reader_that_leaves_ends_generate_quietly(tiny_model_dir: Path) -> None:
+    done = shell(f"generate -m {tiny_model_dir} -p Hi --max-new-tokens 2 <&-")
+    assert done.returncode == 0 and done.stdout.startswith("Hi"), done.stderr
+    done = shell(
+        f"generate -m {tiny_model_dir} -p Hi -n 8 --max-new-tokens 500 -s 0 | head -c 1; exit ${{PIPESTATUS[0]}}"
+    )
+    assert done.returncode == 0 and done.stdout == "H" and "Error" not in done.stderr, done.stderr
+
+
+def test_the_summary_says_why_generation_stopped(tiny_model_dir: Path, capsys) -> None:
+    out, err = generate(
+        capsys, "-m", str(tiny_model_dir), "-p", "Hi", "--max-new-tokens", "3", "-n", "2", "-s", "0"
+    )
+    summary = err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"generated 6 tokens in [\d.]+ s \([\d,]+ tokens/s\) on cpu with \d+ thread\(s\); stopped at: --max-new-tokens \(2\)",
+        summary,
+    )

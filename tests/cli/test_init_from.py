@@ -290,3 +290,67 @@ def test_data_made_with_another_tokenizer_is_refused(in_tmp: Path, tiny_data: Pa
     )
     assert "was made with tokenizer" in err and "not with the one of --init-from 'hf'" in err
     assert "download_data ... -t hf/tokenizer.json" in err and not Path("models/x").exists()
+
+
+LLAMA_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 32, "intermediate_size": 48,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_hidden_layers": 0}, "'num_hidden_layers' is 0, not a positive integer"),
+        ({"num_hidden_layers": -2}, "'num_hidden_layers' is -2, not a positive integer"),
+        ({"num_hidden_layers": "2"}, "'num_hidden_layers' is \"2\", not a positive integer"),
+        ({"num_attention_heads": 0}, "'num_attention_heads' is 0, not a positive integer"),
+        ({"rms_norm_eps": "small"}, "'rms_norm_eps' is \"small\", not a number"),
+        ({"tie_word_embeddings": "yes"}, "'tie_word_embeddings' is \"yes\", not true or false"),
+        ({"rope_parameters": "x"}, "'rope_parameters' is \"x\", not an object"),
+        ({"hidden_size": None}, "has no 'hidden_size'"),
+        ({"rms_norm_eps": 0}, "'rms_norm_eps'=0: Input should be greater than 0"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads=3 does not divide num_attention_heads=4"),
+    ],
+)
+def test_a_config_json_value_of_the_wrong_type_or_range_names_the_file_and_key(
+    change: dict, message: str, in_tmp: Path, tiny_data: Path, capsys
+) -> None:
+    source = config_dir(Path("src"), LLAMA_CONFIG | change)
+    err = one_line_error(
+        capsys, train_model.main, "-n", "x", "-d", str(tiny_data), "--init-from", source, *TRAIN
+    )
+    assert f"--init-from 'src' ({Path('src/config.json')})" in err and message in err, err
+    assert "pydantic" not in err and "http" not in err and "--model." not in err
+    assert not Path("models/x").exists()
+
+
+def test_a_talm_source_with_a_bad_model_setting_names_its_checkpoint(
+    in_tmp: Path, tiny_model_dir: Path, tiny_data: Path, capsys
+) -> None:
+    meta_file = tiny_model_dir / "latest" / "checkpoint.json"
+    meta = json.loads(meta_file.read_text())
+    meta["config"]["model"]["n_layer"] = 0
+    meta_file.write_text(json.dumps(meta))
+    err = one_line_error(
+        capsys, train_model.main, "-n", "x", "-d", str(tiny_data), "--init-from", str(tiny_model_dir), *TRAIN
+    )
+    assert "checkpoint.json's model.n_layer=0" in err and "--model.n_layer" not in err, err
+
+
+@pytest.mark.parametrize("with_t", [False, True])
+def test_a_source_vocabulary_smaller_than_its_tokenizer_says_where_each_came_from(
+    with_t: bool, in_tmp: Path, tiny_data: Path, capsys
+) -> None:
+    vocab = Tokenizer.from_file(BASE_TOKENIZER).vocab_size
+    source = config_dir(Path("src"), LLAMA_CONFIG | {"vocab_size": vocab - 10})
+    shutil.copyfile(BASE_TOKENIZER, Path(source) / "tokenizer.json")  # the data's tokenizer: its check passes
+    t = ["-t", str(BASE_TOKENIZER)] if with_t else []
+    err = one_line_error(
+        capsys, train_model.main, "-n", "x", "-d", str(tiny_data), "--init-from", source, *t, *TRAIN
+    )
+    assert f"--init-from 'src' has a vocabulary of {vocab - 10} ids (vocab_size in " in err, err
+    assert "config.json" in err and f"fewer than the {vocab} of tokenizer" in err
+    assert ("(-t)" in err) == with_t and ("manifest" in err) != with_t
+    assert "--model.vocab_size" not in err and "pass another --init-from" in err
+    assert not Path("models/x").exists()

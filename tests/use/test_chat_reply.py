@@ -15,7 +15,7 @@ import talm.use.chat as chat_module
 from talm.errors import TalmError
 from talm.tokenizer.api import Tokenizer
 from talm.tokenizer.chat import ChatFormat
-from talm.use.chat import Conversation, ReplyStats, prompt_budget, stream_reply, until_stop
+from talm.use.chat import Conversation, ReplyStats, prompt_budget, reply_limit, stream_reply, until_stop
 from talm.use.config import SampleConfig
 from talm.use.load import load
 from talm.use.sample import generate_ids
@@ -44,12 +44,18 @@ def test_a_reply_is_the_text_of_the_ids_generated_until_the_end_token(
     pieces = list(stream_reply(model, tokenizer, prompt, config, end_id=end_id, stats=stats))
     assert "".join(pieces) == tokenizer.decode(ids[:first_end])
     assert stats.finish_reason == "stop" and stats.tokens == first_end + 1
+    assert stats.ended_by == "end" and stats.seconds > 0
 
     stats = ReplyStats()
     short = config.model_copy(update={"max_new_tokens": 5})
     pieces = list(stream_reply(model, tokenizer, prompt, short, end_id=-1, stats=stats))
     assert "".join(pieces) == tokenizer.decode(ids[:5])
-    assert stats.finish_reason == "length" and stats.tokens == 5
+    assert stats.finish_reason == "length" and stats.tokens == 5 and stats.ended_by == "max_new_tokens"
+
+    stats = ReplyStats()  # a reply given all the room the prompt leaves ends with a full context
+    room = config.model_copy(update={"max_new_tokens": reply_limit(64, len(prompt), None)})
+    pieces = list(stream_reply(model, tokenizer, prompt, room, end_id=-1, stats=stats))
+    assert stats.tokens == 64 - len(prompt) and stats.ended_by == "context"
 
 
 def test_a_character_split_across_tokens_comes_out_whole(
@@ -105,7 +111,7 @@ def test_a_stop_string_ends_the_reply_and_its_generation(tmp_path: Path, chat_fo
             model, tokenizer, prompt, config, end_id=tokenizer.eot_id, stats=stats, stop=["zzz", stop]
         )
     )
-    assert reply == free[: free.find(stop)] and stats.finish_reason == "stop"
+    assert reply == free[: free.find(stop)] and stats.finish_reason == "stop" and stats.ended_by == "stop"
     assert stats.tokens < 60  # generation ended there, not at the token budget
     stats = ReplyStats()
     never = "".join(
@@ -147,8 +153,13 @@ def test_a_conversation_renders_with_the_chat_format_and_drops_its_oldest_exchan
     )
     ids, dropped = conversation.prompt("third", len(without_first))
     assert (ids, dropped) == (without_first, 1)
-    with pytest.raises(TalmError, match="write a shorter one"):
+    with pytest.raises(TalmError, match="write a shorter message") as info:
         conversation.prompt("third " * 50, 20)
+    assert (
+        info.value.budget == 20
+        and info.value.tokens > 50
+        and info.value.fixed == conversation.system_tokens()
+    )
 
     conversation.reset()
     conversation.system = None
@@ -158,3 +169,6 @@ def test_a_conversation_renders_with_the_chat_format_and_drops_its_oldest_exchan
 def test_the_prompt_leaves_room_for_the_reply_but_at_least_half_the_context() -> None:
     assert prompt_budget(1024, 256) == 768
     assert prompt_budget(64, 10_000) == 32
+    # without --max-new-tokens: the reply reserves a quarter of the context (at most 256) and takes the room left
+    assert prompt_budget(64, None) == 48 and prompt_budget(4096, None) == 3840 and prompt_budget(2, None) == 1
+    assert reply_limit(64, 40, None) == 24 and reply_limit(64, 40, 7) == 7

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from talm.use.config import SampleConfig
 from talm.use.load import load
 from talm.use.sample import (
     FINISHED,
+    GenerationStats,
     IncrementalDecoder,
     encode_prompt,
     filter_logits,
@@ -241,6 +243,38 @@ def test_stream_samples_shows_rows_in_order(tokenizer: Tokenizer) -> None:
         text = "".join(p for r, p in events if r == row and p is not None)
         expected = [t for t in ids[row] if t not in (FINISHED, tokenizer.eot_id)]
         assert text == tokenizer.decode(expected)
+
+
+class EndsAt:
+    """`tokenizer` with another id as its <|endoftext|>."""
+
+    def __init__(self, tokenizer: Tokenizer, eot_id: int) -> None:
+        self.tokenizer, self.eot_id = tokenizer, eot_id
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.tokenizer, name)
+
+
+def test_stream_samples_counts_why_each_row_ended_and_the_time(tokenizer: Tokenizer) -> None:
+    model = varied_model(vocab=tokenizer.vocab_size, context=32)
+    ids = run(model, [[10, 11]], 30, temperature=0)[0]
+    end = ids[5]
+    cases = [  # (eot id, max_new_tokens) -> why the row ended
+        (end, 30, {"end": 1}),
+        (-1, 5, {"max_new_tokens": 1}),
+        (-1, 30, {"context": 1}),  # 2 prompt tokens + 30 fill the context of 32
+    ]
+    for eot, most, why in cases:
+        stats = GenerationStats()
+        config = SampleConfig(max_new_tokens=most, temperature=0)
+        list(stream_samples(model, EndsAt(tokenizer, eot), [[10, 11]], config, stats=stats))
+        assert dict(stats.ended_by) == why and stats.seconds > 0
+        assert stats.tokens == (ids.index(end) + 1 if eot == end else most)
+    line = stats.summary("cpu")
+    assert re.fullmatch(
+        r"generated 30 tokens in [\d.]+ s \([\d,]+ tokens/s\) on cpu with \d+ thread\(s\); stopped at: a full context \(1\)",
+        line,
+    )
 
 
 def test_generate_yields_text_and_warns_about_a_cut_prompt(tokenizer: Tokenizer) -> None:

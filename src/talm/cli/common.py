@@ -185,6 +185,18 @@ def add_model_flags(parser: argparse.ArgumentParser, *, device: bool = True) -> 
         )
 
 
+def check_streams(prog: str, *, stdin: str | None = None) -> None:
+    """Refuse to start without a stdout to write to, or, when the command reads its stdin (`stdin`: what it
+    reads there and how to give it), without a stdin: a stream closed by the shell (`>&-`, `<&-`) is None."""
+    if stdin is not None and (sys.stdin is None or sys.stdin.closed):
+        raise TalmError(f"stdin is closed: {stdin}")
+    if sys.stdout is None or sys.stdout.closed:
+        raise TalmError(
+            f"stdout is closed: {prog} writes the text there; run it with stdout open (a terminal, a file or "
+            "a pipe)"
+        )
+
+
 def run_main(
     parser: argparse.ArgumentParser, command: Callable[[], Any], flag_names: dict[str, str] | None = None
 ) -> None:

@@ -4,13 +4,14 @@ With -p/--prompt, each prompt is printed followed by its continuation (several p
 generated together in one batch, shown one after the other). Without a prompt, an interactive loop: type a
 prompt, read the continuation; an empty line or Ctrl-D ends it, Ctrl-C stops the current continuation.
 Generation stops at <|endoftext|> or after --max-new-tokens; --temperature 0 always picks the likeliest token.
+At the end, one line on stderr: tokens generated, the time spent generating (not typing) and tokens/s, and why
+generation stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ from talm.cli.common import (
     HelpFormatter,
     add_config_flags,
     add_model_flags,
+    check_streams,
     collect_config_flags,
     run_main,
 )
@@ -67,12 +69,20 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace, names: dict[str, str]) -> None:
+    stdin = (
+        None
+        if args.prompt is not None
+        else "without -p/--prompt, generate reads prompts from it: pass -p TEXT"
+    )
+    check_streams("generate", stdin=stdin)
     config = validate(SampleConfig, collect_config_flags(args, SampleConfig), names)
     # these import torch: after validation
+    from talm.model.threads import use_cpu_threads
     from talm.use.load import describe_checkpoint, load_checkpoint
     from talm.use.sample import GenerationStats, prepare_prompt
 
     model, tokenizer, meta = load_checkpoint(args.model, args.checkpoint, args.device)
+    use_cpu_threads(next(model.parameters()).device)  # on CPU: the idle cores' count (the summary says it)
     device = next(model.parameters()).device
     context = model.config.context_length
 
@@ -85,7 +95,6 @@ def run(args: argparse.Namespace, names: dict[str, str]) -> None:
         return [(text, ids) for text, (ids, _) in zip(texts, prepared, strict=True)]
 
     stats = GenerationStats()
-    start = time.perf_counter()
     if args.prompt is not None:
         generate_and_print(model, tokenizer, prepare(args.prompt), config, stats, echo=True)
     else:
@@ -103,12 +112,7 @@ def run(args: argparse.Namespace, names: dict[str, str]) -> None:
                 generate_and_print(model, tokenizer, prompts, config, stats, echo=False)
             except KeyboardInterrupt:
                 print("\n[stopped]", flush=True)
-    seconds = time.perf_counter() - start
-    print(
-        f"generated {stats.tokens:,} tokens in {seconds:.1f} s ({stats.tokens / max(seconds, 1e-9):,.0f} tokens/s) "
-        f"on {device}",
-        file=sys.stderr,
-    )
+    print(stats.summary(device), file=sys.stderr)
 
 
 def read_prompt() -> str | None:

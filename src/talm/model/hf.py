@@ -14,12 +14,16 @@ on the way in: they are never a token.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
+from talm.config import describe_validation_error
 from talm.errors import TalmError
 from talm.model.config import ModelConfig
 from talm.model.gpt import GPT
@@ -115,75 +119,148 @@ def to_hf_config(config: ModelConfig, eot_id: int, dtype: str) -> dict[str, Any]
 
 def from_hf_config(hf: Mapping[str, Any], where: str) -> ModelConfig:
     """The ModelConfig of a transformers config.json (`where` names it in errors); TalmError, naming the
-    supported classes or the setting, for anything talm's GPT does not compute exactly."""
+    supported classes or the setting, for anything talm's GPT does not compute exactly, and naming the HF key
+    and the problem for a value of the wrong type or out of range."""
     by_type = {"gpt2": GPT2_CLASS, **{name.lower(): f"{name}ForCausalLM" for name in ARCHITECTURES.values()}}
     classes = hf.get("architectures") or [
         by_type.get(hf.get("model_type"))
     ]  # a config made in memory has none
+    if not isinstance(classes, list):
+        classes = [classes]
     cls = next((c for c in classes if c in SUPPORTED), None)
     if cls is None:
         found = ", ".join(map(str, filter(None, classes))) or f"model_type {hf.get('model_type')!r}"
         raise TalmError(f"{where} is a {found}, which talm cannot load: supported are {', '.join(SUPPORTED)}")
+    read = HFReader(hf, where)
+    fields = _gpt2_fields(read, cls) if cls == GPT2_CLASS else _llama_fields(read, cls)
+    return read.model_config(fields)
 
-    def refuse(setting: str) -> TalmError:
-        return TalmError(
-            f"{where} sets {setting}, which talm's {cls} does not compute: start from a model without it"
-        )
 
-    try:
-        if cls == GPT2_CLASS:
-            if hf.get("activation_function", "gelu_new") not in GPT2_GELUS:
-                raise refuse(f"activation_function={hf.get('activation_function')!r}")
-            for flag, plain in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                                ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):  # fmt: skip
-                if bool(hf.get(flag, plain)) != plain:
-                    raise refuse(f"{flag}={hf.get(flag)}")
-            return ModelConfig(
-                arch="gpt2",
-                mlp="gelu",
-                vocab_size=hf["vocab_size"],
-                context_length=hf.get("n_positions", 1024),
-                n_layer=hf["n_layer"],
-                n_head=hf["n_head"],
-                d_model=hf["n_embd"],
-                mlp_hidden=hf.get("n_inner") or 4 * hf["n_embd"],
-                norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                tie_embeddings=hf.get("tie_word_embeddings", True),
+REQUIRED = object()  # HFReader's default for a key config.json must have
+
+
+class HFReader:
+    """Reads config.json values by their HF key, each checked for its type (and, for counts, to be at least 1)
+    before any arithmetic, and remembers which HF key gave each talm field, so that a model talm's validation
+    refuses is reported in the file's own terms."""
+
+    KINDS = {
+        "count": "a positive integer",
+        "number": "a number",
+        "bool": "true or false",
+        "table": "an object",
+    }
+
+    def __init__(self, hf: Mapping[str, Any], where: str) -> None:
+        self.hf, self.where = hf, where
+        self.keys: dict[str, str] = {}  # talm field -> the HF key it came from
+
+    def __call__(self, key: str, kind: str, default: Any = REQUIRED, *, field: str | None = None) -> Any:
+        """The value of `key` (null or absent: `default`; TalmError if it has none), of `kind` (KINDS)."""
+        if field:
+            self.keys[field] = key
+        value = self.hf.get(key)
+        if value is None:
+            if default is REQUIRED:
+                raise TalmError(f"{self.where} has no {key!r}: pass an intact transformers config.json")
+            return default
+        return self.check(key, value, kind)
+
+    def check(self, key: str, value: Any, kind: str) -> Any:
+        """`value` (of HF key `key`) if it is of `kind`, else TalmError naming the key, the value and the kind."""
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = {
+            "count": number and isinstance(value, int) and value >= 1,
+            "number": number and math.isfinite(value),
+            "bool": isinstance(value, bool),
+            "table": isinstance(value, dict),
+        }[kind]
+        if not ok:
+            raise TalmError(
+                f"{self.where}: {key!r} is {json.dumps(value, default=repr)}, not {self.KINDS[kind]}: fix the "
+                "config.json or start from another model"
             )
-        name = cls.removesuffix("ForCausalLM")
-        qk_norm, mlp = next(key for key, value in ARCHITECTURES.items() if value == name)
-        act = "silu" if mlp == "swiglu" else "relu2"
-        if hf.get("hidden_act", act) != act:
-            raise refuse(f"hidden_act={hf.get('hidden_act')!r}")
-        for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
-            if hf.get(flag):
-                raise refuse(f"{flag}=true")
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise refuse(f"rope scaling {rope.get('rope_type', rope.get('type'))!r}")
-        d_model, n_head = hf["hidden_size"], hf["num_attention_heads"]
-        if hf.get("head_dim") not in (None, d_model // n_head) or d_model % n_head:
-            raise refuse(f"head_dim={hf.get('head_dim')} (talm's is hidden_size / num_attention_heads)")
-        return ModelConfig(
-            arch="llama",
-            mlp=mlp,
-            qk_norm=qk_norm,
-            vocab_size=hf["vocab_size"],
-            context_length=hf.get("max_position_embeddings", 2048),
-            n_layer=hf["num_hidden_layers"],
-            n_head=n_head,
-            n_kv_head=hf.get("num_key_value_heads") or n_head,
-            d_model=d_model,
-            mlp_hidden=hf["intermediate_size"],
-            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
-            tie_embeddings=hf.get("tie_word_embeddings", False),
+        return value
+
+    def refuse(self, cls: str, setting: str) -> TalmError:
+        return TalmError(
+            f"{self.where} sets {setting}, which talm's {cls} does not compute: start from a model without it"
         )
-    except KeyError as err:
-        raise TalmError(f"{where} has no {err.args[0]!r}: pass an intact transformers config.json") from None
-    except ValueError as err:  # pydantic: a shape talm's GPT cannot take
-        first = str(err).splitlines()
-        raise TalmError(f"{where} describes a model talm cannot build ({first[-1].strip()})") from None
+
+    def model_config(self, fields: dict[str, Any]) -> ModelConfig:
+        """`fields` validated as a ModelConfig, a refusal naming the HF keys instead of talm's fields."""
+        try:
+            return ModelConfig.model_validate(fields)
+        except ValidationError as err:
+            names = {field: repr(key) for field, key in self.keys.items()} | {"": "config.json"}
+            why = describe_validation_error(err, names)
+            for field, key in self.keys.items():  # a cross-field rule's message names talm's fields
+                why = re.sub(rf"\b{field}\b", key, why)
+            raise TalmError(
+                f"{self.where} describes a model talm cannot build ({why}): fix the config.json or start from "
+                "another model"
+            ) from None
+
+
+def _gpt2_fields(read: HFReader, cls: str) -> dict[str, Any]:
+    act = read.hf.get("activation_function", "gelu_new")
+    if act not in GPT2_GELUS:
+        raise read.refuse(cls, f"activation_function={act!r}")
+    for flag, plain in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                        ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):  # fmt: skip
+        if read(flag, "bool", plain) != plain:
+            raise read.refuse(cls, f"{flag}={read.hf.get(flag)}")
+    d_model = read("n_embd", "count", field="d_model")
+    return {
+        "arch": "gpt2",
+        "mlp": "gelu",
+        "vocab_size": read("vocab_size", "count", field="vocab_size"),
+        "context_length": read("n_positions", "count", 1024, field="context_length"),
+        "n_layer": read("n_layer", "count", field="n_layer"),
+        "n_head": read("n_head", "count", field="n_head"),
+        "d_model": d_model,
+        "mlp_hidden": read("n_inner", "count", 4 * d_model, field="mlp_hidden"),
+        "norm_eps": read("layer_norm_epsilon", "number", 1e-5, field="norm_eps"),
+        "tie_embeddings": read("tie_word_embeddings", "bool", True, field="tie_embeddings"),
+    }
+
+
+def _llama_fields(read: HFReader, cls: str) -> dict[str, Any]:
+    name = cls.removesuffix("ForCausalLM")
+    qk_norm, mlp = next(key for key, value in ARCHITECTURES.items() if value == name)
+    act = "silu" if mlp == "swiglu" else "relu2"
+    if read.hf.get("hidden_act", act) != act:
+        raise read.refuse(cls, f"hidden_act={read.hf.get('hidden_act')!r}")
+    for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
+        if read(flag, "bool", False):
+            raise read.refuse(cls, f"{flag}=true")
+    rope = read("rope_parameters", "table", None) or read("rope_scaling", "table", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise read.refuse(cls, f"rope scaling {rope.get('rope_type', rope.get('type'))!r}")
+    d_model = read("hidden_size", "count", field="d_model")
+    n_head = read("num_attention_heads", "count", field="n_head")
+    if read("head_dim", "count", None) not in (None, d_model // n_head) or d_model % n_head:
+        raise read.refuse(
+            cls, f"head_dim={read.hf.get('head_dim')} (talm's is hidden_size / num_attention_heads)"
+        )
+    theta = read("rope_theta", "number", 10000.0, field="rope_theta")
+    if rope.get("rope_theta") is not None:  # transformers >= 5 keeps it in rope_parameters
+        theta = read.check("rope_theta", rope["rope_theta"], "number")
+    return {
+        "arch": "llama",
+        "mlp": mlp,
+        "qk_norm": qk_norm,
+        "vocab_size": read("vocab_size", "count", field="vocab_size"),
+        "context_length": read("max_position_embeddings", "count", 2048, field="context_length"),
+        "n_layer": read("num_hidden_layers", "count", field="n_layer"),
+        "n_head": n_head,
+        "n_kv_head": read("num_key_value_heads", "count", None, field="n_kv_head"),
+        "d_model": d_model,
+        "mlp_hidden": read("intermediate_size", "count", field="mlp_hidden"),
+        "rope_theta": theta,
+        "norm_eps": read("rms_norm_eps", "number", 1e-6, field="norm_eps"),
+        "tie_embeddings": read("tie_word_embeddings", "bool", False, field="tie_embeddings"),
+    }
 
 
 # ------------------------------------------------------------------------------------------------------------

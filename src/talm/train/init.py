@@ -19,11 +19,12 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
+from talm.config import validate
 from talm.errors import TalmError
 from talm.model.config import ModelConfig
 from talm.model.gpt import GPT
 from talm.model.hf import from_hf_config, from_hf_state_dict, is_network_error
-from talm.train.checkpoint import WEIGHTS, damaged, first_non_finite, is_checkpoint, read_meta
+from talm.train.checkpoint import META, WEIGHTS, damaged, first_non_finite, is_checkpoint, read_meta
 
 if TYPE_CHECKING:
     from talm.tokenizer.api import Tokenizer
@@ -51,6 +52,11 @@ class Source:
     config: ModelConfig
     tokenizer_path: Path
 
+    @property
+    def config_file(self) -> Path:
+        """The file the source's architecture was read from."""
+        return self.path / (META if self.kind == "talm" else "config.json")
+
     def describe(self) -> str:
         where = "" if str(self.path) == self.name else f" ({self.path})"
         return f"{self.name}{where}, a {self.kind} model"
@@ -73,7 +79,12 @@ def _talm_source(name: str, path: Path) -> Source | None:
     for checkpoint in (path, path / "latest", path / "best"):
         if is_checkpoint(checkpoint):
             meta = read_meta(checkpoint)
-            config = ModelConfig.model_validate(meta["config"]["model"])
+            try:
+                config = validate(
+                    ModelConfig, meta["config"]["model"], names_in(f"{checkpoint / META}'s model.")
+                )
+            except TalmError as err:
+                raise TalmError(f"--init-from {name!r}: {err}: pass an intact talm model") from None
             tokenizer = (meta["tokenizer"] or {}).get("file", "tokenizer.json")
             found = [p for p in (checkpoint / tokenizer, checkpoint.parent / tokenizer) if p.is_file()]
             return Source(
@@ -92,8 +103,14 @@ def _transformers_source(name: str, path: Path) -> Source:
         raise TalmError(f"cannot read {str(config_file)!r} ({err}): pass an intact model directory") from None
     if not isinstance(hf, dict):
         raise TalmError(f"{str(config_file)!r} is not a JSON object: pass an intact model directory")
-    config = from_hf_config(hf, f"--init-from {name!r}")
+    config = from_hf_config(hf, f"--init-from {name!r} ({config_file})")
     return Source(name, "transformers", path, config, path / "tokenizer.json")
+
+
+def names_in(prefix: str) -> dict[str, str]:
+    """How a refusal of a ModelConfig read from a file names each field: `prefix` + the field's name (not the
+    run's --model.* flag, which the user did not pass)."""
+    return {field: prefix + field for field in ModelConfig.model_fields} | {"": prefix.rstrip(".")}
 
 
 @functools.cache  # once per process: the run resolves its source more than once

@@ -73,11 +73,30 @@ def load_inputs(cfg: RunConfig) -> tuple[DataSet, Tokenizer]:
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = tokenizer.vocab_size
     elif cfg.model.vocab_size < tokenizer.vocab_size:
-        raise TalmError(
-            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-            f"{tokenizer.vocab_size} ids: leave it unset to take the tokenizer's"
-        )
+        raise vocab_misfit(cfg, data, tokenizer)
     return data, tokenizer
+
+
+def vocab_misfit(cfg: RunConfig, data: DataSet, tokenizer: Tokenizer) -> TalmError:
+    """The refusal of a model vocabulary smaller than the tokenizer's, naming where each size came from: the
+    --init-from source's config file or the run's settings; -t or the data's manifest."""
+    if cfg.data.tokenizer_path:
+        origin = f"tokenizer {str(cfg.data.tokenizer_path)!r} (-t)"
+    else:
+        origin = f"tokenizer {data.tokenizer.get('path')!r} (named by {str(data.dir)!r}'s manifest)"
+    if cfg.train.init_from:
+        from talm.train.init import resolve_source
+
+        source = resolve_source(cfg.train.init_from)
+        return TalmError(
+            f"--init-from {cfg.train.init_from!r} has a vocabulary of {cfg.model.vocab_size} ids (vocab_size in "
+            f"{str(source.config_file)!r}), fewer than the {tokenizer.vocab_size} of {origin}: its embeddings "
+            "cannot hold every token of the data; pass another --init-from whose vocabulary covers its tokenizer"
+        )
+    return TalmError(
+        f"model.vocab_size={cfg.model.vocab_size} (from --model.vocab_size, --config or --preset) is smaller "
+        f"than the {tokenizer.vocab_size} ids of {origin}: leave it unset to take the tokenizer's"
+    )
 
 
 def make_loaders(

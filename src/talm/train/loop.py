@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from talm.eval.runner import TrainingTasks
+from talm.model.threads import use_cpu_threads
 from talm.train import dist, init, resume, rundir, state
 from talm.train.checkpoint import read_meta
 from talm.train.config import RunConfig
@@ -83,6 +84,7 @@ def announce(tr: Trainer) -> None:
     )
     checkpointing = ", activation checkpointing per block" if t.activation_checkpointing else ""
     say(f"parallel: {tr.parallel.description}{checkpointing}")
+    say(tr.threads)
     say(describe(tr.cfg))
     if isinstance(tr.loader, ConversationLoader):
         say(tr.loader.describe())
@@ -128,6 +130,7 @@ class Trainer:
             saved = state.read_saved(resume_from)
             plan = resume.plan_resume(*saved, cfg, world_size=self.ctx.world_size, model_dir=self.model_dir)
         self.resume_notes = plan.notes
+        self.threads = use_cpu_threads(self.device)  # "threads: N (why)", for the banner
         t = cfg.train
         if t.deterministic:
             set_deterministic(self.device)

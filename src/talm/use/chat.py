@@ -13,6 +13,7 @@ always stays) and the REPL says so.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 
@@ -22,16 +23,20 @@ from talm.tokenizer.api import Tokenizer
 from talm.tokenizer.chat import ChatFormat
 from talm.use.config import SampleConfig
 from talm.use.load import check_vocab
-from talm.use.sample import IncrementalDecoder, generate_ids
+from talm.use.sample import IncrementalDecoder, ended_by, generate_ids
 
 
 @dataclass
 class ReplyStats:
-    """What one reply did: tokens generated (its end token included) and why it ended: "stop" (the end token or a
-    stop sequence), "length" (the token budget), or None while it is still going or when it was stopped early."""
+    """What one reply did: tokens generated (its end token included) and why it ended: `finish_reason` in
+    OpenAI's terms, "stop" (the end token or a stop sequence), "length" (the token budget), or None while it is
+    still going or when it was stopped early; `ended_by` in talm's (`talm.use.sample.ENDINGS`: "end", "stop",
+    "max_new_tokens" or "context"). `seconds`: from the first token's request to the last token."""
 
     tokens: int = 0
     finish_reason: str | None = None
+    ended_by: str | None = None
+    seconds: float = 0.0
 
 
 def stream_reply(
@@ -62,6 +67,7 @@ def _reply_pieces(
     end_id: int,
     stats: ReplyStats,
 ) -> Generator[str, None, None]:
+    started = time.perf_counter()
     decoder = IncrementalDecoder(tokenizer)
     steps = generate_ids(
         model,
@@ -78,16 +84,18 @@ def _reply_pieces(
         for (token,) in steps:
             stats.tokens += 1
             if token == end_id:
-                stats.finish_reason = "stop"
+                stats.finish_reason, stats.ended_by = "stop", "end"
                 break
             if text := decoder.push(token):
                 yield text
         else:
             stats.finish_reason = "length"
+            stats.ended_by = ended_by(False, len(prompt_ids), stats.tokens, model.config.context_length)
         if text := decoder.flush():
             yield text
     finally:
         steps.close()  # a reply stopped early ends its generation here
+        stats.seconds += time.perf_counter() - started
 
 
 def until_stop(
@@ -101,7 +109,7 @@ def until_stop(
         for piece in pieces:
             held += piece
             if (at := find_stop(held, stops)) is not None:
-                stats.finish_reason = "stop"
+                stats.finish_reason = stats.ended_by = "stop"
                 if held[:at]:
                     yield held[:at]
                 return
@@ -159,19 +167,46 @@ class Conversation:
             if len(ids) <= max_prompt_tokens:
                 return ids, dropped
             if not kept:
-                what = "the message and the system message are" if self.system else "the message is"
-                raise TalmError(
-                    f"{what} {len(ids)} tokens, more than the {max_prompt_tokens} this model's context leaves "
-                    "for a prompt: write a shorter one"
-                )
+                raise PromptTooLong(len(ids), max_prompt_tokens, self.system_tokens())
             kept = kept[2:]
             dropped += 1
+
+    def system_tokens(self) -> int:
+        """The prompt's tokens before any message: the system message (if any) and an empty user message's
+        framing. A budget no larger than this leaves no room for any message."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return len(self.format.render_prompt([*head, {"role": "user", "content": ""}]))
 
     def add_exchange(self, user_text: str, reply: str) -> None:
         self.turns += [{"role": "user", "content": user_text}, {"role": "assistant", "content": reply}]
 
 
-def prompt_budget(context_length: int, max_new_tokens: int) -> int:
-    """The longest prompt that leaves room in the context for the reply: the context less `max_new_tokens`,
-    but never less than half the context (a longer reply slides the window, see `talm.use.sample`)."""
-    return context_length - min(max_new_tokens, context_length // 2)
+class PromptTooLong(TalmError):
+    """A message that does not fit the prompt's budget even alone (with the system message, if any)."""
+
+    def __init__(self, tokens: int, budget: int, fixed: int) -> None:
+        self.tokens, self.budget, self.fixed = tokens, budget, fixed  # fixed: see Conversation.system_tokens
+        super().__init__(
+            f"the prompt is {tokens} tokens ({fixed} of them the system message and chat format), more than the "
+            f"{budget} this model's context leaves for a prompt: write a shorter message"
+        )
+
+
+def reply_reserve(context_length: int, max_new_tokens: int | None) -> int:
+    """The room a prompt leaves in the context for the reply. Given a `max_new_tokens`, that many but never
+    more than half the context (a longer reply slides the window, see `talm.use.sample`); without one (the
+    reply then takes all the room the prompt leaves), a quarter of the context, at most 256 tokens."""
+    if max_new_tokens is None:
+        return max(1, min(context_length // 4, 256))
+    return min(max_new_tokens, context_length // 2)
+
+
+def prompt_budget(context_length: int, max_new_tokens: int | None) -> int:
+    """The longest prompt: the context less `reply_reserve`."""
+    return context_length - reply_reserve(context_length, max_new_tokens)
+
+
+def reply_limit(context_length: int, prompt_tokens: int, max_new_tokens: int | None) -> int:
+    """Most tokens a reply to a prompt of `prompt_tokens` may have: `max_new_tokens`, or without one all the
+    room the prompt leaves in the context (so the reply ends when the context is full)."""
+    return max_new_tokens if max_new_tokens is not None else max(1, context_length - prompt_tokens)

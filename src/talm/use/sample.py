@@ -14,9 +14,13 @@ that spans several tokens held back until it is complete (`IncrementalDecoder`).
 
 from __future__ import annotations
 
+import time
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from talm.errors import TalmError
 from talm.model.gpt import GPT
@@ -113,9 +117,41 @@ class IncrementalDecoder:
         return text
 
 
+# Why a generation (a row, a reply) ended, as `GenerationStats.ended_by` counts it, and how it is said.
+ENDINGS = {
+    "end": "its end token",
+    "stop": "a stop string",
+    "max_new_tokens": "--max-new-tokens",
+    "context": "a full context",
+}
+
+
+def ended_by(end_token: bool, prompt_tokens: int, generated: int, context_length: int) -> str:
+    """Why a generation stopped that was not stopped by a stop string: its end token, else the token budget,
+    which filled the context ("context") or was a limit of its own ("max_new_tokens")."""
+    if end_token:
+        return "end"
+    return "context" if prompt_tokens + generated == context_length else "max_new_tokens"
+
+
 @dataclass
 class GenerationStats:
-    tokens: int = 0  # tokens generated, <|endoftext|> included
+    """What `stream_samples` (or a chat's replies) did: tokens generated (<|endoftext|> included), seconds spent
+    generating (from the first token's request to the last token, summed over calls: never the time a
+    user took to type), and how many rows ended in each way (`ENDINGS`)."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    ended_by: Counter[str] = field(default_factory=Counter)
+
+    def summary(self, device: object) -> str:
+        """The one line said at the end: tokens, time, tokens/s, device (and CPU threads) and why generation
+        stopped."""
+        rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
+        endings = ", ".join(f"{ENDINGS[k]} ({n})" for k, n in sorted(self.ended_by.items()))
+        why = f"; stopped at: {endings}" if endings else ""
+        on = f"{device} with {torch.get_num_threads()} thread(s)" if str(device) == "cpu" else str(device)
+        return f"generated {self.tokens:,} tokens in {self.seconds:.1f} s ({rate:,.0f} tokens/s) on {on}{why}"
 
 
 def stream_samples(
@@ -132,13 +168,30 @@ def stream_samples(
     generated meanwhile at once, the rest as it comes), ... Each row ends with (row, None).
 
     Rows are prompt 0's samples, then prompt 1's, and so on. Generation stops at <|endoftext|> (not printed).
-    `stats`, if given, counts the tokens generated.
+    `stats`, if given, counts the tokens generated, the time taken and why each row ended.
     """
     check_vocab(model, tokenizer, "the model")
+    started = time.perf_counter()
+    stats = stats if stats is not None else GenerationStats()
+    try:
+        yield from _stream_rows(model, tokenizer, prompts, config, use_cache, stats)
+    finally:
+        stats.seconds += time.perf_counter() - started
+
+
+def _stream_rows(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    config: SampleConfig,
+    use_cache: bool,
+    stats: GenerationStats,
+) -> Iterator[tuple[int, str | None]]:
     rows = [list(p) for p in prompts for _ in range(config.num_samples)]
     decoders = [IncrementalDecoder(tokenizer) for _ in rows]
     buffered: list[list[str]] = [[] for _ in rows]
     ended = [False] * len(rows)
+    made = [0] * len(rows)  # tokens generated per row
     current = 0  # the row being shown
 
     def drain() -> Iterator[tuple[int, str | None]]:
@@ -168,10 +221,11 @@ def stream_samples(
         for b, token in enumerate(next_ids):
             if ended[b] or token == FINISHED:
                 continue
-            if stats is not None:
-                stats.tokens += 1
+            stats.tokens += 1
+            made[b] += 1
             if token == tokenizer.eot_id:
                 ended[b] = True
+                stats.ended_by["end"] += 1
                 text = decoders[b].flush()
             else:
                 text = decoders[b].push(token)
@@ -181,6 +235,7 @@ def stream_samples(
     for b in range(len(rows)):  # the token budget ran out
         if not ended[b]:
             ended[b] = True
+            stats.ended_by[ended_by(False, len(rows[b]), made[b], model.config.context_length)] += 1
             text = decoders[b].flush()
             if text:
                 buffered[b].append(text)
