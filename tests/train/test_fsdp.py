@@ -166,11 +166,13 @@ def test_fsdp_matches_ddp_and_one_process(
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     whole, _ = load_model(latest)
     one, _ = load_model(models / f"one-{optim}" / "latest")
-    # Summation order only: AdamW normalises each gradient element, so an element whose gradient is noise-sized
-    # (a rare token's embedding row) may move by up to one step's lr (6e-4) differently; with Muon's bf16
-    # Newton-Schulz (CPUs with native bf16) such differences reach 2e-4 after 4 steps. Far below that: the same.
+    # Summation order only, amplified by the optimizers' normalisations: AdamW moves an element whose gradient is
+    # noise-sized (a rare token's embedding row) by up to its lr (6e-4) either way, and Muon per projection
+    # normalises each of q, k, v alone, so k's and v's small gradients' noise reaches their updates (bf16
+    # Newton-Schulz on CPUs with native bf16): up to 7e-4 measured after 4 steps. A shard gathered wrongly would
+    # differ by the weights' own size (~0.02-0.1); the curves above agree to 1e-4.
     for (name, a), b in zip(whole.state_dict().items(), one.state_dict().values(), strict=True):
-        assert (a - b).abs().max().item() < 5e-4, name
+        assert (a - b).abs().max().item() < 2e-3, name
     assert len(load_trainer_state(latest)["rng"]) == 2
 
 
