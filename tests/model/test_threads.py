@@ -11,7 +11,7 @@ import torch
 
 from talm.cli import train_model
 from talm.model import threads
-from talm.model.threads import choose_threads, cpu_threads, use_cpu_threads
+from talm.model.threads import busy_cores, choose_threads, cpu_threads, use_cpu_threads
 
 
 @pytest.mark.parametrize(
@@ -20,7 +20,7 @@ from talm.model.threads import choose_threads, cpu_threads, use_cpu_threads
         (2, 0.0, 2),  # idle: every core
         (2, 0.3, 2),  # a little background work
         (2, 0.8, 1),  # most of a core busy: a team of 2 would wait on the shared core
-        (2, 5.5, 1),  # a busy machine (where 2 threads trained 4-18x slower than 1): one thread, never 0
+        (2, 2.0, 1),  # a busy machine (where 2 threads trained 4-18x slower than 1): one thread, never 0
         (16, 4.2, 12),
         (16, 0.0, 16),
         (1, 0.0, 1),
@@ -29,6 +29,39 @@ from talm.model.threads import choose_threads, cpu_threads, use_cpu_threads
 def test_the_default_is_the_idle_cores(cores: int, load: float, expected: int) -> None:
     n, why = choose_threads(cores, load)
     assert n == expected and f"{cores} core(s)" in why and "OMP_NUM_THREADS=N sets it" in why
+
+
+@pytest.mark.skipif(
+    not Path("/proc/stat").exists(), reason="no /proc/stat on this OS (the load average is used)"
+)
+def test_cores_busy_now_are_measured_less_this_process_s_own_work() -> None:
+    """A core kept busy by another process counts, this process's own spinning does not; work that already ended
+    (which the 1-minute load average still counts) does not either."""
+    import subprocess
+    import sys
+    import threading
+
+    cpus = os.sched_getaffinity(0)
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        assert busy_cores(cpus, seconds=0.5) < 0.6  # our own thread's work is not another process's
+    finally:
+        stop.set()
+        spinner.join()
+    other = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        threads_now = [busy_cores(cpus, seconds=0.5) for _ in range(2)]
+        assert max(threads_now) > 0.7  # one core kept busy by another process
+    finally:
+        other.kill()
+        other.wait()
 
 
 @pytest.mark.parametrize(("omp", "expected"), [("3", 3), ("1", 1), ("0", 1), ("lots", 1), ("", 1)])
@@ -41,9 +74,15 @@ def test_the_cores_are_this_process_s_shared_among_a_run_s_local_processes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 0.0, 0.0), raising=False)
+    monkeypatch.setattr(threads, "busy_cores", lambda cpus: 1.0)
     assert cpu_threads({})[0] == 7
-    assert cpu_threads({"LOCAL_WORLD_SIZE": "4"})[0] == 1  # 2 cores each, 1 busy
+    assert cpu_threads({"LOCAL_WORLD_SIZE": "4"})[0] == 2  # 2 cores each, a quarter of the busy one
+    monkeypatch.setattr(threads, "busy_cores", lambda cpus: None)  # no /proc: the load average
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 0.0, 0.0), raising=False)
+    assert cpu_threads({}) == (
+        5,
+        "8 core(s) for this process, 3.0 1-minute load average; OMP_NUM_THREADS=N sets it",
+    )
     assert cpu_threads({"OMP_NUM_THREADS": "5"}) == (5, "OMP_NUM_THREADS=5")
 
 
