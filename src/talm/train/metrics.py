@@ -21,13 +21,19 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from talm.errors import TalmError
 from talm.files import write_atomically
 
-if TYPE_CHECKING:
-    from talm.train.report import Sink
+
+class Sink(Protocol):
+    """Where records go besides metrics.jsonl (talm.train.report's loss plot, TensorBoard, W&B)."""
+
+    def log(self, record: dict[str, Any]) -> None: ...
+    def on_eval(self, model_dir: Path) -> None: ...
+    def close(self) -> None: ...
+
 
 FILE = "metrics.jsonl"
 TRAIN_FIELDS = ("step", "tokens", "time", "train_loss", "lr", "tokens_per_s")

@@ -21,10 +21,11 @@ import os
 import secrets
 import sys
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from talm.errors import TalmError
 from talm.train import plots
+from talm.train.metrics import Sink
 
 # metrics.jsonl key -> scalar name in TensorBoard / W&B
 SCALARS = {
@@ -36,12 +37,6 @@ SCALARS = {
     "val_ppl": "val/ppl",
     "val_bpb": "val/bpb",
 }
-
-
-class Sink(Protocol):
-    def log(self, record: dict[str, Any]) -> None: ...
-    def on_eval(self, model_dir: Path) -> None: ...
-    def close(self) -> None: ...
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, float]:
