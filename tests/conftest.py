@@ -6,6 +6,7 @@ import errno
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,15 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run the test inside an empty temporary directory (paths resolve against the current directory)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+def project(in_tmp: Path) -> Path:
+    """A temp dir set up like the project root: tokenizers/base.json and tiny-shakespeare.txt."""
+    (in_tmp / "tokenizers").mkdir()
+    shutil.copyfile(BASE_TOKENIZER, in_tmp / "tokenizers" / "base.json")
+    shutil.copyfile(SHAKESPEARE, in_tmp / "tiny-shakespeare.txt")
+    return in_tmp
 
 
 @pytest.fixture(autouse=True)

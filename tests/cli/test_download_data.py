@@ -32,15 +32,6 @@ from talm.tokenizer.api import Tokenizer
 DOWNLOAD_DATA = str(Path(sys.executable).with_name("download_data"))
 
 
-@pytest.fixture
-def project(in_tmp: Path) -> Path:
-    """A temp dir set up like the project root: tokenizers/base.json and tiny-shakespeare.txt."""
-    (in_tmp / "tokenizers").mkdir()
-    shutil.copyfile(BASE_TOKENIZER, in_tmp / "tokenizers" / "base.json")
-    shutil.copyfile(SHAKESPEARE, in_tmp / "tiny-shakespeare.txt")
-    return in_tmp
-
-
 def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     """Run the console script in-process: (exit status, stdout, stderr)."""
     try:

@@ -6,23 +6,13 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 from pathlib import Path
 
 import pytest
-from conftest import BASE_TOKENIZER, SHAKESPEARE, one_line_error
+from conftest import one_line_error
 from test_train_model import FAST
 
 from talm.cli import download_data, export_model, train_model
-
-
-@pytest.fixture
-def project(in_tmp: Path) -> Path:
-    """A temp dir set up like the project root: tokenizers/base.json and tiny-shakespeare.txt."""
-    (in_tmp / "tokenizers").mkdir()
-    shutil.copyfile(BASE_TOKENIZER, in_tmp / "tokenizers" / "base.json")
-    shutil.copyfile(SHAKESPEARE, in_tmp / "tiny-shakespeare.txt")
-    return in_tmp
 
 
 def locks(root: Path) -> list[str]:

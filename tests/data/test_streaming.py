@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -106,19 +107,29 @@ def test_stream_resumes_exactly_from_its_state(in_tmp: Path, workers: int) -> No
     source = resolve_source(config(dataset="fineweb"))
     texts = all_texts(TextStream(source, num_workers=workers, worker_index=workers - 1))  # this worker's part
     for stop_after in (1, 2, 3):
-        stream = TextStream(source, num_workers=workers, worker_index=workers - 1)
-        seen: list[str | None] = []
-        for k, batch in enumerate(stream.batches(3000, rows_per_read=16)):
-            seen += batch.texts
-            if k == stop_after:
-                state = batch.state
-                break
-        else:
-            raise AssertionError("the stream is too short for this test")
-        resumed = TextStream(source, num_workers=workers, worker_index=workers - 1)
-        resumed.load_state_dict(json.loads(json.dumps(state)))  # the manifest stores it as JSON
-        assert resumed.state_dict() == state  # where it stands before reading again (datasets would say 0)
+        seen, resumed = stop_and_resume(
+            lambda: TextStream(source, num_workers=workers, worker_index=workers - 1), stop_after, 3000, 16
+        )
         assert seen + all_texts(resumed, 3000) == texts
+
+
+def stop_and_resume(
+    new_stream: Callable[[], TextStream], stop_after: int, budget: int, rows_per_read: int
+) -> tuple[list[str | None], TextStream]:
+    """The texts of a stream's first stop_after + 1 batches, and a new stream resumed from the state saved then
+    (through JSON, as the manifest stores it), standing where the first stopped (datasets would say 0)."""
+    seen: list[str | None] = []
+    for k, batch in enumerate(new_stream().batches(budget, rows_per_read=rows_per_read)):
+        seen += batch.texts
+        if k == stop_after:
+            state = batch.state
+            break
+    else:
+        raise AssertionError("the stream is too short for this test")
+    resumed = new_stream()
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    assert resumed.state_dict() == state
+    return seen, resumed
 
 
 def test_worker_split_covers_every_document_once(in_tmp: Path) -> None:
@@ -170,18 +181,12 @@ def test_local_json_rows_resume_exactly_and_split_over_workers(in_tmp: Path, wor
     assert sorted(t for part in parts for t in part) == sorted(texts[:200])
     mine = parts[-1]
     for stop_after in (0, 2):  # inside the first file, inside the second
-        stream = TextStream(source, num_workers=workers, worker_index=workers - 1)
-        seen: list[str | None] = []
-        for k, batch in enumerate(stream.batches(1000 * (4 - workers), rows_per_read=4)):
-            seen += batch.texts
-            if k == stop_after:
-                state = batch.state
-                break
-        else:
-            raise AssertionError("the stream is too short for this test")
-        resumed = TextStream(source, num_workers=workers, worker_index=workers - 1)
-        resumed.load_state_dict(json.loads(json.dumps(state)))
-        assert resumed.state_dict() == state
+        seen, resumed = stop_and_resume(
+            lambda: TextStream(source, num_workers=workers, worker_index=workers - 1),
+            stop_after,
+            1000 * (4 - workers),
+            4,
+        )
         assert seen + all_texts(resumed, 3000) == mine
     Path("c.json").write_text(json.dumps([{"text": t} for t in texts[200:]]))
     array = resolve_source(config(dataset="mine", data_files=["c.json"]))
