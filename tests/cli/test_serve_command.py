@@ -103,7 +103,9 @@ def test_a_second_ctrl_c_while_streaming_ends_the_stream_and_exits_cleanly(tmp_p
     process = start_serve(model_dir, port)
     try:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        # temperature 0: the endless model never ends a reply by itself (sampled, it may pick <|endoftext|>)
         body = {"model": "endless", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4000}
+        body["temperature"] = 0
         headers = {"Content-Type": "application/json"}
         connection.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}), headers)
         response = connection.getresponse()
@@ -113,8 +115,9 @@ def test_a_second_ctrl_c_while_streaming_ends_the_stream_and_exits_cleanly(tmp_p
         time.sleep(0.3)
         process.send_signal(signal.SIGINT)  # at once, not after the grace period
         rest = response.read().decode()  # the stream ends (rather than hanging or being cut mid-event)
-        assert process.wait(timeout=30) == 0
+        code = process.wait(timeout=30)
         log = process.stderr.read()
+        assert code == 0, log
     finally:
         if process.poll() is None:
             process.kill()
