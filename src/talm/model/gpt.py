@@ -18,12 +18,17 @@ Optimizers, distributed wrappers and files live elsewhere; this file only says w
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from talm.model.config import ModelConfig
+
+# Under bf16 autocast on CPU, RMSNorm's float32 gain sends torch to its unfused kernel (the same norm), with a
+# UserWarning in every command's output that the user can do nothing about.
+warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight", category=UserWarning)
 
 
 def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
