@@ -130,12 +130,10 @@ def test_stats_are_read_only_on_log_eval_and_save_steps_and_a_divergence_between
 ) -> None:
     # Reading a step's stats waits for the device, so the loop reads them only when it logs, evaluates or saves
     # (here every 4th step); a NaN at step 6 is found at the read of step 8, before step 8's save.
-    from talm.train import steps
-
     reads: list[list[int]] = []
-    real = steps.settle
+    real = Trainer.settle
     monkeypatch.setattr(
-        steps, "settle", lambda tr, pending: (reads.append([s for s, _ in pending]), real(tr, pending))[1]
+        Trainer, "settle", lambda tr, pending: (reads.append([s for s, _ in pending]), real(tr, pending))[1]
     )
     trainer = Trainer(
         run_config(tiny_data, max_steps=10, log_every=4, save_every=4, eval_every=100), "models/m"
@@ -291,16 +289,16 @@ def test_the_progress_bar_shows_the_last_val_loss(
     tiny_data: Path, in_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After each evaluation the bar shows its val loss beside the train loss, until the next one."""
-    import talm.train.steps
+    import talm.train.loop
 
     shown: list[tuple[int, dict]] = []  # (the bar's step, its fields) at each update of the fields
 
-    class Bar(talm.train.steps.tqdm):
+    class Bar(talm.train.loop.tqdm):
         def set_postfix(self, ordered_dict=None, refresh=True, **kwargs) -> None:
             shown.append((self.n, dict(ordered_dict or {}, **kwargs)))
             super().set_postfix(ordered_dict, refresh, **kwargs)
 
-    monkeypatch.setattr(talm.train.steps, "tqdm", Bar)
+    monkeypatch.setattr(talm.train.loop, "tqdm", Bar)
     Trainer(run_config(tiny_data, log_every=2), "models/m").run()
     val = {r["step"]: r["val_loss"] for r in read_metrics("models/m") if "val_loss" in r}
     assert sorted(val) == [3, 6]

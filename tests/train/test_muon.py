@@ -14,7 +14,7 @@ import torch
 from test_ddp import ARGS, curve
 from test_resume import stop_after
 
-import talm.train.steps as trainer_module  # the module whose loop looks up StopRequest
+import talm.train.loop as trainer_module  # the module whose loop looks up StopRequest
 from talm.config import validate
 from talm.errors import TalmError
 from talm.model.config import ModelConfig

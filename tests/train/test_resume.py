@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-import talm.train.steps as trainer_module  # the module whose loop looks up StopRequest
+import talm.train.loop as trainer_module  # the module whose loop looks up StopRequest
 from talm.config import validate
 from talm.data.manifest import read_data
 from talm.train.checkpoint import load_model, load_trainer_state, read_meta

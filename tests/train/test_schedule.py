@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from test_resume import stop_after
 
-import talm.train.steps as trainer_module  # the module whose loop looks up StopRequest
+import talm.train.loop as trainer_module  # the module whose loop looks up StopRequest
 from talm.config import validate
 from talm.errors import TalmError
 from talm.train.checkpoint import read_meta

@@ -18,7 +18,7 @@ from talm.model.config import ModelConfig
 from talm.model.gpt import GPT
 from talm.tokenizer.api import Tokenizer
 from talm.tokenizer.chat import ChatFormat
-from talm.train import dist, steps
+from talm.train import dist
 from talm.train.packing import ConversationEval, ConversationLoader, conversation_step, pack
 
 BASE = Path(__file__).resolve().parents[2] / "tokenizers" / "base.json"
@@ -200,7 +200,7 @@ def test_a_fine_tuning_run_stopped_and_resumed_repeats_the_uninterrupted_losses(
         def requested(self, value: bool) -> None:
             pass
 
-    monkeypatch.setattr(steps, "StopRequest", StopInStep4)
+    monkeypatch.setattr(loop, "StopRequest", StopInStep4)
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C in step 4: saved, then stopped
         loop.Trainer(validate(RunConfig, layer), tmp_path / "cut").run()
     monkeypatch.undo()

@@ -8,9 +8,13 @@ many processes (DDP or FSDP, see parallel.py; gradients synced only on the last 
 (checkpoints, metrics.jsonl, tokenizer.json) is written by rank 0 only, atomically (under FSDP every rank
 writes its shards of a checkpoint).
 
-The steps themselves, on their schedule, are steps.py's. Deciding which run to train (config layers, resume or restart, the lock on models/NAME) is run.py's job; the
-directory's rules are rundir.py's; the data, tokenizer and loaders are inputs.py's; what a checkpoint carries
-of the run is state.py's; precision and evaluation have their own modules.
+One optimizer step is `Trainer.train_step` (micro-batches, forward, backward, clip, step, schedule); the steps
+on their schedule are `Trainer.run_steps` (log, evaluate, save, Ctrl-C). A step's stats (loss, gradient norm,
+stop votes) are read only on log, eval and save steps, on a schedule every rank shares, because reading them
+waits for the device; in between the host queues the next steps. Deciding which run to train (config layers,
+resume or restart, the lock on models/NAME) is run.py's job; what a resume may change is resume.py's; the
+directory's rules are rundir.py's; the data, tokenizer and loaders are inputs.py's; what a checkpoint carries of
+the run is state.py's; precision and evaluation have their own modules.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from talm.eval.runner import TrainingTasks
 from talm.model.threads import use_cpu_threads
@@ -38,7 +43,6 @@ from talm.train.parallel import Parallel
 from talm.train.precision import Precision, set_deterministic
 from talm.train.report import make_sinks
 from talm.train.samples import samples_at_eval
-from talm.train.steps import mfu_text, run_steps, utilisation
 from talm.train.stop import StopRequest
 
 
@@ -105,6 +109,10 @@ def already_trained(tr: Trainer) -> TrainResult:
         file=sys.stdout,
     )
     return TrainResult(tr.step, tr.tokens_seen, tr.elapsed, 0.0, val_loss, bpb, tr.model_dir)
+
+
+def mfu_text(mfu: float | None) -> str:
+    return "" if mfu is None else f", MFU {100 * mfu:.1f}%"
 
 
 class Trainer:
@@ -190,7 +198,11 @@ class Trainer:
     def eval_and_log(self, log: MetricsLog) -> None:
         (val_loss, bpb), tasks = self.evaluate(), self.task_scores(self.model, self.step)  # --eval-tasks
         record = self._record(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700.0)), val_bpb=bpb, **tasks)
-        log.log(record | samples_at_eval(self))  # --sample-every's continuations, when due
+        samples = samples_at_eval(  # --sample-every's continuations, when due
+            self.model, self.tokenizer, self.precision, self.cfg, self.step,
+            sharded=self.parallel.sharded, is_main=self.ctx.is_main,
+        )  # fmt: skip
+        log.log(record | samples)
         self.last_val = (val_loss, bpb)
         if val_loss < self.best_val_loss:
             self.best_val_loss = val_loss
@@ -231,6 +243,91 @@ class Trainer:
         self.tokens_seen += self.tokens_per_step
         return stats, lr
 
+    def run_steps(self, log: MetricsLog) -> tuple[float, bool]:
+        """The steps, with logs, evaluations and saves on their schedule: (seconds inside optimizer steps, for
+        tokens/s; whether Ctrl-C stopped it, after saving latest/)."""
+        t = self.cfg.train
+        train_seconds = 0.0
+        saved_step = self.step if self.resumed else -1
+        bar = tqdm(
+            total=t.max_steps, initial=self.step, desc="train", unit="step", disable=not self.ctx.is_main,
+            dynamic_ncols=True, mininterval=0.5,
+        )  # fmt: skip
+        self.model.train()
+        interrupted = False
+        try:
+            with StopRequest() as stop:
+                window_tokens, window_time = 0, 0.0
+                postfix: dict[
+                    str, str
+                ] = {}  # the bar's fields: the last logged step's, then the last val loss
+                pending: list[tuple[int, torch.Tensor]] = []  # stats of the steps not read yet
+                while self.step < t.max_steps:
+                    t_step = time.perf_counter()
+                    stats, lr = self.train_step(stop)
+                    pending.append((self.step, stats))
+                    last = self.step == t.max_steps
+                    logs = self.step % t.log_every == 0 or last
+                    evals = self.eval_slice is not None and (self.step % t.eval_every == 0 or last)
+                    saves = self.step % t.save_every == 0 or last
+                    # Steps are read on a schedule every rank shares (so all stop at the same step); a single
+                    # process also reads as soon as Ctrl-C is pressed. Many ranks stop within log_every steps.
+                    if logs or evals or saves or (self.stop_asked and self.ctx.world_size == 1):
+                        loss, interrupted = self.settle(pending)
+                        pending = []
+                    dt = time.perf_counter() - t_step
+                    train_seconds += dt
+                    window_tokens += self.tokens_per_step
+                    window_time += dt
+                    if logs or interrupted:
+                        tps = window_tokens / window_time if window_time else 0.0
+                        mfu = self.utilisation(tps)
+                        extra = {} if mfu is None else {"mfu": round(mfu, 4)}
+                        log.log(self._record(train_loss=loss, lr=lr, tokens_per_s=tps, **extra))
+                        postfix |= {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok_s": f"{tps:,.0f}"}
+                        postfix |= {} if mfu is None else {"mfu": f"{100 * mfu:.1f}%"}
+                        bar.set_postfix(postfix, refresh=False)
+                        window_tokens, window_time = 0, 0.0
+                    bar.update(1)
+                    if interrupted:
+                        break
+                    if evals:
+                        self.eval_and_log(log)
+                        assert self.last_val is not None
+                        postfix["val"] = f"{self.last_val[0]:.4f}"  # shown until the next evaluation
+                        bar.set_postfix(postfix, refresh=False)
+                    if saves:
+                        self.save("latest", self.last_val)
+                        saved_step = self.step
+            if interrupted and saved_step != self.step:
+                self.save("latest", self.last_val)
+        finally:
+            bar.close()
+            log.close()
+        return train_seconds, interrupted
+
+    def settle(self, pending: list[tuple[int, torch.Tensor]]) -> tuple[float, bool]:
+        """Read the stats of the steps since the last read (one wait for the device): (the last step's mean loss
+        over ranks, whether any rank asked to stop). Raises if any of those steps diverged, naming the first."""
+        values = torch.stack([stats for _, stats in pending]).tolist()
+        for (step, _), (loss_sum, grad_norm, _) in zip(pending, values, strict=True):
+            loss = loss_sum / self.ctx.world_size
+            # With float16's scaler an inf gradient only skips the step (and lowers the scale): not a divergence.
+            if not math.isfinite(loss) or (
+                not self.precision.scaler.is_enabled() and not math.isfinite(grad_norm)
+            ):
+                what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+                raise rundir.diverged(self.model_dir, f"step {step} ({what})")
+        return values[-1][0] / self.ctx.world_size, any(v[2] > 0 for v in values)
+
+    def utilisation(self, tokens_per_s: float) -> float | None:
+        """Model FLOPs utilisation: the model's training FLOP/s over the peak of every process's device."""
+        peak = self.precision.peak_flops
+        if peak is None:
+            return None
+        flops = tokens_per_s * self.model.flops_per_token(self.cfg.model.context_length)
+        return flops / (peak * self.ctx.world_size)
+
     def run(self) -> TrainResult:
         """Train to max_steps (nothing to do if already there), then print the summary line on stdout."""
         announce(self)
@@ -247,8 +344,8 @@ class Trainer:
         dist.barrier()
         start_step, start_tokens = self.step, self.tokens_seen
         self._t0 = time.perf_counter()
-        train_seconds, interrupted = run_steps(
-            self, MetricsLog(self.model_dir, sinks, enabled=self.ctx.is_main)
+        train_seconds, interrupted = self.run_steps(
+            MetricsLog(self.model_dir, sinks, enabled=self.ctx.is_main)
         )
         if interrupted:
             dist.print0(
@@ -261,7 +358,7 @@ class Trainer:
         val_loss, bpb = self.last_val if self.last_val else (None, None)
         dist.print0(
             f"done: {self.step - start_step} steps, {tokens:,} tokens in {train_seconds:.1f}s "
-            f"({tps:,.0f} tokens/s{mfu_text(utilisation(self, tps))}, "
+            f"({tps:,.0f} tokens/s{mfu_text(self.utilisation(tps))}, "
             f"data wait {100 * self.data_wait / max(train_seconds, 1e-9):.1f}%); "
             f"{scores_text(val_loss, bpb)}; saved {self.model_dir / 'latest'}",
             ctx=self.ctx,
