@@ -258,9 +258,8 @@ class Trainer:
         try:
             with StopRequest() as stop:
                 window_tokens, window_time = 0, 0.0
-                postfix: dict[
-                    str, str
-                ] = {}  # the bar's fields: the last logged step's, then the last val loss
+                # the bar's fields: the last logged step's, then the last val loss
+                postfix: dict[str, str] = {}
                 pending: list[tuple[int, torch.Tensor]] = []  # stats of the steps not read yet
                 while self.step < t.max_steps:
                     t_step = time.perf_counter()
