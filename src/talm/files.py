@@ -54,10 +54,11 @@ def default_mode() -> int:
     return 0o666 & ~umask
 
 
-def give_default_mode(file: int | Path) -> None:
-    """Set a file's (path or descriptor) mode to `default_mode`, where the filesystem has modes at all."""
+def give_default_mode(file: int | Path, mode: int | None = None) -> None:
+    """Set a file's (path or descriptor) mode to `mode` (`default_mode()` if not given), where the filesystem has
+    modes at all."""
     try:
-        os.chmod(file, default_mode())
+        os.chmod(file, default_mode() if mode is None else mode)
     except OSError:  # e.g. FAT or SMB mounts, whose files have no mode of their own: nothing to fix
         pass
 
@@ -105,9 +106,10 @@ def replace_dir(staged: Path, target: Path) -> None:
     """Make the directory built in `staged` the new `target`: fsync it, move the old one aside, rename, and
     only then delete the old one. A crash in between leaves either directory complete (see
     `talm.train.checkpoint.recover_interrupted_save`)."""
+    mode = default_mode()
     for f in sorted(staged.rglob("*"), reverse=True):  # files before the directories holding them
         if f.is_file() and not f.is_symlink():  # a library's file written through a private temporary too
-            give_default_mode(f)
+            give_default_mode(f, mode)
         fsync(f)
     fsync(staged)
     old = aside_path(target)
@@ -139,22 +141,14 @@ def _reason(err: OSError) -> str:
     return err.strerror or str(err)
 
 
-def fix_for(err: OSError) -> str:
-    """What to do about a write that failed with `err`, by its cause."""
+def fix_for(err: OSError, instead: str | None = None) -> str:
+    """What to do about a write that failed with `err`, by its cause, with another way out if given (`instead`,
+    e.g. "pick another -o")."""
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "free some disk space, then rerun"
+        return f"free some disk space or {instead}" if instead else "free some disk space, then rerun"
     if err.errno == errno.EROFS:
-        return "the filesystem is mounted read-only: write somewhere else, or remount it writable"
-    return "fix its permissions, then rerun"
-
-
-def fix_or(err: OSError, instead: str) -> str:
-    """`fix_for` with another way out (`instead`, e.g. "pick another -o")."""
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"free some disk space or {instead}"
-    if err.errno == errno.EROFS:
-        return f"the filesystem is mounted read-only: {instead}"
-    return f"fix its permissions or {instead}"
+        return f"the filesystem is mounted read-only: {instead or 'write somewhere else, or remount it writable'}"
+    return f"fix its permissions or {instead}" if instead else "fix its permissions, then rerun"
 
 
 def check_writable_dir(directory: str | os.PathLike[str], *, instead: str) -> None:
@@ -180,14 +174,14 @@ def check_writable_dir(directory: str | os.PathLike[str], *, instead: str) -> No
                 denied = err.errno in (errno.EACCES, errno.EPERM) and p.parent.exists()
                 where = f"; {str(p.parent)!r} does not allow new folders" if denied else ""
                 raise TalmError(
-                    f"cannot write to {str(p)!r} ({_reason(err)}{where}): {fix_or(err, instead)}"
+                    f"cannot write to {str(p)!r} ({_reason(err)}{where}): {fix_for(err, instead)}"
                 ) from None
             created.append(p)
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
         raise TalmError(
-            f"cannot write to {str(directory)!r} ({_reason(err)}): {fix_or(err, instead)}"
+            f"cannot write to {str(directory)!r} ({_reason(err)}): {fix_for(err, instead)}"
         ) from None
     finally:
         try:
@@ -289,9 +283,8 @@ class RunLock:
 
     def _refuse(self) -> TalmError:
         h = self.holder()
-        if (
-            not h
-        ):  # flock refused, or (without flock) a lock file without a record that talm could have written
+        # flock refused, or (without flock) a lock file without a record that talm could have written
+        if not h:
             return TalmError(
                 f"{str(self.directory)!r} is locked ({str(self.path)!r} is held by another process): {self.instead}"
             )

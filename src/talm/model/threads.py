@@ -28,11 +28,16 @@ def choose_threads(
 ) -> tuple[int, str]:
     """(threads, why) for a process that may use `cores` cores while other processes keep `busy` of them busy
     (`measure` says how that was measured); `omp`: OMP_NUM_THREADS, which decides when a positive integer."""
-    if omp is not None and omp.strip().isdigit() and int(omp) > 0:
-        return int(omp), f"OMP_NUM_THREADS={int(omp)}"
+    if (asked := omp_threads(omp)) is not None:
+        return asked, f"OMP_NUM_THREADS={asked}"
     idle = max(0.0, cores - busy)
     threads = max(1, min(cores, int(idle + 0.5)))
     return threads, f"{cores} core(s) for this process, {busy:.1f} {measure}; OMP_NUM_THREADS=N sets it"
+
+
+def omp_threads(omp: str | None) -> int | None:
+    """OMP_NUM_THREADS's count when it is a positive integer, else None."""
+    return int(omp) if omp is not None and omp.strip().isdigit() and int(omp) > 0 else None
 
 
 def _cpu_jiffies(cpus: set[int]) -> tuple[int, int] | None:
@@ -76,7 +81,7 @@ def cpu_threads(environ: Mapping[str, str] = os.environ) -> tuple[int, str]:
     omp = environ.get("OMP_NUM_THREADS")
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
     cores = max(1, len(cpus) // max(1, int(environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
-    if omp is not None and omp.strip().isdigit() and int(omp) > 0:
+    if omp_threads(omp) is not None:  # no need to sample the cores
         return choose_threads(cores, 0.0, omp)
     busy = busy_cores(cpus)
     if busy is not None:  # shared among the run's local processes as the cores are
