@@ -48,7 +48,7 @@ def val_slice(
 
 
 @torch.no_grad()
-def evaluate(
+def val_loss_and_bpb(
     model: torch.nn.Module,
     eval_slice: EvalSlice | ConversationEval,
     ctx: dist.DistContext,
