@@ -344,12 +344,26 @@ def test_llama_cpp_tokenizes_and_generates_as_talm(
     ours = [s[0] for s in generate_ids(model, [prompt], max_new_tokens=32, temperature=0.0)]
     llm.reset()
     theirs = []
-    for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+    for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
         theirs.append(token)
         if len(theirs) == 32:
             break
     assert len(set(ours)) > 4  # a varied continuation, not one token repeated
     assert theirs == ours
+
+
+def test_llama_cpp_tokenizes_as_talm_a_tokenizer_with_llama_3_s_spelling_of_the_split(
+    tmp_path: Path, llama_cpp
+) -> None:
+    from talm.use.gguf import LLAMA3_PATTERN
+
+    document = json.loads(BASE_TOKENIZER.read_text(encoding="utf-8"))
+    document["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = LLAMA3_PATTERN
+    (tmp_path / "tok.json").write_text(json.dumps(document), encoding="utf-8")
+    tokenizer = Tokenizer.from_file(tmp_path / "tok.json")
+    llm = load_in_llama_cpp(llama_cpp, export_gguf(model_for(tokenizer), tokenizer, tmp_path / "m.gguf"))
+    for text in TRICKY:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text), text
 
 
 def test_a_chat_turn_through_llama_cpp_uses_talm_s_chat_format(tmp_path: Path, llama_cpp) -> None:
@@ -363,7 +377,9 @@ def test_a_chat_turn_through_llama_cpp_uses_talm_s_chat_format(tmp_path: Path, l
         {"role": "user", "content": "What is 12 + 30?"},
     ]
     prompt = ChatFormat(tokenizer).render_prompt(messages)
-    reply = llm.create_chat_completion(messages=messages, max_tokens=12, temperature=0.0, top_k=1)
+    reply = llm.create_chat_completion(
+        messages=messages, max_tokens=12, temperature=0.0, top_k=1, repeat_penalty=1.0
+    )
     assert reply["usage"]["prompt_tokens"] == len(prompt)
     assert list(llm.input_ids[: len(prompt)]) == prompt  # what llama.cpp evaluated: talm's chat tokens
     ours = []

@@ -55,13 +55,14 @@ QUANTS = ("f32", "f16", "q8_0")
 ARCH = "llama"
 GGUF_MAGIC = b"GGUF"
 INSTEAD = "choose another -o/--output"
-# The split regexes llama.cpp implements, by the `tokenizer.ggml.pre` name that selects them.
+# The split regexes llama.cpp implements, by the `tokenizer.ggml.pre` name that selects them: talm's, and Llama
+# 3's own spelling of it. ("llama-bpe" also makes llama.cpp take a word that is a token whole, without its
+# merges, as tiktoken does, which encodes talm's tokenizers.)
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
     r"|\s+(?!\S)|\s+"
 )
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-PRE_TOKENIZERS = {SPLIT_PATTERN: "llama-bpe", LLAMA3_PATTERN: "llama-bpe", GPT2_PATTERN: "gpt2"}
+PRE_TOKENIZERS = {SPLIT_PATTERN: "llama-bpe", LLAMA3_PATTERN: "llama-bpe"}
 FORMAT_INSTEAD = "export it with --format transformers instead"
 
 
