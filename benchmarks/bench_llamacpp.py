@@ -11,7 +11,8 @@ there (`export_model --format gguf` refuses them), so it has SwiGLU (the same we
 prompt greedily for --new-tokens tokens (the prompt's prefill included), on the same number of threads, one
 after the other in each of --rounds rounds (interleaved, so drifts in the machine's load hit both); the median
 of each is reported, and whether their tokens agree (they should at f32). --profile then shows where talm's
-one-token step spends its time (torch.profiler, by operator).
+one-token step spends its time (torch.profiler, by operator) and how long the same layers take at width 48:
+the per-token cost of dispatch and Python alone, with next to no arithmetic.
 """
 
 from __future__ import annotations
@@ -133,6 +134,16 @@ def main() -> None:
     )
     if args.profile:
         profile_talm_step(model, prompt, min(args.new_tokens, 100))
+        # The same layers at width 48: the same operators and Python, almost no arithmetic nor weights to stream.
+        narrow = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, **(shape | {"d_model": 48}))).eval()
+        n = args.new_tokens
+        floor = min(talm_run(narrow, prompt, n)[0] for _ in range(3)) / n
+        step = statistics.median(talm_s) / n
+        print(
+            f"talm's step: {step * 1e3:.2f} ms; the same {shape['n_layer']} layers at width 48: {floor * 1e3:.2f} ms "
+            f"(per-token dispatch and Python: {floor / step:.0%} of the step); llama.cpp's step: "
+            f"{statistics.median(llama_s) / n * 1e3:.2f} ms"
+        )
 
 
 if __name__ == "__main__":
