@@ -278,22 +278,30 @@ def test_export_model_refuses_flags_of_the_other_format(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"logit_softcap": 30.0}, "model.logit_softcap=30.0 has no counterpart"),
+        ({"qk_norm": True, "mlp": "relu2"}, "model.qk_norm=true"),  # the presets' options: the first is named
+        ({"mlp": "relu2"}, "model.mlp=relu2 is not the SwiGLU MLP"),
+        ({"arch": "gpt2", "mlp": "gelu"}, "model.arch=gpt2 is not llama.cpp's llama architecture"),
+    ],
+    ids=str,
+)
 def test_export_model_refuses_an_option_before_loading_the_weights(
-    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch, options: dict, says: str
 ) -> None:
     import talm.use.gguf
     from talm.cli.export_model import main
 
     tokenizer = Tokenizer.from_file(BASE_TOKENIZER)
-    model_dir = save_model_dir(
-        tmp_path / "models" / "capped", model_for(tokenizer, logit_softcap=30.0), step=1
-    )
+    model_dir = save_model_dir(tmp_path / "models" / "m", model_for(tokenizer, **options), step=1)
     monkeypatch.setattr(talm.use.gguf, "load_checkpoint", lambda *a, **k: pytest.fail("weights were loaded"))
     err = one_line_error(
-        capsys, main, "-m", str(model_dir), "--format", "gguf", "-o", str(tmp_path / "c.gguf")
+        capsys, main, "-m", str(model_dir), "--format", "gguf", "-o", str(tmp_path / "m.gguf")
     )
-    assert "model.logit_softcap=30.0 has no counterpart" in err
-    assert not (tmp_path / "c.gguf").exists()
+    assert says in err and ("--format transformers" in err or "talm's generate" in err)
+    assert not (tmp_path / "m.gguf").exists()
 
 
 def test_the_command_lists_the_quants_the_exporter_writes() -> None:
