@@ -70,6 +70,21 @@ def profile_talm_step(model: GPT, prompt: list[int], steps: int) -> None:
     )
 
 
+@torch.inference_mode()
+def matrix_products_alone(model: GPT, repeats: int = 20) -> float:
+    """Seconds for one token's matrix products (every linear layer, the output layer included, on one vector),
+    back to back with nothing between them: the step's arithmetic and weight streaming without the rest."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    vectors = [torch.randn(1, w.shape[1]) for w in weights]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for w, x in zip(weights, vectors, strict=True):
+            torch.nn.functional.linear(x, w)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -139,10 +154,11 @@ def main() -> None:
         n = args.new_tokens
         floor = min(talm_run(narrow, prompt, n)[0] for _ in range(3)) / n
         step = statistics.median(talm_s) / n
+        products = matrix_products_alone(model)
         print(
             f"talm's step: {step * 1e3:.2f} ms; the same {shape['n_layer']} layers at width 48: {floor * 1e3:.2f} ms "
-            f"(per-token dispatch and Python: {floor / step:.0%} of the step); llama.cpp's step: "
-            f"{statistics.median(llama_s) / n * 1e3:.2f} ms"
+            f"(per-token dispatch and Python: {floor / step:.0%} of the step); the step's matrix products alone, "
+            f"back to back: {products * 1e3:.2f} ms; llama.cpp's step: {statistics.median(llama_s) / n * 1e3:.2f} ms"
         )
 
 
