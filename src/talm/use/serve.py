@@ -150,7 +150,11 @@ class ModelServer:
                 continue
             self.tokens_generated += len(events)
             for seq, token in events:
-                seq.owner.on_token(self.engine, seq, token)
+                try:
+                    seq.owner.on_token(self.engine, seq, token)
+                except Exception as err:  # one reply's failure (its text) ends that reply only
+                    self.engine.cancel(seq)
+                    seq.owner.put(err)
 
     def _fail_all(self, err: Exception) -> None:
         with self.wake:
