@@ -133,6 +133,7 @@ class SlotCache:
         self._rows = torch.arange(slots, device=device)
         self._pos = torch.zeros(slots, dtype=torch.long, device=device)  # where each active row writes next
         self._end = 0  # the keys the current forward attends over
+        self._same = False  # whether the active rows are all at one length
 
     def select(self, row: int) -> None:
         """The next forward pass fills `row` from position 0 (its earlier contents are forgotten)."""
@@ -151,7 +152,12 @@ class SlotCache:
         if self._end > self.max_len:
             raise ValueError(f"sequence of {self._end} tokens exceeds the cache's {self.max_len} positions")
         pos = torch.tensor(lengths, dtype=torch.long).to(device, non_blocking=True)
+        # Rows all at one length (one sequence, or a batch started together) write one slice and see every key:
+        # no mask and no scattered write, the step's cheapest form.
+        self._same = min(lengths) == self._end - 1
         self._pos = pos
+        if self._same:
+            return pos[:, None], None
         keys = torch.arange(self._end, device=device)
         return pos[:, None], (keys[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, S)
 
@@ -162,9 +168,13 @@ class SlotCache:
             kc[row, :, :T] = k[0]
             vc[row, :, :T] = v[0]
             return kc[row : row + 1, :, :T], vc[row : row + 1, :, :T]
-        rows = self._rows[: self.active]
-        kc[rows, :, self._pos] = k[:, :, 0].to(kc.dtype)
-        vc[rows, :, self._pos] = v[:, :, 0].to(vc.dtype)
+        if self._same:
+            kc[: self.active, :, self._end - 1] = k[:, :, 0]
+            vc[: self.active, :, self._end - 1] = v[:, :, 0]
+        else:
+            rows = self._rows[: self.active]
+            kc[rows, :, self._pos] = k[:, :, 0].to(kc.dtype)
+            vc[rows, :, self._pos] = v[:, :, 0].to(vc.dtype)
         return kc[: self.active, :, : self._end], vc[: self.active, :, : self._end]
 
     def advance(self, T: int) -> None:
@@ -234,7 +244,8 @@ class Attention(nn.Module):
             k,
             v,
             attn_mask=mask,
-            is_causal=mask is None,
+            # No mask: causal over the T new positions, or (one new position per row, cache or not) every key.
+            is_causal=mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0,
             # Grouped-query attention: each kv head serves a group of q heads, without copying k and v per head.
             enable_gqa=self.n_kv_head != self.n_head,
