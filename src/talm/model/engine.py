@@ -16,8 +16,8 @@ or, to stream and to let sequences join while others run (what `serve`'s schedul
     for seq, token in engine.step(): ...     # one token for every active sequence; the done ones leave
     engine.cancel(seq)                       # any thread; it leaves at the next step
 
-How a step works: waiting sequences take free slots (their prompt, all but its last token, is prefilled into
-their row alone); then one batched forward pass feeds every active row its pending token (a joiner's last
+How a step works: waiting sequences take free slots (their prompts, all but their last token, are prefilled
+into their rows in one forward pass, right-padded: causal attention never looks at the padding); then one batched forward pass feeds every active row its pending token (a joiner's last
 prompt token, the others' last pick) at its own position, with a mask that keeps each row to its own keys; then
 each row picks its next token with its own settings and its own `torch.Generator`, so a seeded row draws the
 same tokens whatever else is in the batch. A row that ended (end token, `max_new_tokens`, a stop string,
@@ -171,7 +171,7 @@ class Engine:
             for b, seq in enumerate(self.rows):
                 if len(seq.window) > self.context:  # full: keep the newest part, rebuild the row
                     seq.window = seq.window[-self.keep :]
-                    self._prefill(b, seq.window[:-1])
+                    self._prefill(b, [seq.window[:-1]])
             logits = self._decode()
             events = [(seq, self._pick(seq, logits[b])) for b, seq in enumerate(self.rows)]
             for seq, token in events:
@@ -195,11 +195,11 @@ class Engine:
             return
         need = max(min(self.context, len(s.prompt) + s.settings.max_new_tokens) for s in joining)
         self._ensure_cache(need)
-        for seq in joining:
-            self.rows.append(seq)
-            self._prefill(len(self.rows) - 1, seq.window[:-1])
+        start = len(self.rows)
+        self.rows += joining
         assert self.cache is not None
         self.cache.active = len(self.rows)
+        self._prefill(start, [seq.window[:-1] for seq in joining])  # one forward pass for all who join
 
     def _ensure_cache(self, max_len: int) -> None:
         """A cache of `slots` rows with room for `max_len` positions, the rows so far kept."""
@@ -215,13 +215,20 @@ class Engine:
             new.lengths, new.active = list(old.lengths), old.active
         self.cache = new
 
-    def _prefill(self, row: int, ids: list[int]) -> None:
-        """Fill cache row `row` with `ids` (from position 0), alone."""
+    def _prefill(self, row: int, prompts: list[list[int]]) -> None:
+        """Fill cache rows `row`, `row + 1`, ... with `prompts` (from position 0), right-padded to one length in
+        one forward pass: causal, so each row's positions compute what they would alone."""
         assert self.cache is not None
-        self.cache.lengths[row] = 0
-        if ids:
-            self.cache.select(row)
-            self.model(torch.tensor([ids], device=self.device), cache=self.cache, last_only=True)
+        lengths = [len(p) for p in prompts]
+        for i in range(len(prompts)):
+            self.cache.lengths[row + i] = 0
+        if max(lengths) == 0:
+            return
+        ids = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        self.cache.select(row, lengths)
+        self.model(ids.to(self.device), cache=self.cache, last_only=True)
 
     def _decode(self) -> torch.Tensor:
         """Feed every active row its pending token: the next-token logits (B, limit), in float32."""

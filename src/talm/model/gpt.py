@@ -112,8 +112,8 @@ class KVCache:
 class SlotCache:
     """A static (preallocated) KV cache of `slots` rows, each row one sequence with its own length: what the
     batched generation engine (`talm.model.engine`) decodes with. Rows 0 to `active - 1` take part in a decode
-    step (one new token each, at its own position); `select(row)` makes the next forward pass fill one row from
-    position 0 instead (a prompt's prefill). Nothing is padded: each row computes what it would alone.
+    step (one new token each, at its own position); `select(row, lengths)` makes the next forward pass fill rows
+    from position 0 instead (prompts' prefill). Nothing is padded: each row computes what it would alone.
 
     Its owner (the engine) keeps the active rows first: `move(src, dst)` copies a row over one that left.
     """
@@ -129,15 +129,18 @@ class SlotCache:
         self.max_len, self.slots = max_len, slots
         self.lengths = [0] * slots  # positions filled, per row
         self.active = 0
-        self._prefill: int | None = None  # the row the next forward fills from 0, if any
+        self._prefill: int | None = None  # the first row the next forward fills from 0, if any
+        self._prefill_lengths: list[int] = []
         self._rows = torch.arange(slots, device=device)
         self._pos = torch.zeros(slots, dtype=torch.long, device=device)  # where each active row writes next
         self._end = 0  # the keys the current forward attends over
         self._same = False  # whether the active rows are all at one length
 
-    def select(self, row: int) -> None:
-        """The next forward pass fills `row` from position 0 (its earlier contents are forgotten)."""
-        self._prefill = row
+    def select(self, row: int, lengths: list[int]) -> None:
+        """The next forward pass fills rows `row`, `row + 1`, ... from position 0, one per input row, right-padded:
+        row i keeps `lengths[i]` positions (what follows is padding, overwritten by its next tokens and never
+        attended before: a causal prefill never looks ahead)."""
+        self._prefill, self._prefill_lengths = row, lengths
 
     def layout(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._prefill is not None:
@@ -164,10 +167,10 @@ class SlotCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kc, vc = self.k[layer], self.v[layer]
         if self._prefill is not None:
-            row, T = self._prefill, k.shape[2]
-            kc[row, :, :T] = k[0]
-            vc[row, :, :T] = v[0]
-            return kc[row : row + 1, :, :T], vc[row : row + 1, :, :T]
+            rows, T = slice(self._prefill, self._prefill + k.shape[0]), k.shape[2]
+            kc[rows, :, :T] = k
+            vc[rows, :, :T] = v
+            return kc[rows, :, :T], vc[rows, :, :T]
         if self._same:
             kc[: self.active, :, self._end - 1] = k[:, :, 0]
             vc[: self.active, :, self._end - 1] = v[:, :, 0]
@@ -179,7 +182,8 @@ class SlotCache:
 
     def advance(self, T: int) -> None:
         if self._prefill is not None:
-            self.lengths[self._prefill] = T
+            for i, n in enumerate(self._prefill_lengths):
+                self.lengths[self._prefill + i] = n
             self._prefill = None
         else:
             for b in range(self.active):

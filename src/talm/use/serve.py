@@ -191,11 +191,18 @@ class ModelServer:
                     )
                 except TimeoutError:
                     continue
-                if item is _DONE:
+                # What else is ready goes in the same piece: under load, one event for several tokens instead
+                # of one each (the per-event work, here and in the client, is what load adds). _DONE or an
+                # exception is always the last item.
+                items = [item]
+                while not pieces.empty():
+                    items.append(pieces.get_nowait())
+                if text := "".join(i for i in items if isinstance(i, str)):
+                    yield text
+                if items[-1] is _DONE:
                     return
-                if isinstance(item, Exception):
-                    raise item
-                yield item
+                if isinstance(items[-1], Exception):
+                    raise items[-1]
         finally:
             self.engine.cancel(seq)
 
