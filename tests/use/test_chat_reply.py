@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BASE_TOKENIZER, endless_chat_model_dir, varied_model
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import talm.use.chat as chat_module
@@ -81,6 +81,9 @@ def pieces_of(text: str, cuts: list[int]) -> list[str]:
     cuts=st.lists(st.integers(0, 30), max_size=8),
     stops=st.lists(st.text(alphabet="ab\n", min_size=1, max_size=4), min_size=1, max_size=4),
 )
+@example(
+    text="aba", cuts=[], stops=["b", "aba"]
+)  # "b" ends first, though "aba" starts first: the reply is "a"
 def test_until_stop_gives_the_text_before_the_first_stop_string_however_it_is_split(
     text: str, cuts: list[int], stops: list[str]
 ) -> None:
