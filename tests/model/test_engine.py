@@ -125,3 +125,19 @@ def test_generation_under_autocast_and_in_train_mode_leaves_the_model_mode_alone
             [[1], [2, 3]], [Settings(max_new_tokens=5, temperature=0.0)] * 2
         )
     assert [len(o) for o in out] == [5, 5] and model.training
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_new_tokens", 0),
+        ("temperature", -0.1),
+        ("top_k", 0),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("stop", ("",)),
+    ],
+)
+def test_settings_out_of_range_are_refused_naming_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        Settings(**{field: value})

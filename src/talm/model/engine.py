@@ -55,6 +55,17 @@ class Settings:
     end_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        checks = {
+            "max_new_tokens must be at least 1": self.max_new_tokens >= 1,
+            "temperature must be 0 (greedy) or more": self.temperature >= 0,
+            "top_k must be at least 1 (or None)": self.top_k is None or self.top_k >= 1,
+            "top_p must be above 0 and at most 1": 0 < self.top_p <= 1,
+            "stop strings must not be empty": all(self.stop),
+        }
+        if problems := [what for what, ok in checks.items() if not ok]:
+            raise ValueError(f"bad generation settings: {'; '.join(problems)}")
+
 
 def row_seed(seed: int | None, row: int) -> int | None:
     """The seed of row `row` of a batch sampled with one `seed` (as `generate -n 4 --seed 0` asks): row 0 keeps
