@@ -141,3 +141,4 @@ def test_generation_under_autocast_and_in_train_mode_leaves_the_model_mode_alone
 def test_settings_out_of_range_are_refused_naming_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         Settings(**{field: value})
+    assert list(generate_ids(varied_model(), [[1]], max_new_tokens=0)) == []  # as before: nothing, no error

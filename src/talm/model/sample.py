@@ -78,6 +78,8 @@ def generate_ids(
     what it would alone (`talm.model.engine`).
     """
     _check_prompts(model, prompts)
+    if max_new_tokens < 1:  # nothing to generate (an engine sequence needs at least one token)
+        return
     if seed is None:  # one draw from torch's RNG for the batch, so torch.manual_seed repeats a run
         seed = int(torch.randint(0, 2**62, (1,)).item())
     settings = [
