@@ -129,3 +129,44 @@ def test_no_import_cycles() -> None:
         if node not in index:
             visit(node)
     assert not cycles, f"import cycles: {cycles}"
+
+
+def attribute_writes(path: Path) -> list[str]:
+    """`name.attr = ...` (or +=) in a function where `name` is one of its parameters other than self and cls,
+    and `self.part.attr = ...` outside `__init__` (an object setting up its own parts may)."""
+    found = []
+    for fn in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        args = fn.args
+        params = {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs} - {"self", "cls"}
+        for node in ast.walk(fn):
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            targets = [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else targets
+            flat = [
+                t for target in targets for t in (target.elts if isinstance(target, ast.Tuple) else [target])
+            ]
+            for t in flat:
+                while isinstance(t, ast.Attribute) and isinstance(t.value, ast.Attribute):
+                    t = t.value  # cfg.model.vocab_size writes cfg's
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in params:
+                    found.append(f"{fn.name}: {t.value.id}.{t.attr} (line {node.lineno})")
+                part = t.value if isinstance(t, ast.Attribute) else None
+                if (
+                    isinstance(part, ast.Attribute) and isinstance(part.value, ast.Name)
+                    and part.value.id == "self" and fn.name != "__init__"
+                ):  # fmt: skip
+                    found.append(f"{fn.name}: self.{part.attr}.{t.attr} (line {node.lineno})")
+    return found
+
+
+# Settings are data, not objects with state: a run's resolution fills them in before anything is built.
+CONFIG_PARAMS = {"cfg"}
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(SRC)))
+def test_an_object_s_state_is_written_by_that_object_only(path: Path) -> None:
+    """No function sets attributes of an object passed to it (it calls that object's methods instead), so a
+    reader finds every change of an object's state in its own class."""
+    wrong = [w for w in attribute_writes(path) if w.split(": ")[1].split(".")[0] not in CONFIG_PARAMS]
+    assert not wrong, f"{path.relative_to(SRC)} writes another object's attributes: {wrong}"

@@ -78,7 +78,7 @@ def row_seed(seed: int | None, row: int) -> int | None:
 
 class Generation:
     """One sequence in the engine: its prompt, what it generated, why it ended (`finish`: "end", "stop",
-    "length" or "cancelled"; None while it runs). Written by the engine only; `cancel` is `Engine.cancel`'s."""
+    "length" or "cancelled"; None while it runs). The engine moves it on through its methods."""
 
     def __init__(self, prompt: Sequence[int], settings: Settings, generator: torch.Generator) -> None:
         self.prompt = list(prompt)
@@ -93,6 +93,38 @@ class Generation:
     @property
     def done(self) -> bool:
         return self.finish is not None
+
+    def cancel(self) -> None:
+        """Ask for the end (from any thread): the engine ends it at its next step."""
+        self.cancelled = True
+
+    def end(self, reason: str) -> None:
+        self.finish = reason
+
+    def shorten_window(self, keep: int) -> None:
+        """Keep the newest `keep` tokens of the window (a full context drops its oldest quarter)."""
+        self.window = self.window[-keep:]
+
+    def record(self, token: int, decode: Callable[[list[int]], str] | None) -> None:
+        """Add the token picked; end at an end token, a completed stop string, or the token budget."""
+        self.tokens.append(token)
+        self.window.append(token)
+        s = self.settings
+        if token in s.end_ids:
+            self.finish = "end"
+        elif s.stop and self._stopped(decode):
+            self.finish = "stop"
+        elif len(self.tokens) >= s.max_new_tokens:
+            self.finish = "length"
+
+    def _stopped(self, decode: Callable[[list[int]], str] | None) -> bool:
+        """Whether the newest token completed one of the stop strings: found in the text of the last tokens
+        (enough to hold the longest stop) and not in that text without the newest token."""
+        assert decode is not None
+        longest = max(len(s) for s in self.settings.stop)
+        tail = self.tokens[-(longest + 4) :]  # a character is at least one token once whole (at most 4 bytes)
+        now, before = decode(tail), decode(tail[:-1])
+        return any(s in now and s not in before for s in self.settings.stop)
 
 
 class Engine:
@@ -149,7 +181,7 @@ class Engine:
 
     def cancel(self, seq: Generation) -> None:
         """End `seq` (from any thread): it leaves at the next step, and no token is generated for it after."""
-        seq.cancelled = True
+        seq.cancel()
 
     @property
     def busy(self) -> bool:
@@ -181,12 +213,12 @@ class Engine:
                 return []
             for b, seq in enumerate(self.rows):
                 if len(seq.window) > self.context:  # full: keep the newest part, rebuild the row
-                    seq.window = seq.window[-self.keep :]
+                    seq.shorten_window(self.keep)
                     self._prefill(b, [seq.window[:-1]])
             logits = self._decode()
             events = [(seq, self._pick(seq, logits[b])) for b, seq in enumerate(self.rows)]
             for seq, token in events:
-                self._record(seq, token)
+                seq.record(token, self.decode)
             self._leave([s for s in self.rows if s.done], None)
             return events
         finally:
@@ -199,7 +231,7 @@ class Engine:
             while self.waiting and len(self.rows) + len(joining) < self.slots:
                 seq = self.waiting.popleft()
                 if seq.cancelled:
-                    seq.finish = "cancelled"
+                    seq.end("cancelled")
                 else:
                     joining.append(seq)
         if not joining:
@@ -209,7 +241,7 @@ class Engine:
         start = len(self.rows)
         self.rows += joining
         assert self.cache is not None
-        self.cache.active = len(self.rows)
+        self.cache.set_active(len(self.rows))
         self._prefill(start, [seq.window[:-1] for seq in joining])  # one forward pass for all who join
 
     def _ensure_cache(self, max_len: int) -> None:
@@ -217,14 +249,10 @@ class Engine:
         old = self.cache
         if old is not None and old.max_len >= max_len:
             return
-        size = max_len if old is None else min(self.context, max(max_len, 2 * old.max_len))
-        new = SlotCache(self.model.config, self.slots, size, self.device, self.dtype)
-        if old is not None:
-            for layer in range(len(old.k)):
-                new.k[layer][:, :, : old.max_len] = old.k[layer]
-                new.v[layer][:, :, : old.max_len] = old.v[layer]
-            new.lengths, new.active = list(old.lengths), old.active
-        self.cache = new
+        if old is None:
+            self.cache = SlotCache(self.model.config, self.slots, max_len, self.device, self.dtype)
+        else:
+            self.cache = old.grown(min(self.context, max(max_len, 2 * old.max_len)))
 
     def _prefill(self, row: int, prompts: list[list[int]]) -> None:
         """Fill cache rows `row`, `row + 1`, ... with `prompts` (from position 0), right-padded to one length in
@@ -256,31 +284,11 @@ class Engine:
         probs = filter_logits(logits / s.temperature, s.top_k, s.top_p).softmax(dim=-1)
         return int(torch.multinomial(probs, 1, generator=seq.generator))
 
-    def _record(self, seq: Generation, token: int) -> None:
-        seq.tokens.append(token)
-        seq.window.append(token)
-        s = seq.settings
-        if token in s.end_ids:
-            seq.finish = "end"
-        elif s.stop and self._stopped(seq):
-            seq.finish = "stop"
-        elif len(seq.tokens) >= s.max_new_tokens:
-            seq.finish = "length"
-
-    def _stopped(self, seq: Generation) -> bool:
-        """Whether the newest token completed one of the sequence's stop strings: found in the text of the last
-        tokens (enough to hold the longest stop) and not in that text without the newest token."""
-        assert self.decode is not None
-        longest = max(len(s) for s in seq.settings.stop)
-        tail = seq.tokens[-(longest + 4) :]  # a character is at least one token once whole (at most 4 bytes)
-        now, before = self.decode(tail), self.decode(tail[:-1])
-        return any(s in now and s not in before for s in seq.settings.stop)
-
     def _leave(self, leaving: list[Generation], reason: str | None) -> None:
         """Take `leaving` out of the batch, moving the last rows into their slots."""
         for seq in leaving:
             if reason is not None:
-                seq.finish = reason
+                seq.end(reason)
             b = self.rows.index(seq)
             last = len(self.rows) - 1
             assert self.cache is not None
@@ -288,7 +296,7 @@ class Engine:
                 self.cache.move(last, b)
                 self.rows[b] = self.rows[last]
             self.rows.pop()
-            self.cache.active = len(self.rows)
+            self.cache.set_active(len(self.rows))
 
 
 # ------------------------------------------------------------------------------------------------------------

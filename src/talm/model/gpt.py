@@ -126,7 +126,7 @@ class SlotCache:
         shape = (slots, config.kv_heads, max_len, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.max_len, self.slots = max_len, slots
+        self.config, self.max_len, self.slots = config, max_len, slots
         self.lengths = [0] * slots  # positions filled, per row
         self.active = 0
         self._prefill: int | None = None  # the first row the next forward fills from 0, if any
@@ -135,6 +135,20 @@ class SlotCache:
         self._pos = torch.zeros(slots, dtype=torch.long, device=device)  # where each active row writes next
         self._end = 0  # the keys the current forward attends over
         self._same = False  # whether the active rows are all at one length
+
+    def set_active(self, rows: int) -> None:
+        """Rows 0 to `rows` - 1 take part in the next decode step."""
+        self.active = rows
+
+    def grown(self, max_len: int) -> SlotCache:
+        """A cache with room for `max_len` positions per row, holding every row of this one."""
+        k = self.k[0]
+        new = SlotCache(self.config, self.slots, max_len, k.device, k.dtype)
+        for layer in range(len(self.k)):
+            new.k[layer][:, :, : self.max_len] = self.k[layer]
+            new.v[layer][:, :, : self.max_len] = self.v[layer]
+        new.lengths, new.active = list(self.lengths), self.active
+        return new
 
     def select(self, row: int, lengths: list[int]) -> None:
         """The next forward pass fills rows `row`, `row + 1`, ... from position 0, one per input row, right-padded:

@@ -40,6 +40,15 @@ class ReplyStats:
     ended_by: str | None = None
     seconds: float = 0.0
 
+    def count_token(self) -> None:
+        self.tokens += 1
+
+    def add_seconds(self, seconds: float) -> None:
+        self.seconds += seconds
+
+    def end(self, finish_reason: str, ended_by: str) -> None:
+        self.finish_reason, self.ended_by = finish_reason, ended_by
+
 
 def stream_reply(
     model: GPT,
@@ -92,7 +101,7 @@ def _reply_pieces(tokens: Generator[int, None, None], text: ReplyText) -> Genera
             yield piece
     finally:
         tokens.close()  # a reply stopped early ends its generation here
-        text.stats.seconds += time.perf_counter() - started
+        text.stats.add_seconds(time.perf_counter() - started)
 
 
 class ReplyText:
@@ -113,22 +122,21 @@ class ReplyText:
 
     def push(self, token: int) -> str:
         """The text `token` makes ready ("" if none)."""
-        self.stats.tokens += 1
+        self.stats.count_token()
         if token == self.end_id:
-            self.stats.finish_reason, self.stats.ended_by = "stop", "end"
+            self.stats.end("stop", "end")
             return self._release(self.decoder.flush(), last=True)
         return self._release(self.decoder.push(token), last=False)
 
     def finish(self) -> str:
         """The token budget ran out: the text still held."""
-        self.stats.finish_reason = "length"
-        self.stats.ended_by = ended_by(False, self.prompt_tokens, self.stats.tokens, self.context)
+        self.stats.end("length", ended_by(False, self.prompt_tokens, self.stats.tokens, self.context))
         return self._release(self.decoder.flush(), last=True)
 
     def _release(self, piece: str, last: bool) -> str:
         out = self.until_stop.feed(piece, last=last)
         if self.until_stop.found:
-            self.stats.finish_reason = self.stats.ended_by = "stop"
+            self.stats.end("stop", "stop")
         self.done = self.done or last or self.until_stop.found
         return out
 
@@ -177,6 +185,10 @@ class Conversation:
         self.format = chat_format
         self.system = system or None
         self.turns: list[dict[str, str]] = []  # user and assistant messages, alternating
+
+    def set_system(self, system: str | None) -> None:
+        """Set (or with None or "", clear) the system message."""
+        self.system = system or None
 
     def reset(self) -> None:
         """Forget the exchanges (the system message stays)."""
