@@ -30,7 +30,9 @@ def config(**kwargs) -> DownloadConfig:
     return DownloadConfig.model_validate({"tokenizer_path": str(BASE), **kwargs})
 
 
-def pairs_in(out_dir: Path, split: str) -> list[tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]]:
+def pairs_in(
+    out_dir: Path, split: str
+) -> list[tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]]:
     """Each stored pair of a split: ((chosen ids, learn), (rejected ids, learn)), read back through the flags."""
     shards = read_data(out_dir, splits=()).split(split)
     ids = np.concatenate([np.load(s.path) for s in shards])
@@ -54,9 +56,13 @@ def chat() -> ChatFormat:
     return ChatFormat(Tokenizer.from_file(BASE))
 
 
-def test_ultrafeedback_writes_test_prefs_as_val_and_train_prefs_as_train(in_tmp: Path, chat: ChatFormat) -> None:
+def test_ultrafeedback_writes_test_prefs_as_val_and_train_prefs_as_train(
+    in_tmp: Path, chat: ChatFormat
+) -> None:
     train, test = triples(60), triples(15, offset=1000)
-    write_ultrafeedback(in_tmp, {"train_prefs": ultrafeedback_table(train), "test_prefs": ultrafeedback_table(test)})
+    write_ultrafeedback(
+        in_tmp, {"train_prefs": ultrafeedback_table(train), "test_prefs": ultrafeedback_table(test)}
+    )
     result = prepare(config(dataset="ultrafeedback", shard_size=400), progress=False)
     assert result.out_dir == Path("data/ultrafeedback/default")
     meta = result.manifest
@@ -132,7 +138,9 @@ MALFORMED = [
 
 def test_malformed_pairs_are_skipped_counted_and_named_by_line(in_tmp: Path, chat: ChatFormat) -> None:
     good = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in triples(12)]
-    lines = [json.dumps(good[0])] + [json.dumps(row) for row, _ in MALFORMED] + [json.dumps(g) for g in good[1:]]
+    lines = (
+        [json.dumps(good[0])] + [json.dumps(row) for row, _ in MALFORMED] + [json.dumps(g) for g in good[1:]]
+    )
     Path("pairs.jsonl").write_text("\n".join(lines) + "\n")
     args = {"dataset": "mine", "data_files": ["pairs.jsonl"], "preferences": True, "val_tokens": 1}
     result = prepare(config(**args), progress=False)
@@ -146,7 +154,9 @@ def test_malformed_pairs_are_skipped_counted_and_named_by_line(in_tmp: Path, cha
 def test_a_source_of_only_malformed_pairs_is_refused_and_leaves_nothing(in_tmp: Path) -> None:
     Path("pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row, _ in MALFORMED))
     args = {"dataset": "mine", "data_files": ["pairs.jsonl"], "preferences": True, "val_tokens": 1}
-    with pytest.raises(TalmError, match="held no valid preference pair: 6 malformed ones skipped .the first: "):
+    with pytest.raises(
+        TalmError, match="held no valid preference pair: 6 malformed ones skipped .the first: "
+    ):
         prepare(config(**args), progress=False)
     assert not Path("data").exists()
 
@@ -155,7 +165,9 @@ def test_a_repo_without_a_rejected_column_is_refused_before_writing(in_tmp: Path
     table = ultrafeedback_table(triples(10))
     table = table.drop(["rejected"])
     write_ultrafeedback(in_tmp, {"train_prefs": table, "test_prefs": table})
-    with pytest.raises(TalmError, match="has no column 'rejected': preference pairs need the columns chosen and"):
+    with pytest.raises(
+        TalmError, match="has no column 'rejected': preference pairs need the columns chosen and"
+    ):
         prepare(config(dataset="ultrafeedback"), progress=False)
     assert not Path("data").exists()
 
@@ -183,10 +195,16 @@ def test_an_interrupted_ultrafeedback_run_resumes_to_the_same_files(
     from talm.data.writer import ShardWriter
 
     write_ultrafeedback(
-        in_tmp, {"train_prefs": ultrafeedback_table(triples(80)), "test_prefs": ultrafeedback_table(triples(20, 500))}
+        in_tmp,
+        {
+            "train_prefs": ultrafeedback_table(triples(80)),
+            "test_prefs": ultrafeedback_table(triples(20, 500)),
+        },
     )
     args = {"dataset": "ultrafeedback", "shard_size": 300}
-    monkeypatch.setattr("talm.data.streaming.ROWS_PER_READ", 8)  # several reads per split: positions inside it
+    monkeypatch.setattr(
+        "talm.data.streaming.ROWS_PER_READ", 8
+    )  # several reads per split: positions inside it
     monkeypatch.setattr("talm.data.prepare.BATCH_BYTES", 200)
     clean = prepare(config(**args, data_root="clean"), progress=False).out_dir
     val_shards = [s["split"] for s in json.loads((clean / "meta.json").read_text())["shards"]].count("val")
@@ -210,7 +228,9 @@ def test_an_interrupted_ultrafeedback_run_resumes_to_the_same_files(
     resumed, uninterrupted = contents(out), contents(clean)
     assert positionless(resumed.pop("meta.json")) == positionless(uninterrupted.pop("meta.json"))
     assert resumed == uninterrupted  # every shard and mask, byte for byte
-    assert pairs_in(out, "val") == pairs_in(clean, "val") and pairs_in(out, "train") == pairs_in(clean, "train")
+    assert pairs_in(out, "val") == pairs_in(clean, "val") and pairs_in(out, "train") == pairs_in(
+        clean, "train"
+    )
 
 
 def test_a_manifest_without_kind_reads_as_before(tmp_path: Path, tiny_data: Path) -> None:
@@ -229,12 +249,18 @@ def test_a_manifest_without_kind_reads_as_before(tmp_path: Path, tiny_data: Path
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ({"dataset": "ultrafeedback", "val_tokens": 100}, "has its own validation split .test_prefs.*drop --val-tokens"),
+        (
+            {"dataset": "ultrafeedback", "val_tokens": 100},
+            "has its own validation split .test_prefs.*drop --val-tokens",
+        ),
         (
             {"dataset": "m", "data_files": ["p.jsonl"], "preferences": True, "text_column": "x"},
             "--preferences reads the columns prompt, chosen and rejected: drop --text-column",
         ),
-        ({"dataset": "m", "data_files": ["p.jsonl"], "preferences": True, "conversations": True}, "exclude each other"),
+        (
+            {"dataset": "m", "data_files": ["p.jsonl"], "preferences": True, "conversations": True},
+            "exclude each other",
+        ),
     ],
 )
 def test_contradictory_flags_are_refused(in_tmp: Path, args: dict, message: str) -> None:

@@ -224,7 +224,9 @@ class DownloadConfig(Config):
             if value is not None and not is_plain_name(value):
                 raise TalmError(f"{label} {value!r} is not a plain name: {PLAIN_NAME_RULE}")
         if self.conversations and self.preferences:
-            raise TalmError("--conversations and --preferences exclude each other: pass the one your rows hold")
+            raise TalmError(
+                "--conversations and --preferences exclude each other: pass the one your rows hold"
+            )
         if self.is_preferences and self.text_column:
             raise TalmError(
                 "--preferences reads the columns prompt, chosen and rejected: drop --text-column (rename the "

@@ -336,7 +336,8 @@ def read_data(data_dir: str | Path, *, splits: tuple[str, ...] = ("train", "val"
         kinds.add(data_kind(meta))
         if len(masked) > 1 or len(kinds) > 1:
             raise _manifest_error(
-                path, f"disagrees with the other manifests on the kind of data ({' and '.join(sorted(kinds))} mixed)"
+                path,
+                f"disagrees with the other manifests on the kind of data ({' and '.join(sorted(kinds))} mixed)",
             )
         for entry in meta["shards"]:
             shard_path = data_dir / entry["file"]
@@ -349,7 +350,9 @@ def read_data(data_dir: str | Path, *, splits: tuple[str, ...] = ("train", "val"
             shards.append(Shard(shard_path, entry["split"], int(entry["tokens"]), entry.get("bytes")))
     shards.sort(key=lambda s: s.path.name)
     kind = kinds.pop() if kinds else "text"
-    data = DataSet(data_dir, tokenizer or {}, dtype or np.dtype("uint16"), shards, complete, True in masked, kind)
+    data = DataSet(
+        data_dir, tokenizer or {}, dtype or np.dtype("uint16"), shards, complete, True in masked, kind
+    )
     for split in splits:
         if not any(s.tokens > 0 for s in data.split(split)):
             raise TalmError(

@@ -101,7 +101,9 @@ def pair_conversations(row: Any) -> tuple[list[dict[str, str]], list[dict[str, s
     if chosen == rejected:
         return BadPair("chosen and rejected are identical")
     if chosen[:-1] != rejected[:-1]:
-        return BadPair("chosen and rejected continue different conversations (all but the last reply must match)")
+        return BadPair(
+            "chosen and rejected continue different conversations (all but the last reply must match)"
+        )
     return chosen, rejected
 
 

@@ -201,8 +201,12 @@ class DatasetReads:
                 if column not in table.column_names:
                     raise missing_column(self.source, table.column_names)
                 values = table.column(column)
-                if self.source.preferences:  # prompt, chosen, rejected: checked and rendered by preferences.py
-                    rows = table.select([c for c in self.source.columns if c in table.column_names]).to_pylist()
+                if (
+                    self.source.preferences
+                ):  # prompt, chosen, rejected: checked and rendered by preferences.py
+                    rows = table.select(
+                        [c for c in self.source.columns if c in table.column_names]
+                    ).to_pylist()
                     yield rows, np.fromiter(map(pair_bytes, rows), dtype=np.int64, count=len(rows)), []
                 elif self.source.conversations:  # lists of messages, checked and rendered by conversations.py
                     rows, row_bytes = conversation_rows(self.source, values)
