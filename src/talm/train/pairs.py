@@ -81,7 +81,7 @@ class PairSet:
         self.truncated = int(np.count_nonzero(keep & ((chosen > firsts) | (other > rejected))))
         self.sides = np.stack([chosen, rejected, other, ends], axis=1)[keep]  # (pairs, 4): two (start, end)s
         self.index = np.flatnonzero(keep)  # each kept pair's place among the split's pairs
-        self.count = len(self.sides)
+        self.count, self.size = len(self.sides), len(firsts)  # pairs kept, pairs in the split
 
     def describe(self) -> str:
         cut = f", {self.truncated:,} with the start of their prompt cut to fit" if self.truncated else ""
