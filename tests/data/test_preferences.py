@@ -304,3 +304,15 @@ def test_split_pair_cuts_at_the_rejected_flag() -> None:
     (c, cl), (r, rl) = split_pair(ids, flags)
     assert c.tolist() == [0, 1, 2, 3] and cl.tolist() == [False, False, True, True]
     assert r.tolist() == [4, 5, 6] and rl.tolist() == [False, False, True]
+
+
+def test_make_preferences_writes_what_download_data_preferences_reads(in_tmp: Path) -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "make_preferences"
+    subprocess.run([sys.executable, str(script), "pairs.jsonl", "--count", "300"], check=True, capture_output=True)
+    args = {"dataset": "p", "data_files": ["pairs.jsonl"], "preferences": True, "val_tokens": 500}
+    result = prepare(config(**args), progress=False)
+    assert result.stats is not None and result.stats.malformed == 0
+    assert result.manifest["totals"]["documents"] == 300

@@ -67,7 +67,15 @@ def test_dpo_logs_pair_stats_for_train_and_val_and_plots_them(
     assert all(f"val_{k}" in r for r in val for k in STATS)
     assert train[0]["train_pref_accuracy"] == pytest.approx(0.5)  # step 1: policy = reference, rewards 0
     assert val[-1]["val_pref_accuracy"] >= 0.9 and val[-1]["val_reward_margin"] > 0
-    assert Path("models/tuned/loss.png").is_file()
+    assert Path("models/tuned/loss.png").read_bytes().startswith(b"\x89PNG")
+    from talm.train.plots import draw_runs
+
+    _, accuracy_ax, reward_ax = draw_runs([("tuned", Path("models/tuned"))]).axes
+    assert "preference accuracy" in accuracy_ax.get_title() and "rewards" in reward_ax.get_title()
+    val_line = next(line for line in accuracy_ax.get_lines() if line.get_label() == "val pref_accuracy")
+    assert list(val_line.get_ydata()) == pytest.approx([r["val_pref_accuracy"] for r in val])
+    labels = {line.get_label() for line in reward_ax.get_lines()}
+    assert {"val chosen_reward", "val rejected_reward", "val reward_margin", "train reward_margin"} <= labels
     meta = json.loads(Path("models/tuned/best/checkpoint.json").read_text())
     assert meta["scores"]["val_pref_accuracy"] >= 0.9
 
