@@ -311,7 +311,9 @@ def test_make_preferences_writes_what_download_data_preferences_reads(in_tmp: Pa
     import sys
 
     script = Path(__file__).resolve().parents[2] / "scripts" / "make_preferences"
-    subprocess.run([sys.executable, str(script), "pairs.jsonl", "--count", "300"], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(script), "pairs.jsonl", "--count", "300"], check=True, capture_output=True
+    )
     args = {"dataset": "p", "data_files": ["pairs.jsonl"], "preferences": True, "val_tokens": 500}
     result = prepare(config(**args), progress=False)
     assert result.stats is not None and result.stats.malformed == 0

@@ -117,7 +117,9 @@ def test_preset_dpo_without_init_from_is_refused_in_one_line(
 ) -> None:
     code, err = run_cli(["-n", "x", "-d", str(pairs_dir), "--preset", "dpo", "--device", "cpu"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "--preset dpo (train.objective dpo) tunes a chat model on preference pairs: pass --init-from" in err
+    assert (
+        "--preset dpo (train.objective dpo) tunes a chat model on preference pairs: pass --init-from" in err
+    )
     assert not Path("models").exists()
 
 
@@ -130,7 +132,10 @@ def test_dpo_on_conversations_and_lm_on_pairs_are_refused_in_one_line(
     init = ["--init-from", str(tiny_model_dir), "--device", "cpu"]
     code, err = run_cli(["-n", "x", "-d", str(chats), "--preset", "dpo", *init], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "tunes on preference pairs, but" in err and "holds conversations: make pairs with download_data" in err
+    assert (
+        "tunes on preference pairs, but" in err
+        and "holds conversations: make pairs with download_data" in err
+    )
     for preset in ("sft", "finetune"):
         code, err = run_cli(["-n", "x", "-d", str(pairs_dir), "--preset", preset, *init], capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1
@@ -145,7 +150,10 @@ def test_two_process_ddp_dpo_matches_one_process(pairs_dir: Path, tiny_model_dir
     args += "--dtype float32 --batch-size 2 --train.tokens_per_step 256 --max-steps 4 --log-every 1".split()
     args += "--eval-every 4 --eval-tokens 2048 --optim.warmup_steps 0 --optim.lr 2e-3".split()
     single = subprocess.run(
-        [sys.executable, "-m", "talm.cli.train_model", *args, "-n", "single"], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "talm.cli.train_model", *args, "-n", "single"],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert single.returncode == 0, single.stderr
     assert "2 micro-step(s)" in single.stderr
@@ -161,3 +169,15 @@ def test_two_process_ddp_dpo_matches_one_process(pairs_dir: Path, tiny_model_dir
         one = [r[key] for r in read_metrics("models/single") if key in r]
         two = [r[key] for r in read_metrics("models/ddp") if key in r]
         assert len(one) == len(two) > 0 and two == pytest.approx(one, rel=1e-4, abs=1e-5), key
+
+
+def test_evaluate_data_dir_on_preference_pairs_is_refused_in_one_line(
+    pairs_dir: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from talm.cli.evaluate import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["-m", str(tiny_model_dir), "--data-dir", str(pairs_dir), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "holds preference pairs, which have no language-model val loss" in err

@@ -139,7 +139,13 @@ class DPO:
         model: torch.nn.Module,
     ) -> None:
         t, T, pad = cfg.train, cfg.model.context_length, int(data.tokenizer["eot_id"])
-        self.settings, self.accum, self.ctx, self.precision, self.model = cfg.dpo, accum, ctx, precision, model
+        self.settings, self.accum, self.ctx, self.precision, self.model = (
+            cfg.dpo,
+            accum,
+            ctx,
+            precision,
+            model,
+        )
         common = {"context_length": T, "pad_id": pad, "rank": ctx.rank, "world_size": ctx.world_size}
         common |= {"device": ctx.device, "vocab_size": vocab_size}
         self.loader = PairLoader(data, batch_size=t.batch_size, seed=t.seed, accum_steps=accum, **common)
@@ -169,7 +175,9 @@ class DPO:
             reference = "the reference's log-probs computed once before the first step, kept in checkpoints"
         lines = [self.loader.describe(), f"preference loss {s.loss} ({how}), {reference}"]
         if self.val is not None:
-            lines.append(f"evaluated on the first {self.val.count:,} held-out pairs ({self.val.pairs.describe()})")
+            lines.append(
+                f"evaluated on the first {self.val.count:,} held-out pairs ({self.val.pairs.describe()})"
+            )
         return lines
 
     def check_next(self) -> None:
@@ -195,7 +203,12 @@ class DPO:
             reference = (rows[:, 0], rows[:, 1])
         s = self.settings
         return pair_terms(
-            (logps[:n], logps[n:]), reference, (counts[:n], counts[n:]), loss=s.loss, beta=s.beta, gamma=s.gamma
+            (logps[:n], logps[n:]),
+            reference,
+            (counts[:n], counts[n:]),
+            loss=s.loss,
+            beta=s.beta,
+            gamma=s.gamma,
         )
 
     def loss(self, net: torch.nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:

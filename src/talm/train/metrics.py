@@ -41,7 +41,11 @@ class Sink(Protocol):
 FILE = "metrics.jsonl"
 TRAIN_FIELDS = ("step", "tokens", "time", "train_loss", "lr", "tokens_per_s")
 EVAL_FIELDS = ("step", "tokens", "time", "val_loss")
-OPTIONAL = ("mfu", "val_ppl", "val_bpb")  # numbers where present (perplexity and bits/byte: language modelling)
+OPTIONAL = (
+    "mfu",
+    "val_ppl",
+    "val_bpb",
+)  # numbers where present (perplexity and bits/byte: language modelling)
 NULLABLE = ("val_bpb",)
 EXPECTED = (
     'a JSON object with "step" (an integer >= 0) and "train_loss" or "val_loss" (a number), its other fields ('
