@@ -85,8 +85,9 @@ def test_an_interrupted_dpo_run_resumes_exactly(
     pairs_dir: Path, tiny_model_dir: Path, in_tmp: Path, monkeypatch: pytest.MonkeyPatch, reference: str
 ) -> None:
     """Ctrl-C in step 3, then the same command again, give the metrics and weights of 8 steps in one."""
-    import talm.train.loop as trainer_module
     from test_resume import stop_after
+
+    import talm.train.loop as trainer_module
 
     dpo(pairs_dir, tiny_model_dir, "straight", reference=reference)
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
