@@ -50,8 +50,8 @@ def overrides(**train) -> dict:
 
 
 def dpo(pairs_dir: Path, tiny_model_dir: Path, name: str, **kw) -> None:
-    reference = kw.pop("reference", "model")
-    layers = overrides(init_from=str(tiny_model_dir), **kw) | {"dpo": {"reference": reference}}
+    settings = {"reference": kw.pop("reference", "model"), "loss": kw.pop("loss", "dpo")}
+    layers = overrides(init_from=str(tiny_model_dir), **kw) | {"dpo": settings}
     train_model(name, pairs_dir, preset_name="dpo", overrides=layers)
 
 
@@ -103,6 +103,15 @@ def test_an_interrupted_dpo_run_resumes_exactly(
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
     saved = load_trainer_state("models/resumed/latest")["loader"]
     assert (saved["reference"] is None) == (reference == "model")  # stored log-probs travel in the checkpoint
+
+
+@pytest.mark.parametrize("loss", ["ipo", "simpo"])
+def test_ipo_and_reference_free_simpo_train_through_the_same_objective(
+    pairs_dir: Path, tiny_model_dir: Path, in_tmp: Path, loss: str
+) -> None:
+    dpo(pairs_dir, tiny_model_dir, loss, loss=loss)
+    val = [r for r in read_metrics(f"models/{loss}") if "val_loss" in r]
+    assert val[-1]["val_pref_accuracy"] >= 0.9 and val[-1]["val_reward_margin"] > 0
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
