@@ -5,8 +5,8 @@ side flagged START, the rejected side REJECTED, LEARN on each side's last reply)
 a row of context_length + 1 tokens: a side too long loses the start of its prompt (the reply is kept whole, with
 the token before it); a pair whose reply alone does not fit is skipped. Both are counted for the run's banner.
 
-A batch of B pairs is 2B rows, the chosen sides then the rejected ones, each padded on the right (padding is
-never a target, and causal attention never looks at it): (x, y, pair indices), y -1 wherever the target is not
+A batch of B pairs is 2B rows, the chosen sides then the rejected ones, each padded on the right to the batch's
+longest side (padding is never a target, and causal attention never looks at it): (x, y, pair indices), y -1 wherever the target is not
 the reply. The pair index (its place in the split) is what stored reference log-probabilities are looked up by.
 
 `PairLoader` keeps `TokenLoader`'s order and state: every epoch shuffles the pairs from (seed, epoch), each
@@ -94,12 +94,17 @@ class PairSet:
         return f"{self.count:,} pairs{cut}{skipped}"
 
     def batch(self, members: np.ndarray, pad_id: int, device: torch.device) -> PairBatch:
-        """Rows of the pairs at `members` (indices into the kept pairs) as a `PairBatch` on `device`."""
-        n = len(members)
-        ids = np.full((2 * n, self.row_len), pad_id, dtype=np.int64)
-        learn = np.zeros((2 * n, self.row_len), dtype=bool)
-        for k, m in enumerate(members.tolist()):
-            for row, (a, b) in ((k, self.sides[m, :2]), (n + k, self.sides[m, 2:])):
+        """Rows of the pairs at `members` (indices into the kept pairs) as a `PairBatch` on `device`, as long as
+        the batch's longest side (short replies are not padded to the context: the padding would be computed)."""
+        n, sides = len(members), self.sides[members]
+        width = max(
+            2,
+            int(max((sides[:, 1] - sides[:, 0]).max(initial=0), (sides[:, 3] - sides[:, 2]).max(initial=0))),
+        )
+        ids = np.full((2 * n, width), pad_id, dtype=np.int64)
+        learn = np.zeros((2 * n, width), dtype=bool)
+        for k in range(n):
+            for row, (a, b) in ((k, sides[k, :2]), (n + k, sides[k, 2:])):
                 tokens, flags = self.stream.read(int(a), int(b))
                 ids[row, : b - a], learn[row, : b - a] = tokens, (flags & LEARN) != 0
         targets = np.where(learn[:, 1:], ids[:, 1:], -1)
