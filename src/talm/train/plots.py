@@ -218,7 +218,7 @@ def _plot_preferences(
                 )
     accuracy_ax.set_title("preference accuracy (chosen reward > rejected; higher is better)")
     accuracy_ax.set_ylim(-0.02, 1.02)
-    reward_ax.set_title("rewards: beta x log-ratio to the reference (SimPO: of the mean log-prob)")
+    reward_ax.set_title("rewards (beta x log-ratio to the reference) and their margin")
     for ax in (accuracy_ax, reward_ax):
         ax.legend(loc="best", fontsize=7)
 
