@@ -75,3 +75,57 @@ def test_every_module_is_in_the_design_docs_module_map() -> None:
         and f"`{p.relative_to(SRC)}`" not in table
     ]
     assert not missing, f"docs/design.md §5 does not list {missing}: add a line saying each one's job"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """talm module -> the talm modules it imports, at any depth and under TYPE_CHECKING too (`from talm.train
+    import dist` is an edge to talm.train.dist when that is a module)."""
+    known = {module_name(p) for p in MODULES}
+    graph: dict[str, set[str]] = {}
+    for path in MODULES:
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "talm":
+                subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in known]
+                edges |= set(subs) if len(subs) == len(node.names) else {node.module, *subs}
+            elif isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name in known}
+        graph[module_name(path)] = {e for e in edges if e in known} - {module_name(path)}
+    return graph
+
+
+def test_no_import_cycles() -> None:
+    """No module imports one that imports it back, directly or around a loop (type-only imports included):
+    data flows one way, so each module can be read knowing only what it imports."""
+    graph, index, low, stack, on_stack, cycles = import_graph(), {}, {}, [], set(), []
+
+    def visit(node: str) -> None:  # Tarjan's strongly connected components
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph[node]):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    assert not cycles, f"import cycles: {cycles}"

@@ -54,7 +54,7 @@ def val_slice(
 
 
 @torch.no_grad()
-def evaluate(
+def val_loss_and_bpb(
     model: torch.nn.Module,
     eval_slice: EvalSlice | ConversationEval,
     ctx: dist.DistContext,

@@ -27,7 +27,7 @@ from talm.errors import TalmError
 from talm.train import dist
 from talm.train.config import RunConfig
 from talm.train.dpo import DPO
-from talm.train.evaluate import evaluate, scores_text
+from talm.train.evaluate import scores_text, val_loss_and_bpb
 from talm.train.inputs import make_loaders
 from talm.train.packing import ConversationLoader, micro_batches
 from talm.train.precision import Precision
@@ -100,7 +100,7 @@ class LanguageModeling:
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         assert self.eval_slice is not None
-        val_loss, bpb = evaluate(model, self.eval_slice, self.ctx, self.precision.autocast)
+        val_loss, bpb = val_loss_and_bpb(model, self.eval_slice, self.ctx, self.precision.autocast)
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0)), "val_bpb": bpb}
 
     def best_score(self, metrics: dict[str, float]) -> float:

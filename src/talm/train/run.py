@@ -147,7 +147,7 @@ def run_training(
     ctx = dist.setup(cfg.train.device)
     lock = rundir.run_lock(model_dir)
     try:
-        dist.on_main(lambda: rundir.take(model_dir, lock), ctx)
+        dist.on_main(lambda: rundir.lock_run_dir(model_dir, lock), ctx)
         cfg, checkpoint = resolve_run(model_dir, layers, **options)
         if checkpoint is not None and checkpoint.name == "best":
             why = "as asked" if resume_from == "best" else f"{model_dir / 'latest'} is missing or incomplete"
