@@ -154,7 +154,11 @@ def test_dpo_on_conversations_and_lm_on_pairs_are_refused_in_one_line(
 
 
 @pytest.mark.slow
-def test_two_process_ddp_dpo_matches_one_process(pairs_dir: Path, tiny_model_dir: Path, in_tmp: Path) -> None:
+def test_two_processes_ddp_and_fsdp_dpo_match_one_process(
+    pairs_dir: Path, tiny_model_dir: Path, in_tmp: Path
+) -> None:
+    """DDP with the frozen reference, and FSDP with stored reference log-probs (computed by the sharded model,
+    every rank as many forwards), give one process's metrics."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     args = ["-d", str(pairs_dir), "--preset", "dpo", "--init-from", str(tiny_model_dir), "--device", "cpu"]
     args += "--dtype float32 --batch-size 2 --train.tokens_per_step 256 --max-steps 4 --log-every 1".split()
@@ -168,17 +172,19 @@ def test_two_process_ddp_dpo_matches_one_process(pairs_dir: Path, tiny_model_dir
     assert single.returncode == 0, single.stderr
     assert "2 micro-step(s)" in single.stderr
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    ddp = subprocess.run(
-        [*torchrun, "-m", "talm.cli.train_model", *args, "-n", "ddp"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert ddp.returncode == 0, ddp.stderr
-    assert "2 process(es)" in ddp.stderr and "1 micro-step(s)" in ddp.stderr
-    keys = ["train_loss", "train_pref_accuracy", "train_reward_margin"]
-    for key in [*keys, "val_loss", "val_pref_accuracy", "val_reward_margin"]:
-        one = [r[key] for r in read_metrics("models/single") if key in r]
-        two = [r[key] for r in read_metrics("models/ddp") if key in r]
-        assert len(one) == len(two) > 0 and two == pytest.approx(one, rel=1e-4, abs=1e-5), key
+    for name, extra in (("ddp", []), ("fsdp", ["--train.parallel", "fsdp", "--dpo.reference", "stored"])):
+        run = subprocess.run(
+            [*torchrun, "-m", "talm.cli.train_model", *args, *extra, "-n", name],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        assert "2 process(es)" in run.stderr and "1 micro-step(s)" in run.stderr
+        assert f"parallel: {name}" in run.stderr
+        keys = ["train_loss", "train_pref_accuracy", "train_reward_margin"]
+        for key in [*keys, "val_loss", "val_pref_accuracy", "val_reward_margin"]:
+            one = [r[key] for r in read_metrics("models/single") if key in r]
+            two = [r[key] for r in read_metrics(f"models/{name}") if key in r]
+            assert len(one) == len(two) > 0 and two == pytest.approx(one, rel=1e-4, abs=1e-5), (name, key)
 
 
 def test_evaluate_data_dir_on_preference_pairs_is_refused_in_one_line(
