@@ -318,3 +318,15 @@ def test_make_preferences_writes_what_download_data_preferences_reads(in_tmp: Pa
     result = prepare(config(**args), progress=False)
     assert result.stats is not None and result.stats.malformed == 0
     assert result.manifest["totals"]["documents"] == 300
+
+
+def test_parquet_data_files_in_ultrafeedbacks_schema(in_tmp: Path, chat: ChatFormat) -> None:
+    """Its extra columns (prompt_id, messages, scores) are not read; the whole conversations give the pairs."""
+    import pyarrow.parquet as pq
+
+    rows = triples(25)
+    pq.write_table(ultrafeedback_table(rows), "prefs.parquet")
+    args = {"dataset": "uf", "data_files": ["prefs.parquet"], "preferences": True, "val_tokens": 100}
+    result = prepare(config(**args), progress=False)
+    stored = pairs_in(result.out_dir, "val") + pairs_in(result.out_dir, "train")
+    assert stored == [(expected(chat, p, c), expected(chat, p, r)) for p, c, r in rows]
