@@ -73,7 +73,7 @@ class PairSet:
                 f"({len(firsts)} chosen, {len(rejected)} rejected sides, {len(rises)} replies): remake it with "
                 "download_data --overwrite"
             )
-        ends = np.append(firsts[1:], total)
+        ends = np.append(firsts[1:], total)[: len(firsts)]  # each pair ends where the next begins
         chosen = fit_starts(firsts, rises[0::2], rejected, row_len)
         other = fit_starts(rejected, rises[1::2], ends, row_len)
         keep = (chosen >= 0) & (other >= 0)
