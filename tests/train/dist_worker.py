@@ -124,10 +124,10 @@ def muon_split(ctx: dist.DistContext) -> dict[str, Any]:
 def always_eot(eot_id: int) -> None:
     """This rank's sampling picks <|endoftext|> every time: its generation would end at once, the other rank's
     go on (how ranks whose sampling differs behave)."""
-    import talm.model.sample
+    import talm.model.engine
 
-    real = talm.model.sample.sample_next
-    talm.model.sample.sample_next = lambda logits, *args: torch.full_like(real(logits, *args), eot_id)
+    real = talm.model.engine.Engine._pick
+    talm.model.engine.Engine._pick = lambda self, seq, logits: [real(self, seq, logits), eot_id][1]
 
 
 def main(jobs_file: str) -> None:
