@@ -23,8 +23,10 @@ from typing import Any, Protocol
 import torch
 
 from talm.data.manifest import DataSet
+from talm.errors import TalmError
 from talm.train import dist
 from talm.train.config import RunConfig
+from talm.train.dpo import DPO
 from talm.train.evaluate import scores_text, val_loss_and_bpb
 from talm.train.inputs import make_loaders
 from talm.train.packing import ConversationLoader, micro_batches
@@ -126,5 +128,28 @@ def make_objective(
 ) -> Objective:
     """The objective `train.objective` names, over this rank's share of `data`; `model` is the plain model (an
     objective that samples from it, or keeps a frozen copy of its starting weights, takes it here)."""
-    del model  # language modelling needs only what the Trainer runs
+    check_data_kind(cfg, data)
+    if cfg.train.objective == "dpo":
+        return DPO(cfg, data, vocab_size, accum, ctx, precision, model)
     return LanguageModeling(cfg, data, vocab_size, accum, ctx, precision)
+
+
+# The data each objective trains on (the manifest's kind, talm.data.manifest.KINDS).
+OBJECTIVE_DATA = {"lm": ("text", "conversations"), "dpo": ("preferences",)}
+
+
+def check_data_kind(cfg: RunConfig, data: DataSet) -> None:
+    """TalmError (one line) when the run's objective does not train on the data's kind: preference tuning on
+    text or conversations, or next-token prediction on preference pairs (it would learn the rejected replies)."""
+    objective = cfg.train.objective
+    if data.kind in OBJECTIVE_DATA[objective]:
+        return
+    if data.kind == "preferences":
+        raise TalmError(
+            f"{str(data.dir)!r} holds preference pairs, which train.objective {objective} would learn both "
+            "replies of, the rejected too: tune on them with --preset dpo (--init-from your chat model)"
+        )
+    raise TalmError(
+        f"train.objective {objective} (--preset {objective}) tunes on preference pairs, but {str(data.dir)!r} "
+        f"holds {data.kind}: make pairs with download_data ultrafeedback (or --preferences with your own)"
+    )

@@ -24,6 +24,7 @@ from talm.train.checkpoint import DamagedCheckpoint, read_meta
 from talm.train.config import PRESET_DATA, PRESETS, RunConfig
 from talm.train.init import apply_source, check_data
 from talm.train.loop import Trainer, TrainResult
+from talm.train.objective import check_data_kind
 
 
 def preset(name: str) -> dict[str, Any]:
@@ -38,7 +39,10 @@ def preset_data_note(preset_name: str | None, data_dir: str | Path) -> str | Non
     if not preset_name:
         return None
     preset(preset_name)  # an unknown name: one line
-    conversations = read_data(data_dir, splits=("train",)).loss_mask
+    kind = read_data(data_dir, splits=("train",)).kind
+    if "preferences" in (kind, PRESET_DATA[preset_name]):
+        return None  # the objective and the data's kind: refused in one line if they differ (check_data_kind)
+    conversations = kind == "conversations"
     if PRESET_DATA[preset_name] == "conversations" and not conversations:
         raise TalmError(
             f"--preset {preset_name} fine-tunes on conversations (the loss on the assistant's replies), but "
@@ -103,6 +107,17 @@ def resolve_run(
     if checkpoint is None:
         data = apply_source(data, layers, flag_names)
     cfg = validate(RunConfig, data, flag_names)
+    try:
+        data_set = read_data(cfg.data.dir, splits=("train",))
+    except TalmError:
+        data_set = None  # the Trainer says what is wrong with the data, in its order of checks
+    if data_set is not None:
+        check_data_kind(cfg, data_set)
+    if checkpoint is None and cfg.train.objective == "dpo" and not cfg.train.init_from:
+        raise TalmError(
+            "--preset dpo (train.objective dpo) tunes a chat model on preference pairs: pass --init-from "
+            "models/CHAT, the model to start from (its weights are also the reference)"
+        )
     if checkpoint is None and cfg.train.init_from:
         check_data(cfg.train.init_from, cfg.data.dir)
     return cfg, checkpoint
