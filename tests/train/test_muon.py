@@ -275,7 +275,7 @@ def test_muon_orthogonalises_each_projection_of_a_fused_weight_alone(kv_heads: i
     def step_of(matrix: torch.Tensor) -> torch.Tensor:
         return (
             cfg.muon_lr
-            * orthogonalize(matrix, muon, ns_dtype).float()
+            * orthogonalize(matrix[None], muon, ns_dtype)[0].float()
             * max(1, matrix.size(0) / matrix.size(1)) ** 0.5
         )
 
