@@ -98,9 +98,8 @@ def main() -> None:
                     times[name].append(launch(src, preset, parallel, args.steps, args.nproc))
             for name, ts in times.items():
                 rounds = " ".join(f"{t * 1e3:.1f}" for t in ts)
-                print(
-                    f"{preset} {parallel} x{args.nproc} {name}: median {statistics.median(ts) * 1e3:.1f} ms ({rounds})"
-                )
+                how = f"{parallel} x{args.nproc}" if args.nproc > 1 else "one process"
+                print(f"{preset} {how} {name}: median {statistics.median(ts) * 1e3:.1f} ms ({rounds})")
     return None
 
 
