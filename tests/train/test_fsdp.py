@@ -2,7 +2,7 @@
 with Muon; across two torchrun "nodes" as on one; and its sharded checkpoints resume on another process count
 (2 -> 1, 1 -> 2) with the data order continuing exactly, as whole checkpoints resume under FSDP and DDP. Its model,
 built on the meta device and initialised shard by shard, is GPT(config)'s to the bit; Muon splits its
-orthogonalisation over the processes and updates the same bits.
+orthogonalisation over the processes (FSDP and DDP) and updates the same bits.
 
 Tolerance: every run here is float32 on CPU, and the runs differ only in how the gradient of a step is summed
 (two micro-batches accumulated on one process, or two processes' gradients averaged by an all-reduce or a

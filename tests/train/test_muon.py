@@ -227,9 +227,10 @@ def test_setting_embedding_lr_on_resume_is_one_line(tiny_data: Path, in_tmp: Pat
 
 @pytest.mark.slow
 def test_muon_under_two_process_ddp_matches_one_process(tiny_data: Path, in_tmp: Path) -> None:
-    """Muon orthogonalises the all-reduced gradient, the same matrix on every rank: 2 processes (gloo) train
-    like 1 process accumulating 2 micro-batches, up to float rounding (Newton-Schulz runs in bfloat16, so a
-    last-bit difference in a gradient can round differently: a looser tolerance than AdamW's test_ddp)."""
+    """Muon's processes split the orthogonalisation of the all-reduced gradient (each its share, then an
+    all_gather): 2 processes (gloo) train like 1 process accumulating 2 micro-batches, up to float rounding
+    (Newton-Schulz runs in bfloat16, so a last-bit difference in a gradient can round differently: a looser
+    tolerance than AdamW's test_ddp)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["-d", str(tiny_data), *ARGS, "--optim.name", "muon"]
     single = subprocess.run(
