@@ -308,9 +308,8 @@ def test_same_shape_matrices_are_one_batched_newton_schulz(
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     stacks: list[torch.Size] = []
-    alone: list[
-        tuple[torch.Tensor, torch.Tensor]
-    ] = []  # (a matrix of a stack, its update orthogonalised alone)
+    # (a matrix's update from its stack, its update orthogonalised alone)
+    alone: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def spy(x: torch.Tensor, group: dict, dtype: torch.dtype) -> torch.Tensor:
         stacks.append(x.shape)
@@ -322,12 +321,10 @@ def test_same_shape_matrices_are_one_batched_newton_schulz(
     build_optimizer(model, OptimConfig(name="muon", muon_per_projection=per_projection), CPU).step()
     kv = 32 if kv_heads is None else 8  # rows of k and v: kv_heads * head_dim
     if per_projection:  # q and proj (32 x 32; k, v too without GQA), gate and up (128 x 32), down (32 x 128)
-        want = [(12 if kv == 32 else 6, 32, 32), (6, 128, 32), (3, 32, 128)] + (
-            [] if kv == 32 else [(6, kv, 32)]
-        )
+        gqa = [] if kv == 32 else [(6, kv, 32)]  # k and v: a shape of their own
+        want = [(12 if kv == 32 else 6, 32, 32), (6, 128, 32), (3, 32, 128), *gqa]
     else:  # qkv (96 or 48 x 32), proj, gate_up (256 x 32), down
         want = [(3, 32 + 2 * kv, 32), (3, 32, 32), (3, 256, 32), (3, 32, 128)]
     assert sorted(map(tuple, stacks)) == sorted(want)
-    assert all(torch.equal(stacked, single) for stacked, single in alone) and len(alone) == sum(
-        s[0] for s in want
-    )
+    assert len(alone) == sum(count for count, _, _ in want)
+    assert all(torch.equal(stacked, single) for stacked, single in alone)
