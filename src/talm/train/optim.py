@@ -420,9 +420,8 @@ def replicated_group(params: list[torch.Tensor]) -> torch.distributed.ProcessGro
     """The process group over which whole (not FSDP-sharded) parameters are replicated: the default one when
     several processes run (talm then wraps the model in DDP, whose gradients are all-reduced), else None."""
     dist = torch.distributed
-    if any(isinstance(p, DTensor) for p in params) or not (
-        dist.is_initialized() and dist.get_world_size() > 1
-    ):
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not several or any(isinstance(p, DTensor) for p in params):
         return None
     return dist.group.WORLD
 
