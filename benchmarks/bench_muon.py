@@ -6,6 +6,7 @@ launched by torchrun (one thread each). Each `--src` is a talm source tree put f
 script times two versions of optim.py:
 
     python benchmarks/bench_muon.py --src before=/path/to/main/src --src after=src --presets tiny,small
+    python benchmarks/bench_muon.py --src after=src --nproc 1 --layout per-projection,fused
 
 Prints, per preset and parallel mode, each version's median step time of every round and the median over rounds.
 """
@@ -24,8 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def worker(preset: str, parallel: str, steps: int) -> None:
-    """One process of a launch: build the preset's model (sharded under fsdp), its Muon, and time its steps."""
+def worker(preset: str, parallel: str, steps: int, layout: str) -> None:
+    """One process of a launch: build the preset's model (sharded under fsdp), its Muon (per projection or
+    fused), and time its steps."""
     import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -45,7 +47,8 @@ def worker(preset: str, parallel: str, steps: int) -> None:
         for block in model.blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
-    optim = build_optimizer(model, OptimConfig(**PRESETS[preset]["optim"]), torch.device("cpu"))
+    cfg = OptimConfig(**PRESETS[preset]["optim"], muon_per_projection=layout == "per-projection")
+    optim = build_optimizer(model, cfg, torch.device("cpu"))
     muon = optim.optimizers["muon"]
     params = [p for group in muon.param_groups for p in group["params"]]
     times = []
@@ -64,11 +67,11 @@ def worker(preset: str, parallel: str, steps: int) -> None:
     torch.distributed.destroy_process_group()
 
 
-def launch(src: str, preset: str, parallel: str, steps: int, nproc: int) -> float:
+def launch(src: str, preset: str, parallel: str, steps: int, nproc: int, layout: str) -> float:
     """The median Muon step time of one torchrun launch of this script's worker with `src` first on the path."""
     env = {**os.environ, "PYTHONPATH": str(Path(src).resolve()), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-    cmd += [__file__, "--worker", preset, parallel, str(steps)]
+    cmd += [__file__, "--worker", preset, parallel, str(steps), layout]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, cwd=ROOT)
     if out.returncode != 0:
         raise SystemExit(out.stderr[-3000:])
@@ -85,17 +88,19 @@ def main() -> None:
         "--steps", type=int, default=10, help="timed steps per launch (after 3 warm-up steps)"
     )
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--layout", default="per-projection", help="per-projection, fused, or both (comma)")
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker[0], args.worker[1], int(args.worker[2]))
-    srcs = dict(s.split("=", 1) for s in args.src)
+        return worker(args.worker[0], args.worker[1], int(args.worker[2]), args.worker[3])
+    versions = [(f"{name} {layout}", src, layout) for name, src in (s.split("=", 1) for s in args.src)
+                for layout in args.layout.split(",")]  # fmt: skip
     for preset in args.presets.split(","):
         for parallel in args.parallel.split(","):
-            times: dict[str, list[float]] = {name: [] for name in srcs}
+            times: dict[str, list[float]] = {name: [] for name, _, _ in versions}
             for _ in range(args.rounds):
-                for name, src in srcs.items():  # interleaved: the machine's load hits every version alike
-                    times[name].append(launch(src, preset, parallel, args.steps, args.nproc))
+                for name, src, layout in versions:  # interleaved: the machine's load hits every version alike
+                    times[name].append(launch(src, preset, parallel, args.steps, args.nproc, layout))
             for name, ts in times.items():
                 rounds = " ".join(f"{t * 1e3:.1f}" for t in ts)
                 how = f"{parallel} x{args.nproc}" if args.nproc > 1 else "one process"
