@@ -300,6 +300,8 @@ class GPT(nn.Module):
         doc_ids: torch.Tensor | None = None,
         at: torch.Tensor | None = None,
         reduction: str = "mean",
+        attend: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T), and the mean cross-entropy if `targets` (B, T)
         are given (positions whose target is -1 are ignored); with reduction="sum", the sum, which is 0 with no
@@ -312,6 +314,9 @@ class GPT(nn.Module):
         With `doc_ids` (B, T), a position attends only to earlier positions of the same id, and positions count
         from each document's first token: a document packed after others is computed exactly as if alone (a
         learned position table needs the reset; RoPE, being relative, gives the same either way).
+        With `attend` (B, T, T), a boolean of which positions each position may attend to, and `positions` (B, T)
+        (no cache): any such layout, e.g. a shared context followed by several continuations that each see the
+        context and themselves only, each computed as if alone after the context (what scoring choices needs).
         """
         B, T = idx.shape
         start = 0 if cache is None else cache.length
@@ -319,7 +324,10 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence of {start + T} tokens exceeds the model's context_length={self.config.context_length}"
             )
-        if cache is None and doc_ids is None:
+        if cache is None and attend is not None:
+            mask, pos = attend.unsqueeze(1), positions
+            cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
+        elif cache is None and doc_ids is None:
             pos = torch.arange(T, device=idx.device)
             cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None  # is_causal: flash kernels on GPU
         elif (
