@@ -109,17 +109,28 @@ def stub_accelerate_if_missing() -> None:
 
 
 class Timed:
-    """Wraps a function, adding the seconds of each call to `seconds`."""
+    """Wraps a function, adding the seconds of each call to `seconds`; keeps the last call's arguments and result."""
 
     def __init__(self, fn) -> None:
-        self.fn, self.seconds = fn, 0.0
+        self.fn, self.seconds, self.last = fn, 0.0, None
 
     def __call__(self, *args, **kwargs):
         start = time.perf_counter()
         try:
-            return self.fn(*args, **kwargs)
+            result = self.fn(*args, **kwargs)
+            self.last = (args, result)
+            return result
         finally:
             self.seconds += time.perf_counter() - start
+
+
+def largest_ll_difference(talm_calls: Timed, lm_calls: Timed, choices: int = 4) -> float:
+    """max |log-likelihood| difference per request: talm's in example-then-choice order, the harness's by each
+    request's (doc_id, choice index)."""
+    ours = [ll for ll, _ in talm_calls.last[1]]
+    (instances,), theirs = lm_calls.last
+    by_key = {(inst.doc_id, inst.idx): ll for inst, (ll, _) in zip(instances, theirs, strict=True)}
+    return max(abs(ours[d * choices + k] - ll) for (d, k), ll in by_key.items())
 
 
 def main() -> None:
@@ -218,6 +229,9 @@ def main() -> None:
     same = all(abs(metrics["talm"][m] - metrics["lm-eval hf"][m]) < 1e-9 for m in ("acc", "acc_norm"))
     print(
         f"acc and acc_norm {'agree' if same else 'DIFFER'}: talm {metrics['talm']}, lm-eval {metrics['lm-eval hf']}"
+    )
+    print(
+        f"max |log-likelihood difference| over the requests: {largest_ll_difference(talm_calls, lm_calls):.1e}"
     )
     shutil.rmtree(work)
 

@@ -7,9 +7,12 @@ training document starts with it, so it is the model's "start of a document" (th
 `talm.use.lm_eval`, encodes the same way, so both score the same tokens).
 
 The log-likelihood is the sum over the continuation's tokens of log p(token | everything before it), from one
-forward pass without a KV cache. Requests are sorted by length and right-padded into batches (padding after a
-sequence cannot change a causal model's outputs before it), and only the continuation's positions go through the
-float32 log-softmax.
+forward pass without a KV cache. Requests that share a context (a multiple-choice example's choices) share one
+row: the context once, then each choice, which attends to the context and to itself only, at the positions it
+would have alone, so each scores as if computed alone, for about half the work on HellaSwag (a context of ~40
+tokens, 4 endings of ~20). Rows are sorted by width and right-padded into batches (padding after a sequence
+cannot change a causal model's outputs before it), and only the positions that predict a continuation token go
+through the output layer and the float32 log-softmax (the context's last one once, for every choice).
 
 Metrics (as the harness defines them): acc is whether the likeliest choice is the right one; acc_norm divides each
 choice's log-likelihood by the choice's length in characters first; LAMBADA's acc is whether every continuation
