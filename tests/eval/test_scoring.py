@@ -224,3 +224,17 @@ def test_a_shared_context_is_computed_once_and_the_output_layer_only_where_score
     assert sum(head_rows) == 1 + sum(len(e) - 1 for e in endings)  # 8 rows, not 11
     for (ll, _), ending in zip(got, endings, strict=True):
         assert ll == pytest.approx(one_at_a_time(model, (context, ending))[0], abs=1e-4)
+
+
+def test_rows_of_very_different_widths_do_not_share_a_batch() -> None:
+    """A 40-token request and a 4-token one, batch size 64: two forward passes, not one padded to 2 x 40 (a
+    batch's padding stays under a quarter of its positions)."""
+    model = varied_model(vocab=100, context=64)
+    requests = [(list(range(1, 38)), [5, 6, 7, 8]), ([1, 2], [3, 4, 5])]
+    fed: list[int] = []
+    hook = model.tok_emb.register_forward_hook(lambda m, args, out: fed.append(args[0].numel()))
+    got = score_tokens(model, requests, batch_size=64)
+    hook.remove()
+    assert fed == [40, 4]
+    for (ll, _), request in zip(got, requests, strict=True):
+        assert ll == pytest.approx(one_at_a_time(model, request)[0], abs=1e-4)

@@ -10,8 +10,8 @@ The log-likelihood is the sum over the continuation's tokens of log p(token | ev
 forward pass without a KV cache. Requests that share a context (a multiple-choice example's choices) share one
 row: the context once, then each choice, which attends to the context and to itself only, at the positions it
 would have alone, so each scores as if computed alone, for about half the work on HellaSwag (a context of ~40
-tokens, 4 endings of ~20). Rows are sorted by width and right-padded into batches (padding after a sequence
-cannot change a causal model's outputs before it), and only the positions that predict a continuation token go
+tokens, 4 endings of ~20). Rows are sorted by width and right-padded into batches of similar widths (padding
+after a sequence cannot change a causal model's outputs before it; under 25% of the positions), and only the positions that predict a continuation token go
 through the output layer and the float32 log-softmax (the context's last one once, for every choice).
 
 Metrics (as the harness defines them): acc is whether the likeliest choice is the right one; acc_norm divides each
@@ -134,6 +134,18 @@ def attend_mask(branch: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return ((k_branch == 0) | (k_branch == q_branch)) & (pos[:, None, :] <= pos[:, :, None])
 
 
+def batches(rows: Sequence[SharedRow], batch_size: int, fill: float = 0.8) -> list[list[SharedRow]]:
+    """Rows (sorted widest first) in batches of at most `batch_size`, a row joining a batch only if at least
+    `fill` as wide as its first: padding stays under 1/fill - 1 of the real positions (25%) whatever the widths'
+    spread (a few dozen examples of varied lengths in one batch would pad by a third or more)."""
+    out: list[list[SharedRow]] = []
+    for row in rows:
+        if not out or len(out[-1]) == batch_size or row.width < fill * out[-1][0].width:
+            out.append([])
+        out[-1].append(row)
+    return out
+
+
 @torch.no_grad()
 def score_tokens(
     model: torch.nn.Module,
@@ -148,13 +160,13 @@ def score_tokens(
     device = next(model.parameters()).device
     context_length = model.config.context_length
     rows = shared_rows([fit(r, context_length) for r in requests], context_length)
-    rows.sort(key=lambda row: -row.width)  # similar widths share a batch: little padding
+    rows.sort(key=lambda row: -row.width)  # similar widths share a batch
     out: list[tuple[float, bool]] = [(0.0, True)] * len(requests)
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(requests), desc=progress, unit="req", disable=progress is None, leave=False)
-    for start in range(0, len(rows), batch_size):
-        b = row_batch(rows[start : start + batch_size])
+    for batch in batches(rows, batch_size):
+        b = row_batch(batch)
         layout = {}
         if b.branch.max() > 1:  # a row shares its head: the layout's own mask (else plain causal, faster)
             layout = {"attend": attend_mask(b.branch, b.pos).to(device), "positions": b.pos.to(device)}
