@@ -11,8 +11,9 @@ forward pass without a KV cache. Requests that share a context (a multiple-choic
 row: the context once, then each choice, which attends to the context and to itself only, at the positions it
 would have alone, so each scores as if computed alone, for about half the work on HellaSwag (a context of ~40
 tokens, 4 endings of ~20). Rows are sorted by width and right-padded into batches of similar widths (padding
-after a sequence cannot change a causal model's outputs before it; under 25% of the positions), and only the positions that predict a continuation token go
-through the output layer and the float32 log-softmax (the context's last one once, for every choice).
+after a sequence cannot change a causal model's outputs before it; under 25% of the positions), and only the
+positions that predict a continuation token go through the output layer and the float32 log-softmax (the
+context's last one once, for every choice).
 
 Metrics (as the harness defines them): acc is whether the likeliest choice is the right one; acc_norm divides each
 choice's log-likelihood by the choice's length in characters first; LAMBADA's acc is whether every continuation
@@ -77,6 +78,8 @@ def shared_rows(fitted: Sequence[tuple[list[int], int]], context_length: int) ->
     so the context is computed once instead of once per choice), a row at most `context_length` wide."""
     by_head: dict[tuple[int, ...], list[SharedRow]] = {}
     for i, (ids, n) in enumerate(fitted):
+        if n == 0:  # an empty continuation: nothing to compute, log-likelihood 0 (the sum over no tokens)
+            continue
         rows = by_head.setdefault(tuple(ids[: len(ids) - n]), [])
         if not rows or rows[-1].width + n - 1 > context_length:
             rows.append(SharedRow(ids[: len(ids) - n]))
@@ -129,7 +132,8 @@ def row_batch(rows: Sequence[SharedRow]) -> RowBatch:
 
 def attend_mask(branch: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """(B, T, T): a head position sees the head up to itself; a tail position the head and its own tail up to
-    itself; padding (branch -1) sees itself and the head only, so no row is empty, and no one sees it."""
+    itself; padding (branch -1, position 0) sees the first position and other padding, so no row of the mask is
+    empty, and no real position sees padding."""
     q_branch, k_branch = branch[:, :, None], branch[:, None, :]
     return ((k_branch == 0) | (k_branch == q_branch)) & (pos[:, None, :] <= pos[:, :, None])
 
