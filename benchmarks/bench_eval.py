@@ -7,7 +7,8 @@
 A model of a preset's shape (random weights: speed does not depend on them) scores synthetic multiple-choice
 examples shaped like HellaSwag's validation split in GPT-2 tokens: 4 endings per example, contexts of 20-80
 tokens and endings of 10-40 (the real ones average about 40 and 20), each request scored as in `evaluate`
-(<|endoftext|> + context + ending in one KV-free forward pass). Prints examples/s for each batch size, the time
+(<|endoftext|> + context + ending in one KV-free forward pass, an example's endings sharing one row and
+its context). Prints examples/s for each batch size, the time
 the 10,042 examples of HellaSwag would take at that rate, and checks that every batch size gives the same
 log-likelihoods as batch size 1.
 """
@@ -91,7 +92,7 @@ def main() -> None:
         drift = (lls - reference).abs().max().item()
         rate = args.examples / seconds
         print(
-            f"batch {batch_size:>4}: {seconds:8.2f} s, {rate:8.1f} examples/s, {tokens / seconds:>10,.0f} tokens/s; "
+            f"batch {batch_size:>4}: {seconds:8.2f} s, {rate:8.2f} examples/s, {tokens / seconds:>10,.0f} tokens/s; "
             f"HellaSwag's {HELLASWAG_EXAMPLES:,} examples: {HELLASWAG_EXAMPLES / rate / 60:6.1f} min "
             f"(max |ll - batch {args.batch_sizes[0]}|: {drift:.1e})"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -37,8 +38,10 @@ class LikesTokens(nn.Module):
         with torch.no_grad():
             self.table[list(liked)] = boost
 
-    def forward(self, idx: torch.Tensor, at: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
-        logits = self.table.expand(*idx.shape, -1)
+    def forward(
+        self, idx: torch.Tensor, at: torch.Tensor | None = None, **layout: Any
+    ) -> tuple[torch.Tensor, None]:
+        logits = self.table.expand(*idx.shape, -1)  # the same whatever the context: `layout` changes nothing
         return (logits if at is None else logits[at]), None  # `at`: GPT.forward's chosen positions
 
 
@@ -146,3 +149,92 @@ def test_centered_score_of_random_guessing_is_about_zero() -> None:
 def test_last_word_metrics() -> None:
     metrics = last_word_metrics([(-1.0, True), (-3.0, False)])
     assert metrics == {"acc": 0.5, "ppl": pytest.approx(math.exp(2.0)), "random": 0.0}
+
+
+def one_at_a_time(model: torch.nn.Module, request: tuple[list[int], list[int]]) -> tuple[float, bool]:
+    """The unshared computation: the request's own forward pass, every position's logits, float64 log-softmax."""
+    ids, n = fit(request, model.config.context_length)
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids[:-1]]))
+    logp = torch.log_softmax(logits[0, -n:].double(), dim=-1)
+    target = torch.tensor(ids[-n:])
+    return logp[torch.arange(n), target].sum().item(), bool((logits[0, -n:].argmax(-1) == target).all())
+
+
+def choice_requests(vocab: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """Contexts of 1-30 tokens with 1-5 continuations of 1-14 tokens each (some too long for a 24-token model,
+    whose oldest context is then cut, and some whose choices overflow one row), and one request alone."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def ids(low: int, high: int) -> list[int]:
+        return torch.randint(
+            0, vocab, (int(torch.randint(low, high + 1, (1,), generator=gen)),), generator=gen
+        ).tolist()
+
+    requests = []
+    for _ in range(9):
+        context = ids(1, 30)
+        requests += [(context, ids(1, 14)) for _ in range(int(torch.randint(1, 6, (1,), generator=gen)))]
+    return requests + [([1], [2]), ([3, 4], [])]  # one alone, one with nothing to score
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_shared_contexts_give_the_log_likelihoods_of_each_request_alone(arch: str) -> None:
+    """Choices sharing a context in one row (the context computed once) score as each request computed alone,
+    with RoPE and with a learned position table, whatever the batch size."""
+    from talm.model.config import ModelConfig
+    from talm.model.gpt import GPT
+
+    model = varied_model(vocab=100, context=24)
+    if arch == "gpt2":
+        torch.manual_seed(0)
+        config = ModelConfig(
+            vocab_size=100, context_length=24, n_layer=2, n_head=4, d_model=32, arch="gpt2", mlp="gelu"
+        )
+        model = GPT(config).eval()
+        with torch.no_grad():  # as varied_model: choices clearly apart
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, 0.3)
+    requests = choice_requests(100, seed=1)
+    expected = [one_at_a_time(model, r) if r[1] else (0.0, True) for r in requests]
+    for batch_size in (1, 3, 64):
+        got = score_tokens(model, requests, batch_size=batch_size)
+        for (ll, greedy), (want, want_greedy) in zip(got, expected, strict=True):
+            assert ll == pytest.approx(want, abs=1e-4)
+            assert greedy == want_greedy
+
+
+def test_a_shared_context_is_computed_once_and_the_output_layer_only_where_scored() -> None:
+    """4 choices after one context: the model sees the context once (not 4 times) and the output layer gets one
+    row per distinct predicting position (the context's last position predicts every choice's first token)."""
+    model = varied_model(vocab=100, context=64)
+    context, endings = list(range(1, 21)), [[30, 31, 32], [40], [50, 51], [60, 61, 62, 63, 64]]
+    fed, head_rows = [], []
+    hooks = [
+        model.tok_emb.register_forward_hook(lambda m, args, out: fed.append(args[0].numel())),
+        model.lm_head.register_forward_hook(lambda m, args, out: head_rows.append(args[0].shape[0])),
+    ]
+    got = score_tokens(model, [(context, e) for e in endings], batch_size=1)
+    for h in hooks:
+        h.remove()
+    assert sum(fed) == len(context) + sum(
+        len(e) - 1 for e in endings
+    )  # 27 positions, not 4 rows of 20-24 (87)
+    assert sum(head_rows) == 1 + sum(len(e) - 1 for e in endings)  # 8 rows, not 11
+    for (ll, _), ending in zip(got, endings, strict=True):
+        assert ll == pytest.approx(one_at_a_time(model, (context, ending))[0], abs=1e-4)
+
+
+def test_rows_of_very_different_widths_do_not_share_a_batch() -> None:
+    """A 40-token request and a 4-token one, batch size 64: two forward passes, not one padded to 2 x 40 (a
+    batch's padding stays under a quarter of its positions)."""
+    model = varied_model(vocab=100, context=64)
+    requests = [(list(range(1, 38)), [5, 6, 7, 8]), ([1, 2], [3, 4, 5])]
+    fed: list[int] = []
+    hook = model.tok_emb.register_forward_hook(lambda m, args, out: fed.append(args[0].numel()))
+    got = score_tokens(model, requests, batch_size=64)
+    hook.remove()
+    assert fed == [40, 4]
+    for (ll, _), request in zip(got, requests, strict=True):
+        assert ll == pytest.approx(one_at_a_time(model, request)[0], abs=1e-4)

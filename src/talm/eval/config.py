@@ -20,7 +20,8 @@ class EvalConfig(Config):
     limit: int | None = Field(default=None, ge=1)
     """Score only the first this many examples of each task (unset: all of them)."""
     batch_size: int = Field(default=32, ge=1)
-    """Sequences per forward pass while scoring."""
+    """Rows per forward pass while scoring (a row: one context and its choices, at most the model's context
+    length)."""
     tasks_dir: str | None = None
     """Directory holding local copies of the tasks' Hub repositories (DIR/OWNER/NAME, e.g. DIR/Rowan/hellaswag);
     unset: the Hugging Face Hub (or its cache)."""

@@ -423,6 +423,8 @@ class GPT(nn.Module):
         doc_ids: torch.Tensor | None = None,
         at: torch.Tensor | None = None,
         reduction: str = "mean",
+        attend: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T), and the mean cross-entropy if `targets` (B, T)
         are given (positions whose target is -1 are ignored); with reduction="sum", the sum, which is 0 with no
@@ -435,6 +437,9 @@ class GPT(nn.Module):
         With `doc_ids` (B, T), a position attends only to earlier positions of the same id, and positions count
         from each document's first token: a document packed after others is computed exactly as if alone (a
         learned position table needs the reset; RoPE, being relative, gives the same either way).
+        With `attend` (B, T, T), a boolean of which positions each position may attend to, and `positions` (B, T)
+        (no cache): any such layout, e.g. a shared context followed by several continuations that each see the
+        context and themselves only, each computed as if alone after the context (what scoring choices needs).
         """
         B, T = idx.shape
         if cache is None and T > self.config.context_length:
@@ -443,6 +448,9 @@ class GPT(nn.Module):
             )
         if cache is not None:  # each cache knows where its rows' new tokens go and what they may attend to
             pos, mask = cache.layout(T, idx.device)
+            cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
+        elif attend is not None:  # a layout of the caller's (scoring: a shared context, several continuations)
+            mask, pos = attend.unsqueeze(1), positions
             cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
         elif doc_ids is None:
             pos = torch.arange(T, device=idx.device)
