@@ -67,6 +67,11 @@ class JsonRows:
         if values:
             yield values, places
 
+    def rows_of(self, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Every row of one file, whole (all its columns), with where it is ("'x.jsonl' line 7")."""
+        for number, row in self._rows_of(path, skip=0):
+            yield f"{path!r} {'line' if number > 0 else 'item'} {abs(number)}", row
+
     def _rows_of(self, path: str, *, skip: int) -> Iterator[tuple[int, dict[str, Any]]]:
         """(line number, or minus the item number in a JSON array; the row) of each row after the first `skip`
         lines (items)."""

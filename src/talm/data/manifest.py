@@ -20,6 +20,8 @@ The manifest, a JSON object (written with `manifest_bytes`, read with `read_mani
     totals        {tokens, documents, bytes, empty_documents} of the listed shards
     resume        None once complete, else a `resume_point`: where the stream stands after the last shard
     complete      True once the stream (or max_tokens) ended and its last shard is listed
+    kind          what the directory holds; a manifest with kind "prompts" (prompts with reference answers,
+                  `talm.data.prompts`) has its own layout and no shards, and `read_manifest` refuses it
     loss_mask     (conversation data only; absent in text data) True: every shard `X.npy` has a loss-mask shard
                   `X.mask.npy` beside it (`mask_name`), and "empty_documents" counts the malformed conversations
                   that were skipped
@@ -278,12 +280,18 @@ def _manifest_error(path: Path, problem: str) -> TalmError:
 
 def read_manifest(path: Path) -> dict[str, Any]:
     """One manifest file, parsed and checked for the fields every reader needs; TalmError if it is not one."""
+    meta = None
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
         fmt, _, _, listed = meta["format"], meta["tokenizer"], np.dtype(meta["dtype"]), meta["shards"]
         for entry in listed:
             _ = str(entry["file"]), str(entry["split"]), int(entry["tokens"])
     except (OSError, ValueError, KeyError, TypeError) as err:
+        if isinstance(meta, dict) and meta.get("kind") == "prompts":  # talm.data.prompts: no token shards
+            raise TalmError(
+                f"{str(path.parent)!r} holds prompts with reference answers, not token shards: train on it with "
+                "--preset grpo (--init-from a chat model), or pass a text or conversation data directory"
+            ) from None
         raise _manifest_error(path, f"cannot be read ({type(err).__name__}: {err})") from None
     if fmt != FORMAT:
         raise _manifest_error(path, f"has format {fmt!r}, not {FORMAT!r}")
