@@ -272,12 +272,13 @@ def test_evaluate_makes_no_float64_tensor_and_keeps_its_value(tiny_data: Path, i
             return out
 
     with NoFloat64():
-        val_loss, bpb = trainer.evaluate()
+        metrics = trainer.objective.evaluate(trainer.model)
+    val_loss, bpb = metrics["val_loss"], metrics["val_bpb"]
     # the same mean computed in float64 throughout (the forwards in the run's precision: bf16 on CPUs with it)
     total, count = torch.zeros((), dtype=torch.float64), 0
     trainer.model.eval()
     with torch.no_grad():
-        for x, y in trainer.eval_slice:
+        for x, y in trainer.objective.eval_slice:
             with trainer.precision.autocast():
                 loss = trainer.model(x, y)[1]
             total += loss.double() * y.numel()

@@ -72,6 +72,9 @@ class OptimConfig(Config):
 class TrainConfig(Config):
     """The training loop: batch, length, evaluation, checkpoints, device and precision."""
 
+    objective: Literal["lm"] = "lm"
+    """What a step minimises (train/objective.py): lm = next-token prediction, on every token of text data or
+    on the assistant's tokens of conversation data (pretraining and SFT)."""
     max_steps: int = Field(default=5000, ge=1)
     """Optimizer steps to train for (the cosine schedule ends here)."""
     batch_size: int = Field(default=16, ge=1)

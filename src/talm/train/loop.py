@@ -34,11 +34,10 @@ from talm.model.threads import use_cpu_threads
 from talm.train import dist, init, resume, rundir, state
 from talm.train.checkpoint import read_meta
 from talm.train.config import RunConfig
-from talm.train.evaluate import evaluate, scores_text
-from talm.train.inputs import accumulation, load_inputs, make_loaders
+from talm.train.inputs import accumulation, load_inputs
 from talm.train.metrics import MetricsLog
+from talm.train.objective import make_objective
 from talm.train.optim import apply_schedule, build_optimizer, group_multipliers
-from talm.train.packing import ConversationLoader, micro_batches
 from talm.train.parallel import Parallel
 from talm.train.precision import Precision, set_deterministic
 from talm.train.report import make_sinks
@@ -75,7 +74,7 @@ def announce(tr: Trainer) -> None:
             say(note)
     elif tr.step == 0:
         source = init.describe(t.init_from) if t.init_from else "scratch"
-        if not t.init_from and isinstance(tr.loader, ConversationLoader):
+        if not t.init_from and tr.data.loss_mask:
             source += (
                 " (random weights; to fine-tune a base model on these conversations: --init-from models/BASE)"
             )
@@ -90,9 +89,9 @@ def announce(tr: Trainer) -> None:
     say(f"parallel: {tr.parallel.description}{checkpointing}")
     say(tr.threads)
     say(describe(tr.cfg))
-    if isinstance(tr.loader, ConversationLoader):
-        say(tr.loader.describe())
-    if tr.eval_slice is None:
+    for line in tr.objective.describe():
+        say(line)
+    if not tr.objective.has_val:
         say(f"no val split in {tr.data.dir}: training without evaluation, so no best/ checkpoint")
     if not tr.data.complete:
         say(f"note: {tr.data.dir} is not complete (download_data is still writing or was stopped)")
@@ -102,8 +101,9 @@ def already_trained(tr: Trainer) -> TrainResult:
     """A run resumed at (or past) max_steps: say so on stdout, with the scores its checkpoint recorded."""
     meta = read_meta(tr.resume_from or tr.model_dir / "latest")
     val_loss, bpb = meta.get("val_loss"), meta.get("val_bpb")
+    scores = meta.get("scores") or {"val_loss": val_loss, "val_bpb": bpb}
     dist.print0(
-        f"{tr.model_dir} is already trained to step {tr.step} ({scores_text(val_loss, bpb)}): raise "
+        f"{tr.model_dir} is already trained to step {tr.step} ({tr.objective.scores_text(scores)}): raise "
         "--max-steps to train further, or pass --restart to start over",
         ctx=tr.ctx,
         file=sys.stdout,
@@ -146,9 +146,6 @@ class Trainer:
         self.data, self.tokenizer = load_inputs(cfg)  # sets cfg.model.vocab_size if unset
         self.cfg = cfg
         self.tokens_per_step, self.accum = accumulation(cfg, self.ctx.world_size)
-        vocab = self.tokenizer.vocab_size  # every id in the data must be one of the tokenizer's
-        self.loader, self.eval_slice = make_loaders(cfg, self.data, vocab, self.accum, self.ctx)
-
         self.precision = Precision(t.dtype, self.device)
         # DDP or FSDP; under FSDP the model is built sharded (never whole on one process), and either way before
         # the optimizer is built over its parameters.
@@ -156,6 +153,10 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = init.build_model(cfg, self.tokenizer, self.parallel, resumed=resume_from is not None)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        vocab = self.tokenizer.vocab_size  # every id in the data must be one of the tokenizer's
+        self.objective = make_objective(
+            cfg, self.data, vocab, model=self.model, accum=self.accum, ctx=self.ctx, precision=self.precision
+        )
         self.task_scores = TrainingTasks.of_run(self.tokenizer, t, self.precision.autocast)  # --eval-tasks
         # A multiplier of each group's peak lr, re-warmed over the segment a resume decided (resume.rewarm_segment).
         self.lr_segment = plan.lr_segment
@@ -165,7 +166,7 @@ class Trainer:
         self.tokens_seen = 0
         self.elapsed = 0.0  # training seconds of earlier sessions of this run
         self.best_val_loss = math.inf
-        self.last_val: tuple[float, float | None] | None = None
+        self.last_val: dict[str, Any] | None = None  # the last evaluation's metrics
         self.data_wait = 0.0  # seconds spent waiting for batches in this session
         self.stop_asked = False  # whether Ctrl-C had come when the last step read it
         self._t0 = time.perf_counter()
@@ -175,67 +176,66 @@ class Trainer:
             state.restore(self, resume_from, saved)
         else:  # the init above was the same on every rank; dropout must differ per rank
             torch.manual_seed(t.seed + self.ctx.rank)
-        self.loader.check_next()  # the shard of the first batch: ids out of range fail before any write
+        self.objective.check_next()  # the first batch's data: bad ids fail before any write
         self.net = self.parallel.wrap(self.model, compile=t.compile)
 
     def now(self) -> float:
         """Training seconds of the whole run so far (earlier sessions included)."""
         return self.elapsed + (time.perf_counter() - self._t0)
 
-    def save(self, which: str, val: tuple[float, float | None] | None = None) -> None:
+    def save(self, which: str, val: dict[str, Any] | None = None) -> None:
         """Write models/NAME/<which> (latest or best); every rank takes part."""
         state.save(self, which, val)
-
-    def evaluate(self) -> tuple[float, float | None]:
-        """Mean val loss (nats/token) over all ranks, and bits per byte."""
-        assert self.eval_slice is not None
-        return evaluate(self.model, self.eval_slice, self.ctx, self.precision.autocast)
 
     def _record(self, **values: Any) -> dict[str, Any]:
         """A metrics.jsonl record: where the run is (step, tokens, seconds), then `values`."""
         return {"step": self.step, "tokens": self.tokens_seen, "time": round(self.now(), 3), **values}
 
     def eval_and_log(self, log: MetricsLog) -> None:
-        (val_loss, bpb), tasks = self.evaluate(), self.task_scores(self.model, self.step)  # --eval-tasks
-        record = self._record(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 700.0)), val_bpb=bpb, **tasks)
+        metrics = self.objective.evaluate(self.model)
+        tasks = self.task_scores(self.model, self.step)  # --eval-tasks
+        record = self._record(**metrics, **tasks)
         samples = samples_at_eval(  # --sample-every's continuations, when due
             self.model, self.tokenizer, self.precision, self.cfg, self.step,
             sharded=self.parallel.sharded, is_main=self.ctx.is_main,
         )  # fmt: skip
         log.log(record | samples)
-        self.last_val = (val_loss, bpb)
-        if val_loss < self.best_val_loss:
-            self.best_val_loss = val_loss
+        self.last_val = metrics
+        score = self.objective.best_score(metrics)
+        if score < self.best_val_loss:
+            self.best_val_loss = score
             self.save("best", self.last_val)
         log.on_eval()
 
     def train_step(self, stop: StopRequest) -> tuple[torch.Tensor, float]:
         """One optimizer step over `accum` micro-batches: (its stats, lr). The stats stay on the device, summed over
-        ranks: [mean loss, gradient norm, ranks asking to stop]. Reading them waits for the device to finish the
+        ranks: [mean loss, gradient norm, ranks asking to stop, the objective's stats (means over micro-batches)].
+        Reading them waits for the device to finish the
         step, so the loop reads them only on log, eval and save steps (`settle`), and the host queues the next
         step meanwhile. A non-finite loss is caught at the next read, before anything is saved or evaluated."""
         lr = apply_schedule(self.optimizer, self.cfg.optim, self.step, self.lr_mult(self.step))  # AdamW's lr
         scaler = self.precision.scaler
         loss_sum = torch.zeros((), device=self.device)
-        batches = micro_batches(self.loader, self.accum, self.ctx)
+        stat_sums = torch.zeros(len(self.objective.stat_names), device=self.device)
+        batches = self.objective.step_batches()
         for micro in range(self.accum):
             t = time.perf_counter()
-            x, y, extra, scale = next(batches)  # conversation data: doc_ids, and a scale (packing.py)
+            batch = next(batches)
             self.data_wait += time.perf_counter() - t
             last = micro == self.accum - 1
             with self.parallel.micro_step(self.net, self.model, last):
                 with self.precision.autocast():
-                    loss = self.net(x, y, **extra)[1] * scale
+                    loss, stats = self.objective.loss(self.net, batch)
                 loss_sum += loss.detach()
+                stat_sums += stats.float()
                 scaler.scale(loss / self.accum).backward()
         scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.grad_clip or math.inf
         grad_norm = self.parallel.grad_norm(self.model, clip)
         self.stop_asked = stop.requested  # read once per step: the loop's own check uses this reading too
         stop_vote = torch.tensor(float(self.stop_asked), device=self.device)
-        stats = dist.all_reduce_sum(
-            torch.stack([loss_sum / self.accum, grad_norm.float(), stop_vote]).float()
-        )
+        step_stats = torch.stack([loss_sum / self.accum, grad_norm.float(), stop_vote]).float()
+        stats = dist.all_reduce_sum(torch.cat([step_stats, stat_sums / self.accum]))
         scaler.step(self.optimizer)
         scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -267,12 +267,12 @@ class Trainer:
                     pending.append((self.step, stats))
                     last = self.step == t.max_steps
                     logs = self.step % t.log_every == 0 or last
-                    evals = self.eval_slice is not None and (self.step % t.eval_every == 0 or last)
+                    evals = self.objective.has_val and (self.step % t.eval_every == 0 or last)
                     saves = self.step % t.save_every == 0 or last
                     # Steps are read on a schedule every rank shares (so all stop at the same step); a single
                     # process also reads as soon as Ctrl-C is pressed. Many ranks stop within log_every steps.
                     if logs or evals or saves or (self.stop_asked and self.ctx.world_size == 1):
-                        loss, interrupted = self.settle(pending)
+                        loss, means, interrupted = self.settle(pending)
                         pending = []
                     dt = time.perf_counter() - t_step
                     train_seconds += dt
@@ -282,6 +282,7 @@ class Trainer:
                         tps = window_tokens / window_time if window_time else 0.0
                         mfu = self.utilisation(tps)
                         extra = {} if mfu is None else {"mfu": round(mfu, 4)}
+                        extra |= {f"train_{k}": v for k, v in means.items()}
                         log.log(self._record(train_loss=loss, lr=lr, tokens_per_s=tps, **extra))
                         postfix |= {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok_s": f"{tps:,.0f}"}
                         postfix |= {} if mfu is None else {"mfu": f"{100 * mfu:.1f}%"}
@@ -293,7 +294,8 @@ class Trainer:
                     if evals:
                         self.eval_and_log(log)
                         assert self.last_val is not None
-                        postfix["val"] = f"{self.last_val[0]:.4f}"  # shown until the next evaluation
+                        # the first metric, shown until the next evaluation
+                        postfix["val"] = f"{next(iter(self.last_val.values())):.4f}"
                         bar.set_postfix(postfix, refresh=False)
                     if saves:
                         self.save("latest", self.last_val)
@@ -305,11 +307,12 @@ class Trainer:
             log.close()
         return train_seconds, interrupted
 
-    def settle(self, pending: list[tuple[int, torch.Tensor]]) -> tuple[float, bool]:
+    def settle(self, pending: list[tuple[int, torch.Tensor]]) -> tuple[float, dict[str, float], bool]:
         """Read the stats of the steps since the last read (one wait for the device): (the last step's mean loss
-        over ranks, whether any rank asked to stop). Raises if any of those steps diverged, naming the first."""
+        over ranks, its objective's stats, whether any rank asked to stop). Raises if any of those steps
+        diverged, naming the first."""
         values = torch.stack([stats for _, stats in pending]).tolist()
-        for (step, _), (loss_sum, grad_norm, _) in zip(pending, values, strict=True):
+        for (step, _), (loss_sum, grad_norm, *_) in zip(pending, values, strict=True):
             loss = loss_sum / self.ctx.world_size
             # With float16's scaler an inf gradient only skips the step (and lowers the scale): not a divergence.
             if not math.isfinite(loss) or (
@@ -317,7 +320,9 @@ class Trainer:
             ):
                 what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
                 raise rundir.diverged(self.model_dir, f"step {step} ({what})")
-        return values[-1][0] / self.ctx.world_size, any(v[2] > 0 for v in values)
+        world = self.ctx.world_size
+        means = {k: v / world for k, v in zip(self.objective.stat_names, values[-1][3:], strict=True)}
+        return values[-1][0] / world, means, any(v[2] > 0 for v in values)
 
     def utilisation(self, tokens_per_s: float) -> float | None:
         """Model FLOPs utilisation: the model's training FLOP/s over the peak of every process's device."""
@@ -354,13 +359,14 @@ class Trainer:
             raise KeyboardInterrupt
         seconds, tokens = self.now(), self.tokens_seen - start_tokens
         tps = tokens / train_seconds if train_seconds else 0.0
-        val_loss, bpb = self.last_val if self.last_val else (None, None)
+        scores = self.last_val or {}
         dist.print0(
             f"done: {self.step - start_step} steps, {tokens:,} tokens in {train_seconds:.1f}s "
             f"({tps:,.0f} tokens/s{mfu_text(self.utilisation(tps))}, "
             f"data wait {100 * self.data_wait / max(train_seconds, 1e-9):.1f}%); "
-            f"{scores_text(val_loss, bpb)}; saved {self.model_dir / 'latest'}",
+            f"{self.objective.scores_text(scores)}; saved {self.model_dir / 'latest'}",
             ctx=self.ctx,
             file=sys.stdout,
         )
+        val_loss, bpb = scores.get("val_loss"), scores.get("val_bpb")
         return TrainResult(self.step, self.tokens_seen, seconds, tps, val_loss, bpb, self.model_dir)

@@ -54,6 +54,10 @@ POLICY: dict[str, tuple[str, str]] = {
         for k in ("schedule", "decay_fraction", "min_lr_ratio", "warmup_steps")
     },
     "optim.rewarm": (SILENT, ""),
+    "train.objective": (
+        REFUSED,
+        "another stage: train it under a new --model-name with --init-from this model",
+    ),
     "train.max_steps": (SCHEDULE, ""),
     "train.batch_size": (BATCH, ""),
     "train.tokens_per_step": (BATCH, ""),

@@ -72,7 +72,7 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save(trainer: Trainer, which: str, val: tuple[float, float | None] | None = None) -> None:
+def save(trainer: Trainer, which: str, val: dict[str, Any] | None = None) -> None:
     """Write models/NAME/<which> (every rank takes part: each contributes its RNG state, and under FSDP its
     shards). A failed save (a full disk) is one line on rank 0, the previous checkpoint kept; the other ranks
     stop with it."""
@@ -107,7 +107,7 @@ def save(trainer: Trainer, which: str, val: tuple[float, float | None] | None = 
             "optimizer": optimizer,
             "lr_segment": tr.lr_segment or {},
             "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-            "loader": tr.loader.state_dict(),
+            "loader": tr.objective.state_dict(),
             "rng": rngs,
         }
         meta = {
@@ -116,8 +116,9 @@ def save(trainer: Trainer, which: str, val: tuple[float, float | None] | None = 
             "tokens_per_step": tr.tokens_per_step,  # the global batch a resume keeps (resume.py)
             "config": tr.cfg.model_dump(mode="json"),
             "tokenizer": {"file": TOKENIZER_FILE, "fingerprint": tr.tokenizer.fingerprint},
-            "val_loss": val[0] if val else None,
-            "val_bpb": val[1] if val else None,
+            "val_loss": (val or {}).get("val_loss"),
+            "val_bpb": (val or {}).get("val_bpb"),
+            "scores": val or {},
         }
         save_checkpoint(target, model, meta, state, staged=staged)
 
@@ -238,7 +239,7 @@ def restore(trainer: Trainer, checkpoint_dir: Path, saved: tuple[dict[str, Any],
     tr.lr_mult = group_multipliers(tr.cfg.optim, tr.cfg.train.max_steps, tr.lr_segment)
     if state.get("scaler"):
         tr.precision.scaler.load_state_dict(state["scaler"])
-    tr.loader.load_state_dict(state["loader"])
+    tr.objective.load_state_dict(state["loader"])
     tr.step, tr.tokens_seen = int(state["step"]), int(state["tokens_seen"])
     tr.elapsed = float(state["elapsed"])
     tr.best_val_loss = float(state["best_val_loss"])

@@ -1,0 +1,130 @@
+"""What a training step minimises and how the run is scored: the seam between the Trainer and its objective.
+
+The Trainer (loop.py) owns a step's mechanics: precision, backward, gradient accumulation and clipping, the
+optimizer and its schedule, logs, evaluations and checkpoints. What differs between pretraining (or SFT),
+preference tuning and RL is its `Objective`'s:
+
+- `step_batches`: the micro-batches of one optimizer step (exactly `accum` of them), from its own data;
+- `loss`: a micro-batch's loss, as backward takes it (the Trainer divides by `accum`), and its statistics
+  (`stat_names`, logged as train_<name>, averaged over micro-batches and processes);
+- `evaluate`: the validation metrics ("val_<name>"), and `best_score`, which best/ keeps the lowest of;
+- `state_dict` / `load_state_dict`: where its data is, saved in every checkpoint (exact resume).
+
+`train.objective` picks one (`make_objective`); `LanguageModeling` is next-token prediction on text (every token
+learned) or conversations (the assistant's tokens), the objective of pretraining and SFT.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import torch
+
+from talm.data.manifest import DataSet
+from talm.train import dist
+from talm.train.config import RunConfig
+from talm.train.evaluate import evaluate, scores_text
+from talm.train.inputs import make_loaders
+from talm.train.packing import ConversationLoader, micro_batches
+from talm.train.precision import Precision
+
+
+class Objective(Protocol):
+    stat_names: tuple[str, ...]
+
+    @property
+    def has_val(self) -> bool:
+        """Whether the run evaluates (the data has a val split): without it, no best/ checkpoint."""
+        ...
+
+    def describe(self) -> list[str]: ...  # the banner's lines about the data
+
+    def check_next(self) -> None: ...  # the first batch's data checked before the run writes anything
+
+    def step_batches(self) -> Iterator[Any]: ...
+
+    def loss(self, net: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]: ...
+
+    def best_score(self, metrics: dict[str, float]) -> float: ...
+
+    def scores_text(self, metrics: dict[str, Any]) -> str: ...  # the last evaluation, for the run's summary
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class LanguageModeling:
+    """Next-token prediction: the mean loss over every target of text data, or over the learned (assistant)
+    targets of conversation data (packing.py's loaders and scales)."""
+
+    stat_names: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        data: DataSet,
+        vocab_size: int,
+        accum: int,
+        ctx: dist.DistContext,
+        precision: Precision,
+    ) -> None:
+        self.loader, self.eval_slice = make_loaders(cfg, data, vocab_size, accum, ctx)
+        self.data, self.accum, self.ctx, self.precision = data, accum, ctx, precision
+        self.init_from = cfg.train.init_from
+
+    @property
+    def has_val(self) -> bool:
+        return self.eval_slice is not None
+
+    def describe(self) -> list[str]:
+        if not isinstance(self.loader, ConversationLoader):
+            return []
+        return [self.loader.describe()]
+
+    def check_next(self) -> None:
+        self.loader.check_next()  # the shard of the first batch: ids out of range fail before any write
+
+    def step_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], float]]:
+        return micro_batches(self.loader, self.accum, self.ctx)
+
+    def loss(self, net: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y, extra, scale = batch  # conversation data: doc_ids, the summed loss and its scale (packing.py)
+        return net(x, y, **extra)[1] * scale, torch.zeros(0, device=x.device)
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        assert self.eval_slice is not None
+        val_loss, bpb = evaluate(model, self.eval_slice, self.ctx, self.precision.autocast)
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0)), "val_bpb": bpb}
+
+    def best_score(self, metrics: dict[str, float]) -> float:
+        return metrics["val_loss"]
+
+    def scores_text(self, metrics: dict[str, Any]) -> str:
+        return scores_text(metrics.get("val_loss"), metrics.get("val_bpb"))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+
+
+def make_objective(
+    cfg: RunConfig,
+    data: DataSet,
+    vocab_size: int,
+    *,
+    model: torch.nn.Module,
+    accum: int,
+    ctx: dist.DistContext,
+    precision: Precision,
+) -> Objective:
+    """The objective `train.objective` names, over this rank's share of `data`; `model` is the plain model (an
+    objective that samples from it, or keeps a frozen copy of its starting weights, takes it here)."""
+    del model  # language modelling needs only what the Trainer runs
+    return LanguageModeling(cfg, data, vocab_size, accum, ctx, precision)
