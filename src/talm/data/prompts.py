@@ -308,6 +308,17 @@ def data_kind(data_dir: str | Path) -> str | None:
     return meta.get("kind") or ("conversations" if meta.get("loss_mask") else "text")
 
 
+def prompt_dataset(data_dir: str | Path) -> Any:
+    """A prompt data directory as a `manifest.DataSet` without shards (its tokenizer and place, what a training
+    run reads before its objective reads the prompts); TalmError if it is not prompt data."""
+    import numpy as np
+
+    from talm.data.manifest import DataSet
+
+    data = read_prompts(data_dir)
+    return DataSet(data.dir, data.tokenizer, np.dtype("uint16"), [], True)
+
+
 def read_prompts(data_dir: str | Path, vocab_size: int | None = None) -> PromptSet:
     """A prompt data directory's manifest and splits, every row checked (ids below `vocab_size` if given);
     TalmError naming the file and line at fault otherwise."""
@@ -315,7 +326,7 @@ def read_prompts(data_dir: str | Path, vocab_size: int | None = None) -> PromptS
     fix = "rerun download_data with --overwrite to recreate it"
     kind = data_kind(data_dir)
     if kind != KIND:
-        what = "no readable manifest" if kind is None else f"{kind} data"
+        what = "no readable manifest" if kind is None else f"{kind.rstrip('s')} data"
         raise TalmError(
             f"{str(data_dir)!r} holds {what}, not prompts with reference answers: make prompt data with "
             "download_data gsm8k, or download_data NAME --data-files FILE --prompts"

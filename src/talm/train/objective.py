@@ -126,5 +126,9 @@ def make_objective(
 ) -> Objective:
     """The objective `train.objective` names, over this rank's share of `data`; `model` is the plain model (an
     objective that samples from it, or keeps a frozen copy of its starting weights, takes it here)."""
-    del model  # language modelling needs only what the Trainer runs
+    if cfg.train.objective == "grpo":  # samples from the plain model, decodes replies with the tokenizer
+        from talm.train.grpo import GRPO
+        from talm.train.inputs import load_tokenizer
+
+        return GRPO(cfg, load_tokenizer(cfg, data), model, accum, ctx, precision)
     return LanguageModeling(cfg, data, vocab_size, accum, ctx, precision)

@@ -18,6 +18,7 @@ from typing import Any
 
 from talm.config import load_toml, merge, validate
 from talm.data.manifest import read_data
+from talm.data.prompts import data_kind, read_prompts
 from talm.errors import TalmError
 from talm.train import dist, rundir
 from talm.train.checkpoint import DamagedCheckpoint, read_meta
@@ -38,6 +39,10 @@ def preset_data_note(preset_name: str | None, data_dir: str | Path) -> str | Non
     if not preset_name:
         return None
     preset(preset_name)  # an unknown name: one line
+    if PRESET_DATA[preset_name] == "prompts" or data_kind(data_dir) == "prompts":
+        if data_kind(data_dir) != PRESET_DATA[preset_name]:  # a text recipe on prompts: read_data says why
+            read_prompts(data_dir) if PRESET_DATA[preset_name] == "prompts" else read_data(data_dir)
+        return None
     conversations = read_data(data_dir, splits=("train",)).loss_mask
     if PRESET_DATA[preset_name] == "conversations" and not conversations:
         raise TalmError(
@@ -103,6 +108,11 @@ def resolve_run(
     if checkpoint is None:
         data = apply_source(data, layers, flag_names)
     cfg = validate(RunConfig, data, flag_names)
+    if checkpoint is None and cfg.train.objective == "grpo" and not cfg.train.init_from:
+        raise TalmError(
+            "GRPO (--preset grpo) improves a model that already answers the prompts sometimes: pass --init-from "
+            "models/CHAT (a chat model, e.g. one fine-tuned with --preset sft)"
+        )
     if checkpoint is None and cfg.train.init_from:
         check_data(cfg.train.init_from, cfg.data.dir)
     return cfg, checkpoint
