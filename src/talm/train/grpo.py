@@ -286,7 +286,7 @@ class GRPO:
         model.train()
         if self.rewarded == 0:
             dist.print0(self.no_reward_note(), ctx=self.ctx)
-        return {"val_pass@1": float(total[0] / total[1].clamp(min=1))}
+        return {"val_pass@1": round(float(total[0] / total[1].clamp(min=1)), 6)}
 
     def no_reward_note(self) -> str:
         return (
