@@ -290,7 +290,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
         if isinstance(meta, dict) and meta.get("kind") == "prompts":  # talm.data.prompts: no token shards
             raise TalmError(
                 f"{str(path.parent)!r} holds prompts with reference answers, not token shards: train on it with "
-                "--preset grpo (--init-from a chat model), or pass a text or conversation data directory"
+                "train_model --preset grpo --init-from models/CHAT, or pass a text or conversation data directory"
             ) from None
         raise _manifest_error(path, f"cannot be read ({type(err).__name__}: {err})") from None
     if fmt != FORMAT:
