@@ -158,3 +158,21 @@ def test_two_gloo_processes_train_and_resume(sums: Path, chat_model: Path, in_tm
     state = load_trainer_state("models/ddp/latest")
     assert state["loader"]["grpo_sampler"] == {"epoch": 0, "position": 8, "draws": 4}
     assert len(state["rng"]) == 2
+
+
+@pytest.mark.slow
+def test_two_fsdp_processes_sample_then_train(sums: Path, chat_model: Path, in_tmp: Path) -> None:
+    """Under FSDP every sampling runs all max_new_tokens steps on every rank, and the weights gathered for it
+    are ordinary tensors the training step can write into (not inference tensors)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["-m", "talm.cli.train_model", "-d", str(sums), "--preset", "grpo", "--init-from", str(chat_model),
+            "--device", "cpu", "--batch-size", "4", "--grpo.group_size", "4", "--grpo.max_new_tokens", "6",
+            "--grpo.eval_prompts", "5", "--eval-every", "2", "--save-every", "2", "--log-every", "1",
+            "--train.parallel", "fsdp", "--max-steps", "3", "-n", "fsdp"]  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run([*torchrun, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "fsdp" in done.stderr
+    records = read_metrics("models/fsdp")
+    assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in records if "val_pass@1" in r] == [2, 3]
