@@ -75,3 +75,98 @@ def test_every_module_is_in_the_design_docs_module_map() -> None:
         and f"`{p.relative_to(SRC)}`" not in table
     ]
     assert not missing, f"docs/design.md §5 does not list {missing}: add a line saying each one's job"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """talm module -> the talm modules it imports, at any depth and under TYPE_CHECKING too (`from talm.train
+    import dist` is an edge to talm.train.dist when that is a module)."""
+    known = {module_name(p) for p in MODULES}
+    graph: dict[str, set[str]] = {}
+    for path in MODULES:
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "talm":
+                subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in known]
+                edges |= set(subs) if len(subs) == len(node.names) else {node.module, *subs}
+            elif isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name in known}
+        graph[module_name(path)] = {e for e in edges if e in known} - {module_name(path)}
+    return graph
+
+
+def test_no_import_cycles() -> None:
+    """No module imports one that imports it back, directly or around a loop (type-only imports included):
+    data flows one way, so each module can be read knowing only what it imports."""
+    graph, index, low, stack, on_stack, cycles = import_graph(), {}, {}, [], set(), []
+
+    def visit(node: str) -> None:  # Tarjan's strongly connected components
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph[node]):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def attribute_writes(path: Path) -> list[str]:
+    """`name.attr = ...` (or +=) in a function where `name` is one of its parameters other than self and cls,
+    and `self.part.attr = ...` outside `__init__` (an object setting up its own parts may)."""
+    found = []
+    for fn in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        args = fn.args
+        params = {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs} - {"self", "cls"}
+        for node in ast.walk(fn):
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            targets = [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else targets
+            flat = [
+                t for target in targets for t in (target.elts if isinstance(target, ast.Tuple) else [target])
+            ]
+            for t in flat:
+                while isinstance(t, ast.Attribute) and isinstance(t.value, ast.Attribute):
+                    t = t.value  # cfg.model.vocab_size writes cfg's
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in params:
+                    found.append(f"{fn.name}: {t.value.id}.{t.attr} (line {node.lineno})")
+                part = t.value if isinstance(t, ast.Attribute) else None
+                if (
+                    isinstance(part, ast.Attribute) and isinstance(part.value, ast.Name)
+                    and part.value.id == "self" and fn.name != "__init__"
+                ):  # fmt: skip
+                    found.append(f"{fn.name}: self.{part.attr}.{t.attr} (line {node.lineno})")
+    return found
+
+
+# Settings are data, not objects with state: a run's resolution fills them in before anything is built.
+CONFIG_PARAMS = {"cfg"}
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(SRC)))
+def test_an_object_s_state_is_written_by_that_object_only(path: Path) -> None:
+    """No function sets attributes of an object passed to it (it calls that object's methods instead), so a
+    reader finds every change of an object's state in its own class."""
+    wrong = [w for w in attribute_writes(path) if w.split(": ")[1].split(".")[0] not in CONFIG_PARAMS]
+    assert not wrong, f"{path.relative_to(SRC)} writes another object's attributes: {wrong}"

@@ -26,7 +26,7 @@ from talm.cli.evaluate import main
 from talm.data.manifest import read_data
 from talm.eval.runner import FORMAT, read_results
 from talm.train.dist import DistContext
-from talm.train.evaluate import evaluate
+from talm.train.evaluate import val_loss_and_bpb
 from talm.train.loader import EvalSlice
 from talm.use.load import load
 
@@ -80,7 +80,9 @@ def test_bits_per_byte_on_a_data_dir(
     # what a training run's val_bpb would say on the same slice
     model, _ = load(tiny_model_dir, "best", device="cpu")
     val = EvalSlice(read_data(tiny_data, splits=("val",)), eval_tokens=2048, context_length=64, batch_size=32)
-    loss, bpb = evaluate(model, val, DistContext(0, 0, 1, torch.device("cpu")), contextlib.nullcontext)
+    loss, bpb = val_loss_and_bpb(
+        model, val, DistContext(0, 0, 1, torch.device("cpu")), contextlib.nullcontext
+    )
     assert data["val_loss"] == pytest.approx(loss) and data["val_bpb"] == pytest.approx(bpb)
 
 

@@ -148,9 +148,27 @@ def test_a_public_address_is_served_with_a_warning(
     import talm.use.serve
 
     calls = []
-    monkeypatch.setattr(talm.use.serve, "run_server", lambda app, host, port: calls.append({"host": host}))
-    main(["-m", str(model_dir), "--host", "0.0.0.0", "--port", str(free_port())])
+    monkeypatch.setattr(
+        talm.use.serve,
+        "run_server",
+        lambda app, host, port: calls.append({"host": host, "server": app.state.server}),
+    )
+    main(
+        [
+            "-m",
+            str(model_dir),
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(free_port()),
+            "--slots",
+            "3",
+            "--queue",
+            "5",
+        ]
+    )
     assert calls and calls[0]["host"] == "0.0.0.0"
+    assert (calls[0]["server"].slots, calls[0]["server"].queue) == (3, 5)
     assert "warning: listening on 0.0.0.0" in capsys.readouterr().err
 
     main(["-m", str(model_dir), "--port", str(free_port())])
@@ -176,6 +194,8 @@ def test_a_port_in_use_is_one_line(model_dir: Path, capsys: pytest.CaptureFixtur
         err = one_line_error(capsys, main, "-m", str(model_dir), "--port", str(port))
     assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
     assert "is not" in one_line_error(capsys, main, "-m", str(model_dir), "--port", "70000")
+    assert "--slots" in one_line_error(capsys, main, "-m", str(model_dir), "--slots", "0")
+    assert "--queue" in one_line_error(capsys, main, "-m", str(model_dir), "--queue", "-1")
 
 
 def test_a_tokenizer_without_role_tokens_is_refused_in_one_line(

@@ -42,6 +42,9 @@ def test_cores_busy_now_are_measured_less_this_process_s_own_work() -> None:
     import threading
 
     cpus = os.sched_getaffinity(0)
+    before = busy_cores(cpus, seconds=0.5)
+    if before > 0.3:  # other work would hide (or mimic) the spinner's and the other process's
+        pytest.skip(f"the machine is busy with other work ({before:.1f} cores): this measures an idle one")
     stop = threading.Event()
 
     def spin() -> None:

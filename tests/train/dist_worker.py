@@ -25,7 +25,7 @@ from torch.distributed.tensor import distribute_tensor
 from talm.model.config import ModelConfig
 from talm.model.gpt import GPT
 from talm.train import dist, optim
-from talm.train.config import TrainConfig
+from talm.train.config import OptimConfig, TrainConfig
 from talm.train.parallel import Parallel
 from talm.train.precision import Precision
 from talm.train.run import train_model
@@ -67,55 +67,76 @@ def meta_init(ctx: dist.DistContext) -> dict[str, Any]:
     return result
 
 
+def muon_case(case: str, mode: str, mesh: Any) -> tuple[torch.nn.Module, list[torch.Tensor], optim.Muon]:
+    """A model of `case` (a GPT fused or per projection, or odd row counts: 5, 1 and 7 rows, uneven shards) and
+    its Muon, for `mode`: "plain" (one process's computation, on every rank), "fsdp" (sharded over `mesh`) or
+    "ddp" (whole, Muon as build_optimizer makes it under several processes)."""
+    torch.manual_seed(3)
+    if case.startswith("gpt"):
+        model = GPT(ModelConfig(vocab_size=300, context_length=16, n_layer=2, n_head=2, d_model=32))
+    else:
+        model = torch.nn.Sequential(*(torch.nn.Linear(i, o, bias=False) for i, o in ((6, 5), (5, 1), (1, 7))))
+    if mode == "fsdp":
+        for block in getattr(model, "blocks", []):
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    params = optim.hidden_matrices(model) if case.startswith("gpt") else list(model.parameters())
+    rows = model.fused_row_blocks() if case == "gpt_projections" else {}
+    blocks = {p: rows[name] for name, p in model.named_parameters() if name in rows}
+    if mode == "ddp" and case.startswith("gpt"):
+        cfg = OptimConfig(name="muon", muon_lr=0.05, muon_weight_decay=0.1, muon_momentum=0.9,
+                          muon_per_projection=case == "gpt_projections")  # fmt: skip
+        muon = optim.build_optimizer(model, cfg, CPU).optimizers["muon"]
+        muon.ns_dtype = torch.float32  # as the plain one's, whatever this CPU's bf16
+        return model, params, muon
+    group = {"process_group": torch.distributed.group.WORLD} if mode == "ddp" else {}
+    muon = optim.Muon(params, ns_dtype=torch.float32, row_blocks=blocks, lr=0.05, weight_decay=0.1, momentum=0.9,
+                      nesterov=True, adjust_lr_fn=optim.MUON_ADJUST_LR, **group)  # fmt: skip
+    return model, params, muon
+
+
 def muon_split(ctx: dist.DistContext) -> dict[str, Any]:
-    """Muon over FSDP's sharded matrices against Muon over the same whole matrices, two steps with the same
-    gradients: the weights must be the same bits; and how many matrices this rank orthogonalised. Once on a
-    GPT's hidden matrices, once on odd row counts (uneven shards: 5 rows over 2 processes, 1 row: one holds none)."""
-    calls: list[tuple[int, ...]] = []  # the shape of each matrix orthogonalised on this rank
+    """Muon over FSDP's sharded matrices, and Muon as a DDP run builds it, against Muon over the same whole
+    matrices on one process, three steps with the same gradients: the weights must be the same bits; and which
+    matrices this rank orthogonalised (each as its shape and first element, which tells them apart)."""
+    calls: list[tuple[Any, ...]] = []  # the matrices orthogonalised on this rank
     real = optim.orthogonalize
-    optim.orthogonalize = lambda x, *args: calls.append(tuple(x.shape)) or real(x, *args)
+
+    def counted(x: torch.Tensor, *args: Any) -> torch.Tensor:
+        calls.extend((*m.shape, round(m[0, 0].item(), 5)) for m in (x if x.dim() == 3 else x[None]))
+        return real(x, *args)
+
+    optim.orthogonalize = counted
     mesh = init_device_mesh("cpu", (ctx.world_size,))
-    cfg = ModelConfig(vocab_size=300, context_length=16, n_layer=2, n_head=2, d_model=32)
-    odd = ((6, 5), (5, 1), (1, 7))  # (in, out) features: weights of 5, 1 and 7 rows
     result: dict[str, Any] = {}
     try:
-        for case in ("gpt", "gpt_projections", "odd"):
-            models = []
-            for shard in (False, True):
-                torch.manual_seed(3)
-                if case.startswith("gpt"):
-                    model = GPT(cfg)
-                else:
-                    model = torch.nn.Sequential(*(torch.nn.Linear(i, o, bias=False) for i, o in odd))
-                if shard:
-                    for block in getattr(model, "blocks", []):
-                        fully_shard(block, mesh=mesh)
-                    fully_shard(model, mesh=mesh)
-                params = optim.hidden_matrices(model) if case.startswith("gpt") else list(model.parameters())
-                rows = model.fused_row_blocks() if case == "gpt_projections" else {}
-                blocks = {p: rows[name] for name, p in model.named_parameters() if name in rows}
-                muon = optim.Muon(params, ns_dtype=torch.float32, row_blocks=blocks, lr=0.05, weight_decay=0.1,
-                                  momentum=0.9, nesterov=True, adjust_lr_fn=optim.MUON_ADJUST_LR)  # fmt: skip
-                models.append((model, params, muon))
-            (plain, plain_params, plain_muon), (sharded, sharded_params, sharded_muon) = models
-            before = {k: v.clone() for k, v in plain.state_dict().items()}
-            gen = torch.Generator().manual_seed(11)
-            sharded_calls = []
-            for _ in range(2):
-                for p, q in zip(plain_params, sharded_params, strict=True):
-                    grad = torch.randn(p.shape, generator=gen)
-                    p.grad = grad.clone()
-                    q.grad = distribute_tensor(grad, q.device_mesh, q.placements, src_data_rank=None)
-                plain_muon.step()
-                calls.clear()
-                sharded_muon.step()
-                sharded_calls.append(list(calls))
-            result[case] = {
-                "differ": same(whole_state(sharded), plain.state_dict()),
-                "moved": same(plain.state_dict(), before),
-                "matrices": len(plain_params),
-                "orthogonalised": sharded_calls,  # per step, the shapes this rank orthogonalised
-            }
+        for mode in ("fsdp", "ddp"):
+            for case in ("gpt", "gpt_projections", "odd"):
+                (plain, plain_params, plain_muon) = muon_case(case, "plain", mesh)
+                (split, split_params, split_muon) = muon_case(case, mode, mesh)
+                before = {k: v.clone() for k, v in plain.state_dict().items()}
+                gen = torch.Generator().manual_seed(11)
+                split_calls, plain_calls = [], []
+                for _ in range(3):
+                    for p, q in zip(plain_params, split_params, strict=True):
+                        grad = torch.randn(p.shape, generator=gen)
+                        p.grad = grad.clone()
+                        q.grad = grad.clone() if mode == "ddp" else distribute_tensor(
+                            grad, q.device_mesh, q.placements, src_data_rank=None)  # fmt: skip
+                    calls.clear()
+                    plain_muon.step()
+                    plain_calls.append(sorted(calls))
+                    calls.clear()
+                    split_muon.step()
+                    split_calls.append(list(calls))
+                state = whole_state(split) if mode == "fsdp" else split.state_dict()
+                result[f"{mode}-{case}"] = {
+                    "differ": same(state, plain.state_dict()),
+                    "moved": same(plain.state_dict(), before),
+                    "matrices": len(plain_params),
+                    "orthogonalised": split_calls,  # per step, the matrices this rank orthogonalised
+                    "all": plain_calls,  # per step, the matrices one process orthogonalises
+                }
     finally:
         optim.orthogonalize = real
     return result
@@ -124,10 +145,10 @@ def muon_split(ctx: dist.DistContext) -> dict[str, Any]:
 def always_eot(eot_id: int) -> None:
     """This rank's sampling picks <|endoftext|> every time: its generation would end at once, the other rank's
     go on (how ranks whose sampling differs behave)."""
-    import talm.model.sample
+    import talm.model.engine
 
-    real = talm.model.sample.sample_next
-    talm.model.sample.sample_next = lambda logits, *args: torch.full_like(real(logits, *args), eot_id)
+    real = talm.model.engine.Engine._pick
+    talm.model.engine.Engine._pick = lambda self, seq, logits: [real(self, seq, logits), eot_id][1]
 
 
 def main(jobs_file: str) -> None:

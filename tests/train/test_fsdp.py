@@ -2,7 +2,7 @@
 with Muon; across two torchrun "nodes" as on one; and its sharded checkpoints resume on another process count
 (2 -> 1, 1 -> 2) with the data order continuing exactly, as whole checkpoints resume under FSDP and DDP. Its model,
 built on the meta device and initialised shard by shard, is GPT(config)'s to the bit; Muon splits its
-orthogonalisation over the processes and updates the same bits.
+orthogonalisation over the processes (FSDP and DDP) and updates the same bits.
 
 Tolerance: every run here is float32 on CPU, and the runs differ only in how the gradient of a step is summed
 (two micro-batches accumulated on one process, or two processes' gradients averaged by an all-reduce or a
@@ -122,29 +122,29 @@ def test_fsdp_builds_the_model_sharded_with_the_weights_of_one_process(two_proce
 
 
 @pytest.mark.slow
-def test_fsdp_muon_splits_the_orthogonalisation_and_updates_the_same_bits(
-    two_process: tuple[Path, str],
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_muon_splits_the_orthogonalisation_and_updates_the_same_bits(
+    mode: str, two_process: tuple[Path, str]
 ) -> None:
-    """Two steps of Muon over sharded matrices give the very weights of Muon over the whole ones, while each of
-    the two processes runs Newton-Schulz on its half of the matrices (round robin), whole; with uneven shards
-    too (5 and 1 rows over 2 processes); per projection, the owner of a fused weight orthogonalises each of its
-    projections."""
+    """Three steps of Muon over FSDP's sharded matrices, or as a DDP run builds it, give the very weights of Muon
+    over the whole ones on one process, while the two processes split Newton-Schulz: together they orthogonalise
+    exactly the matrices one process does, none twice, each its share of every same-shape stack; per projection,
+    q, k, v and gate, up are matrices of their own; with uneven shards too (5 and 1 rows over 2 processes)."""
     ranks = check_results(two_process[0], "muon_split")
-    for case, owned in (("gpt", (4, 4)), ("gpt_projections", (10, 4)), ("odd", (2, 1))):
-        for rank, mine in zip(ranks, owned, strict=True):
-            seen = rank[case]
-            assert seen["differ"] == [] and len(seen["moved"]) == seen["matrices"], (case, seen)
-            assert [len(step) for step in seen["orthogonalised"]] == [mine, mine], (case, seen)
-        shapes = sorted(map(tuple, ranks[0][case]["orthogonalised"][0] + ranks[1][case]["orthogonalised"][0]))
-        if case != "gpt_projections":
-            assert len(shapes) == ranks[0][case]["matrices"]  # every matrix once, by one process
-    # the whole matrices: qkv (96 x 32) and gate_up (256 x 32) of both blocks on rank 0, the rest on rank 1
-    assert sorted(map(tuple, ranks[0]["gpt"]["orthogonalised"][0])) == [(96, 32)] * 2 + [(256, 32)] * 2
-    # per projection: q, k, v (32 x 32 each) and gate, up (128 x 32 each) of both blocks
-    assert (
-        sorted(map(tuple, ranks[0]["gpt_projections"]["orthogonalised"][0]))
-        == [(32, 32)] * 6 + [(128, 32)] * 4
-    )
+    for case, share in (("gpt", 4), ("gpt_projections", 7), ("odd", None)):
+        seen = [rank[f"{mode}-{case}"] for rank in ranks]
+        for rank in seen:
+            assert rank["differ"] == [] and len(rank["moved"]) == rank["matrices"], (case, rank)
+        for step, one_process in enumerate(seen[0]["all"]):
+            mine = [rank["orthogonalised"][step] for rank in seen]
+            assert sorted(map(tuple, mine[0] + mine[1])) == sorted(map(tuple, one_process)), (case, step)
+            assert [len(m) for m in mine] == ([share, share] if share else [2, 1]), (case, step, mine)
+    # the whole matrices, one of each stack of two: gate_up (256 x 32), down (32 x 128), qkv (96 x 32), proj
+    first = ranks[0][f"{mode}-gpt"]["orthogonalised"][0]
+    assert sorted(tuple(m[:2]) for m in first) == [(32, 32), (32, 128), (96, 32), (256, 32)]
+    # per projection, half of each stack: 2 of gate, up (128 x 32); 4 of q, k, v, proj (32 x 32); 1 of down
+    first = ranks[0][f"{mode}-gpt_projections"]["orthogonalised"][0]
+    assert sorted(tuple(m[:2]) for m in first) == [(32, 32)] * 4 + [(32, 128)] + [(128, 32)] * 2
 
 
 @pytest.mark.slow

@@ -131,9 +131,11 @@ def test_stats_are_read_only_on_log_eval_and_save_steps_and_a_divergence_between
     # Reading a step's stats waits for the device, so the loop reads them only when it logs, evaluates or saves
     # (here every 4th step); a NaN at step 6 is found at the read of step 8, before step 8's save.
     reads: list[list[int]] = []
-    real = Trainer.settle
+    real = Trainer.read_stats
     monkeypatch.setattr(
-        Trainer, "settle", lambda tr, pending: (reads.append([s for s, _ in pending]), real(tr, pending))[1]
+        Trainer,
+        "read_stats",
+        lambda tr, pending: (reads.append([s for s, _ in pending]), real(tr, pending))[1],
     )
     trainer = Trainer(
         run_config(tiny_data, max_steps=10, log_every=4, save_every=4, eval_every=100), "models/m"

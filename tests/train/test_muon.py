@@ -15,6 +15,7 @@ from test_ddp import ARGS, curve
 from test_resume import stop_after
 
 import talm.train.loop as trainer_module  # the module whose loop looks up StopRequest
+import talm.train.optim as optim_module
 from talm.config import validate
 from talm.errors import TalmError
 from talm.model.config import ModelConfig
@@ -149,7 +150,8 @@ def test_muon_run_resumes_bit_for_bit(tiny_data: Path, in_tmp: Path, monkeypatch
     monkeypatch.undo()
     assert read_meta(in_tmp / "cut" / "latest")["step"] == 4
     saved = load_trainer_state(in_tmp / "cut" / "latest")["optimizer"]  # loads with weights_only=True
-    assert set(saved) == {"muon", "adamw"} and saved["muon"]["state"] and saved["adamw"]["state"]
+    kinds = {k for entry in saved["state"].values() for k in entry}  # by parameter name: Muon's and AdamW's
+    assert {"momentum_buffer", "exp_avg", "exp_avg_sq"} <= kinds
     cfg, resume_from = resolve_run(in_tmp / "cut", [layer(tiny_data)])
     train(cfg, in_tmp / "cut", resume_from=resume_from)
 
@@ -161,9 +163,9 @@ def test_muon_run_resumes_bit_for_bit(tiny_data: Path, in_tmp: Path, monkeypatch
     assert whole[-2][2] < whole[0][2]  # and it learns
     a = torch.load(in_tmp / "whole" / "latest" / "trainer_state.pt", weights_only=True)["optimizer"]
     b = torch.load(in_tmp / "cut" / "latest" / "trainer_state.pt", weights_only=True)["optimizer"]
-    for name in ("muon", "adamw"):
-        for k, s in a[name]["state"].items():
-            assert all(torch.equal(v, b[name]["state"][k][j]) for j, v in s.items() if torch.is_tensor(v))
+    assert set(a["state"]) == set(b["state"])
+    for k, s in a["state"].items():
+        assert all(torch.equal(v, b["state"][k][j]) for j, v in s.items() if torch.is_tensor(v))
 
 
 def test_switching_optimizer_on_resume_is_one_line(tiny_data: Path, in_tmp: Path) -> None:
@@ -226,9 +228,10 @@ def test_setting_embedding_lr_on_resume_is_one_line(tiny_data: Path, in_tmp: Pat
 
 @pytest.mark.slow
 def test_muon_under_two_process_ddp_matches_one_process(tiny_data: Path, in_tmp: Path) -> None:
-    """Muon orthogonalises the all-reduced gradient, the same matrix on every rank: 2 processes (gloo) train
-    like 1 process accumulating 2 micro-batches, up to float rounding (Newton-Schulz runs in bfloat16, so a
-    last-bit difference in a gradient can round differently: a looser tolerance than AdamW's test_ddp)."""
+    """Muon's processes split the orthogonalisation of the all-reduced gradient (each its share, then an
+    all_gather): 2 processes (gloo) train like 1 process accumulating 2 micro-batches, up to float rounding
+    (Newton-Schulz runs in bfloat16, so a last-bit difference in a gradient can round differently: a looser
+    tolerance than AdamW's test_ddp)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["-d", str(tiny_data), *ARGS, "--optim.name", "muon"]
     single = subprocess.run(
@@ -275,7 +278,7 @@ def test_muon_orthogonalises_each_projection_of_a_fused_weight_alone(kv_heads: i
     def step_of(matrix: torch.Tensor) -> torch.Tensor:
         return (
             cfg.muon_lr
-            * orthogonalize(matrix, muon, ns_dtype).float()
+            * orthogonalize(matrix[None], muon, ns_dtype)[0].float()
             * max(1, matrix.size(0) / matrix.size(1)) ** 0.5
         )
 
@@ -289,3 +292,40 @@ def test_muon_orthogonalises_each_projection_of_a_fused_weight_alone(kv_heads: i
     q, k, v = steps[True]["blocks.0.attn.qkv.weight"].split(rows["blocks.0.attn.qkv.weight"])
     rms = [b.pow(2).mean().sqrt().item() for b in (q, k, v)]
     assert max(rms) / min(rms) < 1.5  # each projection moves by its own orthogonal step
+
+
+@pytest.mark.parametrize(("per_projection", "kv_heads"), [(True, None), (True, 1), (False, None)])
+def test_same_shape_matrices_are_one_batched_newton_schulz(
+    per_projection: bool, kv_heads: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One step of a 3-layer GPT's Muon runs one Newton-Schulz per shape (q, k, v and proj of every block
+    together, ...), not one per matrix; each matrix's update is the one it gets orthogonalised alone, to the
+    bit (a batched matmul computes each matrix as the single one does: what lets processes split a stack)."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=100, n_layer=3, n_head=4, n_kv_head=kv_heads, d_model=32, context_length=16
+    )
+    model = GPT(config)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    stacks: list[torch.Size] = []
+    # (a matrix's update from its stack, its update orthogonalised alone)
+    alone: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def spy(x: torch.Tensor, group: dict, dtype: torch.dtype) -> torch.Tensor:
+        stacks.append(x.shape)
+        out = orthogonalize(x, group, dtype)
+        alone.extend((o, orthogonalize(m[None], group, dtype)[0]) for m, o in zip(x, out, strict=True))
+        return out
+
+    monkeypatch.setattr(optim_module, "orthogonalize", spy)
+    build_optimizer(model, OptimConfig(name="muon", muon_per_projection=per_projection), CPU).step()
+    kv = 32 if kv_heads is None else 8  # rows of k and v: kv_heads * head_dim
+    if per_projection:  # q and proj (32 x 32; k, v too without GQA), gate and up (128 x 32), down (32 x 128)
+        gqa = [] if kv == 32 else [(6, kv, 32)]  # k and v: a shape of their own
+        want = [(12 if kv == 32 else 6, 32, 32), (6, 128, 32), (3, 32, 128), *gqa]
+    else:  # qkv (96 or 48 x 32), proj, gate_up (256 x 32), down
+        want = [(3, 32 + 2 * kv, 32), (3, 32, 32), (3, 256, 32), (3, 32, 128)]
+    assert sorted(map(tuple, stacks)) == sorted(want)
+    assert len(alone) == sum(count for count, _, _ in want)
+    assert all(torch.equal(stacked, single) for stacked, single in alone)

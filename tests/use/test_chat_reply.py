@@ -3,19 +3,18 @@ conversation fitted to the model's context."""
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from pathlib import Path
 
 import pytest
 from conftest import BASE_TOKENIZER, endless_chat_model_dir, varied_model
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import talm.use.chat as chat_module
 from talm.errors import TalmError
 from talm.tokenizer.api import Tokenizer
 from talm.tokenizer.chat import ChatFormat
-from talm.use.chat import Conversation, ReplyStats, prompt_budget, reply_limit, stream_reply, until_stop
+from talm.use.chat import Conversation, ReplyStats, UntilStop, prompt_budget, reply_limit, stream_reply
 from talm.use.config import SampleConfig
 from talm.use.load import load
 from talm.use.sample import generate_ids
@@ -65,21 +64,16 @@ def test_a_character_split_across_tokens_comes_out_whole(
     emoji = tokenizer.encode("😀")
     assert len(emoji) > 1 and "\ufffd" in tokenizer.decode(emoji[:1])  # the test needs a split character
     scripted = [[i] for i in [*ids, tokenizer.eot_id]]  # what the model "generates"
-    monkeypatch.setattr(chat_module, "generate_ids", lambda *args, **kwargs: (step for step in scripted))
+    monkeypatch.setattr(chat_module, "reply_tokens", lambda *args, **kwargs: (step[0] for step in scripted))
     model = varied_model(vocab=tokenizer.vocab_size, context=64)
     pieces = list(stream_reply(model, tokenizer, [1], SampleConfig(), end_id=tokenizer.eot_id))
     assert "".join(pieces) == "a😀b"
     assert all("\ufffd" not in p for p in pieces) and "😀" in pieces
 
 
-def pieces_of(text: str, cuts: list[int], closed: list[bool]) -> Generator[str, None, None]:
+def pieces_of(text: str, cuts: list[int]) -> list[str]:
     bounds = [0, *sorted({c % (len(text) + 1) for c in cuts}), len(text)]
-    try:
-        for a, b in zip(bounds, bounds[1:], strict=False):
-            if b > a:
-                yield text[a:b]
-    finally:
-        closed.append(True)
+    return [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
 
 @given(
@@ -87,15 +81,18 @@ def pieces_of(text: str, cuts: list[int], closed: list[bool]) -> Generator[str, 
     cuts=st.lists(st.integers(0, 30), max_size=8),
     stops=st.lists(st.text(alphabet="ab\n", min_size=1, max_size=4), min_size=1, max_size=4),
 )
+@example(
+    text="aba", cuts=[], stops=["b", "aba"]
+)  # "b" ends first, though "aba" starts first: the reply is "a"
 def test_until_stop_gives_the_text_before_the_first_stop_string_however_it_is_split(
     text: str, cuts: list[int], stops: list[str]
 ) -> None:
-    found = [i for s in stops if (i := text.find(s)) >= 0]
-    stats, closed = ReplyStats(), []
-    out = list(until_stop(pieces_of(text, cuts, closed), stops, stats))
-    assert "".join(out) == (text[: min(found)] if found else text)
-    assert all(out)  # no empty pieces
-    assert stats.finish_reason == ("stop" if found else None) and closed == [True]
+    # the stop that a reader meets first is the one that ends first (of two ending together, the longer)
+    found = [(i + len(s), i) for s in stops if (i := text.find(s)) >= 0]
+    until = UntilStop(stops)
+    out = [until.feed(piece) for piece in pieces_of(text, cuts)] + [until.feed("", last=True)]
+    assert "".join(out) == (text[: min(found)[1]] if found else text)
+    assert until.found == bool(found)
 
 
 def test_a_stop_string_ends_the_reply_and_its_generation(tmp_path: Path, chat_format: ChatFormat) -> None:

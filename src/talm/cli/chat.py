@@ -175,11 +175,12 @@ class Session:
             self.conversation.reset()
             print("[conversation reset]", file=sys.stderr, flush=True)
         elif command == "/system":
-            before, self.conversation.system = self.conversation.system, rest.strip() or None
+            before = self.conversation.system
+            self.conversation.set_system(rest.strip())
             try:
                 self.check_system("/system")
             except TalmError as err:
-                self.conversation.system = before
+                self.conversation.set_system(before)
                 if piped:
                     print(file=sys.stderr)  # the error on a line of its own, after the "> " prompt
                     raise
@@ -214,10 +215,7 @@ class Session:
             sys.stdout.write("\n")
             print("[stopped]", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        self.stats.tokens += stats.tokens
-        self.stats.seconds += stats.seconds
-        if stats.ended_by:
-            self.stats.ended_by[stats.ended_by] += 1
+        self.stats.add(stats.tokens, stats.seconds, stats.ended_by)
         return "".join(pieces)
 
 

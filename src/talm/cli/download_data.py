@@ -50,8 +50,12 @@ def run(cfg: DownloadConfig) -> None:
             file=sys.stderr,
         )
         raise
+    from talm.data.manifest import data_kind
+
     conversations = bool(result.manifest.get("loss_mask"))
-    docs = "conversations" if conversations else "documents"
+    docs = {"conversations": "conversations", "preferences": "preference pairs"}.get(
+        data_kind(result.manifest), "documents"
+    )
     layout = (
         f"{len(result.manifest['shards'])} shards, {result.split_tokens('train'):,} train + "
         f"{result.split_tokens('val'):,} val tokens, {result.manifest['totals']['documents']:,} {docs}"
@@ -95,6 +99,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
             "  download_data mychats --data-files chats.jsonl --conversations   # a messages column\n"
             "  download_data gsm8k --ds-sample main   # prompts and reference answers, for train_model --preset grpo\n"
             "  download_data sums --data-files sums.jsonl --prompts   # prompt and answer columns\n"
+            "  download_data ultrafeedback   # preference pairs, for train_model --preset dpo\n"
+            "  download_data mypairs --data-files pairs.jsonl --preferences   # prompt, chosen, rejected\n"
             "  download_data fineweb --ds-sample sample-100BT --num-workers 8 --worker-index 0   # one of 8"
         ),
         formatter_class=HelpFormatter,

@@ -5,7 +5,8 @@ id is the model directory's name: models/NAME -> NAME; any API key). Endpoints: 
 (stream or not), POST /v1/completions, GET /v1/models, GET /health; each request is logged in one line on
 stderr. Binds to 127.0.0.1 (this machine only) unless --host says otherwise; there is no authentication, so
 --host 0.0.0.0 lets anyone on the network use it. Ctrl-C stops (open replies get 3 s to finish; Ctrl-C again
-ends them at once).
+ends them at once). Concurrent requests are generated together in one batch (--slots at once; --queue more
+wait; past that, 429).
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ def port_number(text: str) -> int:
     return int(text)
 
 
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="serve",
@@ -38,6 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=port_number, default=8000, help="port to listen on (default: 8000)")
+    parser.add_argument(
+        "--slots",
+        type=positive,
+        default=8,
+        help="replies generated at once, in one batch (default: 8); more wait for a slot",
+    )
+    parser.add_argument(
+        "--queue",
+        type=positive,
+        default=64,
+        help="replies that may wait for a slot (default: 64); a request past that is refused with 429",
+    )
     return parser
 
 
@@ -79,7 +98,9 @@ def run(args: argparse.Namespace) -> None:
     check_port_free(args.host, args.port)
     model, tokenizer, meta = load_checkpoint(args.model, args.checkpoint, args.device)
     name = model_name(args.model)
-    app = create_app(model, tokenizer, name)  # refuses a tokenizer without role tokens
+    app = create_app(
+        model, tokenizer, name, slots=args.slots, queue=args.queue
+    )  # refuses a tokenizer without role tokens
     if args.host not in LOOPBACK:
         print(
             f"serve: warning: listening on {args.host}, not only this machine: anyone who can reach it can use "

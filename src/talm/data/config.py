@@ -45,8 +45,12 @@ class DatasetPreset(Config):
     prompts: bool = False
     """Rows are prompts with reference answers (text_column: the question; "answer": its reference), written as
     prompt data for reinforcement learning and generative evaluation (talm.data.prompts)."""
+    preferences: bool = False
+    """Rows are preference pairs (columns prompt, chosen, rejected; talm.data.preferences), for preference tuning."""
+    train_split: str = "train"
+    """The repo's split read for training (and, without val_split, for the validation split at its start)."""
     val_split: str | None = None
-    """Prompt presets: the repo's split held out for validation (the rest of the data is its "train" split)."""
+    """The repo's own held-out split, read whole (before train_split) as the validation split."""
     val_tokens: int = Field(ge=0)
     """Default size of the validation split, in tokens (taken from the start of the stream)."""
 
@@ -123,6 +127,17 @@ DATASET_PRESETS: dict[str, DatasetPreset] = {
         val_split="test",
         val_tokens=0,
     ),
+    # Preference pairs (Zephyr's DPO data, arXiv:2310.16944): data/{train,test}_prefs-*.parquet with columns
+    # prompt, prompt_id, chosen and rejected (lists of {content, role}), messages, score_chosen, score_rejected.
+    "ultrafeedback": DatasetPreset(
+        source="HuggingFaceH4/ultrafeedback_binarized",
+        configs=["default"],
+        text_column="chosen",
+        preferences=True,
+        train_split="train_prefs",
+        val_split="test_prefs",
+        val_tokens=0,
+    ),
     "tinyshakespeare": DatasetPreset(
         source="tiny-shakespeare.txt", kind="file", configs=["default"], val_tokens=40_000
     ),
@@ -164,8 +179,8 @@ class DownloadConfig(Config):
     """What `download_data` streams, how it tokenizes it, and where the shards go."""
 
     dataset: str
-    """A preset (fineweb, fineweb-edu, smol, smoltalk, gsm8k, tinyshakespeare) or, with --data-files, any name for your
-    corpus."""
+    """A preset (fineweb, fineweb-edu, smol, smoltalk, ultrafeedback, gsm8k, tinyshakespeare) or, with
+    --data-files, any name for your corpus."""
     ds_sample: str | None = None
     """The dataset's config (subset), e.g. sample-10BT or CC-MAIN-2024-10; unset means the preset's default."""
     tokenizer_path: PathField = Path("tokenizers/base.json")
@@ -206,6 +221,11 @@ class DownloadConfig(Config):
     val_prompts: int | None = Field(default=None, ge=0)
     """Prompt data: prompts held out for validation, the first ones of --data-files (unset: a tenth of them, at
     most 500). A preset with a test split (gsm8k) holds that split out instead."""
+    preferences: bool = False
+    """--data-files hold preference pairs: each row has "chosen" and "rejected" (whole conversations: lists of
+    messages ending with the assistant's reply), or "prompt" (messages, or the user's text) plus "chosen" and
+    "rejected" replies (text, or assistant messages); written with loss masks on each side's reply, for
+    train_model --preset dpo (presets such as ultrafeedback set this themselves)."""
 
     @model_validator(mode="after")
     def _check(self) -> DownloadConfig:
@@ -234,6 +254,19 @@ class DownloadConfig(Config):
             raise TalmError("--prompts reads your own files: pass them with --data-files FILE")
         if self.is_prompts and self.num_workers > 1:
             raise TalmError("prompt data is written by one process: drop --num-workers and --worker-index")
+        if self.conversations and self.preferences:
+            raise TalmError(
+                "--conversations and --preferences exclude each other: pass the one your rows hold"
+            )
+        if self.is_preferences and self.text_column:
+            raise TalmError(
+                "--preferences reads the columns prompt, chosen and rejected: drop --text-column (rename the "
+                "columns of your files if they are called otherwise)"
+            )
+        if preset is not None and preset.val_split and not self.data_files and self.val_tokens is not None:
+            raise TalmError(
+                f"{self.dataset} has its own validation split ({preset.val_split}), written whole: drop --val-tokens"
+            )
         if self.worker_index >= self.num_workers:
             raise TalmError(
                 f"--worker-index {self.worker_index} is out of range for --num-workers {self.num_workers}: "
@@ -263,11 +296,18 @@ class DownloadConfig(Config):
         return self.prompts or bool(self.preset and self.preset.prompts)
 
     @property
+    def is_preferences(self) -> bool:
+        """Rows are preference pairs (--preferences, or a preference preset such as ultrafeedback)."""
+        return self.preferences or bool(self.preset and self.preset.preferences)
+
+    @property
     def column(self) -> str:
         if self.text_column:
             return self.text_column
         if self.prompts and not (self.preset and self.preset.prompts):
             return "prompt"
+        if self.is_preferences:
+            return "chosen"  # the column every pair needs; the others are read beside it
         if self.preset:
             return self.preset.text_column
         return "messages" if self.is_conversations else "text"
@@ -279,8 +319,15 @@ class DownloadConfig(Config):
         return self.data_root / self.dataset / name
 
     @property
-    def val_target(self) -> int:
-        """Validation tokens asked for in total (over all workers)."""
+    def own_val_split(self) -> str | None:
+        """The source's own held-out split, written whole as the val split (None: the stream's first tokens)."""
+        return None if self.data_files or not self.preset else self.preset.val_split
+
+    @property
+    def val_target(self) -> int | None:
+        """Validation tokens asked for in total (over all workers); None: the source's own val split, whole."""
+        if self.own_val_split:
+            return None
         if self.val_tokens is not None:
             return self.val_tokens
         default = self.preset.val_tokens if self.preset else DEFAULT_VAL_TOKENS

@@ -58,7 +58,7 @@ class JsonRows:
                     raise missing_column(self.source, list(row))
                 if (self.position["row"] - 1) % self.num_workers != self.worker_index:
                     continue
-                values.append(row.get(self.column))
+                values.append(self._value(row))
                 places.append(f"{path!r} {'line' if number > 0 else 'item'} {abs(number)}")
                 if len(values) >= rows_per_read:
                     yield values, places
@@ -71,6 +71,12 @@ class JsonRows:
         """Every row of one file, whole (all its columns), with where it is ("'x.jsonl' line 7")."""
         for number, row in self._rows_of(path, skip=0):
             yield f"{path!r} {'line' if number > 0 else 'item'} {abs(number)}", row
+
+    def _value(self, row: dict[str, Any]) -> Any:
+        """What the encoder gets of a row: its text column's value, or a preference pair's columns."""
+        if self.source.preferences:
+            return {k: row[k] for k in self.source.columns if k in row}
+        return row.get(self.column)
 
     def _rows_of(self, path: str, *, skip: int) -> Iterator[tuple[int, dict[str, Any]]]:
         """(line number, or minus the item number in a JSON array; the row) of each row after the first `skip`

@@ -20,16 +20,21 @@ The manifest, a JSON object (written with `manifest_bytes`, read with `read_mani
     totals        {tokens, documents, bytes, empty_documents} of the listed shards
     resume        None once complete, else a `resume_point`: where the stream stands after the last shard
     complete      True once the stream (or max_tokens) ended and its last shard is listed
-    kind          what the directory holds; a manifest with kind "prompts" (prompts with reference answers,
-                  `talm.data.prompts`) has its own layout and no shards, and `read_manifest` refuses it
-    loss_mask     (conversation data only; absent in text data) True: every shard `X.npy` has a loss-mask shard
-                  `X.mask.npy` beside it (`mask_name`), and "empty_documents" counts the malformed conversations
-                  that were skipped
+    kind          what the documents are: "text", "conversations" or "preferences" (`KINDS`; a manifest written
+                  before the field reads as "conversations" if it has loss_mask, else "text")
+    loss_mask     (conversation and preference data; absent in text data) True: every shard `X.npy` has a
+                  loss-mask shard `X.mask.npy` beside it (`mask_name`), and "empty_documents" counts the
+                  malformed conversations (pairs) that were skipped
+                  A manifest with kind "prompts" (prompts with reference answers, `talm.data.prompts`) has its
+                  own layout and no shards, and `read_manifest` refuses it.
 
 A loss-mask shard is a 1-D uint8 array as long as its token shard, a set of bit flags per token: LEARN (the model
 is trained to predict this token: assistant content and the `<|endoftext|>` closing its turn) and START (the
 first token of a conversation; conversations may continue into the next shard). The rendering itself is
 `talm.tokenizer.chat.ChatFormat`; conversation data is written without the <|endoftext|> before each document.
+Preference data (`talm.data.preferences`) writes each pair as one document: the chosen conversation (its first
+token flagged START), then the rejected one (its first token flagged REJECTED), LEARN on each side's last
+assistant reply only.
 
 A resume point is {stream_state, skip_tokens, split, empty_documents}: the stream position before the batch
 that the next shard starts in (`TextStream.state_dict()`), how many tokens of that batch are already in shards,
@@ -63,7 +68,11 @@ def worker_tag(index: int, count: int) -> str:
 # Loss-mask shards (conversation data): bit flags per token.
 MASK_DTYPE = np.dtype("uint8")
 LEARN = 1  # train on predicting this token
-START = 2  # the first token of a conversation
+START = 2  # the first token of a conversation (of a preference pair: of its chosen side)
+REJECTED = 4  # preference data: the first token of a pair's rejected side
+
+# What a data directory's documents are (the manifest's "kind"); each objective of train_model takes one.
+KINDS = ("text", "conversations", "preferences")
 
 
 def mask_name(shard_file: str) -> str:
@@ -260,7 +269,8 @@ class DataSet:
     dtype: np.dtype
     shards: list[Shard]
     complete: bool
-    loss_mask: bool = False  # conversation data: every shard has a loss-mask shard
+    loss_mask: bool = False  # conversation and preference data: every shard has a loss-mask shard
+    kind: str = "text"  # one of KINDS
 
     def split(self, name: str) -> list[Shard]:
         return [s for s in self.shards if s.split == name]
@@ -272,6 +282,11 @@ class DataSet:
             return None
         total_bytes = sum(s.bytes for s in shards)
         return sum(s.tokens for s in shards) / total_bytes if total_bytes else None
+
+
+def data_kind(meta: dict[str, Any]) -> str:
+    """A manifest's kind (`KINDS`); one written before the field by its loss masks, as it was read then."""
+    return str(meta.get("kind") or ("conversations" if meta.get("loss_mask") else "text"))
 
 
 def _manifest_error(path: Path, problem: str) -> TalmError:
@@ -313,6 +328,7 @@ def read_data(data_dir: str | Path, *, splits: tuple[str, ...] = ("train", "val"
     shards: list[Shard] = []
     complete = True
     masked: set[bool] = set()
+    kinds: set[str] = set()
     for path in manifests:
         meta = read_manifest(path)
         tok, dt = meta["tokenizer"], np.dtype(meta["dtype"])
@@ -325,9 +341,11 @@ def read_data(data_dir: str | Path, *, splits: tuple[str, ...] = ("train", "val"
             )
         complete = complete and bool(meta.get("complete", False))
         masked.add(bool(meta.get("loss_mask", False)))
-        if len(masked) > 1:
+        kinds.add(data_kind(meta))
+        if len(masked) > 1 or len(kinds) > 1:
             raise _manifest_error(
-                path, "disagrees with the other manifests on loss masks (text and conversations mixed)"
+                path,
+                f"disagrees with the other manifests on the kind of data ({' and '.join(sorted(kinds))} mixed)",
             )
         for entry in meta["shards"]:
             shard_path = data_dir / entry["file"]
@@ -339,7 +357,10 @@ def read_data(data_dir: str | Path, *, splits: tuple[str, ...] = ("train", "val"
                 )
             shards.append(Shard(shard_path, entry["split"], int(entry["tokens"]), entry.get("bytes")))
     shards.sort(key=lambda s: s.path.name)
-    data = DataSet(data_dir, tokenizer or {}, dtype or np.dtype("uint16"), shards, complete, True in masked)
+    kind = kinds.pop() if kinds else "text"
+    data = DataSet(
+        data_dir, tokenizer or {}, dtype or np.dtype("uint16"), shards, complete, True in masked, kind
+    )
     for split in splits:
         if not any(s.tokens > 0 for s in data.split(split)):
             raise TalmError(

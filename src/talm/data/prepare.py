@@ -10,6 +10,7 @@ This module imports no torch.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import sys
 import threading
@@ -25,6 +26,7 @@ import numpy as np
 from talm.data.config import DownloadConfig
 from talm.data.conversations import ConversationEncoder, MalformedRows, json_kind
 from talm.data.manifest import lock_name
+from talm.data.preferences import PreferenceEncoder
 from talm.data.sources import resolve_source
 from talm.data.streaming import SourceDataError, TextStream
 from talm.data.writer import ShardWriter, TokenBatch
@@ -187,6 +189,8 @@ def write_shards(
                     return
                 batch, before = item
                 encoded = encode(batch, before)
+                if batch.ends_val:
+                    encoded = dataclasses.replace(encoded, ends_val=True)
                 if not _put(tokens_q, (encoded, int(batch.utf8_bytes.sum()), len(batch.texts)), stop):
                     return
         except BaseException as err:
@@ -199,7 +203,9 @@ def write_shards(
     start = time.perf_counter()
     before = writer.state_dict()["totals"]
     read_docs = text_bytes = 0
-    total = None if writer.max_tokens is None else writer.max_tokens + writer.val_tokens - before["tokens"]
+    total = None
+    if writer.max_tokens is not None and writer.val_tokens is not None:
+        total = writer.max_tokens + writer.val_tokens - before["tokens"]
     bar = tqdm(
         total=total, unit="tok", unit_scale=True, desc="tokenizing", disable=not progress, smoothing=0.1
     )
@@ -312,12 +318,16 @@ def prepare(cfg: DownloadConfig, *, progress: bool = True, progress_lines: bool 
         "eot_id": tokenizer.eot_id,
     }
     header = {"dataset": source.dataset, **source.describe(), "tokenizer": tokenizer_info}
-    encoder: ConversationEncoder | TextEncoder
-    if source.conversations:
+    encoder: ConversationEncoder | PreferenceEncoder | TextEncoder
+    if source.preferences:
+        encoder = PreferenceEncoder(tokenizer)  # checks the role tokens
+        header.update(kind="preferences", loss_mask=True)
+    elif source.conversations:
         encoder = ConversationEncoder(tokenizer)  # checks the role tokens
-        header["loss_mask"] = True
+        header.update(kind="conversations", loss_mask=True)
     else:
         encoder = TextEncoder(tokenizer, cfg.num_proc, column=source.text_column)
+        header["kind"] = "text"
     arguments = {
         **source.describe(),
         "tokenizer": tokenizer.fingerprint,
@@ -332,7 +342,7 @@ def prepare(cfg: DownloadConfig, *, progress: bool = True, progress_lines: bool 
         arguments=arguments,
         dtype=tokenizer.token_dtype,
         shard_size=cfg.shard_size,
-        val_tokens=_share(cfg.val_target, workers, index),
+        val_tokens=None if cfg.val_target is None else _share(cfg.val_target, workers, index),
         max_tokens=max_tokens,
         worker_index=index,
         num_workers=workers,
@@ -359,7 +369,7 @@ def prepare(cfg: DownloadConfig, *, progress: bool = True, progress_lines: bool 
             raise
         except TalmError:
             if encoder.valid == 0 and encoder.malformed.count and not writer.shards:
-                if isinstance(encoder, ConversationEncoder):
+                if isinstance(encoder, ConversationEncoder | PreferenceEncoder):
                     raise encoder.no_valid_conversation(source) from None
                 raise encoder.no_valid_document(source) from None
             raise

@@ -295,7 +295,7 @@ class PromptSet:
     splits: dict[str, list[Prompt]]
 
 
-def data_kind(data_dir: str | Path) -> str | None:
+def directory_kind(data_dir: str | Path) -> str | None:
     """What a data directory's manifest says it holds ("prompts", "text", "conversations", ...), None when it
     has no readable manifest (the readers then say what is wrong)."""
     manifests = manifest_paths(Path(data_dir)) if Path(data_dir).is_dir() else []
@@ -316,7 +316,7 @@ def prompt_dataset(data_dir: str | Path) -> Any:
     from talm.data.manifest import DataSet
 
     data = read_prompts(data_dir)
-    return DataSet(data.dir, data.tokenizer, np.dtype("uint16"), [], True)
+    return DataSet(data.dir, data.tokenizer, np.dtype("uint16"), [], True, kind=KIND)
 
 
 def read_prompts(data_dir: str | Path, vocab_size: int | None = None) -> PromptSet:
@@ -324,7 +324,7 @@ def read_prompts(data_dir: str | Path, vocab_size: int | None = None) -> PromptS
     TalmError naming the file and line at fault otherwise."""
     data_dir = Path(data_dir)
     fix = "rerun download_data with --overwrite to recreate it"
-    kind = data_kind(data_dir)
+    kind = directory_kind(data_dir)
     if kind != KIND:
         what = "no readable manifest" if kind is None else f"{kind.rstrip('s')} data"
         raise TalmError(

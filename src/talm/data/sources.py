@@ -21,6 +21,9 @@ from talm.errors import TalmError
 # File types --data-files accepts, by suffix, and the `datasets` builder that reads each.
 _BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}
 _COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz", ".lz4")
+# The columns of a preference pair (talm.data.preferences); "prompt" may be absent when the sides are whole
+# conversations.
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 
 @dataclass
@@ -35,6 +38,9 @@ class TextSource:
     from_hub: bool = False  # streamed from the Hub unless a local directory with the repo's name exists
     files: list[str] = field(default_factory=list)  # local files read (for the manifest), sorted
     conversations: bool = False  # rows are lists of messages (talm.data.conversations), not texts
+    preferences: bool = False  # rows are preference pairs (talm.data.preferences): prompt, chosen, rejected
+    train_split: str = "train"  # the repo's split read for training
+    val_split: str | None = None  # the repo's own held-out split, read whole first as the val split
 
     def describe(self) -> dict[str, Any]:
         """What identifies this stream in a manifest: a rerun must read exactly the same one."""
@@ -44,7 +50,16 @@ class TextSource:
             "text_column": self.text_column,
             "files": self.files,
         }
+        if self.val_split:
+            described["splits"] = {"val": self.val_split, "train": self.train_split}
+        if self.preferences:
+            return {**described, "preferences": True}
         return {**described, "conversations": True} if self.conversations else described
+
+    @property
+    def columns(self) -> list[str]:
+        """The columns a row is read from: the text column, or a preference pair's three."""
+        return list(PAIR_COLUMNS) if self.preferences else [self.text_column]
 
 
 def _builder_for(path: str) -> str | None:
@@ -105,6 +120,11 @@ def _local_files_source(cfg: DownloadConfig, files: list[str], source: str) -> T
             f"--conversations reads .jsonl, .json or .parquet files with a messages column, not {builder} files: "
             "convert them, or drop --conversations to read them as text"
         )
+    if cfg.is_preferences and builder not in ("json", "parquet"):
+        raise TalmError(
+            f"--preferences reads .jsonl, .json or .parquet files with chosen and rejected columns, not {builder} "
+            "files: convert them"
+        )
     load_args: dict[str, Any] = {"path": builder, "data_files": files}
     if builder == "text":
         # A plain text file holds many documents: passages separated by blank lines become documents.
@@ -117,6 +137,7 @@ def _local_files_source(cfg: DownloadConfig, files: list[str], source: str) -> T
         load_args=load_args,
         files=files,
         conversations=cfg.is_conversations,
+        preferences=cfg.is_preferences,
     )
 
 
@@ -142,6 +163,9 @@ def resolve_source(cfg: DownloadConfig) -> TextSource:
         load_args={"path": preset.source, "name": cfg.sample},
         from_hub=not os.path.isdir(preset.source),
         conversations=cfg.is_conversations,
+        preferences=cfg.is_preferences,
+        train_split=preset.train_split,
+        val_split=cfg.own_val_split,
     )
 
 
@@ -157,6 +181,12 @@ class SourceDataError(TalmError):
 
 def missing_column(source: TextSource, columns: list[str]) -> TalmError:
     """The refusal of a source whose rows lack the column asked for, listing the ones they have."""
+    if source.preferences:
+        return TalmError(
+            f"{source.source} ({source.config}) has no column {source.text_column!r}: preference pairs need the "
+            f"columns chosen and rejected (and prompt, unless they are whole conversations); rename its columns "
+            f"(they are: {', '.join(columns)})"
+        )
     hint = (
         "" if source.conversations or "messages" not in columns else " (conversations: add --conversations)"
     )

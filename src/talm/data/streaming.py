@@ -15,13 +15,14 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from talm.data.conversations import content_bytes, conversation_rows
 from talm.data.jsonrows import JsonRows
+from talm.data.preferences import pair_bytes
 from talm.data.sources import SourceDataError, TextSource, describe_bad_content, missing_column
 from talm.errors import TalmError
 
@@ -74,6 +75,7 @@ class TextBatch:
     utf8_bytes: np.ndarray  # int64, UTF-8 length of each text (0 for None)
     state: dict[str, Any]  # the stream position after this batch: resume from here
     places: list[str] | None = None  # where each row is ("'chats.jsonl' line 7"), when the reader knows
+    ends_val: bool = False  # its last row ends the source's own val split (`TextSource.val_split`)
 
 
 def reads_json_itself(source: TextSource) -> bool:
@@ -87,11 +89,14 @@ class TextStream:
     def __init__(self, source: TextSource, *, num_workers: int = 1, worker_index: int = 0) -> None:
         self.source = source
         split = {"num_workers": num_workers, "worker_index": worker_index}
-        self._reader = (
-            JsonRows(source, **split)
-            if reads_json_itself(source)
-            else DatasetReads(source, _open(source, **split))
-        )
+        self._reader: JsonRows | DatasetReads | SplitReads
+        if reads_json_itself(source):
+            self._reader = JsonRows(source, **split)
+        elif source.val_split:
+            parts = (source.val_split, source.train_split)
+            self._reader = SplitReads([DatasetReads(source, _open(source, part, **split)) for part in parts])
+        else:
+            self._reader = DatasetReads(source, _open(source, source.train_split, **split))
 
     def state_dict(self) -> dict[str, Any]:
         """The stream position (after the last batch yielded), as plain JSON-able data."""
@@ -107,30 +112,64 @@ class TextStream:
         sizes: list[np.ndarray] = []
         places: list[str] | None = [] if isinstance(self._reader, JsonRows) else None
         n_bytes = 0
-        for values, row_bytes, where in self._reads(rows_per_read or ROWS_PER_READ):
+        for values, row_bytes, where, ends_val in self._reads(rows_per_read or ROWS_PER_READ):
             texts.extend(values)
             sizes.append(row_bytes)
             n_bytes += int(row_bytes.sum())
             if places is not None:
                 places.extend(where)
-            if n_bytes >= target_bytes:
-                yield TextBatch(texts, np.concatenate(sizes), self.state_dict(), places)
+            if n_bytes >= target_bytes or ends_val:  # a batch never spans the val split's end
+                yield TextBatch(texts, np.concatenate(sizes), self.state_dict(), places, ends_val)
                 texts, sizes, n_bytes = [], [], 0
                 places = None if places is None else []
         if texts:
             yield TextBatch(texts, np.concatenate(sizes), self.state_dict(), places)
 
-    def _reads(self, rows_per_read: int) -> Iterator[tuple[list[Any], np.ndarray, list[str]]]:
-        if isinstance(self._reader, DatasetReads):
+    def _reads(self, rows_per_read: int) -> Iterator[tuple[list[Any], np.ndarray, list[str], bool]]:
+        if isinstance(self._reader, SplitReads):
             yield from self._reader.reads(rows_per_read)
             return
-        measure = content_bytes if self.source.conversations else _text_bytes
+        if isinstance(self._reader, DatasetReads):
+            for values, row_bytes, where in self._reader.reads(rows_per_read):
+                yield values, row_bytes, where, False
+            return
+        measure = _text_bytes
+        if self.source.conversations or self.source.preferences:
+            measure = pair_bytes if self.source.preferences else content_bytes
         for values, where in self._reader.reads(rows_per_read):
-            yield values, np.fromiter(map(measure, values), dtype=np.int64, count=len(values)), where
+            yield values, np.fromiter(map(measure, values), dtype=np.int64, count=len(values)), where, False
 
 
 def _text_bytes(value: Any) -> int:
     return len(value.encode("utf-8", "surrogatepass")) if isinstance(value, str) else 0
+
+
+class SplitReads:
+    """Splits of a repo read one after the other (its own val split, then its train split); the position is
+    (which split, that split's position). Every split but the last ends with an empty read that says so."""
+
+    def __init__(self, parts: list[DatasetReads]) -> None:
+        self.parts, self.part = parts, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"part": self.part, "state": self.parts[self.part].state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or sorted(state) != ["part", "state"]:
+            raise TalmError(
+                "the interrupted run being resumed read the source another way (an earlier talm): rerun with "
+                "--overwrite to start afresh"
+            )
+        self.part = int(state["part"])
+        self.parts[self.part].load_state_dict(state["state"])
+
+    def reads(self, rows_per_read: int) -> Iterator[tuple[list[Any], np.ndarray, list[str], bool]]:
+        for part in range(self.part, len(self.parts)):
+            self.part = part
+            for values, row_bytes, where in self.parts[part].reads(rows_per_read):
+                yield values, row_bytes, where, False
+            if part < len(self.parts) - 1:  # an empty read marks the end (the position is still this split's)
+                yield [], np.zeros(0, dtype=np.int64), [], True
 
 
 class DatasetReads:
@@ -162,7 +201,14 @@ class DatasetReads:
                 if column not in table.column_names:
                     raise missing_column(self.source, table.column_names)
                 values = table.column(column)
-                if self.source.conversations:  # lists of messages, checked and rendered by conversations.py
+                if (
+                    self.source.preferences
+                ):  # prompt, chosen, rejected: checked and rendered by preferences.py
+                    rows = table.select(
+                        [c for c in self.source.columns if c in table.column_names]
+                    ).to_pylist()
+                    yield rows, np.fromiter(map(pair_bytes, rows), dtype=np.int64, count=len(rows)), []
+                elif self.source.conversations:  # lists of messages, checked and rendered by conversations.py
                     rows, row_bytes = conversation_rows(self.source, values)
                     yield rows, row_bytes, []
                 elif not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
@@ -218,11 +264,10 @@ def _import_datasets() -> Any:
     return datasets
 
 
-def _load(datasets: Any, source: TextSource, extra: dict[str, Any]) -> Any:
-    """`datasets.load_dataset(..., streaming=True)` (split "train" unless `extra` names another) with its failures
-    turned into one-line TalmErrors."""
+def _load(datasets: Any, source: TextSource, split: str, extra: dict[str, Any]) -> Any:
+    """`datasets.load_dataset(..., streaming=True)` with its failures turned into one-line TalmErrors."""
     try:
-        return datasets.load_dataset(**{"split": "train", **source.load_args, **extra}, streaming=True)
+        return datasets.load_dataset(**source.load_args, **extra, split=split, streaming=True)
     except ConnectionError as err:
         raise _hub_unreachable(source, str(err)) from None
     except datasets.exceptions.DatasetNotFoundError:
@@ -237,8 +282,8 @@ def _load(datasets: Any, source: TextSource, extra: dict[str, Any]) -> Any:
         raise TalmError(f"cannot open {source.source}: {err}: check the files or the local copy") from None
 
 
-def _open(source: TextSource, *, num_workers: int, worker_index: int) -> Any:
-    """The source as a streaming `IterableDataset` of Arrow batches (this worker's part of it)."""
+def _open(source: TextSource, split: str, *, num_workers: int, worker_index: int) -> Any:
+    """A split of the source as a streaming `IterableDataset` of Arrow batches (this worker's part of it)."""
     if source.from_hub:
         check_hub_reachable(source)
     datasets = _import_datasets()
@@ -247,12 +292,15 @@ def _open(source: TextSource, *, num_workers: int, worker_index: int) -> Any:
     # errors too: a file datasets cannot parse is reported by talm in one line (see `_reading`)
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     datasets.disable_progress_bars()
-    dataset = _load(datasets, source, {})
-    if dataset.features is not None and source.text_column not in dataset.features:
-        raise missing_column(source, list(dataset.features))
-    if dataset.info.builder_name == "parquet" and dataset.features is not None and len(dataset.features) > 1:
-        # Read only the text column: the others (urls, ids, metadata) would cost as much to decode as the text.
-        dataset = _load(datasets, source, {"columns": [source.text_column]})
+    dataset = _load(datasets, source, split, {})
+    features = dataset.features
+    needed = ["chosen", "rejected"] if source.preferences else [source.text_column]
+    for column in needed:
+        if features is not None and column not in features:
+            raise missing_column(replace(source, text_column=column), list(features))
+    if dataset.info.builder_name == "parquet" and features is not None and len(features) > 1:
+        # Read only the text columns: the others (urls, ids, metadata) would cost as much to decode as the text.
+        dataset = _load(datasets, source, split, {"columns": [c for c in source.columns if c in features]})
     if num_workers > 1:
         dataset = split_dataset_by_node(dataset, rank=worker_index, world_size=num_workers)
     # Arrow batches: the text column goes to Python in bulk, not row by row through dicts.
@@ -267,7 +315,7 @@ def split_rows(source: TextSource, split: str, columns: list[str]) -> Iterator[d
     datasets = _import_datasets()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     datasets.disable_progress_bars()
-    dataset = _load(datasets, source, {"split": split})
+    dataset = _load(datasets, source, split, {})
     if dataset.features is not None:
         missing = [c for c in columns if c not in dataset.features]
         if missing:

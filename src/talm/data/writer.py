@@ -7,7 +7,7 @@ to a run that was never interrupted. The format itself (file names, manifest fie
 in `talm.data.manifest`; the disk side (opening, atomic writes, undoing) is `talm.data.shard_dir.ShardDir`.
 
 Layout of the token stream: the validation split is the first `val_tokens` of the stream, rounded up to whole
-documents; training tokens follow, cut into shards of exactly `shard_size` tokens (a document may continue in
+documents (or, for a source with its own held-out split, that split whole, read first); training tokens follow, cut into shards of exactly `shard_size` tokens (a document may continue in
 the next shard; the last shard of each split may be shorter). A document's UTF-8 bytes are shared between the
 shards it spans in proportion to its tokens there, so the byte counts of a split add up exactly.
 
@@ -44,6 +44,7 @@ class TokenBatch:
     doc_bytes: np.ndarray  # int64 UTF-8 bytes per document
     state_before: dict[str, Any]  # stream position just before the batch's first document
     mask: np.ndarray | None = None  # conversation data: each token's loss-mask flags (manifest.LEARN, START)
+    ends_val: bool = False  # its last document ends the source's own val split (streaming.TextBatch.ends_val)
 
 
 def _documents_in(
@@ -67,8 +68,13 @@ def _documents_in(
     return docs, empty, int((part_hi - part_lo).sum())
 
 
-def _too_short(val_got: int, val_tokens: int, empty_documents: int) -> TalmError:
+def _too_short(val_got: int, val_tokens: int | None, empty_documents: int) -> TalmError:
     """Why a stream that ended before its first training token gave no usable data."""
+    if val_tokens is None and val_got:  # the source's own val split, then an empty train split
+        return TalmError(
+            f"the source's train split held no text after its validation split ({val_got:,} tokens): check the "
+            "source (its local copy may lack the train files)"
+        )
     if not val_got:
         return TalmError(
             f"the stream held no text ({empty_documents:,} empty documents): check --text-column and the source"
@@ -80,7 +86,7 @@ def _too_short(val_got: int, val_tokens: int, empty_documents: int) -> TalmError
     )
 
 
-def fresh_state(val_tokens: int) -> dict[str, Any]:
+def fresh_state(val_tokens: int | None) -> dict[str, Any]:
     """The state of an empty directory (no committed shard), as `ShardWriter.load_state_dict` takes it."""
     first = "train" if val_tokens == 0 else "val"
     return {"shards": [], "complete": False, "resume": resume_point(None, 0, first, 0)}
@@ -116,7 +122,8 @@ class ShardWriter:
     """Cuts a stream of `TokenBatch`es into shards and keeps the manifest in step.
 
     `header` is the manifest's source part (dataset, source, config, ..., tokenizer); `arguments` what made the
-    data (a rerun with other arguments is refused); `val_tokens` / `max_tokens` are this worker's share.
+    data (a rerun with other arguments is refused); `val_tokens` / `max_tokens` are this worker's share
+    (`val_tokens` None: the val split is the source's own, ending at the batch that says so, `ends_val`).
     """
 
     def __init__(
@@ -127,7 +134,7 @@ class ShardWriter:
         arguments: dict[str, Any],
         dtype: np.dtype | type,
         shard_size: int,
-        val_tokens: int,
+        val_tokens: int | None,
         max_tokens: int | None = None,
         worker_index: int = 0,
         num_workers: int = 1,
@@ -225,11 +232,13 @@ class ShardWriter:
         while pos < n:
             limit = n
             val_end = None
-            if self.split == "val":
+            if self.split == "val" and self.val_tokens is not None:
                 # whole documents until the split holds val_tokens
                 i = int(np.searchsorted(ends, pos + self.val_tokens - self._split_tokens, side="left"))
                 if i < len(ends):
                     val_end = limit = int(ends[i])
+            elif self.split == "val" and batch.ends_val:  # the source's own val split ends with this batch
+                val_end = n
             elif self.max_tokens is not None:
                 limit = min(n, pos + self.max_tokens - self._train_tokens)
             take = min(limit - pos, self.shard_size - self._filled)
@@ -247,6 +256,11 @@ class ShardWriter:
                 return True
         # documents without text at the very end of the batch (their position is n)
         self.empty_documents += int(np.count_nonzero((lens == 0) & (starts == n)))
+        if self.split == "val" and batch.ends_val:  # it ended with no token left to write: end the split here
+            if self._filled:
+                self._commit(batch.state_before, n, next_split="train")
+            else:
+                self.split, self._split_tokens = "train", 0
         return False
 
     def _append(self, batch: TokenBatch, starts: np.ndarray, ends: np.ndarray, a: int, b: int) -> None:

@@ -48,11 +48,8 @@ def generate_replies(
         batch = [fit_to_context(p, context) for p in prompts[start : start + batch_size]]
         rows: list[list[int]] = [[] for _ in batch]
         ended = [False] * len(batch)
-        # Under FSDP (fixed_length) the weights gathered for a forward pass must not become inference tensors:
-        # the training step after writes into the same buffers. So no_grad there, not generate_ids' inference_mode.
-        generate = generate_ids.__wrapped__ if fixed_length else generate_ids  # type: ignore[attr-defined]
-        with autocast(), torch.no_grad():
-            steps = generate(
+        with autocast():
+            steps = generate_ids(
                 model, batch, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                 eot_id=None if fixed_length else eot_id, seed=None if seed is None else seed + i,
                 vocab_size=vocab_size,

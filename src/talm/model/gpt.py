@@ -12,7 +12,8 @@ Options from the modded-nanogpt speedrun's record table, all off by default (`Mo
 MLP instead of SwiGLU, logit soft-capping, zero-initialised output projections; and an untied output layer.
 
 Optimizers, distributed wrappers and files live elsewhere; this file only says what the network computes.
-`KVCache` lets generation (`talm.model.sample`) feed one new token at a time instead of the whole sequence.
+`KVCache` (left-padded rows) and `SlotCache` (rows of their own lengths, the engine's) let generation
+(`talm.model.sample`, `talm.model.engine`) feed one new token at a time instead of the whole sequence.
 """
 
 from __future__ import annotations
@@ -89,6 +90,127 @@ class KVCache:
         self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def layout(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The positions (B, T) of the next T tokens of every row and the attention mask (B, 1, T, S) over the
+        cache once they are in."""
+        start = self.length
+        if start + T > self.max_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the cache's {self.max_len} positions")
+        q_pos = torch.arange(start, start + T, device=device)
+        k_pos = torch.arange(start + T, device=device)
+        pos = (q_pos[None, :] - self.pad[:, None]).clamp(min=0)  # (B, T): each row counts from its start
+        causal = k_pos[None, :] <= q_pos[:, None]  # (T, S)
+        real = k_pos[None, None, :] >= self.pad[:, None, None]  # (B, 1, S): padding is never attended
+        # A padding query may see itself, so no row of the mask is empty (which would give NaN).
+        mask = ((causal[None] & real) | (k_pos[None, :] == q_pos[:, None])[None]).unsqueeze(1)
+        return pos, mask
+
+    def advance(self, T: int) -> None:
+        self.length += T
+
+
+class SlotCache:
+    """A static (preallocated) KV cache of `slots` rows, each row one sequence with its own length: what the
+    batched generation engine (`talm.model.engine`) decodes with. Rows 0 to `active - 1` take part in a decode
+    step (one new token each, at its own position); `select(row, lengths)` makes the next forward pass fill rows
+    from position 0 instead (prompts' prefill). Nothing is padded: each row computes what it would alone.
+
+    Its owner (the engine) keeps the active rows first: `move(src, dst)` copies a row over one that left.
+    """
+
+    def __init__(
+        self, config: ModelConfig, slots: int, max_len: int, device: torch.device | str, dtype: torch.dtype
+    ) -> None:
+        if max_len > config.context_length:
+            raise ValueError(f"max_len={max_len} exceeds the model's context_length={config.context_length}")
+        shape = (slots, config.kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.config, self.max_len, self.slots = config, max_len, slots
+        self.lengths = [0] * slots  # positions filled, per row
+        self.active = 0
+        self._prefill: int | None = None  # the first row the next forward fills from 0, if any
+        self._prefill_lengths: list[int] = []
+        self._rows = torch.arange(slots, device=device)
+        self._pos = torch.zeros(slots, dtype=torch.long, device=device)  # where each active row writes next
+        self._end = 0  # the keys the current forward attends over
+        self._same = False  # whether the active rows are all at one length
+
+    def set_active(self, rows: int) -> None:
+        """Rows 0 to `rows` - 1 take part in the next decode step."""
+        self.active = rows
+
+    def grown(self, max_len: int) -> SlotCache:
+        """A cache with room for `max_len` positions per row, holding every row of this one."""
+        k = self.k[0]
+        new = SlotCache(self.config, self.slots, max_len, k.device, k.dtype)
+        for layer in range(len(self.k)):
+            new.k[layer][:, :, : self.max_len] = self.k[layer]
+            new.v[layer][:, :, : self.max_len] = self.v[layer]
+        new.lengths, new.active = list(self.lengths), self.active
+        return new
+
+    def select(self, row: int, lengths: list[int]) -> None:
+        """The next forward pass fills rows `row`, `row + 1`, ... from position 0, one per input row, right-padded:
+        row i keeps `lengths[i]` positions (what follows is padding, overwritten by its next tokens and never
+        attended before: a causal prefill never looks ahead)."""
+        self._prefill, self._prefill_lengths = row, lengths
+
+    def layout(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._prefill is not None:
+            if T > self.max_len:
+                raise ValueError(f"sequence of {T} tokens exceeds the cache's {self.max_len} positions")
+            self._end = T
+            return torch.arange(T, device=device)[None], None  # causal from 0: is_causal
+        if T != 1:
+            raise ValueError("a decode step feeds one token per row")
+        lengths = self.lengths[: self.active]
+        self._end = max(lengths) + 1
+        if self._end > self.max_len:
+            raise ValueError(f"sequence of {self._end} tokens exceeds the cache's {self.max_len} positions")
+        pos = torch.tensor(lengths, dtype=torch.long).to(device, non_blocking=True)
+        # Rows all at one length (one sequence, or a batch started together) write one slice and see every key:
+        # no mask and no scattered write, the step's cheapest form.
+        self._same = min(lengths) == self._end - 1
+        self._pos = pos
+        if self._same:
+            return pos[:, None], None
+        keys = torch.arange(self._end, device=device)
+        return pos[:, None], (keys[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, S)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kc, vc = self.k[layer], self.v[layer]
+        if self._prefill is not None:
+            rows, T = slice(self._prefill, self._prefill + k.shape[0]), k.shape[2]
+            kc[rows, :, :T] = k
+            vc[rows, :, :T] = v
+            return kc[rows, :, :T], vc[rows, :, :T]
+        if self._same:
+            kc[: self.active, :, self._end - 1] = k[:, :, 0]
+            vc[: self.active, :, self._end - 1] = v[:, :, 0]
+        else:
+            rows = self._rows[: self.active]
+            kc[rows, :, self._pos] = k[:, :, 0].to(kc.dtype)
+            vc[rows, :, self._pos] = v[:, :, 0].to(vc.dtype)
+        return kc[: self.active, :, : self._end], vc[: self.active, :, : self._end]
+
+    def advance(self, T: int) -> None:
+        if self._prefill is not None:
+            for i, n in enumerate(self._prefill_lengths):
+                self.lengths[self._prefill + i] = n
+            self._prefill = None
+        else:
+            for b in range(self.active):
+                self.lengths[b] += 1
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy row `src` (keys, values, length) over row `dst`."""
+        n = self.lengths[src]
+        for kc, vc in zip(self.k, self.v, strict=True):
+            kc[dst, :, :n] = kc[src, :, :n]
+            vc[dst, :, :n] = vc[src, :, :n]
+        self.lengths[dst] = n
+
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
     """The block family's norm: RMSNorm (llama) or LayerNorm with a bias (gpt2)."""
@@ -120,7 +242,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        cache: KVCache | None,
+        cache: KVCache | SlotCache | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
@@ -140,7 +262,8 @@ class Attention(nn.Module):
             k,
             v,
             attn_mask=mask,
-            is_causal=mask is None,
+            # No mask: causal over the T new positions, or (one new position per row, cache or not) every key.
+            is_causal=mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0,
             # Grouped-query attention: each kv head serves a group of q heads, without copying k and v per head.
             enable_gqa=self.n_kv_head != self.n_head,
@@ -204,7 +327,7 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        cache: KVCache | None,
+        cache: KVCache | SlotCache | None,
     ) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, mask, cache))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
@@ -295,7 +418,7 @@ class GPT(nn.Module):
         self,
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | SlotCache | None = None,
         last_only: bool = False,
         doc_ids: torch.Tensor | None = None,
         at: torch.Tensor | None = None,
@@ -314,30 +437,21 @@ class GPT(nn.Module):
         learned position table needs the reset; RoPE, being relative, gives the same either way).
         """
         B, T = idx.shape
-        start = 0 if cache is None else cache.length
-        if start + T > self.config.context_length:
+        if cache is None and T > self.config.context_length:
             raise ValueError(
-                f"sequence of {start + T} tokens exceeds the model's context_length={self.config.context_length}"
+                f"sequence of {T} tokens exceeds the model's context_length={self.config.context_length}"
             )
-        if cache is None and doc_ids is None:
+        if cache is not None:  # each cache knows where its rows' new tokens go and what they may attend to
+            pos, mask = cache.layout(T, idx.device)
+            cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
+        elif doc_ids is None:
             pos = torch.arange(T, device=idx.device)
             cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None  # is_causal: flash kernels on GPU
-        elif (
-            cache is None
-        ):  # packed documents: block-diagonal causal mask (B, 1, T, T), positions per document
+        else:  # packed documents: block-diagonal causal mask (B, 1, T, T), positions per document
             causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
             mask = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal).unsqueeze(1)
             pos = document_positions(doc_ids)
             cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
-        else:
-            q_pos = torch.arange(start, start + T, device=idx.device)
-            k_pos = torch.arange(start + T, device=idx.device)
-            pos = (q_pos[None, :] - cache.pad[:, None]).clamp(min=0)  # (B, T): each row counts from its start
-            cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
-            causal = k_pos[None, :] <= q_pos[:, None]  # (T, S)
-            real = k_pos[None, None, :] >= cache.pad[:, None, None]  # (B, 1, S): padding is never attended
-            # A padding query may see itself, so no row of the mask is empty (which would give NaN).
-            mask = ((causal[None] & real) | (k_pos[None, :] == q_pos[:, None])[None]).unsqueeze(1)
 
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
@@ -354,7 +468,7 @@ class GPT(nn.Module):
         if self.config.logit_softcap is not None:  # smooth, bounded logits (modded-nanogpt: 30, then 15)
             logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         loss = None
         if targets is not None:
             # flatten keeps the sliced view a view; .float() then makes the one fp32 copy the loss needs.

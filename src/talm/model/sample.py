@@ -1,15 +1,15 @@
-"""Generation's core on a bare GPT: pick the next token (greedy, temperature, top-k, top-p) and generate a batch
-of prompts with the KV cache. `talm.use.sample` builds the text API on it; training's samples
-(`talm.train.samples`) use it too.
+"""Generation on a bare GPT, as a batch of prompts in and each row's next token out at every step
+(`generate_ids`, over the batched engine `talm.model.engine`), and the reference it is checked against.
 
-`generate_ids` takes a batch of prompts (token ids, of different lengths), left-pads them to one length and
-yields the next token of every row at each step. With the KV cache (the default) each step feeds the model one
-position per row; without it the model recomputes the whole window, which gives the same tokens and is only
-there as a reference (tests, benchmarks/bench_generate.py).
+`generate_ids` takes a batch of prompts (token ids, of different lengths) and yields the next token of every row
+at each step, FINISHED for a row that already ended. One `seed` gives row b the seed `row_seed(seed, b)`: each
+row draws from its own generator, so a row's tokens do not depend on the rest of the batch. With
+`use_cache=False` it is `reference_ids`: every step recomputes each row's whole window alone (no cache, no
+batch), which gives the same tokens and is only there as a reference (tests, benchmarks/bench_generate.py).
 
 Context limit: a row's window is its last `context_length` tokens. When the window is full, its oldest quarter
-is dropped and the cache is rebuilt from the rest, so generation can go on past the context length. Both modes
-follow the same rule, so they stay identical however long the generation.
+is dropped (and the engine rebuilds the row's cache from the rest), so generation can go on past the context
+length. Both modes follow the same rule, so they stay identical however long the generation.
 """
 
 from __future__ import annotations
@@ -18,29 +18,15 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from talm.model.gpt import GPT, KVCache
+from talm.model.engine import Engine, Settings, filter_logits, row_seed
+from talm.model.gpt import GPT
 
 FINISHED = -1  # what generate_ids yields for a row that already ended with <|endoftext|>
+__all__ = ["FINISHED", "filter_logits", "generate_ids", "reference_ids", "sample_next"]
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Picking the next token
-
-
-def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float = 1.0) -> torch.Tensor:
-    """`logits` (..., V) with every token outside the top_k likeliest, or outside the smallest set of likeliest
-    tokens whose probabilities add up to top_p, set to -inf. Ties with the k-th logit are kept."""
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # the likeliest token has 0 before it, so it always stays
-        drop_sorted = mass_before >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back from sorted order to vocabulary order
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
 
 
 def sample_next(
@@ -61,43 +47,14 @@ def sample_next(
 # The generation loop
 
 
-class _Window:
-    """The tokens each row currently attends over, as one left-padded (B, W) tensor."""
-
-    def __init__(self, prompts: Sequence[Sequence[int]], device: torch.device) -> None:
-        width = max(len(p) for p in prompts)
-        self.tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
-        for b, p in enumerate(prompts):
-            self.tokens[b, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        self.pad = torch.tensor([width - len(p) for p in prompts], dtype=torch.long, device=device)
-
-    @property
-    def width(self) -> int:
-        return self.tokens.shape[1]
-
-    def append(self, next_ids: torch.Tensor) -> None:
-        self.tokens = torch.cat((self.tokens, next_ids[:, None]), dim=1)
-
-    def keep_last(self, n: int) -> None:
-        dropped = self.width - n
-        self.tokens = self.tokens[:, dropped:]
-        self.pad = (self.pad - dropped).clamp(min=0)
+def _check_prompts(model: GPT, prompts: Sequence[Sequence[int]]) -> None:
+    context = model.config.context_length
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (start from <|endoftext|> for none)")
+    if any(len(p) > context for p in prompts):
+        raise ValueError(f"a prompt is longer than the context ({context} tokens): cut it with fit_prompt")
 
 
-def _forward_window(
-    model: GPT, window: _Window, cache_len: int | None
-) -> tuple[torch.Tensor, KVCache | None]:
-    """Logits of every row's last position over the whole window; with `cache_len`, also a fresh cache holding
-    the window (room for `cache_len` positions). Padded rows go through a cache, which knows the padding."""
-    p = next(model.parameters())
-    if cache_len is None and not bool(window.pad.any()):
-        return model(window.tokens, last_only=True)[0][:, -1], None
-    size = cache_len or window.width
-    cache = KVCache(model.config, window.tokens.shape[0], size, p.device, p.dtype, pad=window.pad)
-    return model(window.tokens, cache=cache, last_only=True)[0][:, -1], cache if cache_len else None
-
-
-@torch.inference_mode()
 def generate_ids(
     model: GPT,
     prompts: Sequence[Sequence[int]],
@@ -117,48 +74,78 @@ def generate_ids(
     `vocab_size` limits the ids picked to those below it: the tokenizer's size, when the model knows more ids
     than its tokenizer (a vocabulary rounded up in training) and the extra ones would not decode.
 
-    Prompts are non-empty lists of token ids, at most `context_length` long (see `fit_prompt`). A row in a batch
-    computes what it would alone as long as the batch's longest row fits in the context.
+    Prompts are non-empty lists of token ids, at most `context_length` long (see `fit_prompt`). Each row computes
+    what it would alone (`talm.model.engine`).
     """
-    context = model.config.context_length
-    limit = model.config.vocab_size if vocab_size is None else min(vocab_size, model.config.vocab_size)
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (start from <|endoftext|> for none)")
-    if any(len(p) > context for p in prompts):
-        raise ValueError(f"a prompt is longer than the context ({context} tokens): cut it with fit_prompt")
-    device = next(model.parameters()).device
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
-    keep = context - context // 4  # the window's size after its oldest quarter is dropped
+    _check_prompts(model, prompts)
+    if max_new_tokens < 1:  # nothing to generate (an engine sequence needs at least one token)
+        return
+    if seed is None:  # one draw from torch's RNG for the batch, so torch.manual_seed repeats a run
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    settings = [
+        Settings(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=row_seed(seed, b),
+            end_ids=() if eot_id is None else (eot_id,),
+        )  # fmt: skip
+        for b in range(len(prompts))
+    ]
+    if not use_cache:
+        yield from reference_ids(model, prompts, settings, vocab_size=vocab_size)
+        return
+    engine = Engine(model, slots=len(prompts), vocab_size=vocab_size)
+    seqs = [engine.add(p, s) for p, s in zip(prompts, settings, strict=True)]
+    row_of = {id(seq): b for b, seq in enumerate(seqs)}
+    while engine.busy:
+        out = [FINISHED] * len(prompts)
+        for seq, token in engine.step():
+            out[row_of[id(seq)]] = token
+        yield out
 
+
+@torch.inference_mode()
+def reference_ids(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    settings: Sequence[Settings],
+    *,
+    vocab_size: int | None = None,
+) -> Iterator[list[int]]:
+    """What `generate_ids` yields, computed the plain way: each row alone, its whole window recomputed at every
+    step (no cache), its window cut to its newest three quarters when longer than the context."""
+    _check_prompts(model, prompts)
+    context = model.config.context_length
+    keep = context - context // 4
+    limit = model.config.vocab_size if vocab_size is None else min(vocab_size, model.config.vocab_size)
+    device = next(model.parameters()).device
+    windows = [list(p) for p in prompts]
+    generators = []
+    for s in settings:
+        generators.append(torch.Generator(device=device))
+        generators[-1].manual_seed(
+            s.seed if s.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+        )
+    made = [0] * len(prompts)
+    ended = [False] * len(prompts)
     was_training = model.training
     model.eval()
     try:
-        window = _Window(prompts, device)
-
-        def cache_room(remaining: int) -> int | None:
-            return min(context, window.width + remaining) if use_cache else None
-
-        logits, cache = _forward_window(model, window, cache_room(max_new_tokens - 1))
-        finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            next_ids = sample_next(logits[:, :limit], temperature, top_k, top_p, generator)
-            out = torch.where(finished, FINISHED, next_ids)
-            yield out.tolist()
-            if eot_id is not None:
-                finished |= next_ids == eot_id
-            remaining = max_new_tokens - step - 1
-            if remaining == 0 or bool(finished.all()):
-                return
-            window.append(next_ids)
-            if window.width > context:
-                window.keep_last(keep)
-                logits, cache = _forward_window(model, window, cache_room(remaining - 1))
-            elif cache is not None:
-                logits = model(next_ids[:, None], cache=cache)[0][:, -1]
-            else:
-                logits, _ = _forward_window(model, window, None)
+        while not all(ended):
+            out = [FINISHED] * len(prompts)
+            for b, s in enumerate(settings):
+                if ended[b]:
+                    continue
+                if len(windows[b]) > context:
+                    windows[b] = windows[b][-keep:]
+                logits = model(torch.tensor([windows[b]], device=device), last_only=True)[0][:, -1, :limit]
+                token = int(sample_next(logits.float(), s.temperature, s.top_k, s.top_p, generators[b])[0])
+                out[b] = token
+                windows[b].append(token)
+                made[b] += 1
+                ended[b] = token in s.end_ids or made[b] >= s.max_new_tokens
+            yield out
     finally:
         model.train(was_training)

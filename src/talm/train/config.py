@@ -71,10 +71,11 @@ class OptimConfig(Config):
 class TrainConfig(Config):
     """The training loop: batch, length, evaluation, checkpoints, device and precision."""
 
-    objective: Literal["lm", "grpo"] = "lm"
+    objective: Literal["lm", "dpo", "grpo"] = "lm"
     """What a step minimises (train/objective.py): lm = next-token prediction, on every token of text data or
-    on the assistant's tokens of conversation data (pretraining and SFT); grpo = reinforcement learning with
-    verifiable rewards on prompt data (train/grpo.py, the grpo section; needs --init-from)."""
+    on the assistant's tokens of conversation data (pretraining and SFT); dpo = preference tuning on preference
+    pairs (the [dpo] settings; needs --init-from, whose weights are also the reference); grpo = reinforcement
+    learning with verifiable rewards on prompt data (train/grpo.py, the [grpo] settings; needs --init-from)."""
     max_steps: int = Field(default=5000, ge=1)
     """Optimizer steps to train for (the cosine schedule ends here)."""
     batch_size: int = Field(default=16, ge=1)
@@ -183,14 +184,31 @@ class DataConfig(Config):
     """Tokenizer file; unset means the one the data was made with (from the manifest)."""
 
 
+class DPOConfig(Config):
+    """Preference tuning (--train.objective dpo, --preset dpo; train/dpo.py): the loss and its reference model."""
+
+    loss: Literal["dpo", "ipo", "simpo"] = "dpo"
+    """dpo: the sigmoid loss of Rafailov et al. 2023; ipo: Azar et al.'s squared loss, which stops at a margin;
+    simpo: Meng et al.'s reference-free loss on length-normalised log-probabilities (no reference model)."""
+    beta: float = Field(default=0.1, gt=0)
+    """How far the policy may move from the reference (dpo, ipo); simpo's reward scale (its paper uses 2-2.5)."""
+    gamma: float = Field(default=0.5, ge=0)
+    """SimPO's target reward margin (gamma); unused by dpo and ipo."""
+    reference: Literal["model", "stored"] = "model"
+    """Where the reference log-probabilities come from: model = a frozen copy of the starting weights (the
+    --init-from source) computes them beside every step (memory: a second model); stored = computed once for
+    every pair before the first step and kept in the checkpoints (compute: one pass over the pairs up front)."""
+
+
 class RunConfig(Config):
     """Everything one training run needs; saved beside every checkpoint."""
 
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
-    grpo: GRPOConfig = GRPOConfig()
     data: DataConfig = DataConfig()
+    dpo: DPOConfig = DPOConfig()
+    grpo: GRPOConfig = GRPOConfig()
 
     @model_validator(mode="after")
     def _check_grpo(self) -> RunConfig:
@@ -283,6 +301,21 @@ PRESETS: dict[str, dict[str, Any]] = {
             "log_every": 10,
         },
     },
+    # Preference tuning of a chat model on preference pairs (`--init-from models/CHAT`): Zephyr's DPO recipe
+    # (arXiv:2310.16944: AdamW, no weight decay, a warmup then a decay to zero, beta 0.1 as TRL's default) at a
+    # rate a small model moves at (Zephyr's 5e-7 is for 7B weights); frequent evaluations of the held-out pairs.
+    "dpo": {
+        "optim": {"lr": 1e-5, "warmup_steps": 10, "min_lr_ratio": 0.0, "weight_decay": 0.0},
+        "train": {
+            "objective": "dpo",
+            "max_steps": 500,
+            "batch_size": 8,
+            "eval_every": 50,
+            "eval_tokens": 65536,
+            "save_every": 100,
+            "log_every": 10,
+        },
+    },
     # Fine-tuning a pretrained model (`--init-from`): no model settings (the architecture is the source's),
     # AdamW at a low lr: 3e-5 as nanoGPT's config/finetune_shakespeare.py (which fine-tunes GPT-2 at a constant
     # 3e-5 for 20 steps of 32k tokens), with a short warmup and a gentle cosine to lr/10 so the first steps do not
@@ -368,8 +401,11 @@ PRESETS["grpo"] = {
 }
 
 # The data each preset's recipe is made for: "conversations" (data with loss masks, made by download_data with
-# --conversations or a chat preset: the loss on the assistant's replies) or "text" (every token learned).
-PRESET_DATA: dict[str, Literal["text", "conversations", "prompts"]] = {
+# --conversations or a chat preset: the loss on the assistant's replies), "text" (every token learned),
+# "preferences" (pairs, made by download_data ultrafeedback or --preferences) or "prompts" (prompts with
+# reference answers, made by download_data gsm8k or --prompts).
+PRESET_DATA: dict[str, Literal["text", "conversations", "preferences", "prompts"]] = {
+    "dpo": "preferences",
     "grpo": "prompts",
     "tiny": "text",
     "small": "text",

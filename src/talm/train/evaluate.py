@@ -16,6 +16,7 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 from talm.data.manifest import DataSet
+from talm.errors import TalmError
 from talm.train import dist
 from talm.train.config import TrainConfig
 from talm.train.loader import EvalSlice
@@ -36,6 +37,11 @@ def val_slice(
     masks) packed from whole conversations, its loss over the learned tokens only (padding is <|endoftext|>)."""
     if not any(s.tokens > 0 for s in data.split("val")):
         return None
+    if data.kind == "preferences":  # a next-token loss over both replies, the rejected too, would mislead
+        raise TalmError(
+            f"{str(data.dir)!r} holds preference pairs, which have no language-model val loss: their held-out "
+            "preference accuracy is what train_model --preset dpo logs (val_pref_accuracy)"
+        )
     common = {
         "eval_tokens": eval_tokens or train.eval_tokens, "context_length": context_length,
         "batch_size": train.batch_size, "rank": ctx.rank, "world_size": ctx.world_size, "device": ctx.device,
@@ -48,7 +54,7 @@ def val_slice(
 
 
 @torch.no_grad()
-def evaluate(
+def val_loss_and_bpb(
     model: torch.nn.Module,
     eval_slice: EvalSlice | ConversationEval,
     ctx: dist.DistContext,

@@ -53,6 +53,15 @@ def load_tokenizer(cfg: RunConfig, data: DataSet) -> Tokenizer:
     )
 
 
+def check_trained_with(meta: dict, tokenizer: Tokenizer, model_dir: Path, data_dir: Path) -> None:
+    """TalmError (one line) if the checkpoint of `meta` (checkpoint.json) was trained with another tokenizer."""
+    if meta["tokenizer"]["fingerprint"] != tokenizer.fingerprint:
+        raise TalmError(
+            f"{str(model_dir)!r} was trained with another tokenizer than {str(data_dir)!r} was made with: resume "
+            "it on data made with its tokenizer.json, or pick a new --model-name"
+        )
+
+
 def accumulation(cfg: RunConfig, world_size: int) -> tuple[int, int]:
     """(tokens per optimizer step over all processes, micro-steps per process that reach it)."""
     B, T, W = cfg.train.batch_size, cfg.model.context_length, world_size

@@ -8,13 +8,13 @@ many processes (DDP or FSDP, see parallel.py; gradients synced only on the last 
 (checkpoints, metrics.jsonl, tokenizer.json) is written by rank 0 only, atomically (under FSDP every rank
 writes its shards of a checkpoint).
 
-One optimizer step is `Trainer.train_step` (micro-batches, forward, backward, clip, step, schedule); the steps
-on their schedule are `Trainer.run_steps` (log, evaluate, save, Ctrl-C). A step's stats (loss, gradient norm,
-stop votes) are read only on log, eval and save steps, on a schedule every rank shares, because reading them
-waits for the device; in between the host queues the next steps. Deciding which run to train (config layers,
-resume or restart, the lock on models/NAME) is run.py's job; what a resume may change is resume.py's; the
-directory's rules are rundir.py's; the data, tokenizer and loaders are inputs.py's; what a checkpoint carries of
-the run is state.py's; precision and evaluation have their own modules.
+One optimizer step is `Trainer.train_step` (its objective's micro-batches, forward and loss, backward, clip,
+step, schedule); the steps on their schedule are `Trainer.run_steps` (log, evaluate, save, Ctrl-C). A step's
+stats (loss, gradient norm, stop votes, the objective's) are read only on log, eval and save steps, on a
+schedule every rank shares, because reading them waits for the device; in between the host queues the next
+steps. docs/design.md §4 walks through one step. Helpers that are ideas of their own keep their modules: what
+a step minimises (objective.py), the optimizer (optim.py), saving and loading (state.py, checkpoint.py),
+parallelism (parallel.py), metrics sinks, which run to train (run.py) and what a resume may change (resume.py).
 """
 
 from __future__ import annotations
@@ -34,13 +34,14 @@ from talm.model.threads import use_cpu_threads
 from talm.train import dist, init, resume, rundir, state
 from talm.train.checkpoint import read_meta
 from talm.train.config import RunConfig
-from talm.train.inputs import accumulation, load_inputs
+from talm.train.inputs import accumulation, check_trained_with, load_inputs
 from talm.train.metrics import MetricsLog
 from talm.train.objective import make_objective
 from talm.train.optim import apply_schedule, build_optimizer, group_multipliers
 from talm.train.parallel import Parallel
 from talm.train.precision import Precision, set_deterministic
 from talm.train.report import make_sinks
+from talm.train.rundir import TOKENIZER_FILE
 from talm.train.samples import samples_at_eval
 from talm.train.stop import StopRequest
 
@@ -64,51 +65,53 @@ def describe(cfg: RunConfig) -> str:
     return "\n".join(lines)
 
 
-def announce(tr: Trainer) -> None:
+def announce(trainer: Trainer) -> None:
     """The run's banner (rank 0, stderr): what is trained, where, how, and anything odd about the data."""
-    say = lambda *a: dist.print0(*a, ctx=tr.ctx)  # noqa: E731
-    t = tr.cfg.train
-    if tr.resumed:
-        say(f"resuming {tr.model_dir} from step {tr.step} ({tr.tokens_seen:,} tokens seen)")
-        for note in tr.resume_notes:  # what the resume changes (resume.py)
+    say = lambda *a: dist.print0(*a, ctx=trainer.ctx)  # noqa: E731
+    t = trainer.cfg.train
+    if trainer.resumed:
+        say(f"resuming {trainer.model_dir} from step {trainer.step} ({trainer.tokens_seen:,} tokens seen)")
+        for note in trainer.resume_notes:  # what the resume changes (resume.py)
             say(note)
-    elif tr.step == 0:
+    elif trainer.step == 0:
         source = init.describe(t.init_from) if t.init_from else "scratch"
-        if not t.init_from and tr.data.loss_mask:
+        if not t.init_from and trainer.data.loss_mask:
             source += (
                 " (random weights; to fine-tune a base model on these conversations: --init-from models/BASE)"
             )
-        say(f"training {tr.model_dir} from {source}")
+        say(f"training {trainer.model_dir} from {source}")
     say(
-        f"model: {tr.model.num_params():,} parameters ({tr.model.num_params(embeddings=False):,} "
-        f"without embeddings), device {tr.device}, {tr.ctx.world_size} process(es), "
-        f"{tr.tokens_per_step:,} tokens/step ({tr.accum} micro-step(s) of {t.batch_size} x "
-        f"{tr.cfg.model.context_length} per process), precision {tr.precision}"
+        f"model: {trainer.model.num_params():,} parameters ({trainer.model.num_params(embeddings=False):,} "
+        f"without embeddings), device {trainer.device}, {trainer.ctx.world_size} process(es), "
+        f"{trainer.tokens_per_step:,} tokens/step ({trainer.accum} micro-step(s) of {t.batch_size} x "
+        f"{trainer.cfg.model.context_length} per process), precision {trainer.precision}"
     )
     checkpointing = ", activation checkpointing per block" if t.activation_checkpointing else ""
-    say(f"parallel: {tr.parallel.description}{checkpointing}")
-    say(tr.threads)
-    say(describe(tr.cfg))
-    for line in tr.objective.describe():
+    say(f"parallel: {trainer.parallel.description}{checkpointing}")
+    say(trainer.threads)
+    say(describe(trainer.cfg))
+    for line in trainer.objective.describe():
         say(line)
-    if not tr.objective.has_val:
-        say(f"no val split in {tr.data.dir}: training without evaluation, so no best/ checkpoint")
-    if not tr.data.complete:
-        say(f"note: {tr.data.dir} is not complete (download_data is still writing or was stopped)")
+    if not trainer.objective.has_val:
+        say(f"no val split in {trainer.data.dir}: training without evaluation, so no best/ checkpoint")
+    if not trainer.data.complete:
+        say(f"note: {trainer.data.dir} is not complete (download_data is still writing or was stopped)")
 
 
-def already_trained(tr: Trainer) -> TrainResult:
+def already_trained(trainer: Trainer) -> TrainResult:
     """A run resumed at (or past) max_steps: say so on stdout, with the scores its checkpoint recorded."""
-    meta = read_meta(tr.resume_from or tr.model_dir / "latest")
+    meta = read_meta(trainer.resume_from or trainer.model_dir / "latest")
     val_loss, bpb = meta.get("val_loss"), meta.get("val_bpb")
     scores = meta.get("scores") or {"val_loss": val_loss, "val_bpb": bpb}
     dist.print0(
-        f"{tr.model_dir} is already trained to step {tr.step} ({tr.objective.scores_text(scores)}): raise "
+        f"{trainer.model_dir} is already trained to step {trainer.step} ({trainer.objective.scores_text(scores)}): raise "
         "--max-steps to train further, or pass --restart to start over",
-        ctx=tr.ctx,
+        ctx=trainer.ctx,
         file=sys.stdout,
     )
-    return TrainResult(tr.step, tr.tokens_seen, tr.elapsed, 0.0, val_loss, bpb, tr.model_dir)
+    return TrainResult(
+        trainer.step, trainer.tokens_seen, trainer.elapsed, 0.0, val_loss, bpb, trainer.model_dir
+    )
 
 
 def mfu_text(mfu: float | None) -> str:
@@ -160,20 +163,28 @@ class Trainer:
         self.task_scores = TrainingTasks.of_run(self.tokenizer, t, self.precision.autocast)  # --eval-tasks
         # A multiplier of each group's peak lr, re-warmed over the segment a resume decided (resume.rewarm_segment).
         self.lr_segment = plan.lr_segment
-        self.lr_mult = group_multipliers(cfg.optim, t.max_steps, None)
+        self.lr_mult = group_multipliers(cfg.optim, t.max_steps, self.lr_segment)
 
         self.step = 0
         self.tokens_seen = 0
         self.elapsed = 0.0  # training seconds of earlier sessions of this run
-        self.best_val_loss = math.inf
+        self.best_score = math.inf  # the objective's lowest (val loss for language modelling): best/'s
         self.last_val: dict[str, Any] | None = None  # the last evaluation's metrics
         self.data_wait = 0.0  # seconds spent waiting for batches in this session
         self.stop_asked = False  # whether Ctrl-C had come when the last step read it
         self._t0 = time.perf_counter()
         self.resume_from = resume_from
         self.resumed = resume_from is not None
+        self.checkpointer = state.Checkpointer(
+            self.model, self.optimizer, counters=self, ctx=self.ctx, sharded=self.parallel.sharded,
+            model_config=cfg.model, parts={
+                "loader": self.objective, "scaler": self.precision.scaler,
+                "rng": state.RNGStates(self.ctx, t.seed, step=lambda: self.step),
+            },
+        )  # fmt: skip
         if resume_from is not None and saved is not None:
-            state.restore(self, resume_from, saved)
+            check_trained_with(saved[0], self.tokenizer, self.model_dir, self.data.dir)
+            self.checkpointer.load(resume_from, saved[1])
         else:  # the init above was the same on every rank; dropout must differ per rank
             torch.manual_seed(t.seed + self.ctx.rank)
         self.objective.check_next()  # the first batch's data: bad ids fail before any write
@@ -183,9 +194,31 @@ class Trainer:
         """Training seconds of the whole run so far (earlier sessions included)."""
         return self.elapsed + (time.perf_counter() - self._t0)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The run's counters, and the lr's re-warm (which a resume's plan decides again: it is not loaded)."""
+        return {
+            "step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.now(),
+            "best_val_loss": self.best_score, "lr_segment": self.lr_segment or {},
+        }  # fmt: skip
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.step, self.tokens_seen = int(saved["step"]), int(saved["tokens_seen"])
+        self.elapsed, self.best_score = float(saved["elapsed"]), float(saved["best_val_loss"])
+
     def save(self, which: str, val: dict[str, Any] | None = None) -> None:
-        """Write models/NAME/<which> (latest or best); every rank takes part."""
-        state.save(self, which, val)
+        """Write models/NAME/<which> (latest or best) with `val`, the evaluation's metrics; every rank takes part."""
+        val = val or {}
+        meta = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "tokens_per_step": self.tokens_per_step,  # the global batch a resume keeps (resume.py)
+            "config": self.cfg.model_dump(mode="json"),
+            "tokenizer": {"file": TOKENIZER_FILE, "fingerprint": self.tokenizer.fingerprint},
+            "val_loss": val.get("val_loss"),
+            "val_bpb": val.get("val_bpb"),
+            "scores": val,
+        }
+        self.checkpointer.save(self.model_dir / which, meta)
 
     def _record(self, **values: Any) -> dict[str, Any]:
         """A metrics.jsonl record: where the run is (step, tokens, seconds), then `values`."""
@@ -202,17 +235,17 @@ class Trainer:
         log.log(record | samples)
         self.last_val = metrics
         score = self.objective.best_score(metrics)
-        if score < self.best_val_loss:
-            self.best_val_loss = score
+        if score < self.best_score:
+            self.best_score = score
             self.save("best", self.last_val)
         log.on_eval()
 
     def train_step(self, stop: StopRequest) -> tuple[torch.Tensor, float]:
         """One optimizer step over `accum` micro-batches: (its stats, lr). The stats stay on the device, summed over
         ranks: [mean loss, gradient norm, ranks asking to stop, the objective's stats (means over micro-batches)].
-        Reading them waits for the device to finish the
-        step, so the loop reads them only on log, eval and save steps (`settle`), and the host queues the next
-        step meanwhile. A non-finite loss is caught at the next read, before anything is saved or evaluated."""
+        Reading them waits for the device to finish the step, so the loop reads them only on log, eval and save
+        steps (`read_stats`), and the host queues the next step meanwhile. A non-finite loss is caught at the next
+        read, before anything is saved or evaluated."""
         lr = apply_schedule(self.optimizer, self.cfg.optim, self.step, self.lr_mult(self.step))  # AdamW's lr
         scaler = self.precision.scaler
         loss_sum = torch.zeros((), device=self.device)
@@ -272,7 +305,7 @@ class Trainer:
                     # Steps are read on a schedule every rank shares (so all stop at the same step); a single
                     # process also reads as soon as Ctrl-C is pressed. Many ranks stop within log_every steps.
                     if logs or evals or saves or (self.stop_asked and self.ctx.world_size == 1):
-                        loss, means, interrupted = self.settle(pending)
+                        loss, means, interrupted = self.read_stats(pending)
                         pending = []
                     dt = time.perf_counter() - t_step
                     train_seconds += dt
@@ -307,7 +340,7 @@ class Trainer:
             log.close()
         return train_seconds, interrupted
 
-    def settle(self, pending: list[tuple[int, torch.Tensor]]) -> tuple[float, dict[str, float], bool]:
+    def read_stats(self, pending: list[tuple[int, torch.Tensor]]) -> tuple[float, dict[str, float], bool]:
         """Read the stats of the steps since the last read (one wait for the device): (the last step's mean loss
         over ranks, its objective's stats, whether any rank asked to stop). Raises if any of those steps
         diverged, naming the first."""
@@ -344,7 +377,9 @@ class Trainer:
             config = self.cfg.model_dump(mode="json")
             sinks = make_sinks(list(self.cfg.train.report_to), self.model_dir, config)
             resumed_at = self.step if self.resumed else None
-            rundir.prepare(self.model_dir, tokenizer_file=Path(self.tokenizer.path), resumed_at=resumed_at)
+            rundir.reset_run_dir(
+                self.model_dir, tokenizer_file=Path(self.tokenizer.path), resumed_at=resumed_at
+            )
         dist.barrier()
         start_step, start_tokens = self.step, self.tokens_seen
         self._t0 = time.perf_counter()

@@ -5,6 +5,9 @@ One JSON object per line, appended as training goes:
 
     training lines    {"step", "tokens", "time", "train_loss", "lr", "tokens_per_s"[, "mfu"]}
     evaluation lines  {"step", "tokens", "time", "val_loss", "val_ppl", "val_bpb"}
+                      (preference tuning, talm.train.dpo: {"step", "tokens", "time", "val_loss",
+                      "val_chosen_reward", "val_rejected_reward", "val_reward_margin", "val_pref_accuracy"},
+                      and its training lines add the same four as "train_chosen_reward", ...)
                       (+ "samples": [{"prompt", "greedy", "sampled"}] with --sample-every, talm.train.samples)
                       (+ "TASK/METRIC": a number per benchmark task, with --eval-tasks: talm.eval.runner)
                       another objective's evaluation has its own "val_*" numbers instead (GRPO: "val_pass@1")
@@ -38,8 +41,12 @@ class Sink(Protocol):
 
 FILE = "metrics.jsonl"
 TRAIN_FIELDS = ("step", "tokens", "time", "train_loss", "lr", "tokens_per_s")
-EVAL_FIELDS = ("step", "tokens", "time", "val_loss", "val_ppl", "val_bpb")
-OPTIONAL = ("mfu",)  # numbers where present
+EVAL_FIELDS = ("step", "tokens", "time", "val_loss")
+OPTIONAL = (
+    "mfu",
+    "val_ppl",
+    "val_bpb",
+)  # numbers where present (perplexity and bits/byte: language modelling)
 NULLABLE = ("val_bpb",)
 EXPECTED = (
     'a JSON object with "step" (an integer >= 0) and "train_loss" or "val_loss" (a number), its other fields ('

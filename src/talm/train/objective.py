@@ -23,9 +23,11 @@ from typing import Any, Protocol
 import torch
 
 from talm.data.manifest import DataSet
+from talm.errors import TalmError
 from talm.train import dist
 from talm.train.config import RunConfig
-from talm.train.evaluate import evaluate, scores_text
+from talm.train.dpo import DPO
+from talm.train.evaluate import scores_text, val_loss_and_bpb
 from talm.train.inputs import make_loaders
 from talm.train.packing import ConversationLoader, micro_batches
 from talm.train.precision import Precision
@@ -98,7 +100,7 @@ class LanguageModeling:
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         assert self.eval_slice is not None
-        val_loss, bpb = evaluate(model, self.eval_slice, self.ctx, self.precision.autocast)
+        val_loss, bpb = val_loss_and_bpb(model, self.eval_slice, self.ctx, self.precision.autocast)
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0)), "val_bpb": bpb}
 
     def best_score(self, metrics: dict[str, float]) -> float:
@@ -126,9 +128,44 @@ def make_objective(
 ) -> Objective:
     """The objective `train.objective` names, over this rank's share of `data`; `model` is the plain model (an
     objective that samples from it, or keeps a frozen copy of its starting weights, takes it here)."""
+    check_data_kind(cfg, data)
+    if cfg.train.objective == "dpo":
+        return DPO(cfg, data, vocab_size, accum, ctx, precision, model)
     if cfg.train.objective == "grpo":  # samples from the plain model, decodes replies with the tokenizer
         from talm.train.grpo import GRPO
         from talm.train.inputs import load_tokenizer
 
         return GRPO(cfg, load_tokenizer(cfg, data), model, accum, ctx, precision)
     return LanguageModeling(cfg, data, vocab_size, accum, ctx, precision)
+
+
+# The data each objective trains on (the manifest's kind, talm.data.manifest.KINDS).
+OBJECTIVE_DATA = {"lm": ("text", "conversations"), "dpo": ("preferences",), "grpo": ("prompts",)}
+
+
+def check_data_kind(cfg: RunConfig, data: DataSet) -> None:
+    """TalmError (one line) when the run's objective does not train on the data's kind: preference tuning on
+    text or conversations, or next-token prediction on preference pairs (it would learn the rejected replies)."""
+    objective = cfg.train.objective
+    if data.kind in OBJECTIVE_DATA[objective]:
+        return
+    if objective == "grpo":
+        raise TalmError(
+            f"train.objective grpo (--preset grpo) learns from prompts with reference answers, but "
+            f"{str(data.dir)!r} holds {data.kind}: make prompt data with download_data gsm8k (or --prompts with "
+            "your own)"
+        )
+    if data.kind == "prompts":
+        raise TalmError(
+            f"{str(data.dir)!r} holds prompts with reference answers, not token shards: train on it with "
+            "--preset grpo (--init-from your chat model)"
+        )
+    if data.kind == "preferences":
+        raise TalmError(
+            f"{str(data.dir)!r} holds preference pairs, which train.objective {objective} would learn both "
+            "replies of, the rejected too: tune on them with --preset dpo (--init-from your chat model)"
+        )
+    raise TalmError(
+        f"train.objective {objective} (--preset {objective}) tunes on preference pairs, but {str(data.dir)!r} "
+        f"holds {data.kind}: make pairs with download_data ultrafeedback (or --preferences with your own)"
+    )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 from talm.errors import TalmError
 from talm.train.config import OptimConfig
 from talm.train.precision import cpu_native_bf16
-from talm.train.sharded_rows import gather_rows, scatter_rows
+from talm.train.sharded_rows import from_owners, to_owners
 
 # Muon's momentum warms up from this value to --optim.muon_momentum over --optim.muon_momentum_warmup steps,
 # as nanochat (scripts/base_train.py, get_muon_momentum: 0.85 -> 0.95 over 300 steps) and the modded-nanogpt
@@ -35,6 +35,8 @@ MUON_MOMENTUM_START = 0.85
 # tuned, so --optim.muon_lr's default means what it means there. "match_rms_adamw" (Moonshot: lr * 0.2 *
 # sqrt(max(rows, cols))) would let Muon reuse AdamW's lr, but no speedrun recipe is tuned for it.
 MUON_ADJUST_LR = "original"
+# torch 2.13 renamed all_gather_into_tensor all_gather_single (the old name warns); talm runs on torch >= 2.4.
+ALL_GATHER = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
 
 
 # ------------------------------------------------------------------------------------------------- schedules
@@ -172,45 +174,70 @@ def adamw(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.o
 
 
 def orthogonalize(x: torch.Tensor, group: dict, dtype: torch.dtype) -> torch.Tensor:
-    """Newton-Schulz orthogonalisation of the matrix `x` in `dtype`, as torch's Muon computes it."""
-    (a, b, c), tall = group["ns_coefficients"], x.size(0) > x.size(1)
+    """Newton-Schulz orthogonalisation of each matrix of the stack `x` (count, rows, cols) in `dtype`, as
+    torch's Muon computes it for one matrix; one batched matmul per product for the whole stack."""
+    (a, b, c), tall = group["ns_coefficients"], x.size(-2) > x.size(-1)
     x = x.to(dtype)
-    x = x.T if tall else x
-    x = x / x.norm().clamp(min=group["eps"])
+    x = x.mT if tall else x
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=group["eps"])
     for _ in range(group["ns_steps"]):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
 
 
-def muon_update(x: torch.Tensor, group: dict, dtype: torch.dtype, rows: list[int] | None) -> torch.Tensor:
-    """Muon's update of a matrix from its momentum-mixed gradient `x`: each block of `rows` (one projection of a
-    fused weight; None: the whole matrix) orthogonalised alone and scaled by its own shape, as torch's
-    "original" adjust_lr_fn scales a matrix's lr: sqrt(max(1, rows / cols))."""
-    return torch.cat(
-        [
-            orthogonalize(block, group, dtype).to(x.dtype) * math.sqrt(max(1, block.size(0) / block.size(1)))
-            for block in (x.split(rows) if rows else [x])
-        ]
-    )
+class Piece(NamedTuple):
+    """One matrix Muon orthogonalises: rows [start, start + rows) of the `index`-th parameter stepped (a whole
+    weight, or one projection of a fused one)."""
+
+    index: int
+    start: int
+    rows: int
+
+
+# What Muon adds to a parameter's rows: (the first row, in this process's rows of it; the orthogonalised update
+# of those rows; the lr scale of the piece's shape).
+Part = tuple[int, torch.Tensor, float]
+
+
+def stacks(
+    shapes: list[torch.Size], row_blocks: list[list[int] | None], groups: list[int]
+) -> list[list[Piece]]:
+    """The pieces of the parameters (their `shapes`, each split into its `row_blocks`, None: whole), grouped
+    into stacks of one shape and one parameter group (one batched Newton-Schulz each), largest stack first (its
+    collective then overlaps the most computation)."""
+    by_key: dict[tuple[int, int, int], list[Piece]] = {}
+    for i, (shape, blocks, g) in enumerate(zip(shapes, row_blocks, groups, strict=True)):
+        start = 0
+        for rows in blocks or [shape[0]]:
+            by_key.setdefault((rows, shape[1], g), []).append(Piece(i, start, rows))
+            start += rows
+    return sorted(by_key.values(), key=lambda s: -len(s) * s[0].rows * shapes[s[0].index][1])
+
+
+def owners(count: int, world: int, first: int) -> list[int]:
+    """The process that orthogonalises each of a stack's `count` pieces: contiguous shares of ceil(count /
+    world), the first to process `first` (stacks start where the last one ended, so single pieces go round robin)."""
+    share = -(-count // world)
+    return [(first + j // share) % world for j in range(count)]
+
+
+def lr_scale(rows: int, cols: int) -> float:
+    """torch's "original" adjust_lr_fn: a rows x cols matrix steps at lr * sqrt(max(1, rows / cols))."""
+    return math.sqrt(max(1, rows / cols))
 
 
 class Muon(torch.optim.Muon):
-    """torch's Muon with its Newton-Schulz iteration in `ns_dtype`, and for FSDP's sharded matrices.
+    """torch's Muon, per projection, batched by shape, and split over the processes of DDP or FSDP.
 
-    torch runs the iteration in bfloat16, right on GPUs and on CPUs with native bf16; elsewhere bf16 matmuls are
-    emulated and made the tiny preset's whole step 6.5x slower on a 2-core AVX2 CPU (1.24 vs 0.19 s,
-    benchmarks/bench_convergence.py), so there it runs in float32 (the same update, computed more precisely).
-
-    Under FSDP each process holds a slab of rows of each matrix (a DTensor), but orthogonalisation needs the
-    whole matrix. The work is split: matrix i is orthogonalised by process i mod N alone (round robin), which
-    gathers its (momentum-mixed) gradient's rows from every process, then sends each process its rows of the
-    update (`sharded_updates`). The update is the same bits as if every process orthogonalised every matrix:
-    the same whole matrix goes through the same computation, only on one process. The momentum stays sharded.
-    A fused weight (qkv, gate_up) is orthogonalised per projection (`row_blocks`): jointly, a dominant q
-    gradient shrank the k and v updates (per-block update RMS 0.074 / 0.020 / 0.020 fused, 0.079 / 0.079 / 0.078
-    per projection) and the shape's lr scale was sqrt(3) off. Same state and groups as torch's, so checkpoints
-    are the same."""
+    Each fused weight (qkv, gate_up) is orthogonalised per projection (`row_blocks`), each at its own shape's lr
+    scale; same-shape pieces are stacked into one batched Newton-Schulz. Distributed, each process
+    orthogonalises a distinct share of each stack: under DDP (`process_group`: every process holds the same
+    all-reduced gradient and momentum) the shares' updates are all-gathered; under FSDP (DTensor parameters)
+    each piece's rows go to its owner and its update's rows back (two all_to_alls per stack). Collectives are
+    asynchronous and overlap the next stack's iteration. The iteration runs in `ns_dtype` (float32 where bf16
+    is emulated). State and groups are torch's (a per-parameter momentum, sharded as the parameter), so
+    checkpoints are unchanged. docs/design.md (Muon) has the measurements."""
 
     def __init__(
         self,
@@ -218,65 +245,111 @@ class Muon(torch.optim.Muon):
         *,
         ns_dtype: torch.dtype,
         row_blocks: dict[torch.Tensor, list[int]] | None = None,
+        process_group: torch.distributed.ProcessGroup | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(params, **kwargs)
         self.ns_dtype = ns_dtype
         self.row_blocks = row_blocks or {}
+        self.process_group = process_group
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:
-        sharded = any(isinstance(p, DTensor) for g in self.param_groups for p in g["params"])
-        if self.ns_dtype == torch.bfloat16 and not sharded and not self.row_blocks:
-            return super().step(closure)
-        pending = []  # (parameter, its group, its momentum-mixed gradient) of the sharded matrices
-        for group in self.param_groups:
+        stepped = []  # (parameter, its group's index, its momentum-mixed gradient)
+        for g, group in enumerate(self.param_groups):
             momentum = group["momentum"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
                 buf.lerp_(p.grad, 1 - momentum)
-                x = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                if isinstance(x, DTensor):
-                    pending.append((p, group, x))
-                else:
-                    apply_update(
-                        p, group, muon_update(x, group, self.ns_dtype, self.row_blocks.get(p)).to(p.dtype)
-                    )
-        if pending:
-            for (p, group, _), update in zip(pending, self.sharded_updates(pending), strict=True):
-                apply_update(p, group, update)
+                stepped.append((p, g, p.grad.lerp(buf, momentum) if group["nesterov"] else buf))
+        if not stepped:
+            return None
+        pieces = stacks(
+            [p.shape for p, _, _ in stepped],
+            [self.row_blocks.get(p) for p, _, _ in stepped],
+            [g for _, g, _ in stepped],
+        )
+        if isinstance(stepped[0][2], DTensor):
+            parts = self.sharded_updates(stepped, pieces)
+        else:
+            parts = self.replicated_updates(stepped, pieces)
+        for (p, g, _), own in zip(stepped, parts, strict=True):
+            apply_update(p, self.param_groups[g], own)
         return None
 
-    def sharded_updates(self, pending: list[tuple[DTensor, dict, DTensor]]) -> list[DTensor]:
-        """The orthogonalised updates of FSDP's sharded matrices, each as this process's rows, in three phases so
-        that the processes orthogonalise at the same time: every matrix gathered whole on its owner (matrix i on
-        process i mod N), each owner orthogonalising its own, every update's rows sent back from its owner."""
-        mesh = pending[0][0].device_mesh
-        assert all(p.device_mesh == mesh for p, _, _ in pending), "FSDP shards every matrix over one mesh"
-        group, me, world = mesh.get_group(), mesh.get_local_rank(), mesh.size()
-        owners = [i % world for i in range(len(pending))]
-        wholes = [gather_rows(x, owner, group) for (_, _, x), owner in zip(pending, owners, strict=True)]
-        updates = [
-            muon_update(whole, grp, self.ns_dtype, self.row_blocks.get(p)).to(p.dtype)
-            if owner == me
-            else None
-            for (p, grp, _), owner, whole in zip(pending, owners, wholes, strict=True)
-        ]
-        del wholes
-        return [
-            scatter_rows(update, p, owner, group)
-            for (p, _, _), owner, update in zip(pending, owners, updates, strict=True)
-        ]
+    def replicated_updates(self, stepped: list[tuple], pieces: list[list[Piece]]) -> list[list[Part]]:
+        """Each parameter's updates where every process holds the whole momentum (one process, or DDP): this
+        process orthogonalises its share of each stack, then all_gathers the others' (async, while it computes
+        the next stack)."""
+        pg = self.process_group
+        world, me = (pg.size(), torch.distributed.get_rank(pg)) if pg is not None else (1, 0)
+        gathers, first = [], 0
+        for stack in pieces:
+            owner, share = owners(len(stack), world, first), -(-len(stack) // world)
+            first += len(stack)
+            mine = [piece for piece, o in zip(stack, owner, strict=True) if o == me]
+            group = self.param_groups[stepped[stack[0].index][1]]
+            x = stepped[stack[0].index][2]
+            ortho = None
+            if mine:
+                whole = torch.stack([stepped[i][2].narrow(0, s, r) for i, s, r in mine])
+                ortho = orthogonalize(whole, group, self.ns_dtype)
+            if world == 1:
+                gathers.append((stack, owner, share, ortho, None))
+                continue
+            done = x.new_zeros(share, stack[0].rows, x.size(1), dtype=self.ns_dtype)  # this share, 0-padded
+            if ortho is not None:
+                done[: len(ortho)] = ortho
+            out = done.new_empty(world * share, *done.shape[1:])
+            work = ALL_GATHER(out, done, group=pg, async_op=True)
+            gathers.append((stack, owner, share, out, work))
+        parts: list[list[Part]] = [[] for _ in stepped]
+        for stack, owner, share, out, work in gathers:
+            if work is not None:
+                work.wait()
+            for j, (piece, o) in enumerate(zip(stack, owner, strict=True)):
+                update = out[o * share + j % share]
+                parts[piece.index].append((piece.start, update, lr_scale(piece.rows, update.size(1))))
+        return parts
+
+    def sharded_updates(self, stepped: list[tuple], pieces: list[list[Piece]]) -> list[list[Part]]:
+        """Each parameter's updates, as this process's rows, under FSDP: every stack's pieces sent whole to their
+        owners (async, all at once), each owner orthogonalising its share of a stack as soon as it has arrived
+        and sending each process its rows of the updates (async), then every process taking its rows."""
+        mesh = stepped[0][0].device_mesh
+        assert all(p.device_mesh == mesh for p, _, _ in stepped), "FSDP shards every matrix over one mesh"
+        pg, world, first = mesh.get_group(), mesh.size(), 0
+        like = stepped[0][2].to_local().new_empty(0, dtype=self.ns_dtype)
+        arriving = []
+        for stack in pieces:
+            owner = owners(len(stack), world, first)
+            first += len(stack)
+            rows = [(stepped[i][2], s, r) for i, s, r in stack]
+            arriving.append((stack, owner, rows, to_owners(rows, owner, pg)))
+        returning = []
+        for stack, owner, rows, wait in arriving:
+            whole = wait()
+            group = self.param_groups[stepped[stack[0].index][1]]
+            ortho = list(orthogonalize(torch.stack(whole), group, self.ns_dtype)) if whole else []
+            returning.append((stack, from_owners(ortho, rows, owner, pg, like)))
+        parts: list[list[Part]] = [[] for _ in stepped]
+        for stack, wait in returning:
+            for piece, (start, update) in zip(stack, wait(), strict=True):
+                if update.numel():
+                    parts[piece.index].append((start, update, lr_scale(piece.rows, update.size(1))))
+        return parts
 
 
-def apply_update(p: torch.Tensor, group: dict, update: torch.Tensor) -> None:
-    """Muon's step of one matrix: decoupled weight decay, then the update (`muon_update`, already scaled by
-    its blocks' shapes) at the group's lr."""
+def apply_update(p: torch.Tensor, group: dict, parts: list[Part]) -> None:
+    """Muon's step of one matrix (this process's rows of it, under FSDP): decoupled weight decay, then each
+    piece's orthogonalised update at the group's lr times the piece's shape scale (torch's arithmetic)."""
     assert group["adjust_lr_fn"] == MUON_ADJUST_LR == "original"
-    p.mul_(1 - group["lr"] * group["weight_decay"])
-    p.add_(update, alpha=-group["lr"])
+    local = p.to_local() if isinstance(p, DTensor) else p  # under no_grad: the shard itself, updated in place
+    local.mul_(1 - group["lr"] * group["weight_decay"])
+    for start, update, scale in parts:
+        local.narrow(0, start, update.size(0)).add_(update, alpha=-(group["lr"] * scale))
 
 
 class MuonAdamW:
@@ -337,9 +410,20 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
         momentum=cfg.muon_momentum,
         nesterov=True,
         adjust_lr_fn=MUON_ADJUST_LR,
+        process_group=replicated_group(hidden),
     )
     rest = param_groups(model, cfg.weight_decay, {id(p) for p in hidden}, cfg.embedding_lr)
     return MuonAdamW(muon, adamw(rest, cfg, device))
+
+
+def replicated_group(params: list[torch.Tensor]) -> torch.distributed.ProcessGroup | None:
+    """The process group over which whole (not FSDP-sharded) parameters are replicated: the default one when
+    several processes run (talm then wraps the model in DDP, whose gradients are all-reduced), else None."""
+    dist = torch.distributed
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not several or any(isinstance(p, DTensor) for p in params):
+        return None
+    return dist.group.WORLD
 
 
 def fast_bf16(device: torch.device) -> bool:

@@ -1,5 +1,6 @@
 """Training curves as pictures: train and val loss, val bits per byte (a run on conversation data has none: its
-val loss takes that panel), and (when the run scored any with --eval-tasks) benchmark scores, against tokens seen.
+val loss takes that panel), and (when the run scored any with --eval-tasks) benchmark scores, against tokens seen;
+a preference-tuning run (talm.train.dpo) shows its preference accuracy and its rewards instead of bits per byte.
 
 The runs' metrics.jsonl are read with `talm.train.metrics` (the one definition of that format); `plot_runs` draws one
 or several runs on one chart and writes the PNG atomically, to a path checked before any work
@@ -93,9 +94,13 @@ def draw_runs(runs: list[tuple[str, str | Path]], *, x: str = "tokens", title: s
             )
 
     task_fields = sorted({k for _, _, evals in data for r in evals for k in r if is_task_field(k)})
-    fig = Figure(figsize=(18 if task_fields else 12, 4.6), layout="constrained")
+    # preference tuning (talm.train.dpo): accuracy in the right panel, the rewards in one more
+    preferences = any("train_pref_accuracy" in r for _, train, _ in data for r in train)
+    panels = 2 + bool(task_fields) + preferences
+    fig = Figure(figsize=(6 * panels, 4.6), layout="constrained")
     FigureCanvasAgg(fig)
-    loss_ax, bpb_ax, *task_ax = fig.subplots(1, 3 if task_fields else 2)
+    loss_ax, bpb_ax, *more_ax = fig.subplots(1, panels)
+    task_ax = more_ax[:1] if task_fields else []
     x_scale, x_label = 1.0, X_AXES[x]
     if x == "time":
         longest = max((r.get("time", 0.0) for _, t, e in data for r in t + e), default=0.0)
@@ -109,7 +114,9 @@ def draw_runs(runs: list[tuple[str, str | Path]], *, x: str = "tokens", title: s
     )  # another objective's evaluation (GRPO: val_pass@1), where no run has a loss
     if other and not any(finite_points(evals, "val_loss", x)[1] for _, _, evals in data):
         right = other
-    loss_values = _plot_losses(loss_ax, bpb_ax, data, x, x_scale, right)
+    loss_values = _plot_losses(loss_ax, bpb_ax, data, x, x_scale, None if preferences else right)
+    if preferences:
+        _plot_preferences(bpb_ax, more_ax[-1], data, x, x_scale)
 
     if task_ax:
         _plot_tasks(task_ax[0], data, task_fields, x, x_scale, single)
@@ -117,14 +124,15 @@ def draw_runs(runs: list[tuple[str, str | Path]], *, x: str = "tokens", title: s
         low, high = min(loss_values), max(loss_values)
         loss_ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low) + 1e-6)
     loss_ax.set_title("loss (nats per token)")
-    for ax in (loss_ax, bpb_ax, *task_ax):
+    for ax in (loss_ax, bpb_ax, *more_ax):
         ax.set_xlabel(x_label)
         ax.grid(True, alpha=0.3)
         if x == "tokens":
             ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     if loss_ax.has_data():
         loss_ax.legend(loc="upper right", fontsize=8)
-    _finish_right_panel(bpb_ax, has_bpb, single)
+    if not preferences:
+        _finish_right_panel(bpb_ax, has_bpb, single)
     if right not in ("val_bpb", "val_loss") and bpb_ax.has_data():
         bpb_ax.set_title(f"validation {right[4:]} (higher is better)")
     fig.suptitle(title or ", ".join(label for label, _, _ in data))
@@ -156,17 +164,17 @@ def _finish_right_panel(ax: Any, has_bpb: bool, single: bool) -> None:
 
 
 def _plot_losses(
-    loss_ax: Any, bpb_ax: Any, data: list[tuple[str, Any, Any]], x: str, x_scale: float, right: str
+    loss_ax: Any, bpb_ax: Any, data: list[tuple[str, Any, Any]], x: str, x_scale: float, right: str | None
 ) -> list[float]:
     """Each run's train and val loss on `loss_ax` and its `right` field (val_bpb, or val_loss when no run has
-    bits per byte) on `bpb_ax`; the losses drawn."""
+    bits per byte; None: nothing) on `bpb_ax`; the losses drawn."""
     single = len(data) == 1
     colors = [f"C{i % 10}" for i in range(len(data))]
     loss_values: list[float] = []
     for (label, train, evals), color in zip(data, colors, strict=True):
         tx, ty = finite_points(train, "train_loss", x)
         vx, vy = finite_points(evals, "val_loss", x)
-        bx, by = finite_points(evals, right, x)
+        bx, by = finite_points(evals, right, x) if right else ([], [])
         tx, vx, bx = ([v / x_scale for v in xs] for xs in (tx, vx, bx))
         train_color = "C0" if single else color
         val_color = "C1" if single else color
@@ -189,6 +197,46 @@ def _plot_losses(
                 )
         loss_values += ty[len(ty) // 20 :] + vy
     return loss_values
+
+
+def _plot_preferences(
+    accuracy_ax: Any, reward_ax: Any, data: list[tuple[str, Any, Any]], x: str, x_scale: float
+) -> None:
+    """Preference tuning's stats: each run's preference accuracy (train smoothed, val with markers) on
+    `accuracy_ax`; its chosen and rejected rewards and their margin on `reward_ax`."""
+    single = len(data) == 1
+    stats = (("pref_accuracy", accuracy_ax, "C0"), ("chosen_reward", reward_ax, "C2"))
+    stats += (("rejected_reward", reward_ax, "C3"), ("reward_margin", reward_ax, "C4"))
+    for run, (label, train, evals) in enumerate(data):
+        style, name = ("-", "--", ":", "-.")[run % 4], "" if single else f"{label}: "
+        for key, ax, color in stats:
+            tx, ty = finite_points(train, f"train_{key}", x)
+            vx, vy = finite_points(evals, f"val_{key}", x)
+            if ty:
+                smooth = _smooth(ty, max(1, len(ty) // 50))
+                ax.plot(
+                    [v / x_scale for v in tx],
+                    smooth,
+                    style,
+                    color=color,
+                    alpha=0.5,
+                    label=f"{name}train {key}",
+                )
+            if vy:
+                ax.plot(
+                    [v / x_scale for v in vx],
+                    vy,
+                    style,
+                    color=color,
+                    marker="o",
+                    ms=3.5,
+                    label=f"{name}val {key}",
+                )
+    accuracy_ax.set_title("preference accuracy (chosen reward > rejected; higher is better)")
+    accuracy_ax.set_ylim(-0.02, 1.02)
+    reward_ax.set_title("rewards (beta x log-ratio to the reference) and their margin")
+    for ax in (accuracy_ax, reward_ax):
+        ax.legend(loc="best", fontsize=7)
 
 
 def _plot_tasks(

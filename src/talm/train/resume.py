@@ -88,6 +88,11 @@ POLICY: dict[str, tuple[str, str]] = {
     ),
     "data.dir": (NOTE, "the loader keeps its position (epoch and window), now in this data's shuffled order"),
     "data.tokenizer_path": (SILENT, ""),  # the tokenizer's fingerprint is checked against the checkpoint's
+    "dpo.loss": (REFUSED, "another loss is another run: train it under a new --model-name"),
+    "dpo.beta": (NOTE, "the loss's strength from here on; the weights carry on"),
+    "dpo.gamma": (NOTE, "SimPO's margin from here on; the weights carry on"),
+    # stored log-probabilities come from the checkpoint; the trained weights cannot give the starting ones again
+    "dpo.reference": (REFUSED, "the reference is the starting weights, which a resumed run no longer holds"),
 }
 
 

@@ -18,13 +18,14 @@ from typing import Any
 
 from talm.config import load_toml, merge, validate
 from talm.data.manifest import read_data
-from talm.data.prompts import data_kind, read_prompts
+from talm.data.prompts import directory_kind, prompt_dataset
 from talm.errors import TalmError
 from talm.train import dist, rundir
 from talm.train.checkpoint import DamagedCheckpoint, read_meta
 from talm.train.config import PRESET_DATA, PRESETS, RunConfig
 from talm.train.init import apply_source, check_data
 from talm.train.loop import Trainer, TrainResult
+from talm.train.objective import check_data_kind
 
 
 def preset(name: str) -> dict[str, Any]:
@@ -39,11 +40,12 @@ def preset_data_note(preset_name: str | None, data_dir: str | Path) -> str | Non
     if not preset_name:
         return None
     preset(preset_name)  # an unknown name: one line
-    if PRESET_DATA[preset_name] == "prompts" or data_kind(data_dir) == "prompts":
-        if data_kind(data_dir) != PRESET_DATA[preset_name]:  # a text recipe on prompts: read_data says why
-            read_prompts(data_dir) if PRESET_DATA[preset_name] == "prompts" else read_data(data_dir)
-        return None
-    conversations = read_data(data_dir, splits=("train",)).loss_mask
+    if "prompts" in (directory_kind(data_dir), PRESET_DATA[preset_name]):
+        return None  # the objective and the data's kind: refused in one line if they differ (check_data_kind)
+    kind = read_data(data_dir, splits=("train",)).kind
+    if "preferences" in (kind, PRESET_DATA[preset_name]):
+        return None  # the objective and the data's kind: refused in one line if they differ (check_data_kind)
+    conversations = kind == "conversations"
     if PRESET_DATA[preset_name] == "conversations" and not conversations:
         raise TalmError(
             f"--preset {preset_name} fine-tunes on conversations (the loss on the assistant's replies), but "
@@ -108,6 +110,18 @@ def resolve_run(
     if checkpoint is None:
         data = apply_source(data, layers, flag_names)
     cfg = validate(RunConfig, data, flag_names)
+    try:
+        prompts = directory_kind(cfg.data.dir) == "prompts"
+        data_set = prompt_dataset(cfg.data.dir) if prompts else read_data(cfg.data.dir, splits=("train",))
+    except TalmError:
+        data_set = None  # the Trainer says what is wrong with the data, in its order of checks
+    if data_set is not None:
+        check_data_kind(cfg, data_set)
+    if checkpoint is None and cfg.train.objective == "dpo" and not cfg.train.init_from:
+        raise TalmError(
+            "--preset dpo (train.objective dpo) tunes a chat model on preference pairs: pass --init-from "
+            "models/CHAT, the model to start from (its weights are also the reference)"
+        )
     if checkpoint is None and cfg.train.objective == "grpo" and not cfg.train.init_from:
         raise TalmError(
             "GRPO (--preset grpo) improves a model that already answers the prompts sometimes: pass --init-from "
@@ -142,7 +156,7 @@ def run_training(
     ctx = dist.setup(cfg.train.device)
     lock = rundir.run_lock(model_dir)
     try:
-        dist.on_main(lambda: rundir.take(model_dir, lock), ctx)
+        dist.on_main(lambda: rundir.lock_run_dir(model_dir, lock), ctx)
         cfg, checkpoint = resolve_run(model_dir, layers, **options)
         if checkpoint is not None and checkpoint.name == "best":
             why = "as asked" if resume_from == "best" else f"{model_dir / 'latest'} is missing or incomplete"

@@ -179,7 +179,7 @@ def run_lock(model_dir: Path) -> RunLock:
     )
 
 
-def take(model_dir: Path, lock: RunLock) -> None:
+def lock_run_dir(model_dir: Path, lock: RunLock) -> None:
     """Rank 0, before anything is written: check models/NAME can be written, lock it, then (no other run can
     be writing) undo an interrupted checkpoint save and sweep the temporaries crashed writers left."""
     check_writable_dir(model_dir, instead=OTHER_NAME)
@@ -199,7 +199,7 @@ def take(model_dir: Path, lock: RunLock) -> None:
             )
 
 
-def prepare(model_dir: Path, *, tokenizer_file: Path, resumed_at: int | None) -> None:
+def reset_run_dir(model_dir: Path, *, tokenizer_file: Path, resumed_at: int | None) -> None:
     """Rank 0, once everything is validated: a fresh start (`resumed_at` None, allowed by --restart or an empty
     directory) deletes the earlier run's outputs; copy the tokenizer; on resume, drop metrics past the step."""
     if resumed_at is None:

@@ -1,34 +1,38 @@
-"""What a checkpoint carries of a run besides the weights, captured from a Trainer and restored into one.
+"""A run's checkpoint content, saved and loaded through one path for one process, DDP and FSDP alike.
 
-checkpoint.py owns the file format (trainer_state.pt, checkpoint.json); this module owns their content for a
-training run: the counters (step, tokens seen, elapsed time, best val loss), the optimizer state (both
-optimizers' with Muon), the lr schedule's re-warm (decided by resume.py), the loss-scaler state, the loader's position and every rank's
-RNG states, so that a resumed run continues the run it resumes (the same data order and, on the same process
-count, the same dropout masks, the same lr; what a resume may change is resume.py's decision).
+Each stateful part of a run saves and loads its own state (torch's `Stateful` protocol: `state_dict()` /
+`load_state_dict()`): the Trainer's counters, the objective's data position, the loss scaler and every rank's
+RNG states (`RNGStates`). The model and optimizer go through torch's `get_state_dict` / `set_state_dict`, keyed
+by parameter name whatever the strategy, so one `Checkpointer` serves every strategy:
 
-Under FSDP each process holds shards of the weights and optimizer state: they are saved with DCP (sharded/,
-see checkpoint.py) beside a model.safetensors gathered on rank 0, and any checkpoint resumes under any strategy
-and process count: a sharded one through DCP (which reshards), a whole one sharded as it is loaded.
+- saving: a process without FSDP writes the weights to model.safetensors and the optimizer's state to
+  trainer_state.pt; under FSDP every process writes its shards of both with DCP (sharded/), beside the whole
+  model gathered on rank 0 (model.safetensors, which generate / export / evaluate read);
+- loading: a sharded checkpoint is read by DCP into this run's own layout (it reshards across process counts);
+  a whole one is read as full state dicts, which `set_state_dict` shards as this run holds them.
+
+checkpoint.py owns the files (atomic staging and swap, code-free loading); what a resume may change is
+resume.py's decision, made before anything here loads.
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
-    set_model_state_dict,
     set_state_dict,
 )
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from talm.errors import TalmError
 from talm.files import staging_dir
+from talm.model.config import ModelConfig
 from talm.model.gpt import GPT
 from talm.train import dist
 from talm.train.checkpoint import (
@@ -45,84 +49,175 @@ from talm.train.checkpoint import (
     save_failed,
     save_shards,
 )
-from talm.train.optim import (
-    check_kind,
-    group_multipliers,
-    inner_optimizers,
-    is_muon,
-    keep_kernel,
-    load_optimizer_state,
-)
-from talm.train.rundir import OTHER_NAME, TOKENIZER_FILE
-
-if TYPE_CHECKING:
-    from talm.train.loop import Trainer
+from talm.train.optim import Optimizer, check_kind, inner_optimizers, is_muon, keep_kernel
+from talm.train.rundir import OTHER_NAME
 
 
-def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
 
 
-def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+class RNGStates:
+    """Every rank's RNG states (CPU, and CUDA's on a GPU), saved together: a resume on as many processes
+    restores each rank's (the same dropout masks); on another count each rank is reseeded from the run's seed,
+    the step and its rank (the data order does not depend on it)."""
+
+    def __init__(self, ctx: dist.DistContext, seed: int, step: Callable[[], int]) -> None:
+        self.ctx, self.seed, self.step = ctx, seed, step
+
+    def state_dict(self) -> list[dict[str, torch.Tensor]]:  # a collective: every rank calls it
+        state = {"cpu": torch.get_rng_state()}
+        if self.ctx.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.ctx.device).cpu()
+        return dist.all_gather_objects(state)
+
+    def load_state_dict(self, states: list[dict[str, torch.Tensor]]) -> None:
+        if len(states) != self.ctx.world_size:
+            torch.manual_seed(self.seed + self.step() + self.ctx.rank)
+            return
+        state = states[self.ctx.rank]
+        torch.set_rng_state(state["cpu"])
+        if self.ctx.device.type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], self.ctx.device)
 
 
-def save(trainer: Trainer, which: str, val: dict[str, Any] | None = None) -> None:
-    """Write models/NAME/<which> (every rank takes part: each contributes its RNG state, and under FSDP its
-    shards). A failed save (a full disk) is one line on rank 0, the previous checkpoint kept; the other ranks
-    stop with it."""
-    tr = trainer
-    rngs = dist.all_gather_objects({k: v.cpu() for k, v in rng_state(tr.device).items()})
-    target = tr.model_dir / which
-    model: torch.nn.Module = tr.model
-    staged, error, optim_state = None, None, {}
-    if tr.parallel.sharded:
-        model = whole_model(tr)  # on rank 0 (a collective: every rank sends its shards)
-        staged, error = dist.broadcast_object(new_staging_dir(target) if tr.ctx.is_main else None)
-        model_state, optim_state = get_state_dict(tr.model, inner_optimizers(tr.optimizer))
+def read_saved(checkpoint_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A checkpoint's checkpoint.json and trainer state, read once for the resume's decisions and `load`."""
+    return read_meta(checkpoint_dir), load_trainer_state(checkpoint_dir)
+
+
+class Checkpointer:
+    """Saves and loads one run's checkpoints: `model` (the plain GPT, sharded under FSDP) and `optimizer` by
+    parameter name, `counters` at the top level of trainer_state.pt and each of `parts` under its name."""
+
+    def __init__(
+        self,
+        model: GPT,
+        optimizer: Optimizer,
+        *,
+        counters: Stateful,
+        parts: dict[str, Stateful],
+        ctx: dist.DistContext,
+        sharded: bool,
+        model_config: ModelConfig,
+    ) -> None:
+        self.model, self.optimizer, self.counters, self.parts = model, optimizer, counters, parts
+        self.ctx, self.sharded, self.model_config = ctx, sharded, model_config
+        self._whole: GPT | None = None  # FSDP: the gathered model on rank 0, built at the first save
+
+    def state_dict(self) -> dict[str, Any]:
+        """trainer_state.pt's content besides the optimizer (a collective: RNGStates gathers every rank's)."""
+        return self.counters.state_dict() | {name: part.state_dict() for name, part in self.parts.items()}
+
+    def save(self, target: Path, meta: dict[str, Any]) -> None:
+        """Write checkpoint directory `target` with `meta` (checkpoint.json); every rank takes part. A failed save
+        (a full disk) is one line on rank 0, the previous checkpoint kept; the other ranks stop with it."""
+        state = self.state_dict()
+        model_state, optim_state = get_state_dict(self.model, inner_optimizers(self.optimizer))
+        weights: torch.nn.Module = self.model
+        staged, error = None, None
+        if self.sharded:
+            weights = self.whole_model()  # on rank 0 (a collective: every rank sends its shards)
+            staged, error = dist.broadcast_object(new_staging_dir(target) if self.ctx.is_main else None)
+            try:
+                if error is None:
+                    save_shards(staged / SHARDS, {"model": model_state, "optim": optim_state["state"]})
+            except (Exception, CheckpointException) as err:  # noqa: BLE001 -- any rank's failure, on every rank
+                error = first_failure(err)
+            # the optimizer's tensors are in sharded/; its hyperparameters stay in trainer_state.pt
+            optim_state = {"param_groups": optim_state["param_groups"]}
+
+        def write() -> None:
+            if error is not None:
+                if staged is not None:
+                    shutil.rmtree(staged, ignore_errors=True)
+                raise save_failed(target, error)
+            save_checkpoint(target, weights, meta, state | {"optimizer": optim_state}, staged=staged)
+
+        dist.on_main(write, self.ctx)
+
+    def whole_model(self) -> torch.nn.Module:
+        """The FSDP model's weights gathered into a plain GPT on rank 0's CPU, for model.safetensors; every rank
+        must call it. Other ranks get their sharded model back (they write nothing)."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = get_model_state_dict(self.model, options=options)
+        if not self.ctx.is_main:
+            return self.model
+        if self._whole is None:
+            self._whole = GPT(self.model_config)
+        self._whole.load_state_dict(full)
+        return self._whole
+
+    def load(self, checkpoint_dir: Path, state: dict[str, Any]) -> None:
+        """Load a checkpoint (`state`: its trainer_state.pt, from `read_saved`) into this freshly built run, whose
+        config resume.plan_resume has accepted: weights and optimizer, then the counters and every part."""
+        optimizers = inner_optimizers(self.optimizer)
         try:
-            if error is None:
-                save_shards(staged / SHARDS, {"model": model_state, "optim": optim_state["state"]})
-        except (Exception, CheckpointException) as err:  # noqa: BLE001 -- any rank's failure, on every rank
-            error = first_failure(err)
+            check_kind(
+                self.optimizer, any(is_muon(g) for g in saved_groups(checkpoint_dir, state["optimizer"]))
+            )
+            saved = by_name(state["optimizer"], self.optimizer, self.model)
+        except ValueError as err:
+            raise optimizer_misfit(checkpoint_dir, str(err)) from None
+        groups = saved["param_groups"]
+        if (checkpoint_dir / SHARDS).is_dir():  # DCP fills this run's own layout, resharding as needed
+            model_state, optim_state = get_state_dict(self.model, optimizers)
+            wanted = {"model": model_state, "optim": optim_state["state"]}
+            load_shards(checkpoint_dir / SHARDS, wanted)
+            model_state, saved, options = (
+                wanted["model"],
+                {"state": wanted["optim"], "param_groups": groups},
+                None,
+            )
+        else:  # whole tensors, which set_state_dict shards as this run holds them
+            whole = GPT(self.model_config)
+            load_weights(whole, checkpoint_dir)  # its checks and one-line errors
+            model_state, options = whole.state_dict(), StateDictOptions(full_state_dict=True)
+        try:
+            set_state_dict(
+                self.model, optimizers, model_state_dict=model_state, optim_state_dict=saved, options=options
+            )
+        except (ValueError, KeyError, RuntimeError, TypeError) as err:
+            raise optimizer_misfit(checkpoint_dir, str(err).splitlines()[0]) from None
+        keep_kernel(self.optimizer)
+        self.counters.load_state_dict(state)
+        for name, part in self.parts.items():
+            if state.get(name):  # an empty state (a scaler that was off) leaves the part as built
+                part.load_state_dict(state[name])
 
-    def write() -> None:
-        if error is not None:
-            if staged is not None:
-                shutil.rmtree(staged, ignore_errors=True)
-            raise save_failed(target, error)
-        scaler = tr.precision.scaler
-        # under FSDP the optimizer's tensors are in sharded/; its hyperparameters stay here
-        optimizer = {"param_groups": optim_state["param_groups"]} if staged else tr.optimizer.state_dict()
-        state = {
-            "step": tr.step,
-            "tokens_seen": tr.tokens_seen,
-            "elapsed": tr.now(),
-            "best_val_loss": tr.best_val_loss,
-            "optimizer": optimizer,
-            "lr_segment": tr.lr_segment or {},
-            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-            "loader": tr.objective.state_dict(),
-            "rng": rngs,
-        }
-        meta = {
-            "step": tr.step,
-            "tokens_seen": tr.tokens_seen,
-            "tokens_per_step": tr.tokens_per_step,  # the global batch a resume keeps (resume.py)
-            "config": tr.cfg.model_dump(mode="json"),
-            "tokenizer": {"file": TOKENIZER_FILE, "fingerprint": tr.tokenizer.fingerprint},
-            "val_loss": (val or {}).get("val_loss"),
-            "val_bpb": (val or {}).get("val_bpb"),
-            "scores": val or {},
-        }
-        save_checkpoint(target, model, meta, state, staged=staged)
 
-    dist.on_main(write, tr.ctx)
+def by_name(saved: dict[str, Any], optimizer: Optimizer, model: torch.nn.Module) -> dict[str, Any]:
+    """A saved optimizer state keyed by parameter name, as `get_state_dict` gives it. Checkpoints written before
+    talm saved by name hold `Optimizer.state_dict()`'s, parameters numbered in the order of each optimizer's
+    groups (Muon's and AdamW's apart: {"muon", "adamw"}): the numbers are mapped to the names of this run's
+    parameters, built in the same order. ValueError if they are not as many."""
+    states = [saved["muon"], saved["adamw"]] if set(saved) == {"muon", "adamw"} else [saved]
+    numbered = [i for one in states for g in one.get("param_groups", []) for i in g.get("params", [])]
+    if not numbered or not all(isinstance(i, int) for i in numbered):
+        return saved  # by name already (an FSDP run's holds its param_groups here, its tensors in sharded/)
+    names = {id(p): name for name, p in model.named_parameters()}
+    state: dict[str, Any] = {}
+    groups: list[dict[str, Any]] = []
+    for opt, one in zip(inner_optimizers(optimizer), states, strict=True):
+        params = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+        indices = [i for g in one["param_groups"] for i in g["params"]]
+        if len(indices) != len(params):
+            raise ValueError(f"it has {len(indices)} parameters, this model {len(params)}")
+        name_of = dict(zip(indices, params, strict=True))
+        state |= {name_of[i]: s for i, s in one.get("state", {}).items()}
+        groups += [g | {"params": [name_of[i] for i in g["params"]]} for g in one["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def saved_groups(checkpoint_dir: Path, saved: Any) -> list[dict[str, Any]]:
+    """The parameter groups of a saved optimizer state (both optimizers' with Muon), checked to be groups."""
+    states = list(saved.values()) if isinstance(saved, dict) and set(saved) == {"muon", "adamw"} else [saved]
+    groups = [g for one in states if isinstance(one, dict) for g in (one.get("param_groups") or [None])]
+    if not groups or not all(isinstance(g, dict) for g in groups):
+        raise damaged(checkpoint_dir / TRAINER_STATE, "no optimizer parameter groups")
+    return groups
 
 
 def new_staging_dir(target: Path) -> tuple[Path | None, OSError | None]:
@@ -133,118 +228,8 @@ def new_staging_dir(target: Path) -> tuple[Path | None, OSError | None]:
         return None, err
 
 
-def whole_model(tr: Trainer) -> torch.nn.Module:
-    """The FSDP model's weights gathered into a plain GPT on rank 0's CPU (built once per run), for
-    model.safetensors; every rank must call it. Other ranks get their sharded model back (they write nothing)."""
-    full = get_model_state_dict(tr.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not tr.ctx.is_main:
-        return tr.model
-    if getattr(tr, "_whole_model", None) is None:
-        tr._whole_model = GPT(tr.cfg.model)
-    tr._whole_model.load_state_dict(full)
-    return tr._whole_model
-
-
-def load_sharded(tr: Trainer, checkpoint_dir: Path, saved_optimizer: dict[str, Any]) -> None:
-    """Weights and optimizer state from a sharded checkpoint, into this run's model whatever its strategy (DCP
-    reads what each process needs of the saved shards)."""
-    optimizers = inner_optimizers(tr.optimizer)
-    model_state, optim_state = get_state_dict(tr.model, optimizers)  # the layout to fill
-    wanted = {"model": model_state, "optim": optim_state["state"]}
-    groups = saved_optimizer.get("param_groups")
-    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
-        raise damaged(checkpoint_dir / TRAINER_STATE, "no optimizer parameter groups")
-    try:
-        check_kind(tr.optimizer, any(is_muon(g) for g in groups))
-    except ValueError as err:
-        raise optimizer_misfit(checkpoint_dir, str(err)) from None
-    load_shards(checkpoint_dir / SHARDS, wanted)
-    optim_state = {"state": wanted["optim"], "param_groups": groups}
-    try:
-        set_state_dict(tr.model, optimizers, model_state_dict=wanted["model"], optim_state_dict=optim_state)
-    except (ValueError, KeyError, RuntimeError) as err:
-        raise optimizer_misfit(checkpoint_dir, str(err).splitlines()[0]) from None
-    keep_kernel(tr.optimizer)
-
-
-def shard_whole(tr: Trainer, checkpoint_dir: Path, saved_optimizer: dict[str, Any]) -> None:
-    """Weights and optimizer state from a whole (not sharded) checkpoint into an FSDP model: every process reads
-    the whole and keeps its shard."""
-    whole = GPT(tr.cfg.model)
-    load_weights(whole, checkpoint_dir)  # its checks and one-line errors
-    set_model_state_dict(tr.model, whole.state_dict(), options=StateDictOptions(full_state_dict=True))
-    del whole
-    try:
-        check_kind(tr.optimizer, set(saved_optimizer) == {"muon", "adamw"})
-        optimizers = inner_optimizers(tr.optimizer)
-        saved = list(saved_optimizer.values()) if len(optimizers) == 2 else [saved_optimizer]  # Muon's first
-        for opt, one in zip(optimizers, saved, strict=True):
-            opt.load_state_dict(shard_state(opt, one))
-    except (ValueError, KeyError, TypeError) as err:
-        raise optimizer_misfit(checkpoint_dir, str(err)) from None
-    keep_kernel(tr.optimizer)
-
-
-def shard_state(opt: torch.optim.Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
-    """A whole optimizer state dict made to fit `opt`'s sharded parameters: each state tensor of a parameter's
-    shape becomes a DTensor sharded as that parameter is (this process's rows, sliced locally)."""
-    params = [p for group in opt.param_groups for p in group["params"]]
-    indices = [i for group in saved["param_groups"] for i in group["params"]]
-    if len(params) != len(indices):
-        raise ValueError(f"it has {len(indices)} parameters, this model {len(params)}")
-    state = {}
-    for i, p in zip(indices, params, strict=True):
-        entry = dict(saved["state"].get(i, {}))
-        for k, v in entry.items():
-            if isinstance(p, DTensor) and isinstance(v, torch.Tensor) and v.shape == p.shape:
-                entry[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-        state[i] = entry
-    return {"state": state, "param_groups": saved["param_groups"]}
-
-
 def optimizer_misfit(checkpoint_dir: Path, why: str) -> TalmError:
     return TalmError(
         f"cannot resume from {str(checkpoint_dir)!r}: its optimizer state does not fit this model ({why}): pass "
         f"--restart to start over, or {OTHER_NAME}"
     )
-
-
-def read_saved(checkpoint_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A checkpoint's checkpoint.json and trainer state, read once for the resume's decisions and `restore`."""
-    return read_meta(checkpoint_dir), load_trainer_state(checkpoint_dir)
-
-
-def restore(trainer: Trainer, checkpoint_dir: Path, saved: tuple[dict[str, Any], dict[str, Any]]) -> None:
-    """Load a checkpoint's weights and trainer state (`saved`: `read_saved`'s) into a freshly built Trainer whose
-    config resume.plan_resume has accepted; TalmError (one line) if the checkpoint does not belong to this run's
-    tokenizer or model."""
-    tr = trainer
-    meta, state = saved
-    trained_with = meta["tokenizer"]["fingerprint"]
-    if trained_with != tr.tokenizer.fingerprint:
-        raise TalmError(
-            f"{str(tr.model_dir)!r} was trained with another tokenizer than {str(tr.data.dir)!r} was made "
-            "with: resume it on data made with its tokenizer.json, or pick a new --model-name"
-        )
-    if (checkpoint_dir / SHARDS).is_dir():
-        load_sharded(tr, checkpoint_dir, state["optimizer"])
-    elif tr.parallel.sharded:
-        shard_whole(tr, checkpoint_dir, state["optimizer"])
-    else:
-        load_weights(tr.model, checkpoint_dir, tr.device)
-        try:
-            load_optimizer_state(tr.optimizer, state["optimizer"])
-        except (ValueError, KeyError, TypeError) as err:
-            raise optimizer_misfit(checkpoint_dir / TRAINER_STATE, str(err)) from None
-    tr.lr_mult = group_multipliers(tr.cfg.optim, tr.cfg.train.max_steps, tr.lr_segment)
-    if state.get("scaler"):
-        tr.precision.scaler.load_state_dict(state["scaler"])
-    tr.objective.load_state_dict(state["loader"])
-    tr.step, tr.tokens_seen = int(state["step"]), int(state["tokens_seen"])
-    tr.elapsed = float(state["elapsed"])
-    tr.best_val_loss = float(state["best_val_loss"])
-    rngs = state["rng"]
-    if len(rngs) == tr.ctx.world_size:
-        set_rng_state(rngs[tr.ctx.rank], tr.device)
-    else:  # another process count: the data order is unchanged, only dropout's randomness is reseeded
-        torch.manual_seed(tr.cfg.train.seed + tr.step + tr.ctx.rank)

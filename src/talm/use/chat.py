@@ -1,10 +1,11 @@
 """Chatting with a model: a reply streamed as text, and a conversation that fits the model's context.
 
 The chat format (role tokens, what ends a reply) is `talm.tokenizer.chat`'s; this module only generates with it.
-`stream_reply` is the engine of the `chat` REPL and of the `serve` API: prompt ids in, the reply's text out piece
-by piece as tokens are generated (a multi-byte character split across tokens comes out once it is whole), until
-the reply's end token, one of its stop sequences or the token budget. Stopping early is closing the iterator (or
-not asking for more): no token is generated that nobody asked for.
+`ReplyText` turns a reply's tokens into its text, piece by piece as they come (a multi-byte character split
+across tokens comes out once it is whole), until the reply's end token, one of its stop sequences or the token
+budget: `serve`'s scheduler pushes into it the tokens the batched engine (`talm.model.engine`) generates.
+`stream_reply` is the `chat` REPL's: prompt ids in, the reply's text out, pulled from an engine of its own.
+Stopping early is closing the iterator (or not asking for more): no token is generated that nobody asked for.
 
 `Conversation` is the REPL's memory: the messages so far and an optional system message; when the prompt would
 leave too little room in the context for the reply, the oldest exchanges are left out of it (the system message
@@ -18,12 +19,13 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 
 from talm.errors import TalmError
+from talm.model.engine import Engine, Settings
 from talm.model.gpt import GPT
 from talm.tokenizer.api import Tokenizer
 from talm.tokenizer.chat import ChatFormat
 from talm.use.config import SampleConfig
 from talm.use.load import check_vocab
-from talm.use.sample import IncrementalDecoder, ended_by, generate_ids
+from talm.use.sample import IncrementalDecoder, ended_by
 
 
 @dataclass
@@ -38,6 +40,15 @@ class ReplyStats:
     ended_by: str | None = None
     seconds: float = 0.0
 
+    def count_token(self) -> None:
+        self.tokens += 1
+
+    def add_seconds(self, seconds: float) -> None:
+        self.seconds += seconds
+
+    def end(self, finish_reason: str, ended_by: str) -> None:
+        self.finish_reason, self.ended_by = finish_reason, ended_by
+
 
 def stream_reply(
     model: GPT,
@@ -51,82 +62,112 @@ def stream_reply(
 ) -> Generator[str, None, None]:
     """Yield the text of the model's continuation of `prompt_ids` (at most the context long) as it is
     generated, until `end_id` (not part of the text), the first of the `stop` strings (not part of the text
-    either, see `until_stop`) or `config.max_new_tokens` tokens."""
+    either, see `ReplyText`) or `config.max_new_tokens` tokens. Closing it early ends the generation."""
     check_vocab(model, tokenizer, "the model")
     stats = stats if stats is not None else ReplyStats()
-    pieces = _reply_pieces(model, tokenizer, prompt_ids, config, end_id, stats)
-    stops = [s for s in stop if s]
-    return until_stop(pieces, stops, stats) if stops else pieces
+    text = ReplyText(tokenizer, end_id, stop, stats, len(prompt_ids), model.config.context_length)
+    return _reply_pieces(reply_tokens(model, prompt_ids, reply_settings(config, end_id), tokenizer), text)
 
 
-def _reply_pieces(
-    model: GPT,
-    tokenizer: Tokenizer,
-    prompt_ids: Sequence[int],
-    config: SampleConfig,
-    end_id: int,
-    stats: ReplyStats,
-) -> Generator[str, None, None]:
+def reply_settings(config: SampleConfig, end_id: int) -> Settings:
+    """The engine's settings for a reply: `config`'s sampling, ending at `end_id`. (Stop strings are
+    `ReplyText`'s: it holds back text that may start one.)"""
+    return Settings(
+        max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
+        top_p=config.top_p, seed=config.seed, end_ids=(end_id,),
+    )  # fmt: skip
+
+
+def reply_tokens(
+    model: GPT, prompt_ids: Sequence[int], settings: Settings, tokenizer: Tokenizer
+) -> Generator[int, None, None]:
+    """The reply's token ids as an engine of its own generates them (the REPL's one reply at a time)."""
+    engine = Engine(model, slots=1, vocab_size=tokenizer.vocab_size)
+    seq = engine.add(list(prompt_ids), settings)
+    while not seq.done:
+        for _, token in engine.step():
+            yield token
+
+
+def _reply_pieces(tokens: Generator[int, None, None], text: ReplyText) -> Generator[str, None, None]:
     started = time.perf_counter()
-    decoder = IncrementalDecoder(tokenizer)
-    steps = generate_ids(
-        model,
-        [list(prompt_ids)],
-        max_new_tokens=config.max_new_tokens,
-        temperature=config.temperature,
-        top_k=config.top_k,
-        top_p=config.top_p,
-        eot_id=end_id,
-        seed=config.seed,
-        vocab_size=tokenizer.vocab_size,
-    )
     try:
-        for (token,) in steps:
-            stats.tokens += 1
-            if token == end_id:
-                stats.finish_reason, stats.ended_by = "stop", "end"
-                break
-            if text := decoder.push(token):
-                yield text
-        else:
-            stats.finish_reason = "length"
-            stats.ended_by = ended_by(False, len(prompt_ids), stats.tokens, model.config.context_length)
-        if text := decoder.flush():
-            yield text
-    finally:
-        steps.close()  # a reply stopped early ends its generation here
-        stats.seconds += time.perf_counter() - started
-
-
-def until_stop(
-    pieces: Generator[str, None, None], stops: Sequence[str], stats: ReplyStats
-) -> Generator[str, None, None]:
-    """`pieces` up to the first occurrence of one of `stops` (itself left out; `stats.finish_reason` becomes
-    "stop" and `pieces` is closed, ending its generation). Text that may be the start of a stop string is held
-    back until the next piece tells, so a stop string split across pieces is found all the same."""
-    held = ""  # what is not given out yet: at most the longest stop string's length less one
-    try:
-        for piece in pieces:
-            held += piece
-            if (at := find_stop(held, stops)) is not None:
-                stats.finish_reason = stats.ended_by = "stop"
-                if held[:at]:
-                    yield held[:at]
+        for token in tokens:
+            if piece := text.push(token):
+                yield piece
+            if text.done:
                 return
-            ready = len(held) - held_back(held, stops)
-            if ready:
-                yield held[:ready]
-                held = held[ready:]
-        if held:
-            yield held
+        if piece := text.finish():
+            yield piece
     finally:
-        pieces.close()
+        tokens.close()  # a reply stopped early ends its generation here
+        text.stats.add_seconds(time.perf_counter() - started)
+
+
+class ReplyText:
+    """A reply's text as its tokens come (`push`, one by one; `finish` when the token budget ran out): whole
+    characters only (`IncrementalDecoder`), up to `end_id` or the first of `stops` (neither part of the text;
+    `done` then says to generate no more), with `stats` kept. Text that may be the start of a stop string is held
+    back until the next token tells, so a stop string split across tokens is found all the same. The REPL pulls
+    it (`stream_reply`); `serve`'s scheduler pushes each token its engine step gives."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, end_id: int, stops: Sequence[str], stats: ReplyStats, prompt_tokens: int,
+        context: int,
+    ) -> None:  # fmt: skip
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.end_id, self.until_stop, self.stats = end_id, UntilStop(stops), stats
+        self.prompt_tokens, self.context = prompt_tokens, context
+        self.done = False
+
+    def push(self, token: int) -> str:
+        """The text `token` makes ready ("" if none)."""
+        self.stats.count_token()
+        if token == self.end_id:
+            self.stats.end("stop", "end")
+            return self._release(self.decoder.flush(), last=True)
+        return self._release(self.decoder.push(token), last=False)
+
+    def finish(self) -> str:
+        """The token budget ran out: the text still held."""
+        self.stats.end("length", ended_by(False, self.prompt_tokens, self.stats.tokens, self.context))
+        return self._release(self.decoder.flush(), last=True)
+
+    def _release(self, piece: str, last: bool) -> str:
+        out = self.until_stop.feed(piece, last=last)
+        if self.until_stop.found:
+            self.stats.end("stop", "stop")
+        self.done = self.done or last or self.until_stop.found
+        return out
+
+
+class UntilStop:
+    """Text fed piece by piece, given out up to the first occurrence of one of `stops` (itself left out; `found`
+    then becomes True). Text that may be the start of a stop string is held back until the next piece tells."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.held = ""  # not given out yet: at most the longest stop string's length less one
+        self.found = False
+
+    def feed(self, piece: str, *, last: bool = False) -> str:
+        """What can be given out now that `piece` came (all that is held, if `last`); "" once a stop was found."""
+        if self.found:
+            return ""
+        self.held += piece
+        if (at := find_stop(self.held, self.stops)) is not None:
+            self.found, out, self.held = True, self.held[:at], ""
+            return out
+        ready = len(self.held) if last else len(self.held) - held_back(self.held, self.stops)
+        out, self.held = self.held[:ready], self.held[ready:]
+        return out
 
 
 def find_stop(text: str, stops: Sequence[str]) -> int | None:
-    """Where the first of `stops` to occur in `text` begins (None: none occurs)."""
-    found = [i for s in stops if (i := text.find(s)) >= 0]
-    return min(found) if found else None
+    """Where the stop string that `text` completes first begins (None: none occurs): as a stream read character
+    by character meets them, whatever pieces the text came in (of two that end together, the longer)."""
+    found = [(i + len(s), i) for s in stops if (i := text.find(s)) >= 0]
+    return min(found)[1] if found else None
 
 
 def held_back(text: str, stops: Sequence[str]) -> int:
@@ -144,6 +185,10 @@ class Conversation:
         self.format = chat_format
         self.system = system or None
         self.turns: list[dict[str, str]] = []  # user and assistant messages, alternating
+
+    def set_system(self, system: str | None) -> None:
+        """Set (or with None or "", clear) the system message."""
+        self.system = system or None
 
     def reset(self) -> None:
         """Forget the exchanges (the system message stays)."""

@@ -22,7 +22,7 @@ from talm.files import check_writable_dir
 from talm.train.checkpoint import resolve_checkpoint
 from talm.train.config import TrainConfig
 from talm.train.dist import DistContext
-from talm.train.evaluate import evaluate, val_slice
+from talm.train.evaluate import val_loss_and_bpb, val_slice
 from talm.train.precision import Precision
 from talm.use.load import load_checkpoint
 
@@ -61,7 +61,7 @@ def data_scores(
         eval_tokens=tokens,
     )  # fmt: skip
     assert val is not None  # read_data refused a val split without tokens
-    val_loss, bpb = evaluate(model, val, ctx, precision.autocast)
+    val_loss, bpb = val_loss_and_bpb(model, val, ctx, precision.autocast)
     model.eval()  # evaluate leaves the model in train mode (what training wants)
     return {"dir": str(data_dir), "tokens": val.tokens, "val_loss": val_loss, "val_bpb": bpb}
 

@@ -144,6 +144,13 @@ class GenerationStats:
     seconds: float = 0.0
     ended_by: Counter[str] = field(default_factory=Counter)
 
+    def add(self, tokens: int = 0, seconds: float = 0.0, ending: str | None = None) -> None:
+        """Count `tokens` more tokens, `seconds` more seconds, and one more row that ended by `ending`."""
+        self.tokens += tokens
+        self.seconds += seconds
+        if ending:
+            self.ended_by[ending] += 1
+
     def summary(self, device: object) -> str:
         """The one line said at the end: tokens, time, tokens/s, device (and CPU threads) and why generation
         stopped."""
@@ -176,7 +183,7 @@ def stream_samples(
     try:
         yield from _stream_rows(model, tokenizer, prompts, config, use_cache, stats)
     finally:
-        stats.seconds += time.perf_counter() - started
+        stats.add(seconds=time.perf_counter() - started)
 
 
 def _stream_rows(
@@ -221,11 +228,11 @@ def _stream_rows(
         for b, token in enumerate(next_ids):
             if ended[b] or token == FINISHED:
                 continue
-            stats.tokens += 1
+            stats.add(tokens=1)
             made[b] += 1
             if token == tokenizer.eot_id:
                 ended[b] = True
-                stats.ended_by["end"] += 1
+                stats.add(ending="end")
                 text = decoders[b].flush()
             else:
                 text = decoders[b].push(token)
@@ -235,7 +242,7 @@ def _stream_rows(
     for b in range(len(rows)):  # the token budget ran out
         if not ended[b]:
             ended[b] = True
-            stats.ended_by[ended_by(False, len(rows[b]), made[b], model.config.context_length)] += 1
+            stats.add(ending=ended_by(False, len(rows[b]), made[b], model.config.context_length))
             text = decoders[b].flush()
             if text:
                 buffered[b].append(text)

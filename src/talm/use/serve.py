@@ -11,12 +11,14 @@ Requests and responses are `talm.use.api`'s. A prompt plus `max_tokens` must fit
 `max_tokens` is the rest of the context); a request that does not fit is refused (400,
 `context_length_exceeded`) rather than cut, so a client never gets a reply to a conversation it did not send.
 
-Concurrency: one copy of the model. Each reply is generated in a worker thread (a pool of `workers` threads;
-more requests wait in its queue), never on the event loop, and the threads take turns on the model one token at
-a time (a lock held per token), so concurrent replies all progress. Between two tokens a worker checks its
-reply's cancel flag, which is set when its client disconnects (a stream whose client left, or a plain request
-whose client is gone, checked every `POLL_S`): generation stops there. `ModelServer.tokens_generated` counts
-every token generated, for the logs and the tests.
+Concurrency: one copy of the model and one batched generation engine (`talm.model.engine`), stepped by a
+scheduler thread (never the event loop): each step gives every running reply its next token in one forward
+pass, a new reply joins the batch at the next step and a finished one leaves it (continuous batching). Up to
+`slots` replies run at once, `queue` more wait for a slot, and a request past that is refused with 429 (OpenAI's
+`rate_limit_exceeded`), so a flood of clients costs neither a crash nor unbounded memory. A reply whose client
+disconnects (a stream whose client left, or a plain request whose client is gone, checked every `POLL_S`) is
+cancelled: it leaves the batch at the next step. `ModelServer.tokens_generated` counts every token generated,
+for the logs and the tests.
 
 Every request is logged in one line (`RequestLog`: client, method, path, status, tokens, seconds) on the logger
 "talm.serve". An exception no route handles is a 500 in OpenAI's shape, logged in that line, and the connection
@@ -35,8 +37,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator, Generator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
 
@@ -46,29 +47,57 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from talm.errors import TalmError
+from talm.model.engine import Engine, Generation
 from talm.model.gpt import GPT
 from talm.tokenizer.api import Tokenizer
 from talm.tokenizer.chat import BadConversation, ChatFormat
 from talm.use.api import ApiError, ChatRequest, CompletionRequest, Reply, usage, validation_error
-from talm.use.chat import ReplyStats, prompt_budget, stream_reply
+from talm.use.chat import ReplyStats, ReplyText, prompt_budget, reply_settings
 from talm.use.config import SampleConfig
 from talm.use.sample import encode_prompt
 
 POLL_S = 0.1  # how often a waiting request checks that its client is still there
 GRACE_S = 3.0  # after Ctrl-C, how long open replies may go on
-_DONE = object()  # what a worker puts on its queue after the last piece
+SLOTS = 8  # replies generated at once (the engine's batch)
+QUEUE = 64  # replies waiting for a slot; past that, 429
+_DONE = object()  # what the scheduler puts on a reply's queue after its last piece
 log = logging.getLogger("talm.serve")
 
 
-class ModelServer:
-    """One model shared by every request: replies generated in worker threads, one token at a time each."""
+class ReplyFeed:
+    """One reply's way from the scheduler thread to its request: the text of each token (`ReplyText`) handed to
+    the event loop with `put`, then _DONE (or the exception that ended it)."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, name: str, *, workers: int = 8) -> None:
+    def __init__(self, text: ReplyText, put: Any) -> None:
+        self.text, self.put = text, put
+
+    def on_token(self, engine: Engine, seq: Generation, token: int) -> None:
+        if piece := self.text.push(token):
+            self.put(piece)
+        if self.text.done:  # its end token or a stop string
+            engine.cancel(seq)
+            self.put(_DONE)
+        elif seq.done:  # the token budget ran out
+            if piece := self.text.finish():
+                self.put(piece)
+            self.put(_DONE)
+
+
+class ModelServer:
+    """One model shared by every request through one batched engine (`talm.model.engine`): a scheduler thread
+    steps it while any reply runs, each step giving every reply in the batch its next token; new replies join
+    at the next step, up to `slots` at once, `queue` more wait, and past that a request is refused (429)."""
+
+    def __init__(
+        self, model: GPT, tokenizer: Tokenizer, name: str, *, slots: int = SLOTS, queue: int = QUEUE
+    ) -> None:
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.chat_format = ChatFormat(tokenizer)  # refuses a tokenizer without role tokens
         self.context = model.config.context_length
-        self.lock = threading.Lock()  # the model: one token of one reply at a time
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="talm-generate")
+        self.engine = Engine(model, slots=slots, vocab_size=tokenizer.vocab_size)
+        self.slots, self.queue = slots, queue
+        self.wake = threading.Condition()  # the scheduler waits on it while there is nothing to generate
+        self.scheduler: threading.Thread | None = None
         self.tokens_generated = 0
         self.stop_at: float | None = None  # time.monotonic() at which open replies end (None: not stopping)
 
@@ -80,57 +109,66 @@ class ModelServer:
     def stopped(self) -> bool:
         return self.stop_at is not None and time.monotonic() >= self.stop_at
 
-    def _generate(
-        self,
-        pieces: Generator[str, None, None],
-        stats: ReplyStats,
-        cancel: threading.Event,
-        put: Any,
-    ) -> None:
-        """Worker: pull the reply's pieces (the lock held per piece), hand each to the event loop with `put`,
-        until the reply ends or `cancel` is set."""
-        try:
-            while not cancel.is_set() and not self.stopped():
-                with self.lock:
-                    before = stats.tokens
-                    piece = next(pieces, _DONE)
-                    self.tokens_generated += stats.tokens - before
-                put(piece)
-                if piece is _DONE:
-                    return
-        except Exception as err:  # reported to the client, never left hanging
-            put(err)
-        finally:
-            with self.lock:
-                pieces.close()
+    def submit(self, prompt_ids: list[int], config: SampleConfig, stats: ReplyStats, stop: list[str]) -> Any:
+        """Queue a reply for the engine: (its sequence, the asyncio queue its pieces come on). ApiError 429 when
+        `slots` replies run and `queue` more wait."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[Any] = asyncio.Queue()
+
+        def put(item: Any) -> None:
+            loop.call_soon_threadsafe(pieces.put_nowait, item)
+
+        end_id = self.tokenizer.eot_id
+        text = ReplyText(self.tokenizer, end_id, stop, stats, len(prompt_ids), self.context)
+        with self.wake:
+            if len(self.engine.rows) + len(self.engine.waiting) >= self.slots + self.queue:
+                raise ApiError(
+                    429,
+                    f"the server is busy: {self.slots} replies are being generated and {self.queue} more are "
+                    "waiting; retry later",
+                    type="requests",
+                    code="rate_limit_exceeded",
+                )
+            seq = self.engine.add(prompt_ids, reply_settings(config, end_id))
+            seq.owner = ReplyFeed(text, put)
+            if self.scheduler is None:
+                self.scheduler = threading.Thread(target=self._schedule, name="talm-scheduler", daemon=True)
+                self.scheduler.start()
+            self.wake.notify()
+        return seq, pieces
+
+    def _schedule(self) -> None:
+        """The scheduler thread: step the engine while it has replies, hand each token to its reply."""
+        while True:
+            with self.wake:
+                while not self.engine.busy:
+                    self.wake.wait()
+            try:
+                events = self.engine.step()
+            except Exception as err:  # reported to every reply, never left hanging; the engine starts afresh
+                self._fail_all(err)
+                continue
+            self.tokens_generated += len(events)
+            for seq, token in events:
+                try:
+                    seq.owner.on_token(self.engine, seq, token)
+                except Exception as err:  # one reply's failure (its text) ends that reply only
+                    self.engine.cancel(seq)
+                    seq.owner.put(err)
+
+    def _fail_all(self, err: Exception) -> None:
+        with self.wake:
+            engine = self.engine
+            self.engine = Engine(self.model, slots=self.slots, vocab_size=self.tokenizer.vocab_size)
+        for seq in [*engine.rows, *engine.waiting]:
+            seq.owner.put(err)
 
     async def stream(
-        self,
-        prompt_ids: list[int],
-        config: SampleConfig,
-        stats: ReplyStats,
-        request: Request,
-        stop: list[str] | None = None,
+        self, seq: Generation, pieces: asyncio.Queue[Any], request: Request
     ) -> AsyncIterator[str]:
         """The reply's pieces as they are generated; generation stops when the client disconnects or this
         iterator is closed early (a cancelled stream)."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        cancel = threading.Event()
-        pieces = stream_reply(
-            self.model,
-            self.tokenizer,
-            prompt_ids,
-            config,
-            end_id=self.tokenizer.eot_id,
-            stats=stats,
-            stop=stop or (),
-        )
-
-        def put(item: Any) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        self.pool.submit(self._generate, pieces, stats, cancel, put)
         checked = loop.time()
         try:
             while True:
@@ -147,19 +185,26 @@ class ModelServer:
                     checked = loop.time()
                 try:
                     item = (
-                        queue.get_nowait()
-                        if not queue.empty()
-                        else await asyncio.wait_for(queue.get(), POLL_S)
+                        pieces.get_nowait()
+                        if not pieces.empty()
+                        else await asyncio.wait_for(pieces.get(), POLL_S)
                     )
                 except TimeoutError:
                     continue
-                if item is _DONE:
+                # What else is ready goes in the same piece: under load, one event for several tokens instead
+                # of one each (the per-event work, here and in the client, is what load adds). _DONE or an
+                # exception is always the last item.
+                items = [item]
+                while not pieces.empty():
+                    items.append(pieces.get_nowait())
+                if text := "".join(i for i in items if isinstance(i, str)):
+                    yield text
+                if items[-1] is _DONE:
                     return
-                if isinstance(item, Exception):
-                    raise item
-                yield item
+                if isinstance(items[-1], Exception):
+                    raise items[-1]
         finally:
-            cancel.set()
+            self.engine.cancel(seq)
 
     def fit(
         self, prompt_ids: list[int], requested: int | None, prompt_param: str, limit_param: str = "max_tokens"
@@ -294,9 +339,11 @@ class RequestLog:
                 await send({"type": "http.response.body", "body": b""})
 
 
-def create_app(model: GPT, tokenizer: Tokenizer, name: str, *, workers: int = 8) -> FastAPI:
-    """The web app serving `model` under the model id `name`."""
-    server = ModelServer(model, tokenizer, name, workers=workers)
+def create_app(
+    model: GPT, tokenizer: Tokenizer, name: str, *, slots: int = SLOTS, queue: int = QUEUE
+) -> FastAPI:
+    """The web app serving `model` under the model id `name`, `slots` replies at once and `queue` waiting."""
+    server = ModelServer(model, tokenizer, name, slots=slots, queue=queue)
     app = FastAPI(title="talm", docs_url=None, redoc_url=None)
     app.state.server = server
     app.add_middleware(RequestLog)
@@ -400,7 +447,8 @@ async def respond(
     stats = ReplyStats()
     record = request_record(request)
     record.prompt_tokens, record.stats = len(prompt_ids), stats
-    pieces = server.stream(prompt_ids, config, stats, request, stop=body.stop)
+    seq, queue = server.submit(prompt_ids, config, stats, body.stop or [])  # 429 when too many wait
+    pieces = server.stream(seq, queue, request)
     if not body.stream:
         text = "".join([piece async for piece in pieces])
         return reply.complete(text, stats.finish_reason, usage(len(prompt_ids), stats.tokens))
