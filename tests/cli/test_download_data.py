@@ -229,7 +229,7 @@ def test_no_network_fails_fast_in_one_line(project: Path) -> None:
     [
         (
             ["webtext"],
-            "unknown dataset 'webtext': choose one of fineweb, fineweb-edu, smol, smoltalk, ultrafeedback, tinyshakespeare",
+            "unknown dataset 'webtext': choose one of fineweb, fineweb-edu, smol, smoltalk, gsm8k, ultrafeedback, tinyshakespeare",
         ),
         (["fineweb", "--ds-sample", "sample-1BT"], "unknown config 'sample-1BT' of HuggingFaceFW/fineweb"),
         (

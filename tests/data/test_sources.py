@@ -38,7 +38,7 @@ def test_presets_are_data_with_the_real_repos() -> None:
     [
         (
             {"dataset": "webtext"},
-            "unknown dataset 'webtext': choose one of fineweb, fineweb-edu, smol, smoltalk, ultrafeedback, tinyshakespeare",
+            "unknown dataset 'webtext': choose one of fineweb, fineweb-edu, smol, smoltalk, gsm8k, ultrafeedback, tinyshakespeare",
         ),
         (
             {"dataset": "fineweb", "ds_sample": "sample-1T"},

@@ -15,9 +15,32 @@ from talm.config import validate
 from talm.data.config import DATASET_PRESETS, DownloadConfig
 
 
+def run_prompts(cfg: DownloadConfig) -> None:
+    """Prompt data (gsm8k, --prompts): written whole, then one summary line."""
+    from talm.data.prompts import prepare_prompts
+
+    result = prepare_prompts(cfg)
+    splits = result.manifest["splits"]
+    layout = ", ".join(
+        f"{s['prompts']:,} {name} prompts ({s['tokens']:,} tokens)" for name, s in splits.items()
+    )
+    if result.status == "complete":
+        print(f"{result.out_dir} is already complete ({layout}): nothing to do (--overwrite starts afresh)")
+        return
+    first = result.manifest["first_malformed"]
+    named = f"; the first: {'; '.join(first)}" if first else ""
+    print(
+        f"wrote {result.out_dir}: {layout}; {result.manifest['malformed']:,} malformed skipped{named} in "
+        f"{result.seconds:.1f} s"
+    )
+
+
 def run(cfg: DownloadConfig) -> None:
     from talm.data.prepare import prepare
 
+    if cfg.is_prompts:
+        run_prompts(cfg)
+        return
     try:
         bar = sys.stderr.isatty() or os.environ.get("TALM_PROGRESS") == "1"
         result = prepare(cfg, progress=bar, progress_lines=not bar)
@@ -74,6 +97,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
             "  download_data mycorpus --data-files ~/corpus/*.parquet --text-column content\n"
             "  download_data smoltalk --ds-sample everyday-conversations   # conversations, for train_model --preset sft\n"
             "  download_data mychats --data-files chats.jsonl --conversations   # a messages column\n"
+            "  download_data gsm8k --ds-sample main   # prompts and reference answers, for train_model --preset grpo\n"
+            "  download_data sums --data-files sums.jsonl --prompts   # prompt and answer columns\n"
             "  download_data ultrafeedback   # preference pairs, for train_model --preset dpo\n"
             "  download_data mypairs --data-files pairs.jsonl --preferences   # prompt, chosen, rejected\n"
             "  download_data fineweb --ds-sample sample-100BT --num-workers 8 --worker-index 0   # one of 8"

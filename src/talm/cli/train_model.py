@@ -14,7 +14,7 @@ from typing import Any
 from talm.cli.common import ArgumentParser, HelpFormatter, add_config_flags, collect_config_flags, run_main
 from talm.config import merge
 from talm.model.config import ModelConfig
-from talm.train.config import PRESETS, DPOConfig, OptimConfig, TrainConfig
+from talm.train.config import PRESETS, DPOConfig, GRPOConfig, OptimConfig, TrainConfig
 
 # TrainConfig fields that also get a plain flag (`--max-steps` beside `--train.max_steps`).
 PLAIN_TRAIN_FLAGS = (
@@ -37,7 +37,9 @@ PLAIN_TRAIN_FLAGS = (
     "init_from",
     "sample_every",
 )
-SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "dpo": DPOConfig}
+SECTIONS = {
+    "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "dpo": DPOConfig, "grpo": GRPOConfig,
+}  # fmt: skip
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:

@@ -42,6 +42,9 @@ class DatasetPreset(Config):
     """Column holding the documents' text (for conversations: the list of messages)."""
     conversations: bool = False
     """Rows are conversations (a list of {role, content} messages), written with loss masks for fine-tuning."""
+    prompts: bool = False
+    """Rows are prompts with reference answers (text_column: the question; "answer": its reference), written as
+    prompt data for reinforcement learning and generative evaluation (talm.data.prompts)."""
     preferences: bool = False
     """Rows are preference pairs (columns prompt, chosen, rejected; talm.data.preferences), for preference tuning."""
     train_split: str = "train"
@@ -113,6 +116,17 @@ DATASET_PRESETS: dict[str, DatasetPreset] = {
         conversations=True,
         val_tokens=1_000_000,
     ),
+    # Grade-school math word problems (Cobbe et al. 2021) as prompts for RL with verifiable rewards: configs
+    # main/ and socratic/, each {train,test}-00000-of-00001.parquet with columns question and answer (the
+    # worked solution, ending "#### N").
+    "gsm8k": DatasetPreset(
+        source="openai/gsm8k",
+        configs=["main", "socratic"],
+        text_column="question",
+        prompts=True,
+        val_split="test",
+        val_tokens=0,
+    ),
     # Preference pairs (Zephyr's DPO data, arXiv:2310.16944): data/{train,test}_prefs-*.parquet with columns
     # prompt, prompt_id, chosen and rejected (lists of {content, role}), messages, score_chosen, score_rejected.
     "ultrafeedback": DatasetPreset(
@@ -165,8 +179,8 @@ class DownloadConfig(Config):
     """What `download_data` streams, how it tokenizes it, and where the shards go."""
 
     dataset: str
-    """A preset (fineweb, fineweb-edu, smol, smoltalk, ultrafeedback, tinyshakespeare) or, with --data-files, any
-    name for your corpus."""
+    """A preset (fineweb, fineweb-edu, smol, smoltalk, ultrafeedback, gsm8k, tinyshakespeare) or, with
+    --data-files, any name for your corpus."""
     ds_sample: str | None = None
     """The dataset's config (subset), e.g. sample-10BT or CC-MAIN-2024-10; unset means the preset's default."""
     tokenizer_path: PathField = Path("tokenizers/base.json")
@@ -199,6 +213,14 @@ class DownloadConfig(Config):
     """--data-files hold conversations, not text: each row's column (--text-column, default "messages") is a list
     of {"role": "system"|"user"|"assistant", "content": str} messages, rendered with talm's chat format and
     written with loss masks for supervised fine-tuning (presets such as smoltalk set this themselves)."""
+    prompts: bool = False
+    """--data-files hold prompts with reference answers, not text: each row's "prompt" (a user message, or a list
+    of messages ending with the user's; --text-column names another column) and "answer" (the reference: a
+    number, or text ending "#### N"), written as prompt data for train_model --preset grpo (presets such as
+    gsm8k set this themselves)."""
+    val_prompts: int | None = Field(default=None, ge=0)
+    """Prompt data: prompts held out for validation, the first ones of --data-files (unset: a tenth of them, at
+    most 500). A preset with a test split (gsm8k) holds that split out instead."""
     preferences: bool = False
     """--data-files hold preference pairs: each row has "chosen" and "rejected" (whole conversations: lists of
     messages ending with the assistant's reply), or "prompt" (messages, or the user's text) plus "chosen" and
@@ -223,6 +245,15 @@ class DownloadConfig(Config):
         for label, value in (("--ds-sample", self.ds_sample), ("--dir-prefix", self.dir_prefix)):
             if value is not None and not is_plain_name(value):
                 raise TalmError(f"{label} {value!r} is not a plain name: {PLAIN_NAME_RULE}")
+        if self.is_conversations and self.is_prompts:
+            raise TalmError(
+                "--conversations and --prompts exclude each other: pass --prompts for prompts with reference "
+                "answers, --conversations for conversations to fine-tune on"
+            )
+        if self.prompts and not self.data_files and not (preset and preset.prompts):
+            raise TalmError("--prompts reads your own files: pass them with --data-files FILE")
+        if self.is_prompts and self.num_workers > 1:
+            raise TalmError("prompt data is written by one process: drop --num-workers and --worker-index")
         if self.conversations and self.preferences:
             raise TalmError(
                 "--conversations and --preferences exclude each other: pass the one your rows hold"
@@ -260,6 +291,11 @@ class DownloadConfig(Config):
         return self.conversations or bool(self.preset and self.preset.conversations)
 
     @property
+    def is_prompts(self) -> bool:
+        """Rows are prompts with reference answers (--prompts, or a prompt preset such as gsm8k)."""
+        return self.prompts or bool(self.preset and self.preset.prompts)
+
+    @property
     def is_preferences(self) -> bool:
         """Rows are preference pairs (--preferences, or a preference preset such as ultrafeedback)."""
         return self.preferences or bool(self.preset and self.preset.preferences)
@@ -268,6 +304,8 @@ class DownloadConfig(Config):
     def column(self) -> str:
         if self.text_column:
             return self.text_column
+        if self.prompts and not (self.preset and self.preset.prompts):
+            return "prompt"
         if self.is_preferences:
             return "chosen"  # the column every pair needs; the others are read beside it
         if self.preset:

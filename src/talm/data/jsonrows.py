@@ -67,6 +67,11 @@ class JsonRows:
         if values:
             yield values, places
 
+    def rows_of(self, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Every row of one file, whole (all its columns), with where it is ("'x.jsonl' line 7")."""
+        for number, row in self._rows_of(path, skip=0):
+            yield f"{path!r} {'line' if number > 0 else 'item'} {abs(number)}", row
+
     def _value(self, row: dict[str, Any]) -> Any:
         """What the encoder gets of a row: its text column's value, or a preference pair's columns."""
         if self.source.preferences:

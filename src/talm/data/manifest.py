@@ -25,6 +25,8 @@ The manifest, a JSON object (written with `manifest_bytes`, read with `read_mani
     loss_mask     (conversation and preference data; absent in text data) True: every shard `X.npy` has a
                   loss-mask shard `X.mask.npy` beside it (`mask_name`), and "empty_documents" counts the
                   malformed conversations (pairs) that were skipped
+                  A manifest with kind "prompts" (prompts with reference answers, `talm.data.prompts`) has its
+                  own layout and no shards, and `read_manifest` refuses it.
 
 A loss-mask shard is a 1-D uint8 array as long as its token shard, a set of bit flags per token: LEARN (the model
 is trained to predict this token: assistant content and the `<|endoftext|>` closing its turn) and START (the
@@ -293,12 +295,18 @@ def _manifest_error(path: Path, problem: str) -> TalmError:
 
 def read_manifest(path: Path) -> dict[str, Any]:
     """One manifest file, parsed and checked for the fields every reader needs; TalmError if it is not one."""
+    meta = None
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
         fmt, _, _, listed = meta["format"], meta["tokenizer"], np.dtype(meta["dtype"]), meta["shards"]
         for entry in listed:
             _ = str(entry["file"]), str(entry["split"]), int(entry["tokens"])
     except (OSError, ValueError, KeyError, TypeError) as err:
+        if isinstance(meta, dict) and meta.get("kind") == "prompts":  # talm.data.prompts: no token shards
+            raise TalmError(
+                f"{str(path.parent)!r} holds prompts with reference answers, not token shards: train on it with "
+                "train_model --preset grpo --init-from models/CHAT, or pass a text or conversation data directory"
+            ) from None
         raise _manifest_error(path, f"cannot be read ({type(err).__name__}: {err})") from None
     if fmt != FORMAT:
         raise _manifest_error(path, f"has format {fmt!r}, not {FORMAT!r}")

@@ -305,3 +305,28 @@ def _open(source: TextSource, split: str, *, num_workers: int, worker_index: int
         dataset = split_dataset_by_node(dataset, rank=worker_index, world_size=num_workers)
     # Arrow batches: the text column goes to Python in bulk, not row by row through dicts.
     return dataset.with_format("arrow")
+
+
+def split_rows(source: TextSource, split: str, columns: list[str]) -> Iterator[dict[str, Any]]:
+    """The `columns` of every row of one split of a Hub source (or its local copy laid out like the repo), in
+    order: what prompt data (talm.data.prompts), small and written whole, reads."""
+    if source.from_hub:
+        check_hub_reachable(source)
+    datasets = _import_datasets()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    datasets.disable_progress_bars()
+    dataset = _load(datasets, source, split, {})
+    if dataset.features is not None:
+        missing = [c for c in columns if c not in dataset.features]
+        if missing:
+            raise TalmError(
+                f"the {split!r} split of {source.source} ({source.config}) has no column(s) {', '.join(missing)} "
+                f"(its columns: {', '.join(dataset.features)}): pass the column holding the prompts with "
+                "--text-column"
+            )
+    tables = dataset.with_format("arrow").iter(batch_size=ROWS_PER_READ)
+    try:
+        for table in _reading(source, tables):
+            yield from table.select(columns).to_pylist()
+    finally:
+        tables.close()

@@ -15,10 +15,13 @@ class EvalConfig(Config):
     """What `evaluate` scores and how."""
 
     tasks: list[Literal[TASK_NAMES]] = []  # type: ignore[valid-type]
-    """Benchmark tasks to score: hellaswag, arc_easy, arc_challenge, piqa, winogrande, lambada_openai (or lambada);
-    none: only --data-dir's bits per byte."""
+    """Benchmark tasks to score: hellaswag, arc_easy, arc_challenge, piqa, winogrande, lambada_openai (or lambada),
+    gsm8k (generative: a chat model's greedy replies, their final number against the reference); none: only
+    --data-dir's bits per byte."""
     limit: int | None = Field(default=None, ge=1)
     """Score only the first this many examples of each task (unset: all of them)."""
+    max_new_tokens: int = Field(default=256, ge=1)
+    """Generative tasks (gsm8k): the longest reply generated, in tokens (a reply ends at <|endoftext|>)."""
     batch_size: int = Field(default=32, ge=1)
     """Rows per forward pass while scoring (a row: one context and its choices, at most the model's context
     length)."""

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from talm.errors import TalmError
+from talm.eval.generative import pass_at_1
 from talm.eval.scoring import TokenRequest, choice_metrics, encode_examples, last_word_metrics, score_tokens
 from talm.eval.tasks import TASKS, Example, get_task, load_examples
 from talm.files import write_atomically
@@ -60,11 +61,15 @@ class TaskResult:
 
 @dataclass
 class PreparedTask:
-    """A task read and tokenized once: its examples and their token requests (for repeated scoring in training)."""
+    """A task read and tokenized once: its examples and their token requests (for repeated scoring in training);
+    a generative task's chat prompts instead, with the tokenizer that decodes the replies."""
 
     name: str
     examples: list[Example]
     requests: list[TokenRequest]
+    prompts: list[list[int]] = field(default_factory=list)
+    tokenizer: Tokenizer | None = None
+    max_new_tokens: int = 256
 
 
 def prepare(
@@ -74,14 +79,22 @@ def prepare(
     tasks_dir: str | os.PathLike[str] | None = None,
     limit: int | None = None,
     flag: str = "--tasks-dir",
+    max_new_tokens: int = 256,
 ) -> PreparedTask:
-    """Task `name` read (every row checked) and tokenized; `flag` is the asking command's tasks-directory option."""
+    """Task `name` read (every row checked) and tokenized; `flag` is the asking command's tasks-directory option;
+    a generative task's replies are at most `max_new_tokens` long."""
     task = get_task(name)
     examples = load_examples(task.name, tasks_dir=tasks_dir, limit=limit, flag=flag)
     if not examples:
         raise TalmError(
             f"{task.name} has no examples in its {task.split!r} split: use a complete copy of {task.repo}"
         )
+    if task.kind == "generative":
+        from talm.tokenizer.chat import ChatFormat
+
+        chat = ChatFormat(tokenizer)
+        prompts = [chat.render_prompt([{"role": "user", "content": e.requests[0][0]}]) for e in examples]
+        return PreparedTask(task.name, examples, [], prompts, tokenizer, max_new_tokens)
     return PreparedTask(task.name, examples, encode_examples(tokenizer, examples))
 
 
@@ -95,6 +108,13 @@ def score(
 ) -> TaskResult:
     """Score one prepared task on `model`."""
     start = time.perf_counter()
+    if prepared.tokenizer is not None:  # generative: the greedy replies checked (talm.eval.generative)
+        acc = pass_at_1(
+            model, prepared.tokenizer, prepared.prompts, [e.choices[e.gold] for e in prepared.examples],
+            max_new_tokens=prepared.max_new_tokens, batch_size=batch_size, autocast=autocast,
+        )  # fmt: skip
+        seconds = time.perf_counter() - start
+        return TaskResult(prepared.name, {"acc": acc}, 0.0, len(prepared.examples), seconds, {"acc": acc})
     scores = score_tokens(
         model,
         prepared.requests,

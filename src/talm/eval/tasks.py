@@ -13,6 +13,8 @@ same (context, continuation) strings the harness builds, so the two score the sa
   the choice); winogrande: "partial scoring", one context per option (the sentence up to the blank, with the
   option in it) and one shared continuation (the rest of the sentence).
 - lambada_openai: the passage without its last word as context, " " + that word as the continuation.
+- gsm8k (generative): the question is the prompt (a user turn of the chat format) and the reference answer
+  (what follows "#### ") the one choice; the model's greedy reply is checked by talm.eval.generative.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class Task:
     build: Callable[[dict[str, Any]], Example]
     metrics: tuple[str, ...]  # what the runner reports, the first one being the task's headline number
     check: Callable[[dict[str, Any]], str | None]  # what is wrong with a row (None: nothing), before `build`
-    kind: str = "choice"  # "choice" (multiple choice) or "last_word" (LAMBADA)
+    kind: str = "choice"  # "choice" (multiple choice), "last_word" (LAMBADA) or "generative" (GSM8K)
 
 
 def _hellaswag_text(text: str) -> str:
@@ -93,6 +95,12 @@ def _winogrande(row: dict[str, Any]) -> Example:
 def _lambada(row: dict[str, Any]) -> Example:
     words = row["text"].split(" ")
     return Example(((" ".join(words[:-1]), " " + words[-1]),), (words[-1],), 0)
+
+
+def _gsm8k(row: dict[str, Any]) -> Example:
+    from talm.data.prompts import reference_answer
+
+    return Example(((row["question"], ""),), (reference_answer(row["answer"]),), 0)
 
 
 def _shown(value: Any) -> str:
@@ -171,6 +179,13 @@ def _check_lambada(row: dict[str, Any]) -> str | None:
     return problem
 
 
+def _check_gsm8k(row: dict[str, Any]) -> str | None:
+    problem = _not_text(row, "question", "answer")
+    if problem is None and "####" not in row["answer"]:
+        problem = f"has answer {_shown(row['answer'])}, without the '#### N' that ends GSM8K's answers"
+    return problem
+
+
 ARC_COLUMNS = ("question", "choices", "answerKey")
 TASKS: dict[str, Task] = {
     t.name: t
@@ -235,6 +250,17 @@ TASKS: dict[str, Task] = {
             ("acc", "ppl"),
             _check_lambada,
             kind="last_word",
+        ),
+        Task(
+            "gsm8k",
+            "openai/gsm8k",
+            "main",
+            "test",
+            ("question", "answer"),
+            _gsm8k,
+            ("acc",),
+            _check_gsm8k,
+            kind="generative",
         ),
     )
 }

@@ -199,10 +199,16 @@ class Engine:
 
     # ---------------------------------------------------------------------------------------------- one step
 
-    @torch.inference_mode()
     def step(self) -> list[tuple[Generation, int]]:
         """One token for every active sequence (after the waiting ones joined): [(sequence, token)], in row
         order. The sequences that ended leave (their `finish` says why), as do cancelled ones, without a token."""
+        # FSDP-sharded weights (RL samples during training) are gathered into buffers the next training step
+        # writes into: under inference_mode they would become inference tensors it may not write, so no_grad.
+        sharded = any(type(p).__name__ == "DTensor" for p in self.model.parameters())
+        with torch.no_grad() if sharded else torch.inference_mode():
+            return self._step()
+
+    def _step(self) -> list[tuple[Generation, int]]:
         was_training = self.model.training
         if was_training:
             self.model.eval()

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import (
-    Field,
-)
+from pydantic import Field, model_validator
 
 from talm.config import Config, Seed
+from talm.errors import TalmError
 from talm.eval.tasks import TASK_NAMES
 from talm.model.config import ModelConfig
 
@@ -72,10 +71,11 @@ class OptimConfig(Config):
 class TrainConfig(Config):
     """The training loop: batch, length, evaluation, checkpoints, device and precision."""
 
-    objective: Literal["lm", "dpo"] = "lm"
+    objective: Literal["lm", "dpo", "grpo"] = "lm"
     """What a step minimises (train/objective.py): lm = next-token prediction, on every token of text data or
     on the assistant's tokens of conversation data (pretraining and SFT); dpo = preference tuning on preference
-    pairs (the [dpo] settings; needs --init-from, whose weights are also the reference)."""
+    pairs (the [dpo] settings; needs --init-from, whose weights are also the reference); grpo = reinforcement
+    learning with verifiable rewards on prompt data (train/grpo.py, the [grpo] settings; needs --init-from)."""
     max_steps: int = Field(default=5000, ge=1)
     """Optimizer steps to train for (the cosine schedule ends here)."""
     batch_size: int = Field(default=16, ge=1)
@@ -148,6 +148,33 @@ class TrainConfig(Config):
     """Tokens generated per sample."""
 
 
+class GRPOConfig(Config):
+    """Reinforcement learning with verifiable rewards (train.objective grpo, talm.train.grpo): each micro-batch
+    holds train.batch_size replies, group_size sampled to each of batch_size / group_size prompts."""
+
+    group_size: int = Field(default=8, ge=2)
+    """Replies sampled per prompt; each reply's advantage is its reward minus its group's mean. train.batch_size
+    must be a multiple of it."""
+    max_new_tokens: int = Field(default=64, ge=1)
+    """The longest reply sampled (and generated at evaluation), in tokens; a reply ends at <|endoftext|>."""
+    temperature: float = Field(default=1.0, gt=0)
+    """Sampling temperature of the replies (evaluation is greedy)."""
+    top_k: int | None = Field(default=None, ge=1)
+    """Sample among the top_k likeliest tokens only (unset: all; nanochat's GRPO: 50)."""
+    reward: str = "final_number"
+    """The reward function (talm.train.rewards): final_number (1 when the reply's final number is the reference,
+    as GSM8K is scored) or exact_text."""
+    normalise_std: bool = False
+    """Divide each group's advantages by its standard deviation (GRPO's original form; nanochat and Dr. GRPO
+    leave it out: it weighs nearly-solved and nearly-failed prompts up)."""
+    loss_mean: Literal["token", "sequence"] = "token"
+    """token: the loss is the mean over every reply token of a process's step (nanochat, DAPO); sequence: each
+    reply's tokens averaged first, then the replies (GRPO's original)."""
+    eval_prompts: int = Field(default=200, ge=1)
+    """Held-out prompts (the first ones of the val split) whose greedy pass@1 is measured at every evaluation
+    (val_pass@1 in metrics.jsonl)."""
+
+
 class DataConfig(Config):
     """Where the training tokens come from."""
 
@@ -181,6 +208,17 @@ class RunConfig(Config):
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
     dpo: DPOConfig = DPOConfig()
+    grpo: GRPOConfig = GRPOConfig()
+
+    @model_validator(mode="after")
+    def _check_grpo(self) -> RunConfig:
+        if self.train.objective == "grpo" and self.train.batch_size % self.grpo.group_size:
+            raise TalmError(
+                f"train.batch_size={self.train.batch_size} is not a multiple of grpo.group_size="
+                f"{self.grpo.group_size} (a micro-batch holds whole groups of replies): pass --train.batch_size "
+                f"{self.grpo.group_size * max(1, self.train.batch_size // self.grpo.group_size)}"
+            )
+        return self
 
 
 # Named starting points for `train_model --preset NAME`; a TOML file and flags override them field by field.
@@ -335,11 +373,40 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+PRESETS["grpo"] = {
+    # Reinforcement learning on prompt data (download_data gsm8k, --prompts) from a chat model (--init-from):
+    # nanochat's chat_rl recipe (scripts/chat_rl.py: the pretraining rates x 0.05, no weight decay, a linear
+    # decay to zero, 16 replies per prompt at temperature 1, top-k 50) at talm's tiny scale: 8 prompts x 8
+    # replies per step.
+    "train": {
+        "objective": "grpo",
+        "max_steps": 200,
+        "batch_size": 64,
+        "eval_every": 20,
+        "save_every": 20,
+        "log_every": 1,
+    },
+    "optim": {
+        "name": "muon",
+        "muon_lr": 1e-3,
+        "lr": 2e-4,
+        "weight_decay": 0.0,
+        "muon_weight_decay": 0.0,
+        "warmup_steps": 0,
+        "schedule": "wsd",
+        "decay_fraction": 1.0,
+        "min_lr_ratio": 0.0,
+    },
+    "grpo": {"group_size": 8, "max_new_tokens": 64, "temperature": 1.0, "top_k": 50},
+}
+
 # The data each preset's recipe is made for: "conversations" (data with loss masks, made by download_data with
-# --conversations or a chat preset: the loss on the assistant's replies), "text" (every token learned) or
-# "preferences" (pairs, made by download_data ultrafeedback or --preferences).
-PRESET_DATA: dict[str, Literal["text", "conversations", "preferences"]] = {
+# --conversations or a chat preset: the loss on the assistant's replies), "text" (every token learned),
+# "preferences" (pairs, made by download_data ultrafeedback or --preferences) or "prompts" (prompts with
+# reference answers, made by download_data gsm8k or --prompts).
+PRESET_DATA: dict[str, Literal["text", "conversations", "preferences", "prompts"]] = {
     "dpo": "preferences",
+    "grpo": "prompts",
     "tiny": "text",
     "small": "text",
     "sft": "conversations",

@@ -250,8 +250,13 @@ def check_tokenizer(source: Source, fingerprint: str | None, tokenizer: str | No
 def check_data(name: str, data_dir: str) -> None:
     """Before the run builds anything: the data directory must be made with the source's tokenizer."""
     from talm.data.manifest import read_data
+    from talm.data.prompts import directory_kind, read_prompts
 
-    data = read_data(data_dir, splits=("train",))
+    data = (
+        read_prompts(data_dir)
+        if directory_kind(data_dir) == "prompts"
+        else read_data(data_dir, splits=("train",))
+    )
     check_tokenizer(
         resolve_source(name), data.tokenizer.get("fingerprint"), data.tokenizer.get("path"), data_dir
     )

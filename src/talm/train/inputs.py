@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from talm.data.manifest import DataSet, read_data
+from talm.data.prompts import prompt_dataset
 from talm.errors import TalmError
 from talm.train import dist
 from talm.train.config import RunConfig
@@ -76,8 +77,11 @@ def accumulation(cfg: RunConfig, world_size: int) -> tuple[int, int]:
 
 def load_inputs(cfg: RunConfig) -> tuple[DataSet, Tokenizer]:
     """The data (every shard's header checked) and its tokenizer; fills in cfg.model.vocab_size if unset."""
-    data = read_data(cfg.data.dir, splits=("train",))  # without a val split: no evaluation
-    check_shards(data)  # a truncated or overwritten shard fails now, before anything is written
+    if cfg.train.objective == "grpo":  # prompts with reference answers, read by the objective (train/grpo.py)
+        data = prompt_dataset(cfg.data.dir)
+    else:
+        data = read_data(cfg.data.dir, splits=("train",))  # without a val split: no evaluation
+        check_shards(data)  # a truncated or overwritten shard fails now, before anything is written
     tokenizer = load_tokenizer(cfg, data)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = tokenizer.vocab_size

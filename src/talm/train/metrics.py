@@ -10,6 +10,7 @@ One JSON object per line, appended as training goes:
                       and its training lines add the same four as "train_chosen_reward", ...)
                       (+ "samples": [{"prompt", "greedy", "sampled"}] with --sample-every, talm.train.samples)
                       (+ "TASK/METRIC": a number per benchmark task, with --eval-tasks: talm.eval.runner)
+                      another objective's evaluation has its own "val_*" numbers instead (GRPO: "val_pass@1")
 
 "step" is an integer >= 0 and every other field a number ("val_bpb" may be null: a tokenizer without byte
 counts). "mfu" (model FLOPs utilisation, 0..1) is there only on devices whose peak talm knows
@@ -77,7 +78,7 @@ def record_problem(record: Any) -> str | None:
         return 'no "step"'
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         return f'"step" is {json.dumps(step)}, not an integer >= 0'
-    if "train_loss" not in record and "val_loss" not in record:
+    if "train_loss" not in record and not is_eval(record):
         return 'neither "train_loss" nor "val_loss"'
     for field in dict.fromkeys(TRAIN_FIELDS + EVAL_FIELDS + OPTIONAL):
         if field in record and field != "step" and not _is_number(record[field]):
@@ -87,9 +88,14 @@ def record_problem(record: Any) -> str | None:
     return None
 
 
+def is_eval(record: dict[str, Any]) -> bool:
+    """An evaluation line: "val_loss", or another objective's numeric "val_*" metric (GRPO's "val_pass@1")."""
+    return "val_loss" in record or any(k.startswith("val_") and _is_number(v) for k, v in record.items())
+
+
 def check_record(record: dict[str, Any]) -> None:
     """The writer's side of the format: a record it is about to append must be one a reader accepts."""
-    fields = TRAIN_FIELDS if "train_loss" in record else EVAL_FIELDS
+    fields = TRAIN_FIELDS if "train_loss" in record else EVAL_FIELDS if "val_loss" in record else ("step",)
     problem = record_problem(record) or (
         f"missing {', '.join(f for f in fields if f not in record)}"
         if any(f not in record for f in fields)
@@ -155,7 +161,7 @@ def timelines(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list
     train: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
     for record in records:
-        timeline = evals if "val_loss" in record else train
+        timeline = evals if is_eval(record) else train
         while timeline and timeline[-1]["step"] >= record["step"]:
             timeline.pop()
         timeline.append(record)

@@ -131,11 +131,16 @@ def make_objective(
     check_data_kind(cfg, data)
     if cfg.train.objective == "dpo":
         return DPO(cfg, data, vocab_size, accum, ctx, precision, model)
+    if cfg.train.objective == "grpo":  # samples from the plain model, decodes replies with the tokenizer
+        from talm.train.grpo import GRPO
+        from talm.train.inputs import load_tokenizer
+
+        return GRPO(cfg, load_tokenizer(cfg, data), model, accum, ctx, precision)
     return LanguageModeling(cfg, data, vocab_size, accum, ctx, precision)
 
 
 # The data each objective trains on (the manifest's kind, talm.data.manifest.KINDS).
-OBJECTIVE_DATA = {"lm": ("text", "conversations"), "dpo": ("preferences",)}
+OBJECTIVE_DATA = {"lm": ("text", "conversations"), "dpo": ("preferences",), "grpo": ("prompts",)}
 
 
 def check_data_kind(cfg: RunConfig, data: DataSet) -> None:
@@ -144,6 +149,17 @@ def check_data_kind(cfg: RunConfig, data: DataSet) -> None:
     objective = cfg.train.objective
     if data.kind in OBJECTIVE_DATA[objective]:
         return
+    if objective == "grpo":
+        raise TalmError(
+            f"train.objective grpo (--preset grpo) learns from prompts with reference answers, but "
+            f"{str(data.dir)!r} holds {data.kind}: make prompt data with download_data gsm8k (or --prompts with "
+            "your own)"
+        )
+    if data.kind == "prompts":
+        raise TalmError(
+            f"{str(data.dir)!r} holds prompts with reference answers, not token shards: train on it with "
+            "--preset grpo (--init-from your chat model)"
+        )
     if data.kind == "preferences":
         raise TalmError(
             f"{str(data.dir)!r} holds preference pairs, which train.objective {objective} would learn both "

@@ -109,6 +109,11 @@ def draw_runs(runs: list[tuple[str, str | Path]], *, x: str = "tokens", title: s
     # bits per byte if any run has them (one unit per panel), else the runs' val loss
     has_bpb = any(finite_points(evals, "val_bpb", x)[1] for _, _, evals in data)
     right = "val_bpb" if has_bpb else "val_loss"
+    other = other_val_metric(
+        data
+    )  # another objective's evaluation (GRPO: val_pass@1), where no run has a loss
+    if other and not any(finite_points(evals, "val_loss", x)[1] for _, _, evals in data):
+        right = other
     loss_values = _plot_losses(loss_ax, bpb_ax, data, x, x_scale, None if preferences else right)
     if preferences:
         _plot_preferences(bpb_ax, more_ax[-1], data, x, x_scale)
@@ -128,8 +133,19 @@ def draw_runs(runs: list[tuple[str, str | Path]], *, x: str = "tokens", title: s
         loss_ax.legend(loc="upper right", fontsize=8)
     if not preferences:
         _finish_right_panel(bpb_ax, has_bpb, single)
+    if right not in ("val_bpb", "val_loss") and bpb_ax.has_data():
+        bpb_ax.set_title(f"validation {right[4:]} (higher is better)")
     fig.suptitle(title or ", ".join(label for label, _, _ in data))
     return fig
+
+
+def other_val_metric(data: list[tuple[str, Any, Any]]) -> str | None:
+    """The first numeric "val_*" field of the runs' evaluations besides loss, perplexity and bits per byte."""
+    known = ("val_loss", "val_ppl", "val_bpb")
+    fields = sorted(
+        {k for _, _, evals in data for r in evals for k in r if k.startswith("val_") and k not in known}
+    )
+    return fields[0] if fields else None
 
 
 def _finish_right_panel(ax: Any, has_bpb: bool, single: bool) -> None:
@@ -257,7 +273,10 @@ def run_title(model_dir: Path, evals: list[dict[str, Any]]) -> str:
     if not evals:
         return model_dir.name
     last = evals[-1]
-    parts = [f"val loss {last['val_loss']:.3f}"]
+    shown = [
+        k for k, v in last.items() if k.startswith("val_") and isinstance(v, (int, float)) and k != "val_bpb"
+    ]
+    parts = [f"val {k[4:].replace('_', ' ')} {last[k]:.3f}" for k in shown[:1]]
     if isinstance(last.get("val_bpb"), (int, float)):
         parts.append(f"{last['val_bpb']:.3f} bits/byte")
     return f"{model_dir.name}: {', '.join(parts)} at {_count(last.get('tokens', 0))} tokens"

@@ -74,6 +74,18 @@ POLICY: dict[str, tuple[str, str]] = {
     "train.isolate_conversations": (NOTE, "which conversations of a packed row see each other"),
     "train.seed": (KEPT, "a resumed run continues its checkpoint's data order and random state"),
     "train.init_from": (KEPT, ""),  # run.py says "--init-from ... ignored" whenever it is passed on a resume
+    **{
+        f"grpo.{k}": (NOTE, "how the replies are sampled and scored from here; the weights carry on")
+        for k in ("group_size", "max_new_tokens", "temperature", "top_k", "reward")
+    },
+    **{
+        f"grpo.{k}": (NOTE, "how advantages weigh in the loss from here")
+        for k in ("normalise_std", "loss_mean")
+    },
+    "grpo.eval_prompts": (
+        NOTE,
+        "val_pass@1 is now measured on another slice, best/ compares them all the same",
+    ),
     "data.dir": (NOTE, "the loader keeps its position (epoch and window), now in this data's shuffled order"),
     "data.tokenizer_path": (SILENT, ""),  # the tokenizer's fingerprint is checked against the checkpoint's
     "dpo.loss": (REFUSED, "another loss is another run: train it under a new --model-name"),

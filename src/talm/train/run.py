@@ -18,6 +18,7 @@ from typing import Any
 
 from talm.config import load_toml, merge, validate
 from talm.data.manifest import read_data
+from talm.data.prompts import directory_kind, prompt_dataset
 from talm.errors import TalmError
 from talm.train import dist, rundir
 from talm.train.checkpoint import DamagedCheckpoint, read_meta
@@ -39,6 +40,8 @@ def preset_data_note(preset_name: str | None, data_dir: str | Path) -> str | Non
     if not preset_name:
         return None
     preset(preset_name)  # an unknown name: one line
+    if "prompts" in (directory_kind(data_dir), PRESET_DATA[preset_name]):
+        return None  # the objective and the data's kind: refused in one line if they differ (check_data_kind)
     kind = read_data(data_dir, splits=("train",)).kind
     if "preferences" in (kind, PRESET_DATA[preset_name]):
         return None  # the objective and the data's kind: refused in one line if they differ (check_data_kind)
@@ -108,7 +111,8 @@ def resolve_run(
         data = apply_source(data, layers, flag_names)
     cfg = validate(RunConfig, data, flag_names)
     try:
-        data_set = read_data(cfg.data.dir, splits=("train",))
+        prompts = directory_kind(cfg.data.dir) == "prompts"
+        data_set = prompt_dataset(cfg.data.dir) if prompts else read_data(cfg.data.dir, splits=("train",))
     except TalmError:
         data_set = None  # the Trainer says what is wrong with the data, in its order of checks
     if data_set is not None:
@@ -117,6 +121,11 @@ def resolve_run(
         raise TalmError(
             "--preset dpo (train.objective dpo) tunes a chat model on preference pairs: pass --init-from "
             "models/CHAT, the model to start from (its weights are also the reference)"
+        )
+    if checkpoint is None and cfg.train.objective == "grpo" and not cfg.train.init_from:
+        raise TalmError(
+            "GRPO (--preset grpo) improves a model that already answers the prompts sometimes: pass --init-from "
+            "models/CHAT (a chat model, e.g. one fine-tuned with --preset sft)"
         )
     if checkpoint is None and cfg.train.init_from:
         check_data(cfg.train.init_from, cfg.data.dir)

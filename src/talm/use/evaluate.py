@@ -102,7 +102,9 @@ def evaluate_model(
         read_results(results_path(checkpoint_dir.parent, step))  # a damaged one is refused before any work
     precision = Precision(dtype, next(model.parameters()).device)
     tasks = [
-        prepare(tokenizer, n, tasks_dir=config.tasks_dir, limit=config.limit)
+        prepare(
+            tokenizer, n, tasks_dir=config.tasks_dir, limit=config.limit, max_new_tokens=config.max_new_tokens
+        )
         for n in dict.fromkeys(config.tasks)
     ]
     data = None
