@@ -449,7 +449,9 @@ class GPT(nn.Module):
         if cache is not None:  # each cache knows where its rows' new tokens go and what they may attend to
             pos, mask = cache.layout(T, idx.device)
             cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
-        elif attend is not None:  # a layout of the caller's (scoring: a shared context, several continuations)
+        elif (
+            attend is not None
+        ):  # a layout of the caller's (scoring: a shared context, several continuations)
             mask, pos = attend.unsqueeze(1), positions
             cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
         elif doc_ids is None:
