@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import BASE_TOKENIZER, save_model_dir
+from test_resume import stop_after
 
 import talm.train.loop as trainer_module
 from talm.data.config import DownloadConfig
@@ -77,22 +78,6 @@ def test_a_run_logs_rewards_speeds_and_pass_at_1(
     state = load_trainer_state("models/g/latest")
     assert state["loader"] == {"grpo_sampler": {"epoch": 0, "position": 8, "draws": 4}}
     assert (Path("models/g/best") / "checkpoint.json").is_file()
-
-
-def stop_after(steps: int) -> type:
-    class StopAfter(trainer_module.StopRequest):
-        asked = 0
-
-        @property
-        def requested(self) -> bool:
-            type(self).asked += 1
-            return type(self).asked >= steps
-
-        @requested.setter
-        def requested(self, value: bool) -> None:
-            pass
-
-    return StopAfter
 
 
 def test_a_resumed_run_samples_what_the_whole_run_did(

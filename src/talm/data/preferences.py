@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from talm.data.conversations import MalformedRows, content_bytes, json_kind, with_text_contents
+from talm.data.conversations import ConversationEncoder, content_bytes, json_kind, with_text_contents
 from talm.data.manifest import LEARN, MASK_DTYPE, REJECTED, START
 from talm.data.writer import TokenBatch
 from talm.errors import TalmError
@@ -114,21 +114,9 @@ def last_reply_only(ids: list[int], learn: list[int], assistant_id: int) -> list
     return [0] * (last + 1) + learn[last + 1 :]
 
 
-class PreferenceEncoder:
+class PreferenceEncoder(ConversationEncoder):
     """Renders batches of preference rows into `TokenBatch`es, one document per pair (the `encode` of
     `prepare.write_shards`); counts the valid pairs and the malformed ones (naming the first few)."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        from talm.tokenizer.chat import ChatFormat
-
-        self.chat = ChatFormat(tokenizer)
-        self.dtype = tokenizer.token_dtype
-        self.valid = 0
-        self.malformed = MalformedRows()
-
-    @property
-    def skipped(self) -> int:
-        return self.malformed.count
 
     def __call__(self, batch: Any, state_before: dict) -> TokenBatch:
         pairs = [pair_conversations(r) for r in batch.texts]

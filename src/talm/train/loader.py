@@ -73,6 +73,12 @@ def to_device(rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, tor
     return t[:, :-1], t[:, 1:]
 
 
+def check_seed(seed: int) -> None:
+    """TalmError unless `seed` is one a loader's shuffle takes."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise TalmError(f"--seed {seed} is out of range: use a whole number from 0 to {SEED_LIMIT - 1}")
+
+
 class ShuffledCursor:
     """The resumable state of a loader that walks a shuffled order epoch by epoch: where it is (epoch, cursor)
     and the order's seed; loading it rebuilds the order at the next batch."""
@@ -105,8 +111,7 @@ class TokenLoader(ShuffledCursor):
         vocab_size: int | None = None,
         accum_steps: int = 1,
     ) -> None:
-        if not 0 <= seed < SEED_LIMIT:
-            raise TalmError(f"--seed {seed} is out of range: use a whole number from 0 to {SEED_LIMIT - 1}")
+        check_seed(seed)
         self.batch_size, self.context_length = batch_size, context_length
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device = torch.device(device)

@@ -24,7 +24,7 @@ import torch
 from talm.data.manifest import LEARN, MASK_DTYPE, START, DataSet, Shard
 from talm.errors import TalmError
 from talm.train import dist
-from talm.train.loader import SEED_LIMIT, ShardCache, ShuffledCursor, TokenLoader
+from talm.train.loader import ShardCache, ShuffledCursor, TokenLoader, check_seed
 
 # What one batch is: inputs, targets (-1 where not learned), conversation ids (None: attention may cross
 # conversations, --no-train.isolate_conversations), and how many targets are learned.
@@ -188,8 +188,7 @@ class ConversationLoader(ShuffledCursor):
         accum_steps: int = 1,
     ) -> None:
         self.isolate = isolate  # doc_ids in every batch, so attention stays inside each conversation
-        if not 0 <= seed < SEED_LIMIT:
-            raise TalmError(f"--seed {seed} is out of range: use a whole number from 0 to {SEED_LIMIT - 1}")
+        check_seed(seed)
         self.batch_size, self.row_len, self.pad_id = batch_size, context_length + 1, pad_id
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device = torch.device(device)

@@ -23,7 +23,7 @@ import torch
 
 from talm.data.manifest import LEARN, REJECTED, START, DataSet
 from talm.errors import TalmError
-from talm.train.loader import SEED_LIMIT, ShuffledCursor
+from talm.train.loader import ShuffledCursor, check_seed
 from talm.train.packing import SplitStream
 
 # (inputs (2B, T), targets (2B, T) with -1 off the replies, pair indices (B,)): the chosen sides come first.
@@ -129,8 +129,7 @@ class PairLoader(ShuffledCursor):
         vocab_size: int | None = None,
         accum_steps: int = 1,
     ) -> None:
-        if not 0 <= seed < SEED_LIMIT:
-            raise TalmError(f"--seed {seed} is out of range: use a whole number from 0 to {SEED_LIMIT - 1}")
+        check_seed(seed)
         self.pairs = PairSet(data, "train", context_length + 1, vocab_size)
         self.batch_size, self.pad_id, self.seed = batch_size, pad_id, seed
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
