@@ -106,6 +106,9 @@ def test_prompt_data_replaces_shards_only_with_overwrite(
         (["fineweb", "--prompts"], "pass them with --data-files"),
         (["gsm8k", "--conversations"], "exclude each other"),
         (["gsm8k", "--ds-sample", "all"], "one of main, socratic"),
+        (["gsm8k", "--max-tokens", "1000", "--shard-size", "10"], "drop --max-tokens, --shard-size"),
+        (["gsm8k", "--num-proc", "2"], "drop --num-proc"),
+        (["tinyshakespeare", "--val-prompts", "5"], "--val-prompts is for prompt data"),
     ],
 )
 def test_bad_prompt_arguments_are_one_line(

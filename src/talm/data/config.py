@@ -254,6 +254,15 @@ class DownloadConfig(Config):
             raise TalmError("--prompts reads your own files: pass them with --data-files FILE")
         if self.is_prompts and self.num_workers > 1:
             raise TalmError("prompt data is written by one process: drop --num-workers and --worker-index")
+        token_flags = {"max_tokens", "val_tokens", "shard_size", "num_proc"} & self.model_fields_set
+        if self.is_prompts and token_flags:
+            flags = ", ".join(f"--{f.replace('_', '-')}" for f in sorted(token_flags))
+            raise TalmError(
+                f"prompt data is written whole as prompts, not token shards: drop {flags} (--val-prompts sets "
+                "how many of your prompts are held out)"
+            )
+        if self.val_prompts is not None and not self.is_prompts:
+            raise TalmError("--val-prompts is for prompt data (gsm8k, --prompts): use --val-tokens for tokens")
         if self.conversations and self.preferences:
             raise TalmError(
                 "--conversations and --preferences exclude each other: pass the one your rows hold"
