@@ -309,3 +309,12 @@ def test_the_progress_bar_shows_the_last_val_loss(
     v3, v6 = f"{val[3]:.4f}", f"{val[6]:.4f}"
     assert [fields.get("val") for _, fields in shown] == [None, v3, v3, v3, v6]
     assert all("loss" in fields for _, fields in shown)  # beside the train loss
+
+
+def test_the_banner_lists_an_objective_s_own_settings_only_for_that_objective(tiny_data: Path) -> None:
+    from talm.train.loop import describe
+
+    lm = describe(run_config(tiny_data))
+    assert "  train: " in lm and "  dpo: " not in lm and "  grpo: " not in lm
+    dpo = describe(run_config(tiny_data, objective="dpo"))
+    assert "  dpo: " in dpo and "  grpo: " not in dpo

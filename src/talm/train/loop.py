@@ -57,10 +57,15 @@ class TrainResult:
     model_dir: Path
 
 
+OBJECTIVE_SECTIONS = ("dpo", "grpo")  # config sections read by that objective alone
+
+
 def describe(cfg: RunConfig) -> str:
-    """The resolved config, one line per section."""
+    """The resolved config, one line per section (an objective's own section only when it is the run's)."""
     lines = []
     for section, values in cfg.model_dump(mode="json").items():
+        if section in OBJECTIVE_SECTIONS and section != cfg.train.objective:
+            continue
         lines.append(f"  {section}: " + " ".join(f"{k}={v}" for k, v in values.items()))
     return "\n".join(lines)
 
