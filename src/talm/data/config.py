@@ -262,7 +262,9 @@ class DownloadConfig(Config):
                 "how many of your prompts are held out)"
             )
         if self.val_prompts is not None and not self.is_prompts:
-            raise TalmError("--val-prompts is for prompt data (gsm8k, --prompts): use --val-tokens for tokens")
+            raise TalmError(
+                "--val-prompts is for prompt data (gsm8k, --prompts): use --val-tokens for tokens"
+            )
         if self.conversations and self.preferences:
             raise TalmError(
                 "--conversations and --preferences exclude each other: pass the one your rows hold"
