@@ -176,3 +176,20 @@ def test_an_unreachable_hub_fails_in_seconds_in_one_line(
     assert "hf download Rowan/hellaswag --repo-type dataset" in message and "--include-path" in message
     # the offline mode it ran in is undone
     assert not constants.HF_HUB_OFFLINE and not datasets.config.HF_HUB_OFFLINE
+
+
+def test_generation_requests_run_together_and_each_gets_what_it_gets_alone(tiny_model_dir: Path) -> None:
+    """generate_until batches its requests through the engine (fewer slots than requests: they take turns), and
+    each continuation is the one it gets alone, cut at its own stop string."""
+    from lm_eval.api.instance import Instance
+
+    lm = TalmLM(str(tiny_model_dir), device="cpu", batch_size=2)
+    args = [
+        ("Once upon a time", {"until": [], "max_gen_toks": 12}),
+        ("To be, or not", {"until": ["e"], "max_gen_toks": 9}),
+        ("A", {"until": "o", "max_gen_toks": 5}),
+    ]
+    requests = [Instance("generate_until", {}, a, i) for i, a in enumerate(args)]
+    together = lm.generate_until(requests)
+    alone = [lm.generate_until([r])[0] for r in requests]
+    assert together == alone and together[0] and "e" not in together[1] and "o" not in together[2]

@@ -34,7 +34,7 @@ except ImportError:  # the extra is not installed: say how to get it, once, when
 from talm.data.streaming import hub_unreachable
 from talm.eval.scoring import encode_pair, score_tokens
 from talm.use.load import load_checkpoint
-from talm.use.sample import FINISHED, fit_prompt, generate_ids
+from talm.use.sample import fit_prompt
 
 
 @register_model("talm")
@@ -104,32 +104,29 @@ class TalmLM(TemplateLM):
         return out
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
-        """Greedy continuations, cut at the first of the request's `until` strings."""
-        out = []
+        """Greedy continuations of every request, generated together by the batched engine (`batch_size` at a
+        time), each ending at <|endoftext|>, its token budget or the first of its `until` strings (cut off)."""
+        from talm.model.engine import Engine, Settings
+
+        prompts, settings, untils = [], [], []
         for context, gen_kwargs in [r.args for r in requests]:
             until = gen_kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
+            until = [u for u in ([until] if isinstance(until, str) else until) if u]
             max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
-            ids, _ = fit_prompt([self.eot_token_id, *self.tok_encode(context)], self.max_length)
-            new: list[int] = []
-            for step in generate_ids(
-                self.model,
-                [ids],
-                max_new_tokens=max_new,
-                temperature=0.0,
-                eot_id=self.eot_token_id,
-                vocab_size=self.tokenizer.vocab_size,
-            ):
-                if step[0] in (FINISHED, self.eot_token_id):
-                    break
-                new.append(step[0])
-                if until and any(u in self.tok_decode(new) for u in until):
-                    break
-            text = self.tok_decode(new)
+            prompts.append(fit_prompt([self.eot_token_id, *self.tok_encode(context)], self.max_length)[0])
+            end = (self.eot_token_id,)
+            settings.append(Settings(max_new_tokens=max_new, temperature=0.0, end_ids=end, stop=tuple(until)))
+            untils.append(until)
+        engine = Engine(
+            self.model, slots=self.batch_size, vocab_size=self.tokenizer.vocab_size, decode=self.tok_decode
+        )
+        out = []
+        for request, until, new in zip(requests, untils, engine.generate(prompts, settings), strict=True):
+            text = self.tok_decode([t for t in new if t != self.eot_token_id])
             for u in until:
                 text = text.split(u)[0]
             out.append(text)
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+            self.cache_hook.add_partial("generate_until", request.args, text)
         return out
 
 
