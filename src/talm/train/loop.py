@@ -161,10 +161,10 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = init.build_model(cfg, self.tokenizer, self.parallel, resumed=resume_from is not None)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
-        vocab = self.tokenizer.vocab_size  # every id in the data must be one of the tokenizer's
         self.objective = make_objective(
-            cfg, self.data, vocab, model=self.model, accum=self.accum, ctx=self.ctx, precision=self.precision
-        )
+            cfg, self.data, self.tokenizer, model=self.model, accum=self.accum, ctx=self.ctx,
+            precision=self.precision,
+        )  # fmt: skip
         self.task_scores = TrainingTasks.of_run(self.tokenizer, t, self.precision.autocast)  # --eval-tasks
         # A multiplier of each group's peak lr, re-warmed over the segment a resume decided (resume.rewarm_segment).
         self.lr_segment = plan.lr_segment

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -31,6 +31,9 @@ from talm.train.evaluate import scores_text, val_loss_and_bpb
 from talm.train.inputs import make_loaders
 from talm.train.packing import ConversationLoader, micro_batches
 from talm.train.precision import Precision
+
+if TYPE_CHECKING:
+    from talm.tokenizer.api import Tokenizer
 
 
 class Objective(Protocol):
@@ -119,23 +122,24 @@ class LanguageModeling:
 def make_objective(
     cfg: RunConfig,
     data: DataSet,
-    vocab_size: int,
+    tokenizer: Tokenizer,
     *,
     model: torch.nn.Module,
     accum: int,
     ctx: dist.DistContext,
     precision: Precision,
 ) -> Objective:
-    """The objective `train.objective` names, over this rank's share of `data`; `model` is the plain model (an
-    objective that samples from it, or keeps a frozen copy of its starting weights, takes it here)."""
+    """The objective `train.objective` names, over this rank's share of `data` (every id in it must be one of
+    `tokenizer`'s); `model` is the plain model (an objective that samples from it, or keeps a frozen copy of its
+    starting weights, takes it here)."""
     check_data_kind(cfg, data)
+    vocab_size = tokenizer.vocab_size
     if cfg.train.objective == "dpo":
         return DPO(cfg, data, vocab_size, accum, ctx, precision, model)
     if cfg.train.objective == "grpo":  # samples from the plain model, decodes replies with the tokenizer
         from talm.train.grpo import GRPO
-        from talm.train.inputs import load_tokenizer
 
-        return GRPO(cfg, load_tokenizer(cfg, data), model, accum, ctx, precision)
+        return GRPO(cfg, tokenizer, model, accum, ctx, precision)
     return LanguageModeling(cfg, data, vocab_size, accum, ctx, precision)
 
 
