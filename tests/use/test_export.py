@@ -34,9 +34,11 @@ def model_for(
     n_kv_head: int | None,
     seed: int = 0,
     vocab_size: int | None = None,
+    matrix_std: float = 0.1,
     **options: object,
 ) -> GPT:
-    """A tiny GPT; `options` are more ModelConfig fields (mlp_hidden=None: the MLP's default width)."""
+    """A tiny GPT; `options` are more ModelConfig fields (mlp_hidden=None: the MLP's default width);
+    `matrix_std` the spread of its weight matrices."""
     torch.manual_seed(seed)
     config = dict(
         vocab_size=vocab_size or tokenizer.vocab_size,
@@ -53,7 +55,7 @@ def model_for(
     model = GPT(ModelConfig(**(config | options)))
     with torch.no_grad():  # weights larger than at init, and norm gains not all 1, so a wrong mapping shows
         for p in model.parameters():
-            p.normal_(1.0 if p.dim() == 1 else 0.0, 0.1)
+            p.normal_(1.0, 0.1) if p.dim() == 1 else p.normal_(0.0, matrix_std)
     return model.eval()
 
 

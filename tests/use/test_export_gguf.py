@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import BASE_TOKENIZER, ORIGINAL_TOKENIZER, one_line_error, save_model_dir
+from test_export import model_for as export_model_for
 
 from talm.errors import TalmError
-from talm.model.config import ModelConfig
 from talm.model.gpt import GPT, apply_rope, rope_tables
 from talm.tokenizer.api import Tokenizer
 from talm.tokenizer.chat import ChatFormat, chat_template
@@ -32,27 +32,10 @@ TRICKY = [
 
 def model_for(
     tokenizer: Tokenizer, *, tie: bool = True, n_kv_head: int | None = None, seed: int = 0, **options
-):
-    """A tiny GPT with weights large enough that a wrong mapping shows and greedy decoding does not repeat one
-    token, and norm gains not all 1."""
-    torch.manual_seed(seed)
-    config = dict(
-        vocab_size=tokenizer.vocab_size,
-        context_length=128,
-        n_layer=2,
-        n_head=4,
-        n_kv_head=n_kv_head,
-        d_model=64,
-        mlp_hidden=96,
-        tie_embeddings=tie,
-        rope_theta=5000.0,
-        norm_eps=1e-6,
-    )
-    model = GPT(ModelConfig(**(config | options)))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(1.0, 0.1) if p.dim() == 1 else p.normal_(0.0, 0.3)
-    return model.eval()
+) -> GPT:
+    """test_export's tiny GPT with weights large enough that a wrong mapping shows and greedy decoding does not
+    repeat one token."""
+    return export_model_for(tokenizer, tie=tie, n_kv_head=n_kv_head, seed=seed, matrix_std=0.3, **options)
 
 
 def fields(path: Path) -> tuple[dict, dict]:
