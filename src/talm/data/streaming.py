@@ -282,17 +282,22 @@ def _load(datasets: Any, source: TextSource, split: str, extra: dict[str, Any]) 
         raise TalmError(f"cannot open {source.source}: {err}: check the files or the local copy") from None
 
 
-def _open(source: TextSource, split: str, *, num_workers: int, worker_index: int) -> Any:
-    """A split of the source as a streaming `IterableDataset` of Arrow batches (this worker's part of it)."""
+def _open_quietly(source: TextSource, split: str) -> tuple[Any, Any]:
+    """(the datasets module, a split of the source as a streaming dataset), the Hub checked first; datasets' own
+    logs and progress bars off, its errors too: a file it cannot parse is said by talm in one line (`_reading`)."""
     if source.from_hub:
         check_hub_reachable(source)
     datasets = _import_datasets()
-    from datasets.distributed import split_dataset_by_node
-
-    # errors too: a file datasets cannot parse is reported by talm in one line (see `_reading`)
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     datasets.disable_progress_bars()
-    dataset = _load(datasets, source, split, {})
+    return datasets, _load(datasets, source, split, {})
+
+
+def _open(source: TextSource, split: str, *, num_workers: int, worker_index: int) -> Any:
+    """A split of the source as a streaming `IterableDataset` of Arrow batches (this worker's part of it)."""
+    datasets, dataset = _open_quietly(source, split)
+    from datasets.distributed import split_dataset_by_node
+
     features = dataset.features
     needed = ["chosen", "rejected"] if source.preferences else [source.text_column]
     for column in needed:
@@ -310,12 +315,7 @@ def _open(source: TextSource, split: str, *, num_workers: int, worker_index: int
 def split_rows(source: TextSource, split: str, columns: list[str]) -> Iterator[dict[str, Any]]:
     """The `columns` of every row of one split of a Hub source (or its local copy laid out like the repo), in
     order: what prompt data (talm.data.prompts), small and written whole, reads."""
-    if source.from_hub:
-        check_hub_reachable(source)
-    datasets = _import_datasets()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
-    datasets.disable_progress_bars()
-    dataset = _load(datasets, source, split, {})
+    _, dataset = _open_quietly(source, split)
     if dataset.features is not None:
         missing = [c for c in columns if c not in dataset.features]
         if missing:

@@ -155,6 +155,7 @@ class Engine:
         self.lock = threading.Lock()  # add/cancel from other threads vs a step's admissions
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self.sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())  # once, not every step
 
     # ---------------------------------------------------------------------------------------------- requests
 
@@ -204,8 +205,7 @@ class Engine:
         order. The sequences that ended leave (their `finish` says why), as do cancelled ones, without a token."""
         # FSDP-sharded weights (RL samples during training) are gathered into buffers the next training step
         # writes into: under inference_mode they would become inference tensors it may not write, so no_grad.
-        sharded = any(type(p).__name__ == "DTensor" for p in self.model.parameters())
-        with torch.no_grad() if sharded else torch.inference_mode():
+        with torch.no_grad() if self.sharded else torch.inference_mode():
             return self._step()
 
     def _step(self) -> list[tuple[Generation, int]]:
