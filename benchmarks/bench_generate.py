@@ -60,6 +60,11 @@ def main() -> None:
     parser.add_argument(
         "--vs-transformers", action="store_true", help="time talm against transformers' generate instead"
     )
+    parser.add_argument(
+        "--row-major",
+        action="store_true",
+        help="keep talm's weights row-major on CPU (generate, chat and serve store them column-major there)",
+    )
     args = parser.parse_args()
     if args.vs_transformers:
         vs_transformers(args)
@@ -73,6 +78,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=args.vocab_size, **shape))
     model = model.to(device, getattr(torch, args.dtype)).eval()
+    if device.type == "cpu" and not args.row_major:
+        model.store_weights_column_major()
     prompt = torch.randint(0, args.vocab_size, (args.prompt_tokens,)).tolist()
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(
@@ -121,6 +128,8 @@ def vs_transformers(args: argparse.Namespace) -> None:
             export_hf(model, tokenizer, Path(tmp) / "m"), dtype=torch.float32
         )
     hf.eval()
+    if not args.row_major:
+        model.store_weights_column_major()
     ids = torch.tensor([prompt])
 
     def run_hf() -> tuple[float, list[int]]:

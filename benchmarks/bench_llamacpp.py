@@ -98,6 +98,11 @@ def main() -> None:
     )
     parser.add_argument("--tokenizer", default=str(ROOT / "tokenizers" / "base.json"))
     parser.add_argument("--profile", action="store_true", help="then profile talm's one-token step")
+    parser.add_argument(
+        "--row-major",
+        action="store_true",
+        help="keep talm's weights row-major (as before generate stored them column-major on CPU)",
+    )
     args = parser.parse_args()
     try:
         import llama_cpp
@@ -122,11 +127,13 @@ def main() -> None:
             n_threads_batch=args.threads,
             verbose=False,
         )
+    if not args.row_major:  # as `generate`, `chat` and `serve` load a model on CPU
+        model.store_weights_column_major()
     print(" ".join(["python", *sys.argv]))
     print(
         f"small preset's shape, llama options ({model.num_params() / 1e6:.1f}M parameters), prompt "
         f"{args.prompt_tokens} tokens + {args.new_tokens} new, greedy, batch 1, {args.threads} thread(s); "
-        f"talm float32 (torch {torch.__version__}), llama.cpp {args.quant} (llama-cpp-python "
+        f"talm float32 ({'row' if args.row_major else 'column'}-major weights, torch {torch.__version__}), llama.cpp {args.quant} (llama-cpp-python "
         f"{llama_cpp.__version__})"
     )
     talm_run(model, prompt, 16)  # warm-up (allocator, kernels, caches)

@@ -306,6 +306,20 @@ def test_load_returns_model_and_tokenizer(tiny_model_dir) -> None:
     assert text == tok.decode([i for i in greedy if i not in (FINISHED, tok.eot_id)])
 
 
+def test_a_model_loaded_for_generation_on_cpu_stores_its_matrices_column_major(tiny_model_dir) -> None:
+    from talm.use.load import load_checkpoint
+
+    plain, tok, _ = load_checkpoint(tiny_model_dir, device="cpu")
+    fast, _, _ = load_checkpoint(tiny_model_dir, device="cpu", for_generation=True)
+    linears = [(n, p) for n, p in fast.named_parameters() if p.dim() == 2 and "emb" not in n]
+    assert linears and all(p.stride() == (1, p.shape[0]) for _, p in linears)  # transposed in memory
+    assert all(p.is_contiguous() for p in plain.parameters())  # what saving and training need
+    for (_, a), b in zip(fast.named_parameters(), plain.parameters(), strict=True):
+        assert torch.equal(a, b)  # the same values
+    prompt = [tok.encode("Hello")]
+    assert run(fast, prompt, 8, temperature=0.0) == run(plain, prompt, 8, temperature=0.0)
+
+
 def test_talm_load_is_the_function_after_the_loading_module_is_imported(tiny_model_dir) -> None:
     import talm.use.load
 

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace, names: dict[str, str]) -> None:
     from talm.use.chat import PromptTooLong, prompt_budget
     from talm.use.load import describe_checkpoint, load_checkpoint
 
-    model, tokenizer, meta = load_checkpoint(args.model, args.checkpoint, args.device)
+    model, tokenizer, meta = load_checkpoint(args.model, args.checkpoint, args.device, for_generation=True)
     use_cpu_threads(next(model.parameters()).device)  # on CPU: the idle cores' count (the summary says it)
     chat_format = ChatFormat(tokenizer)  # refuses a tokenizer without role tokens
     session = Session(model, tokenizer, chat_format, config, limit, args.system)

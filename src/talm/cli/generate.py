@@ -81,7 +81,7 @@ def run(args: argparse.Namespace, names: dict[str, str]) -> None:
     from talm.use.load import describe_checkpoint, load_checkpoint
     from talm.use.sample import GenerationStats, prepare_prompt
 
-    model, tokenizer, meta = load_checkpoint(args.model, args.checkpoint, args.device)
+    model, tokenizer, meta = load_checkpoint(args.model, args.checkpoint, args.device, for_generation=True)
     use_cpu_threads(next(model.parameters()).device)  # on CPU: the idle cores' count (the summary says it)
     device = next(model.parameters()).device
     context = model.config.context_length

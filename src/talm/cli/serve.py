@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> None:
     from talm.use.load import describe_checkpoint, load_checkpoint
 
     check_port_free(args.host, args.port)
-    model, tokenizer, meta = load_checkpoint(args.model, args.checkpoint, args.device)
+    model, tokenizer, meta = load_checkpoint(args.model, args.checkpoint, args.device, for_generation=True)
     name = model_name(args.model)
     app = create_app(
         model, tokenizer, name, slots=args.slots, queue=args.queue

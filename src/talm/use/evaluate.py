@@ -92,7 +92,7 @@ def evaluate_model(
         raise TalmError("nothing to evaluate: name --tasks (e.g. hellaswag) and/or a --data-dir")
     start = time.perf_counter()
     checkpoint_dir = resolve_checkpoint(model_dir, checkpoint)
-    model, tokenizer, meta = load_checkpoint(model_dir, checkpoint, device)
+    model, tokenizer, meta = load_checkpoint(model_dir, checkpoint, device, for_generation=True)
     step = int(meta.get("step", 0))
     # where the results go, checked now rather than after minutes of scoring
     check_writable_dir(

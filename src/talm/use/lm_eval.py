@@ -51,7 +51,9 @@ class TalmLM(TemplateLM):
         **_: Any,  # the harness passes max_batch_size and others meant for its own models
     ) -> None:
         super().__init__()
-        self.model, self.tokenizer, self.meta = load_checkpoint(path, checkpoint, device or "auto")
+        self.model, self.tokenizer, self.meta = load_checkpoint(
+            path, checkpoint, device or "auto", for_generation=True
+        )
         # "auto" (the harness's batch-size search) and None become talm's default
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 32
         self.max_gen_toks = max_gen_toks

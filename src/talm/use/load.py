@@ -58,13 +58,19 @@ def check_vocab(model: GPT, tokenizer: Tokenizer, where: str) -> None:
 
 
 def load_checkpoint(
-    model_dir: str | Path, checkpoint: str = "latest", device: str | torch.device = "auto"
+    model_dir: str | Path,
+    checkpoint: str = "latest",
+    device: str | torch.device = "auto",
+    *,
+    for_generation: bool = False,
 ) -> tuple[GPT, Tokenizer, dict[str, Any]]:
     """The model (eval mode, on `device`), tokenizer and checkpoint.json (step, tokens seen, validation loss,
     run config) of a trained model directory.
 
     `checkpoint` is "latest", "best" or the path of a checkpoint directory; `model_dir` may also be a
     checkpoint directory itself (models/NAME/best). `device` "auto" picks cuda, then mps, then cpu.
+    `for_generation`: the model only generates and scores (no saving, no training), so on CPU its weights are
+    stored in the order one-token steps read fastest (`GPT.store_weights_column_major`).
     """
     if isinstance(device, str):
         device = pick_device(device)
@@ -76,6 +82,8 @@ def load_checkpoint(
     tokenizer = find_tokenizer(checkpoint_dir, read_meta(checkpoint_dir), Path(model_dir))
     model, meta = load_model(checkpoint_dir, device)
     check_vocab(model, tokenizer, f"checkpoint {str(checkpoint_dir)!r}")
+    if for_generation and torch.device(device).type == "cpu":
+        model.store_weights_column_major()
     return model, tokenizer, meta
 
 
