@@ -5,9 +5,9 @@ model, its GGUF export.
     .venv/bin/python benchmarks/bench_llamacpp.py --quant q8_0 --rounds 7 --profile
 
 The model has the `small` preset's shape (6 layers, 6 heads, width 384, context 512; 11M parameters with
-tokenizers/base.json) with llama.cpp's llama options: the preset's QK-norm and ReLU² MLP have no counterpart
-there (`export_model --format gguf` refuses them), so it has SwiGLU (the same weight count: 3 x 384 x 1024 =
-2 x 384 x 1536) and no QK-norm. Random weights: speed does not depend on them. Both engines decode the same
+tokenizers/base.json) in llama.cpp's `llama` architecture, its most used one: SwiGLU instead of the preset's
+ReLU² MLP (the same weight count: 3 x 384 x 1024 = 2 x 384 x 1536) and no QK-norm (the preset's own options
+export as `apertus`). Random weights: speed does not depend on them. Both engines decode the same
 prompt greedily for --new-tokens tokens (the prompt's prefill included), on the same number of threads, one
 after the other in each of --rounds rounds (interleaved, so drifts in the machine's load hit both); the median
 of each is reported, and whether their tokens agree (they should at f32). --profile then shows where talm's

@@ -1,12 +1,16 @@
 """Export to GGUF: the file read back with gguf's own reader (keys, tensors, shapes, dtypes, q8_0 within its
-rounding), the rope layout change checked by its math, the refusals (one line, nothing written); and, where
-llama-cpp-python is installed, llama.cpp itself: the same token ids, the same greedy tokens, a chat turn."""
+rounding), the rope layout change checked by its math, apertus's xIELU parameters checked to be relu^2 bit for
+bit, the refusals (one line, nothing written); and, where llama-cpp-python is installed, llama.cpp itself: the
+same token ids, the same greedy tokens, a chat turn, in each architecture talm's options map to."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import BASE_TOKENIZER, ORIGINAL_TOKENIZER, one_line_error, save_model_dir
@@ -17,7 +21,7 @@ from talm.model.gpt import GPT, apply_rope, rope_tables
 from talm.tokenizer.api import Tokenizer
 from talm.tokenizer.chat import ChatFormat, chat_template
 from talm.tokenizer.formats import hf_token_bytes
-from talm.use.gguf import export_gguf, gguf_tensors, neighbour_rope_rows
+from talm.use.gguf import XIELU, export_gguf, gguf_tensors, neighbour_rope_rows
 from talm.use.sample import generate_ids
 
 gguf = pytest.importorskip("gguf")
@@ -28,6 +32,13 @@ TRICKY = [
     "  leading spaces, don't WE'LL it's\n\n\n  \n x",
     "special spellings as text: <|user|>hi<|assistant|><|endoftext|>",
 ]
+# talm's options -> the llama.cpp architecture that computes them (the presets train with both).
+OPTIONS = {
+    "llama": {},
+    "qwen3": {"qk_norm": True},
+    "arcee": {"mlp": "relu2"},
+    "apertus": {"qk_norm": True, "mlp": "relu2"},
+}
 
 
 def model_for(
@@ -49,29 +60,49 @@ def fields(path: Path) -> tuple[dict, dict]:
 # The file, read back
 
 
+# (tokenizer, tied, n_kv_head, ids beyond the tokenizer, llama.cpp architecture)
+VARIANTS = [
+    (BASE_TOKENIZER, True, None, 0, "llama"),
+    (ORIGINAL_TOKENIZER, False, 2, 26, "llama"),
+    (BASE_TOKENIZER, True, 2, 0, "qwen3"),
+    (ORIGINAL_TOKENIZER, False, None, 26, "arcee"),
+    (BASE_TOKENIZER, True, None, 0, "apertus"),
+    (ORIGINAL_TOKENIZER, False, 2, 26, "apertus"),
+]
+VARIANT_IDS = [
+    f"{arch}-{'base' if t == BASE_TOKENIZER else 'original'}{'-tied' if tie else '-untied'}"
+    f"{'-gqa' if kv else ''}{'-padded' if extra else ''}"
+    for t, tie, kv, extra, arch in VARIANTS
+]
+
+
 @pytest.mark.parametrize(
-    ("tokenizer_file", "tie", "n_kv_head", "extra_ids"),
-    [(BASE_TOKENIZER, True, None, 0), (ORIGINAL_TOKENIZER, False, 2, 26)],
-    ids=["base-tied", "original-untied-gqa-padded"],
+    ("tokenizer_file", "tie", "n_kv_head", "extra_ids", "arch"), VARIANTS, ids=VARIANT_IDS
 )
-def test_the_file_holds_the_llama_architecture_and_the_tokenizer(
-    tmp_path: Path, tokenizer_file: Path, tie: bool, n_kv_head: int | None, extra_ids: int
+def test_the_file_holds_the_architecture_and_the_tokenizer(
+    tmp_path: Path, tokenizer_file: Path, tie: bool, n_kv_head: int | None, extra_ids: int, arch: str
 ) -> None:
     tokenizer = Tokenizer.from_file(tokenizer_file)
-    model = model_for(tokenizer, tie=tie, n_kv_head=n_kv_head, vocab_size=tokenizer.vocab_size + extra_ids)
+    model = model_for(
+        tokenizer, tie=tie, n_kv_head=n_kv_head, vocab_size=tokenizer.vocab_size + extra_ids, **OPTIONS[arch]
+    )
     c = model.config
     path = export_gguf(model, tokenizer, tmp_path / "m.gguf", quant="f32")
     kv, tensors = fields(path)
-    assert kv["general.architecture"] == "llama"
-    assert (kv["llama.block_count"], kv["llama.embedding_length"], kv["llama.feed_forward_length"]) == (
+    assert kv["general.architecture"] == arch
+    assert (kv[f"{arch}.block_count"], kv[f"{arch}.embedding_length"], kv[f"{arch}.feed_forward_length"]) == (
         2,
         64,
         96,
     )
-    assert (kv["llama.attention.head_count"], kv["llama.attention.head_count_kv"]) == (4, c.kv_heads)
-    assert kv["llama.context_length"] == 128 and kv["llama.rope.dimension_count"] == 16
-    assert kv["llama.rope.freq_base"] == 5000.0
-    assert kv["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
+    assert (kv[f"{arch}.attention.head_count"], kv[f"{arch}.attention.head_count_kv"]) == (4, c.kv_heads)
+    assert kv[f"{arch}.context_length"] == 128 and kv[f"{arch}.rope.dimension_count"] == 16
+    assert kv[f"{arch}.rope.freq_base"] == 5000.0
+    assert kv[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
+    if arch == "apertus":  # one value per layer
+        for key in ("alpha_p", "alpha_n", "beta", "eps"):
+            assert kv[f"xielu.{key}"] == pytest.approx([XIELU[key]] * 2), key
+    assert not any(k.startswith("xielu.") for k in kv) or arch == "apertus"
     assert kv["tokenizer.ggml.model"] == "gpt2" and kv["tokenizer.ggml.pre"] == "llama-bpe"
     assert kv["tokenizer.ggml.bos_token_id"] == kv["tokenizer.ggml.eos_token_id"] == tokenizer.eot_id
     assert kv["tokenizer.ggml.add_bos_token"] is False
@@ -79,7 +110,7 @@ def test_the_file_holds_the_llama_architecture_and_the_tokenizer(
 
     # One token per embedding row: the tokenizer's bytes, its specials as control tokens, then unused padding.
     tokens, types = kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.token_type"]
-    assert len(tokens) == len(types) == c.vocab_size == kv["llama.vocab_size"]
+    assert len(tokens) == len(types) == c.vocab_size == kv[f"{arch}.vocab_size"]
     special = set(tokenizer.special_tokens.values())
     for i in range(tokenizer.vocab_size):
         if i in special:
@@ -90,21 +121,81 @@ def test_the_file_holds_the_llama_architecture_and_the_tokenizer(
     assert all(t == gguf.TokenType.UNUSED for t in types[tokenizer.vocab_size :])
     assert len(kv["tokenizer.ggml.merges"]) == tokenizer.vocab_size - len(special) - 256
 
-    names = {"token_embd.weight", "output_norm.weight"} | ({"output.weight"} if not tie else set())
-    for i in range(2):
-        names |= {f"blk.{i}.{n}.weight" for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output")}
-        names |= {f"blk.{i}.{n}.weight" for n in ("ffn_norm", "ffn_gate", "ffn_up", "ffn_down")}
+    check_tensors(model, tensors, arch)
+
+
+def check_tensors(model: GPT, tensors: dict, arch: str) -> None:
+    """The file's tensors are the architecture's set (llama.cpp refuses any other), with talm's weights."""
+    c = model.config
+    names = {"token_embd.weight", "output_norm.weight"}
+    names |= {"output.weight"} if not c.tie_embeddings or arch == "apertus" else set()  # apertus needs one
+    per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_up", "ffn_down"]
+    per_layer += ["attn_q_norm", "attn_k_norm"] if c.qk_norm else []
+    per_layer += ["ffn_gate"] if c.mlp == "swiglu" else []
+    names |= {f"blk.{i}.{n}.weight" for i in range(2) for n in per_layer}
     assert set(tensors) == names
+
+    def tensor(name: str) -> torch.Tensor:
+        return torch.from_numpy(tensors[name].data.copy())
+
     state = model.state_dict()
-    embedding = tensors["token_embd.weight"]
-    assert list(embedding.shape) == [64, c.vocab_size]  # ggml's order: the row length first
-    torch.testing.assert_close(
-        torch.from_numpy(embedding.data.copy()), state["tok_emb.weight"][: c.vocab_size]
+    assert list(tensors["token_embd.weight"].shape) == [
+        64,
+        c.vocab_size,
+    ]  # ggml's order: the row length first
+    torch.testing.assert_close(tensor("token_embd.weight"), state["tok_emb.weight"][: c.vocab_size])
+    if "output.weight" in names:
+        output = state["tok_emb.weight" if c.tie_embeddings else "lm_head.weight"][: c.vocab_size]
+        torch.testing.assert_close(tensor("output.weight"), output)
+    # Reordered for the architectures that rotate neighbouring pairs; as talm's for those that rotate halves.
+    q, k = (
+        state["blocks.1.attn.qkv.weight"][:64],
+        state["blocks.1.attn.qkv.weight"][64 : 64 + 16 * c.kv_heads],
     )
-    q = torch.from_numpy(tensors["blk.1.attn_q.weight"].data.copy())
-    torch.testing.assert_close(q, neighbour_rope_rows(state["blocks.1.attn.qkv.weight"][:64], 4))
-    down = torch.from_numpy(tensors["blk.0.ffn_down.weight"].data.copy())
-    torch.testing.assert_close(down, state["blocks.0.mlp.down.weight"])
+    neighbours = arch in ("llama", "arcee")
+    torch.testing.assert_close(tensor("blk.1.attn_q.weight"), neighbour_rope_rows(q, 4) if neighbours else q)
+    torch.testing.assert_close(
+        tensor("blk.1.attn_k.weight"), neighbour_rope_rows(k, c.kv_heads) if neighbours else k
+    )
+    torch.testing.assert_close(tensor("blk.0.ffn_down.weight"), state["blocks.0.mlp.down.weight"])
+    if c.qk_norm:
+        torch.testing.assert_close(tensor("blk.1.attn_q_norm.weight"), state["blocks.1.attn.q_norm.weight"])
+        torch.testing.assert_close(tensor("blk.0.attn_k_norm.weight"), state["blocks.0.attn.k_norm.weight"])
+    if c.mlp == "relu2":
+        torch.testing.assert_close(tensor("blk.0.ffn_up.weight"), state["blocks.0.mlp.up.weight"])
+    else:
+        gate, up = state["blocks.0.mlp.gate_up.weight"].chunk(2)
+        torch.testing.assert_close(tensor("blk.0.ffn_gate.weight"), gate)
+        torch.testing.assert_close(tensor("blk.0.ffn_up.weight"), up)
+
+
+def test_apertus_xielu_parameters_make_it_relu_squared_bit_for_bit() -> None:
+    """llama.cpp's ggml_xielu turns the file's alpha_p, alpha_n into alpha_p' = softplus(alpha_p), alpha_n' =
+    beta + softplus(alpha_n), softplus(a) = logf(1 + expf(a)) in float32 (the C library's), then computes
+    alpha_p' x^2 + beta x for x > 0, alpha_n' (expm1(min(x, eps)) - x) + beta x otherwise: with talm's
+    parameters, relu(x)^2 as talm computes it, to the bit."""
+    name = ctypes.util.find_library("m")
+    if name is None:
+        pytest.skip("no C math library to compute softplus as llama.cpp does")
+    libm = ctypes.CDLL(name)
+    for f in (libm.logf, libm.expf):
+        f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
+
+    def softplus(a: float) -> np.float32:
+        a = np.float32(a)
+        return a if a > 20 else np.float32(libm.logf(np.float32(1) + np.float32(libm.expf(a))))
+
+    beta, eps = np.float32(XIELU["beta"]), np.float32(XIELU["eps"])
+    alpha_p, alpha_n = softplus(XIELU["alpha_p"]), beta + softplus(XIELU["alpha_n"])
+    assert (alpha_p, alpha_n, beta) == (1, 0, 0)
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(100_000) * 10, torch.tensor([0.0, -0.0, 1e-30, -1e-30, 3e4, -3e4])])
+    a = x.numpy()
+    theirs = np.where(
+        a > 0, alpha_p * a * a + beta * a, (np.expm1(np.minimum(a, eps)) - a) * alpha_n + beta * a
+    )
+    assert theirs.dtype == np.float32
+    assert torch.equal(torch.from_numpy(theirs), torch.relu(x).square())
 
 
 @pytest.mark.parametrize(("quant", "matrix_type"), [("f32", "F32"), ("f16", "F16"), ("q8_0", "Q8_0")])
@@ -177,10 +268,13 @@ def test_neighbour_rope_rows_give_the_attention_scores_of_rotate_half() -> None:
             "model.logit_softcap=15.0 has no counterpart in llama.cpp's llama architecture",
         ),
         (
-            {"qk_norm": True},
-            "model.qk_norm=true (RMSNorm of each head's queries and keys) has no counterpart",
+            {"logit_softcap": 15.0, "qk_norm": True, "mlp": "relu2"},
+            "model.logit_softcap=15.0 has no counterpart in llama.cpp's apertus architecture",
         ),
-        ({"mlp": "relu2"}, "model.mlp=relu2 is not the SwiGLU MLP of llama.cpp's llama architecture"),
+        (
+            {"mlp": "gelu"},
+            "model.mlp=gelu has no counterpart in llama.cpp's architectures of the llama family",
+        ),
         ({"arch": "gpt2", "mlp": "gelu"}, "model.arch=gpt2 is not llama.cpp's llama architecture"),
     ],
     ids=str,
@@ -240,6 +334,20 @@ def test_export_model_format_gguf(tiny_model_dir: Path, tmp_path: Path, capsys) 
     assert tensors["blk.0.attn_q.weight"].tensor_type.name == "Q8_0"
 
 
+def test_export_model_writes_the_presets_options_as_apertus(tmp_path: Path, capsys) -> None:
+    from talm.cli.export_model import main
+
+    tokenizer = Tokenizer.from_file(BASE_TOKENIZER)
+    model = model_for(tokenizer, **OPTIONS["apertus"])
+    model_dir = save_model_dir(tmp_path / "models" / "preset", model, step=1)
+    out = tmp_path / "preset.gguf"
+    main(["-m", str(model_dir), "--format", "gguf", "-o", str(out)])
+    assert f"run it with `llama-cli -m {out}`" in capsys.readouterr().err
+    kv, tensors = fields(out)
+    assert kv["general.architecture"] == "apertus" and kv["general.name"] == "preset"
+    assert "blk.1.attn_k_norm.weight" in tensors and "blk.1.ffn_gate.weight" not in tensors
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [
@@ -263,8 +371,7 @@ def test_export_model_refuses_flags_of_the_other_format(
     ("options", "says"),
     [
         ({"logit_softcap": 30.0}, "model.logit_softcap=30.0 has no counterpart"),
-        ({"qk_norm": True, "mlp": "relu2"}, "model.qk_norm=true"),  # the presets' options: the first is named
-        ({"mlp": "relu2"}, "model.mlp=relu2 is not the SwiGLU MLP"),
+        ({"mlp": "gelu"}, "model.mlp=gelu has no counterpart"),
         ({"arch": "gpt2", "mlp": "gelu"}, "model.arch=gpt2 is not llama.cpp's llama architecture"),
     ],
     ids=str,
@@ -313,15 +420,21 @@ def load_in_llama_cpp(llama_cpp, path: Path):
 
 
 @pytest.mark.parametrize(
-    ("tokenizer_file", "tie", "n_kv_head", "extra_ids"),
-    [(BASE_TOKENIZER, True, None, 0), (ORIGINAL_TOKENIZER, False, 2, 26)],
-    ids=["base-tied", "original-untied-gqa-padded"],
+    ("tokenizer_file", "tie", "n_kv_head", "extra_ids", "arch"), VARIANTS, ids=VARIANT_IDS
 )
 def test_llama_cpp_tokenizes_and_generates_as_talm(
-    tmp_path: Path, llama_cpp, tokenizer_file: Path, tie: bool, n_kv_head: int | None, extra_ids: int
+    tmp_path: Path,
+    llama_cpp,
+    tokenizer_file: Path,
+    tie: bool,
+    n_kv_head: int | None,
+    extra_ids: int,
+    arch: str,
 ) -> None:
     tokenizer = Tokenizer.from_file(tokenizer_file)
-    model = model_for(tokenizer, tie=tie, n_kv_head=n_kv_head, vocab_size=tokenizer.vocab_size + extra_ids)
+    model = model_for(
+        tokenizer, tie=tie, n_kv_head=n_kv_head, vocab_size=tokenizer.vocab_size + extra_ids, **OPTIONS[arch]
+    )
     llm = load_in_llama_cpp(llama_cpp, export_gguf(model, tokenizer, tmp_path / "m.gguf", quant="f32"))
     for text in TRICKY:
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text), text
@@ -356,9 +469,10 @@ def test_llama_cpp_tokenizes_as_talm_a_tokenizer_with_llama_3_s_spelling_of_the_
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text), text
 
 
-def test_a_chat_turn_through_llama_cpp_uses_talm_s_chat_format(tmp_path: Path, llama_cpp) -> None:
+@pytest.mark.parametrize("arch", OPTIONS)
+def test_a_chat_turn_through_llama_cpp_uses_talm_s_chat_format(tmp_path: Path, llama_cpp, arch: str) -> None:
     tokenizer = Tokenizer.from_file(BASE_TOKENIZER)
-    model = model_for(tokenizer, n_kv_head=2)
+    model = model_for(tokenizer, n_kv_head=2, **OPTIONS[arch])
     llm = load_in_llama_cpp(llama_cpp, export_gguf(model, tokenizer, tmp_path / "m.gguf", quant="f32"))
     messages = [
         {"role": "system", "content": "Be terse."},

@@ -1,16 +1,21 @@
 """Export a trained model to one GGUF file: what llama.cpp, Ollama and LM Studio run.
 
-The file is written with `gguf` (ggml's own Python writer) in llama.cpp's `llama` architecture, which is talm's
-llama family without options: RMSNorm, rotary embeddings, SwiGLU, no biases, grouped-query attention, tied or
-untied output layer. The weights go through the transformers mapping (`talm.model.hf.to_hf_state_dict`, which
-splits the fused qkv and gate/up matrices) and gguf's own table of tensor names. One change of layout: talm
-rotates (x_i, x_{i + d/2}) pairs ("rotate half", as Hugging Face's Llama) where llama.cpp's llama rotates
-neighbours (x_2i, x_2i+1), so each head's query and key rows are reordered to put pair i's two rows side by
-side; attention scores are unchanged, since queries and keys get the same order.
+The file is written with `gguf` (ggml's own Python writer) in the llama.cpp architecture that computes exactly
+what the model computes (`ARCHITECTURES`, by model.qk_norm and model.mlp): talm's llama family without options
+(RMSNorm, rotary embeddings, SwiGLU, no biases, grouped-query attention, tied or untied output layer) is `llama`;
+with QK-norm (per-head RMSNorm with a gain on queries and keys, before RoPE, in the model's norm_eps) `qwen3`;
+with the ReLU² MLP (relu(x W_up)^2 W_down, no gate) `arcee`; with both `apertus`, whose MLP is xIELU between two
+matmuls, with its parameters chosen so that it is relu(x)^2 exactly (`XIELU`). The weights go through the
+transformers mapping (`talm.model.hf.to_hf_state_dict`, which splits the fused qkv and gate/up matrices) and
+gguf's own table of tensor names. One change of layout for llama and arcee: talm rotates (x_i, x_{i + d/2}) pairs
+("rotate half", as Hugging Face's Llama) where they rotate neighbours (x_2i, x_2i+1), so each head's query and
+key rows are reordered to put pair i's two rows side by side; attention scores are unchanged, since queries and
+keys get the same order. qwen3 and apertus rotate halves, as talm: nothing is reordered. apertus has no tied
+output layer: a tied model's embedding is written a second time as its output matrix.
 
-What the llama architecture does not compute is refused before any work, naming the option (`gguf_problem`):
-logit soft-capping, QK-norm, a ReLU² MLP, the GPT-2 family. (zero_init_proj is only an initialisation and
-dropout only training: both export.)
+What none of them computes is refused before any work, naming the option (`gguf_problem`): logit soft-capping,
+the GELU MLP, the GPT-2 family. (zero_init_proj is only an initialisation and dropout only training: both
+export.)
 
 The tokenizer goes along as llama.cpp's "gpt2" (byte-level BPE) model: every token in GPT-2's byte-to-character
 spelling, the merges, the special tokens as control tokens (so llama.cpp reads their spellings as text unless
@@ -52,7 +57,20 @@ if TYPE_CHECKING:
     import gguf
 
 QUANTS = ("f32", "f16", "q8_0")
-ARCH = "llama"
+# (qk_norm, mlp) of the llama family -> the llama.cpp architecture that computes exactly that (its general.architecture).
+ARCHITECTURES = {
+    (False, "swiglu"): "llama",
+    (True, "swiglu"): "qwen3",
+    (False, "relu2"): "arcee",
+    (True, "relu2"): "apertus",
+}
+# Those that rotate neighbouring pairs (llama.cpp's LLAMA_ROPE_TYPE_NORM); the others rotate halves (NEOX), as talm.
+NEIGHBOUR_ROPE = ("llama", "arcee")
+# apertus's xIELU: alpha_p' x^2 + beta x for x > 0, else alpha_n' (expm1(min(x, eps)) - x) + beta x, where llama.cpp
+# computes alpha_p' = softplus(alpha_p) and alpha_n' = beta + softplus(alpha_n) as logf(1 + expf(a)) in float32.
+# relu(x)^2 is alpha_p' = 1, alpha_n' = beta = 0: 1 + expf(0.54132497) is the float just above e, whose logf is
+# exactly 1 (log(e - 1) itself lands on the float below e, and gives 1 - 2^-24); expf(-100) is 0 in float32.
+XIELU = {"alpha_p": 0.54132497, "alpha_n": -100.0, "beta": 0.0, "eps": 0.0}
 GGUF_MAGIC = b"GGUF"
 INSTEAD = "choose another -o/--output"
 # The split regexes llama.cpp implements, by the `tokenizer.ggml.pre` name that selects them: talm's, and Llama
@@ -67,23 +85,30 @@ FORMAT_INSTEAD = "export it with --format transformers instead"
 
 
 def gguf_problem(config: ModelConfig) -> str | None:
-    """Why llama.cpp's llama architecture cannot compute what `config`'s GPT computes (one line naming the
-    option and what to do), or None when it can."""
-    if config.logit_softcap is not None:
-        return (
-            f"model.logit_softcap={config.logit_softcap} has no counterpart in llama.cpp's llama architecture "
-            "(its logits would not be capped): use this model with talm's generate instead"
-        )
+    """Why no llama.cpp architecture talm writes computes what `config`'s GPT computes (one line naming the
+    option and what to do), or None when one does (`gguf_architecture`)."""
     if config.arch != "llama":
         return f"model.arch={config.arch} is not llama.cpp's llama architecture: {FORMAT_INSTEAD}"
-    if config.qk_norm:
+    if (config.qk_norm, config.mlp) not in ARCHITECTURES:
         return (
-            "model.qk_norm=true (RMSNorm of each head's queries and keys) has no counterpart in llama.cpp's llama "
-            f"architecture: {FORMAT_INSTEAD} (Qwen3)"
+            f"model.mlp={config.mlp} has no counterpart in llama.cpp's architectures of the llama family: use this "
+            "model with talm's generate instead"
         )
-    if config.mlp != "swiglu":
-        return f"model.mlp={config.mlp} is not the SwiGLU MLP of llama.cpp's llama architecture: {FORMAT_INSTEAD}"
+    if config.logit_softcap is not None:
+        return (
+            f"model.logit_softcap={config.logit_softcap} has no counterpart in llama.cpp's "
+            f"{ARCHITECTURES[config.qk_norm, config.mlp]} architecture (its logits would not be capped): use this "
+            "model with talm's generate instead"
+        )
     return None
+
+
+def gguf_architecture(config: ModelConfig) -> str:
+    """The llama.cpp architecture computing what `config`'s GPT computes; TalmError (`gguf_problem`) if none."""
+    problem = gguf_problem(config)
+    if problem:
+        raise TalmError(problem)
+    return ARCHITECTURES[config.qk_norm, config.mlp]
 
 
 def pre_tokenizer(tokenizer: Tokenizer) -> str:
@@ -139,20 +164,25 @@ def neighbour_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def gguf_tensors(model: GPT) -> dict[str, torch.Tensor]:
-    """The GPT's weights under llama.cpp's names, float32, in llama.cpp's rope layout."""
+    """The GPT's weights under the names of its llama.cpp architecture, float32, in that architecture's rope
+    layout."""
     import gguf
 
     c = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.n_layer)
+    arch = gguf_architecture(c)
+    by_name = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}
+    names = gguf.get_tensor_name_map(by_name[arch], c.n_layer)
     out = {}
     for hf_name, t in to_hf_state_dict(model, torch.float32).items():
-        if hf_name.endswith("self_attn.q_proj.weight"):
+        if arch in NEIGHBOUR_ROPE and hf_name.endswith("self_attn.q_proj.weight"):
             t = neighbour_rope_rows(t, c.n_head)
-        elif hf_name.endswith("self_attn.k_proj.weight"):
+        elif arch in NEIGHBOUR_ROPE and hf_name.endswith("self_attn.k_proj.weight"):
             t = neighbour_rope_rows(t, c.kv_heads)
         name = names.get_name(hf_name, try_suffixes=(".weight",))
-        assert name is not None, f"gguf has no llama name for {hf_name}"
+        assert name is not None, f"gguf has no {arch} name for {hf_name}"
         out[name] = t.contiguous()
+    if arch == "apertus" and c.tie_embeddings:  # apertus requires an output matrix
+        out["output.weight"] = out["token_embd.weight"]
     return out
 
 
@@ -197,6 +227,11 @@ def add_metadata(writer: gguf.GGUFWriter, name: str, model: GPT, tokenizer: Toke
     c = model.config
     assert c.vocab_size is not None  # a built GPT has one
     writer.add_name(name)
+    if writer.arch == "apertus":
+        writer.add_xielu_alpha_p([XIELU["alpha_p"]] * c.n_layer)
+        writer.add_xielu_alpha_n([XIELU["alpha_n"]] * c.n_layer)
+        writer.add_xielu_beta([XIELU["beta"]] * c.n_layer)
+        writer.add_xielu_eps([XIELU["eps"]] * c.n_layer)
     writer.add_file_type(
         {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}.get(
             quant, gguf.LlamaFileType.MOSTLY_Q8_0
@@ -242,12 +277,10 @@ def export_gguf(
 
     path = check_gguf_output(path, overwrite)
     check_quant(quant)
-    problem = gguf_problem(model.config)
-    if problem:
-        raise TalmError(problem)
+    arch = gguf_architecture(model.config)
     check_vocab(model, tokenizer, "the model")
     pre_tokenizer(tokenizer)
-    writer = gguf.GGUFWriter(None, ARCH)
+    writer = gguf.GGUFWriter(None, arch)
     add_metadata(writer, name or path.stem, model, tokenizer, quant)
     for tensor_name, t in gguf_tensors(model).items():
         data, raw_dtype = _encoded(t, quant)
@@ -285,9 +318,7 @@ def refuse_before_loading(model_dir: str | Path, checkpoint: str) -> None:
         config = ModelConfig.model_validate(meta["config"]["model"])
     except (TalmError, ValidationError, KeyError, TypeError):
         return
-    problem = gguf_problem(config)
-    if problem:
-        raise TalmError(problem)
+    gguf_architecture(config)
     pre_tokenizer(find_tokenizer(checkpoint_dir, meta, Path(model_dir)))
 
 
