@@ -235,6 +235,20 @@ def test_a_soft_capped_model_is_refused_in_one_line_before_any_work(tmp_path: Pa
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_a_llama_family_gelu_mlp_is_refused_in_one_line_before_any_work(
+    tmp_path: Path, qk_norm: bool
+) -> None:
+    model = model_for(
+        Tokenizer.from_file(BASE_TOKENIZER), tie=True, n_kv_head=None, mlp="gelu", qk_norm=qk_norm
+    )
+    with pytest.raises(TalmError) as err:
+        export_hf(model, Tokenizer.from_file(BASE_TOKENIZER), tmp_path / "export")
+    assert str(err.value).startswith("model.mlp=gelu with rotary attention (arch llama) has no transformers")
+    assert "\n" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_refuses_a_tokenizer_with_more_ids_than_the_model(tmp_path: Path) -> None:
     model = model_for(Tokenizer.from_file(ORIGINAL_TOKENIZER), tie=True, n_kv_head=None)  # 1004 ids
     with pytest.raises(TalmError, match="has a vocabulary of 1004 tokens but its tokenizer makes 1024"):

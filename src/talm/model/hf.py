@@ -58,6 +58,11 @@ def architecture(config: ModelConfig) -> str:
                 "use this model with generate instead"
             )
         return GPT2_CLASS
+    if (config.qk_norm, config.mlp) not in ARCHITECTURES:
+        raise TalmError(
+            f"model.mlp={config.mlp} with rotary attention (arch llama) has no transformers architecture that "
+            "computes it exactly: use this model with generate instead, or train with --model.mlp swiglu or relu2"
+        )
     return f"{ARCHITECTURES[config.qk_norm, config.mlp]}ForCausalLM"
 
 
