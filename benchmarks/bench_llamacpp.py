@@ -7,10 +7,11 @@ model, its GGUF export.
 The model has the `small` preset's shape (6 layers, 6 heads, width 384, context 512; 11M parameters with
 tokenizers/base.json) in llama.cpp's `llama` architecture, its most used one: SwiGLU instead of the preset's
 ReLU² MLP (the same weight count: 3 x 384 x 1024 = 2 x 384 x 1536) and no QK-norm (the preset's own options
-export as `apertus`). Random weights: speed does not depend on them. Both engines decode the same
-prompt greedily for --new-tokens tokens (the prompt's prefill included), on the same number of threads, one
-after the other in each of --rounds rounds (interleaved, so drifts in the machine's load hit both); the median
-of each is reported, and whether their tokens agree (they should at f32). --profile then shows where talm's
+export as `apertus`). Random weights: speed does not depend on them. talm (its weights column-major, as
+generate, chat and serve load a model on CPU), talm with the same weights row-major (as before that) and llama.cpp
+decode the same prompt greedily for --new-tokens tokens (the prompt's prefill included), on the same number of
+threads, one after the other in each of --rounds rounds (interleaved, so drifts in the machine's load hit all
+alike); the median of each is reported, and whether their tokens agree (they should at f32). --profile then shows where talm's
 one-token step spends its time (torch.profiler, by operator) and how long the same layers take at width 48:
 the per-token cost of dispatch and Python alone, with next to no arithmetic.
 """
@@ -98,11 +99,6 @@ def main() -> None:
     )
     parser.add_argument("--tokenizer", default=str(ROOT / "tokenizers" / "base.json"))
     parser.add_argument("--profile", action="store_true", help="then profile talm's one-token step")
-    parser.add_argument(
-        "--row-major",
-        action="store_true",
-        help="keep talm's weights row-major (as before generate stored them column-major on CPU)",
-    )
     args = parser.parse_args()
     try:
         import llama_cpp
@@ -127,33 +123,43 @@ def main() -> None:
             n_threads_batch=args.threads,
             verbose=False,
         )
-    if not args.row_major:  # as `generate`, `chat` and `serve` load a model on CPU
-        model.store_weights_column_major()
+    # talm as generate, chat and serve load a model on CPU (weights column-major), and the same weights row-major
+    # (as before that): the same values, so the same tokens.
+    row_major = GPT(model.config).eval()
+    row_major.load_state_dict(model.state_dict())
+    model.store_weights_column_major()
     print(" ".join(["python", *sys.argv]))
     print(
         f"small preset's shape, llama options ({model.num_params() / 1e6:.1f}M parameters), prompt "
         f"{args.prompt_tokens} tokens + {args.new_tokens} new, greedy, batch 1, {args.threads} thread(s); "
-        f"talm float32 ({'row' if args.row_major else 'column'}-major weights, torch {torch.__version__}), llama.cpp {args.quant} (llama-cpp-python "
-        f"{llama_cpp.__version__})"
+        f"talm float32 (torch {torch.__version__}), llama.cpp {args.quant} (llama-cpp-python {llama_cpp.__version__})"
     )
+    runners = {
+        "talm": lambda: talm_run(model, prompt, args.new_tokens),
+        "talm row-major": lambda: talm_run(row_major, prompt, args.new_tokens),
+        "llama.cpp": lambda: llama_run(llm, prompt, args.new_tokens),
+    }
     talm_run(model, prompt, 16)  # warm-up (allocator, kernels, caches)
+    talm_run(row_major, prompt, 16)
     llama_run(llm, prompt, 16)
-    talm_s, llama_s, same = [], [], True
+    seconds: dict[str, list[float]] = {name: [] for name in runners}
+    tokens: dict[str, list[int]] = {}
+    same = True
     for r in range(args.rounds):
-        t, ours = talm_run(model, prompt, args.new_tokens)
-        u, theirs = llama_run(llm, prompt, args.new_tokens)
-        talm_s.append(t)
-        llama_s.append(u)
-        same &= ours == theirs
-        print(
-            f"round {r + 1}: talm {args.new_tokens / t:7.1f} tokens/s   llama.cpp {args.new_tokens / u:7.1f} tokens/s"
-        )
-    talm_rate = args.new_tokens / statistics.median(talm_s)
-    llama_rate = args.new_tokens / statistics.median(llama_s)
+        for name, run in runners.items():
+            t, out = run()
+            seconds[name].append(t)
+            same &= tokens.setdefault(name, out) == out == tokens["talm"]
+        rates = "   ".join(f"{name} {args.new_tokens / s[-1]:7.1f}" for name, s in seconds.items())
+        print(f"round {r + 1} (tokens/s): {rates}")
+    rate = {name: args.new_tokens / statistics.median(s) for name, s in seconds.items()}
+    talm_rate, llama_rate = rate["talm"], rate["llama.cpp"]
     print(
-        f"median: talm {talm_rate:.1f} tokens/s, llama.cpp {llama_rate:.1f} tokens/s: talm / llama.cpp = "
+        f"median: talm {talm_rate:.1f} tokens/s (row-major {rate['talm row-major']:.1f}: column-major "
+        f"{talm_rate / rate['talm row-major']:.2f}x), llama.cpp {llama_rate:.1f} tokens/s: talm / llama.cpp = "
         f"{talm_rate / llama_rate:.2f} ({llama_rate / talm_rate:.1f}x slower); same tokens: {'yes' if same else 'NO'}"
     )
+    talm_s, llama_s = seconds["talm"], seconds["llama.cpp"]
     if args.profile:
         profile_talm_step(model, prompt, min(args.new_tokens, 100))
         # The same layers at width 48: the same operators and Python, almost no arithmetic nor weights to stream.
