@@ -72,18 +72,24 @@ def profile_talm_step(model: GPT, prompt: list[int], steps: int) -> None:
 
 
 @torch.inference_mode()
-def matrix_products_alone(model: GPT, repeats: int = 20) -> float:
-    """Seconds for one token's matrix products (every linear layer, the output layer included, on one vector),
-    back to back with nothing between them: the step's arithmetic and weight streaming without the rest."""
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    vectors = [torch.randn(1, w.shape[1]) for w in weights]
-    times = []
+def matrix_products_alone(model: GPT, rows: int = 1, repeats: int = 20) -> dict[str, float]:
+    """Seconds for one step's matrix products (every linear layer, the output layer included, on `rows` vectors),
+    back to back with nothing between them, with the weights row-major and column-major (interleaved): the step's
+    arithmetic and weight streaming without the rest."""
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    orders = {
+        "row-major": [w.contiguous() for w in weights],
+        "column-major": [w.t().contiguous().t() for w in weights],
+    }
+    vectors = [torch.randn(rows, w.shape[1]) for w in weights]
+    times: dict[str, list[float]] = {name: [] for name in orders}
     for _ in range(repeats):
-        start = time.perf_counter()
-        for w, x in zip(weights, vectors, strict=True):
-            torch.nn.functional.linear(x, w)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, ws in orders.items():
+            start = time.perf_counter()
+            for w, x in zip(ws, vectors, strict=True):
+                torch.nn.functional.linear(x, w)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -167,7 +173,14 @@ def main() -> None:
         n = args.new_tokens
         floor = min(talm_run(narrow, prompt, n)[0] for _ in range(3)) / n
         step = statistics.median(talm_s) / n
-        products = matrix_products_alone(model)
+        products = matrix_products_alone(model)["column-major"]
+        for rows in (1, 2, 8, 64, 512):
+            by_order = matrix_products_alone(model, rows, repeats=max(9, 40 // rows))
+            row, col = by_order["row-major"], by_order["column-major"]
+            print(
+                f"the step's products on {rows} row(s): row-major {row * 1e3:.2f} ms, column-major "
+                f"{col * 1e3:.2f} ms ({row / col:.2f}x)"
+            )
         print(
             f"talm's step: {step * 1e3:.2f} ms; the same {shape['n_layer']} layers at width 48: {floor * 1e3:.2f} ms "
             f"(per-token dispatch and Python: {floor / step:.0%} of the step); the step's matrix products alone, "
