@@ -6,9 +6,9 @@ PreTrainedTokenizerFast tokenizer, a model card) loads with `AutoModelForCausalL
 `AutoTokenizer.from_pretrained(DIR)`, no talm needed. --push-to-hub uploads it to a Hub model repo (created if
 needed) with the token from $HF_TOKEN or `hf auth login`.
 
---format gguf: -o names the .gguf file (llama.cpp's llama, qwen3, arcee or apertus architecture, whichever
-computes the model's options; the tokenizer and talm's chat template inside), its weights in --quant f32, f16 or
-q8_0; run it with `llama-cli -m FILE.gguf` or an Ollama Modelfile.
+--format gguf: -o names the .gguf file, its weights in --quant f32, f16 or q8_0 (llama.cpp's llama, qwen3, arcee
+or apertus architecture, whichever computes the model's options; the tokenizer and talm's chat template inside);
+run it with `llama-cli -m FILE.gguf` or an Ollama Modelfile.
 """
 
 from __future__ import annotations
