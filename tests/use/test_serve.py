@@ -7,7 +7,9 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -16,7 +18,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import endless_chat_model_dir
@@ -71,6 +72,7 @@ def serving(model_dir: Path, name: str, **options: int) -> Iterator[Live]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        app.state.server.close()  # uvicorn's shutdown did; a second time changes nothing
 
 
 @pytest.fixture(scope="module")
@@ -311,35 +313,31 @@ def test_concurrent_clients_are_served_together(live: Live) -> None:
     assert all(a[0] < first_done for a in arrivals)  # every stream had started before any one ended
 
 
-def held_engine(server: ModelServer, monkeypatch: pytest.MonkeyPatch, until: Any) -> threading.Event:
-    """Hold the scheduler before its first engine step until `until()` is true or the returned event is set."""
-    release = threading.Event()
-    engine = server.engine
-    step = engine.step
-
-    def held_step() -> Any:
-        deadline = time.monotonic() + 30
-        while not (until() or release.is_set()) and time.monotonic() < deadline:
-            time.sleep(0.005)
-        release.set()
-        return step()
-
-    monkeypatch.setattr(engine, "step", held_step)
-    return release
+@contextmanager
+def held_worker(server: ModelServer) -> Iterator[None]:
+    """The worker process stopped (SIGSTOP) for the block: requests pile up in its pipe, unread, until it goes
+    on (SIGCONT) and takes them all before its next step."""
+    os.kill(server.worker.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.worker.pid, signal.SIGCONT)
 
 
-def test_concurrent_requests_share_the_engine_steps_instead_of_taking_turns(
-    live: Live, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def wait_for_open_replies(server: ModelServer, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while len(server.replies) < count:
+        assert time.monotonic() < deadline, "the requests never reached the server"
+        time.sleep(0.01)
+
+
+def test_concurrent_requests_share_the_engine_steps_instead_of_taking_turns(live: Live) -> None:
     """Four requests at once are one batch: as many engine steps as the longest reply, not the sum, and each
     reply is the one it gets alone."""
-    engine = live.server.engine
-    held_engine(live.server, monkeypatch, lambda: len(engine.rows) + len(engine.waiting) >= 4)
     budgets = [6, 24, 12, 18]
     prompts = [[{"role": "user", "content": f"Question {i}"}] for i in range(4)]
     expected = [greedy_reply(live, p, n) for p, n in zip(prompts, budgets, strict=True)]
     replies = [""] * 4
-    before = engine.steps
 
     def ask(i: int) -> None:
         reply = live.client().chat.completions.create(
@@ -348,22 +346,21 @@ def test_concurrent_requests_share_the_engine_steps_instead_of_taking_turns(
         replies[i] = reply.choices[0].message.content
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
+    with held_worker(live.server):
+        before = live.server.steps
+        for t in threads:
+            t.start()
+        wait_for_open_replies(live.server, 4)
     for t in threads:
         t.join(timeout=120)
     assert replies == expected
-    assert engine.steps - before == max(budgets)  # taking turns, it would be sum(budgets) = 60
+    assert live.server.steps - before == max(budgets)  # taking turns, it would be sum(budgets) = 60
 
 
-def test_a_flood_past_the_slots_and_the_queue_is_refused_with_429(
-    live: Live, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_flood_past_the_slots_and_the_queue_is_refused_with_429(live: Live) -> None:
     """One slot and a queue of one: a third request at once is refused as OpenAI refuses past a rate limit,
     and the two taken are answered in full once the engine runs."""
     with serving(live.model_dir, NAME, slots=1, queue=1) as small:
-        engine = small.server.engine
-        release = held_engine(small.server, monkeypatch, lambda: False)
         replies = [""] * 2
 
         def ask(i: int) -> None:
@@ -373,18 +370,15 @@ def test_a_flood_past_the_slots_and_the_queue_is_refused_with_429(
             replies[i] = reply.choices[0].message.content
 
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 30
-        while len(engine.rows) + len(engine.waiting) < 2:
-            assert time.monotonic() < deadline, "the two requests never reached the engine"
-            time.sleep(0.01)
-        with pytest.raises(openai.RateLimitError) as refused:
-            small.client().chat.completions.create(model=NAME, messages=HELLO, max_tokens=8, stream=True)
+        with held_worker(small.server):
+            for t in threads:
+                t.start()
+            wait_for_open_replies(small.server, 2)
+            with pytest.raises(openai.RateLimitError) as refused:
+                small.client().chat.completions.create(model=NAME, messages=HELLO, max_tokens=8, stream=True)
         error = refused.value.body
         assert refused.value.status_code == 429 and error["code"] == "rate_limit_exceeded"
         assert set(error) == {"message", "type", "param", "code"} and "retry" in error["message"]
-        release.set()
         for t in threads:
             t.join(timeout=60)
         assert replies == [greedy_reply(live, HELLO, 8)] * 2
