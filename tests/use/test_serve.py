@@ -13,6 +13,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -314,6 +315,43 @@ def test_concurrent_clients_are_served_together(live: Live) -> None:
 
 
 @contextmanager
+def test_sampled_replies_at_once_are_the_in_process_engines(live: Live) -> None:
+    """Each request's sampling settings and stop strings reach the worker intact: three seeded, sampled replies
+    asked at once are the ones the engine gives in this process, one at a time."""
+    asked = [
+        {"temperature": 1.2, "seed": 7, "top_k": 5},
+        {"temperature": 0.9, "seed": 11, "top_p": 0.8},
+        {"temperature": 1.0, "seed": 3, "stop": ["e"]},
+    ]
+    model, tokenizer = load(live.model_dir, device="cpu")
+    ids = ChatFormat(tokenizer).render_prompt(HELLO)
+    expected = []
+    for fields in asked:
+        config = SampleConfig(max_new_tokens=30, **{k: v for k, v in fields.items() if k != "stop"})
+        stop = fields.get("stop", [])
+        expected.append(
+            "".join(stream_reply(model, tokenizer, ids, config, end_id=tokenizer.eot_id, stop=stop))
+        )
+    replies = [""] * len(asked)
+
+    def ask(i: int) -> None:
+        extra = {"top_k": asked[i]["top_k"]} if "top_k" in asked[i] else {}  # talm's, beyond OpenAI's
+        fields = {k: v for k, v in asked[i].items() if k != "top_k"}
+        replies[i] = (
+            live.client()
+            .chat.completions.create(model=NAME, messages=HELLO, max_tokens=30, extra_body=extra, **fields)
+            .choices[0]
+            .message.content
+        )
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asked))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert replies == expected and len(set(replies)) == len(asked)
+
+
 def held_worker(server: ModelServer) -> Iterator[None]:
     """The worker process stopped (SIGSTOP) for the block: requests pile up in its pipe, unread, until it goes
     on (SIGCONT) and takes them all before its next step."""
@@ -577,3 +615,40 @@ def test_completion_requests_are_checked_as_chat_requests_are(
     harmless = {"best_of": 1, "suffix": "", "logprobs": None, "echo": False, "seed": -5}
     reply = live.client().completions.create(model=NAME, prompt="ROMEO:", max_tokens=4, **harmless)
     assert reply.usage.completion_tokens == 4
+
+
+def test_a_worker_that_dies_ends_open_replies_with_an_error_and_later_requests_get_503(
+    live: Live, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The generation worker killed mid-reply: the open stream ends with an error event and the open plain
+    request with a 503, both in OpenAI's shape (no hang); later requests and /health say 503 and why."""
+    with serving(live.model_dir, NAME) as doomed, caplog.at_level(logging.INFO, logger="talm.serve"):
+        connection = http.client.HTTPConnection("127.0.0.1", doomed.port, timeout=60)
+        body = {"model": NAME, "messages": HELLO, "max_tokens": CONTEXT - 10, "temperature": 0}
+        headers = {"Content-Type": "application/json"}
+        connection.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}), headers)
+        response = connection.getresponse()
+        for _ in range(3):  # the reply is under way
+            assert response.readline().startswith(b"data: ") and response.readline() == b"\n"
+        plain: list[tuple] = []
+        waiting = threading.Thread(target=lambda: plain.append(post(doomed, "/v1/chat/completions", body)))
+        waiting.start()
+        wait_for_open_replies(doomed.server, 2)
+        os.kill(doomed.server.worker.pid, signal.SIGKILL)
+
+        events = [e for e in response.read().decode().split("\n\n") if e]
+        error = json.loads(events[-1].removeprefix("data: "))["error"]
+        assert error["code"] == "worker_failed" and "exit code -9" in error["message"], error
+        waiting.join(timeout=60)
+        ((status, answer),) = plain
+        assert status == 503 and answer["error"]["code"] == "worker_failed"
+        assert set(answer["error"]) == {"message", "type", "param", "code"}
+
+        with pytest.raises(openai.InternalServerError) as refused:
+            doomed.client().chat.completions.create(model=NAME, messages=HELLO, max_tokens=2)
+        assert refused.value.status_code == 503 and "restart serve" in refused.value.body["message"]
+        with pytest.raises(urllib.error.HTTPError) as health:
+            urllib.request.urlopen(doomed.url + "/health", timeout=10)
+        assert health.value.code == 503
+        assert json.loads(health.value.read())["status"] == "failed"
+        wait_for_log_lines(caplog, r"generation is down: the generation worker stopped \(exit code -9\)")

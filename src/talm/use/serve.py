@@ -1,7 +1,8 @@
 """The `serve` command's web app: an OpenAI-compatible API and a chat page, on FastAPI (the `talm[serve]` extra).
 
     GET  /                      the chat page (page/chat.html: one file, inline JavaScript, streams replies)
-    GET  /health                200 {"status": "ok", "model": NAME} while the server takes requests
+    GET  /health                200 {"status": "ok", "model": NAME} while the server takes requests; 503 with
+                                "stopping", or "failed" and the error, when it does not
     GET  /v1/models             the one model served, named after its directory (models/NAME -> "NAME"), with
                                 its `context_length` and the page's default reply length (`default_max_tokens`)
     POST /v1/chat/completions   a reply in talm's chat format; `stream: true` sends server-sent events
@@ -11,20 +12,25 @@ Requests and responses are `talm.use.api`'s. A prompt plus `max_tokens` must fit
 `max_tokens` is the rest of the context); a request that does not fit is refused (400,
 `context_length_exceeded`) rather than cut, so a client never gets a reply to a conversation it did not send.
 
-Concurrency: one copy of the model and one batched generation engine (`talm.model.engine`), stepped by a
-scheduler thread (never the event loop): each step gives every running reply its next token in one forward
-pass, a new reply joins the batch at the next step and a finished one leaves it (continuous batching). Up to
-`slots` replies run at once, `queue` more wait for a slot, and a request past that is refused with 429 (OpenAI's
-`rate_limit_exceeded`), so a flood of clients costs neither a crash nor unbounded memory. A reply whose client
-disconnects (a stream whose client left, or a plain request whose client is gone, checked every `POLL_S`) is
-cancelled: it leaves the batch at the next step. `ModelServer.tokens_generated` counts every token generated,
-for the logs and the tests.
+Concurrency: one copy of the model and one batched generation engine (`talm.model.engine`), stepped in a worker
+process of its own (`talm.use.worker`), never in the server's process, whose event loop would otherwise share a
+GIL with it: each step gives every running reply its next token in one forward pass, a new reply joins the batch
+at the next step and a finished one leaves it (continuous batching). The server sends the worker each request
+and cancellation down a pipe; a reader thread hands each step's events (every reply's new text at once) to the
+event loop in one call. Up to `slots` replies run at once, `queue` more wait for a slot, and a request past that
+is refused with 429 (OpenAI's `rate_limit_exceeded`), so a flood of clients costs neither a crash nor unbounded
+memory. A reply whose client disconnects (a stream whose client left, or a plain request whose client is gone,
+checked every `POLL_S`) is cancelled: it leaves the batch at the next step. `ModelServer.tokens_generated` and
+`steps` are the worker's counts as of its last step, for the logs and the tests. A worker that cannot start is a
+TalmError (one line); one that dies ends every open reply with a 503 (`worker_failed`, in OpenAI's shape), and
+from then on requests and /health answer 503 saying why. The worker ends when the server stops (or dies).
 
 Every request is logged in one line (`RequestLog`: client, method, path, status, tokens, seconds) on the logger
 "talm.serve". An exception no route handles is a 500 in OpenAI's shape, logged in that line, and the connection
 stays usable. Stopping (`run_server`): the first Ctrl-C (or SIGTERM) stops taking connections and gives open
-replies `GRACE_S` to finish; a second ends them at once. A reply cut short ends with an error (503, or an error
-event in a stream), and the process exits 0 without a traceback.
+replies `GRACE_S` to finish (the worker ignores Ctrl-C: the server ends it once uvicorn has stopped); a second
+ends them at once. A reply cut short ends with an error (503, or an error event in a stream), and the process
+exits 0 without a traceback.
 """
 
 from __future__ import annotations

@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
@@ -116,7 +118,8 @@ class EngineProcess:
         )
         self.process = context.Process(target=worker_main, args=args, name="talm-engine", daemon=True)
         try:
-            self.process.start()
+            with sigint_ignored():  # inherited: a Ctrl-C while the worker starts up does not kill it either
+                self.process.start()
         except Exception as err:
             raise TalmError(f"the generation worker could not start: {one_line(err)}") from None
         finally:  # the child has its own copies: with ours closed, either side's exit closes the pipes
@@ -166,6 +169,20 @@ class EngineProcess:
             end()
             self.process.join(timeout=STOP_S)
         self.events.close()
+
+
+@contextlib.contextmanager
+def sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored for the block (a process started meanwhile keeps ignoring it); only the main thread can
+    change a signal's handler, so elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def one_line(err: BaseException) -> str:
