@@ -178,6 +178,9 @@ def test_a_worker_that_cannot_start_is_one_line(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pytest.importorskip("uvicorn", reason="the talm[serve] extra is not installed")
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # multiprocessing's helper process, started now: not broken as below
     monkeypatch.setenv("PYTHONHOME", str(model_dir / "nowhere"))  # the worker's Python cannot even start
     err = one_line_error(capsys, main, "-m", str(model_dir), "--port", str(free_port()))
     assert "the generation worker could not start: it exited with code 1" in err

@@ -314,7 +314,6 @@ def test_concurrent_clients_are_served_together(live: Live) -> None:
     assert all(a[0] < first_done for a in arrivals)  # every stream had started before any one ended
 
 
-@contextmanager
 def test_sampled_replies_at_once_are_the_in_process_engines(live: Live) -> None:
     """Each request's sampling settings and stop strings reach the worker intact: three seeded, sampled replies
     asked at once are the ones the engine gives in this process, one at a time."""
@@ -352,6 +351,7 @@ def test_sampled_replies_at_once_are_the_in_process_engines(live: Live) -> None:
     assert replies == expected and len(set(replies)) == len(asked)
 
 
+@contextmanager
 def held_worker(server: ModelServer) -> Iterator[None]:
     """The worker process stopped (SIGSTOP) for the block: requests pile up in its pipe, unread, until it goes
     on (SIGCONT) and takes them all before its next step."""

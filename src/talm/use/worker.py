@@ -43,6 +43,19 @@ STOP_S = 5.0  # how long a stopping worker may take to end before it is killed
 
 
 @dataclass(frozen=True)
+class Setup:
+    """The worker's first message: what it builds its engine from. Sent down the pipe, not as the process's
+    arguments: multiprocessing writes those to the child before it can notice the child died, and a big
+    tokenizer (more than a pipe's buffer) would then hang the start for ever."""
+
+    model: GPT
+    device: str
+    tokenizer: Tokenizer
+    slots: int
+    threads: int
+
+
+@dataclass(frozen=True)
 class Add:
     """A reply to generate: `rid` names it in the events."""
 
@@ -104,18 +117,9 @@ class EngineProcess:
         worker_requests, self.requests = context.Pipe(duplex=False)
         self.events, worker_events = context.Pipe(duplex=False)
         device = next(model.parameters()).device
-        shared = (
-            model if device.type in ("cpu", "cuda") else copy.deepcopy(model).to("cpu")
-        )  # mps cannot share
-        args = (
-            worker_requests,
-            worker_events,
-            shared,
-            str(device),
-            tokenizer,
-            slots,
-            torch.get_num_threads(),
-        )
+        shareable = device.type in ("cpu", "cuda")  # torch shares these tensors' memory; not mps's
+        shared = model if shareable else copy.deepcopy(model).to("cpu")
+        args = (worker_requests, worker_events)
         self.process = context.Process(target=worker_main, args=args, name="talm-engine", daemon=True)
         try:
             with sigint_ignored():  # inherited: a Ctrl-C while the worker starts up does not kill it either
@@ -125,6 +129,10 @@ class EngineProcess:
         finally:  # the child has its own copies: with ours closed, either side's exit closes the pipes
             worker_requests.close()
             worker_events.close()
+        try:
+            self.send(Setup(shared, str(device), tokenizer, slots, torch.get_num_threads()))
+        except WorkerGone:
+            pass  # it died before reading: _wait_until_ready says so
         self._wait_until_ready()
 
     @property
@@ -193,20 +201,14 @@ def one_line(err: BaseException) -> str:
 # ------------------------------------------------------------------------------------------------ the worker's side
 
 
-def worker_main(
-    requests: Connection,
-    events: Connection,
-    model: GPT,
-    device: str,
-    tokenizer: Tokenizer,
-    slots: int,
-    threads: int,
-) -> None:
-    """The worker process: build the engine, say READY (or why not), then serve until STOP or the pipe's end."""
+def worker_main(requests: Connection, events: Connection) -> None:
+    """The worker process: build the engine (`Setup`), say READY (or why not), then serve until STOP or the
+    pipe's end."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the server decides
     try:
-        torch.set_num_threads(threads)
-        worker = Worker(model.to(device), tokenizer, slots)
+        setup: Setup = requests.recv()
+        torch.set_num_threads(setup.threads)
+        worker = Worker(setup.model.to(setup.device), setup.tokenizer, setup.slots)
     except Exception as err:
         with contextlib.suppress(OSError):
             events.send(Failed(one_line(err)))
