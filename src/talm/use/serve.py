@@ -395,7 +395,10 @@ class RequestLog:
 def create_app(
     model: GPT, tokenizer: Tokenizer, name: str, *, slots: int = SLOTS, queue: int = QUEUE
 ) -> FastAPI:
-    """The web app serving `model` under the model id `name`, `slots` replies at once and `queue` waiting."""
+    """The web app serving `model` under the model id `name`, `slots` replies at once and `queue` waiting. It
+    starts the generation worker now (TalmError if it cannot start) and ends it when the app shuts down (or
+    `app.state.server.close()`). The worker is a "spawn" process, which imports the caller's main module again:
+    a script that calls this must do so under `if __name__ == "__main__":`."""
     server = ModelServer(model, tokenizer, name, slots=slots, queue=queue)  # starts the worker
 
     @contextlib.asynccontextmanager
