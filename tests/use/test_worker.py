@@ -4,6 +4,7 @@ tests/use/test_serve.py.)"""
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import signal
 import threading
@@ -11,10 +12,11 @@ import threading
 import pytest
 from conftest import BASE_TOKENIZER, varied_model
 
+from talm.errors import TalmError
 from talm.tokenizer.api import Tokenizer
 from talm.use.chat import reply_settings, stream_reply
 from talm.use.config import SampleConfig
-from talm.use.worker import READY, Add, Cancel, Failed, Setup, Worker, worker_main
+from talm.use.worker import READY, Add, Cancel, EngineProcess, Failed, Setup, Worker, worker_main
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +107,13 @@ def test_a_worker_that_cannot_build_its_engine_says_why_in_one_line(parts: tuple
     message = events.recv()
     assert isinstance(message, Failed) and message != READY
     assert "no-such-device" in message.why and "\n" not in message.why
+
+
+def test_a_tokenizer_that_cannot_be_sent_is_one_line_and_leaves_no_worker(parts: tuple) -> None:
+    model, tokenizer = parts
+    broken = copy.copy(tokenizer)
+    broken.hook = lambda: None  # cannot be pickled
+    with pytest.raises(TalmError, match=r"^the generation worker could not start: .*pickle") as raised:
+        EngineProcess(model, broken, slots=2)
+    assert "\n" not in str(raised.value)
+    assert [p for p in multiprocessing.active_children() if p.name == "talm-engine"] == []

@@ -2,11 +2,12 @@
 stepping it never shares a GIL with the server's event loop (in one process, each of the two slowed the other:
 a step of 8 rows took twice as long beside one busy Python thread, and first tokens waited behind it).
 
-The server process starts it (`EngineProcess`, multiprocessing's "spawn" context: it works with CUDA too) and
+The server process starts it (`EngineProcess`, multiprocessing's "spawn" context, which CUDA needs) and
 hands it the model (torch shares a CPU or CUDA model's tensors with the child instead of copying them) and the
 tokenizer. Two one-way pipes join them:
 
-    server -> worker    Add(rid, prompt ids, settings, stop strings), Cancel(rid), STOP
+    server -> worker    Setup(model, device, tokenizer, slots, threads) once, then Add(rid, prompt ids, settings,
+                        stop strings), Cancel(rid), and STOP
     worker -> server    READY once the engine is built (or Failed(why)), then one Step per engine step: the step
                         count, the tokens generated so far, and a ReplyEvent for every reply the step moved on
                         (its new text, its token count, why it ended, or the error that ended it)
@@ -133,6 +134,9 @@ class EngineProcess:
             self.send(Setup(shared, str(device), tokenizer, slots, torch.get_num_threads()))
         except WorkerGone:
             pass  # it died before reading: _wait_until_ready says so
+        except Exception as err:  # the model or tokenizer cannot be sent (pickled, or its memory shared)
+            self.close()
+            raise TalmError(f"the generation worker could not start: {one_line(err)}") from None
         self._wait_until_ready()
 
     @property
