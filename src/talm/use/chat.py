@@ -3,7 +3,8 @@
 The chat format (role tokens, what ends a reply) is `talm.tokenizer.chat`'s; this module only generates with it.
 `ReplyText` turns a reply's tokens into its text, piece by piece as they come (a multi-byte character split
 across tokens comes out once it is whole), until the reply's end token, one of its stop sequences or the token
-budget: `serve`'s generation worker (`talm.use.worker`) pushes into it the tokens the batched engine (`talm.model.engine`) generates.
+budget: `serve`'s generation worker (`talm.use.worker`) pushes into it the tokens the batched engine
+(`talm.model.engine`) generates.
 `stream_reply` is the `chat` REPL's: prompt ids in, the reply's text out, pulled from an engine of its own.
 Stopping early is closing the iterator (or not asking for more): no token is generated that nobody asked for.
 
