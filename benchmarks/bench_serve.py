@@ -9,7 +9,9 @@ temporary models/NAME and served by the `serve` command in a subprocess (`--src`
 compare versions). Each client sends --requests streaming chat requests one after the other, greedy, each with
 its own question. Measured: tokens/s over all clients (tokens received / wall time from the first request to the
 last token), time to first token (request sent -> first content chunk; median and p95), and whether every
-reply equals the same question's reply with one client alone.
+reply equals the same question's reply with one client alone. Each round also says where the CPU went (Linux
+only): milliseconds of CPU per 100 tokens in the clients' process, the server's and the processes it started
+(its generation worker), so that a machine whose cores the clients saturate shows as such.
 """
 
 from __future__ import annotations
@@ -88,6 +90,29 @@ def start_server(model_dir: Path, src: Path, threads: int | None) -> tuple[subpr
                 server.kill()
                 raise SystemExit("the server did not start") from None
             time.sleep(0.2)
+
+
+def cpu_ms(pid: int) -> float:
+    """CPU time (user + system) of process `pid` so far, in ms; 0 where /proc cannot tell."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def server_processes(server: subprocess.Popen) -> dict[str, list[int]]:
+    """The processes whose CPU time a round reports: the clients' (this one), the server's, and what it started."""
+    try:
+        tasks = Path(f"/proc/{server.pid}/task").iterdir()
+        started = [int(c) for t in tasks for c in (t / "children").read_text().split()]
+    except OSError:
+        started = []
+    return {"clients": [os.getpid()], "server": [server.pid], "worker": started}
+
+
+def cpu_use(processes: dict[str, list[int]]) -> dict[str, float]:
+    return {name: sum(cpu_ms(pid) for pid in pids) for name, pids in processes.items()}
 
 
 def ask(url: str, question: str, max_tokens: int) -> tuple[float, str, int]:
@@ -180,16 +205,26 @@ def main() -> None:
         model_dir = Path(tmp) / "models" / NAME
         write_model(model_dir, args.preset)
         server, url = start_server(model_dir, args.src, args.threads)
+        processes = server_processes(server)
         try:
             ask(url, "warm-up", 8)
             alone = together = None
             for _ in range(args.rounds):  # alternated, so that load on the machine falls on both alike
                 # one client alone asks every question the concurrent clients will: the replies to compare with
+                cpu = [cpu_use(processes)]
                 one = run_clients(url, 1, args.clients * args.requests, args.max_tokens)
+                cpu.append(cpu_use(processes))
                 many = run_clients(url, args.clients, args.requests, args.max_tokens)
+                cpu.append(cpu_use(processes))
                 print(f"  round: 1 client {one['tokens_per_s']:,.0f} tokens/s, p95 TTFT {one['ttft_p95'] * 1e3:,.0f} ms; "
                       f"{args.clients} clients {many['tokens_per_s']:,.0f} tokens/s, p95 TTFT "
                       f"{many['ttft_p95'] * 1e3:,.0f} ms")  # fmt: skip
+                for label, r, (before, after) in (
+                    ("1 client", one, cpu[:2]),
+                    (f"{args.clients} clients", many, cpu[1:]),
+                ):
+                    use = [f"{name} {(after[name] - before[name]) * 100 / r['tokens']:.0f}" for name in after]
+                    print(f"    CPU ms per 100 tokens, {label}: {', '.join(use)} ({r['wall']:.1f} s wall)")
                 alone = best(alone, one)
                 together = best(together, many)
         finally:

@@ -74,11 +74,38 @@ def wait_until_healthy(port: int, name: str) -> None:
             time.sleep(0.1)
 
 
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (any of its threads), as Linux lists them."""
+    return [
+        int(c)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for c in (task / "children").read_text().split()
+    ]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie has ended; only its exit status is left
+
+
+def wait_until_gone(pids: list[int]) -> None:
+    deadline = time.monotonic() + 30
+    while left := [p for p in pids if alive(p)]:
+        assert time.monotonic() < deadline, f"processes {left} outlived the server"
+        time.sleep(0.1)
+
+
 def test_serve_answers_until_ctrl_c(model_dir: Path) -> None:
+    """...and its generation worker (and whatever else it started) ends with it."""
     pytest.importorskip("uvicorn", reason="the talm[serve] extra is not installed")
     port = free_port()
     process = start_serve(model_dir, port)
     try:
+        started = children(process.pid)
+        assert started  # the generation worker at least
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10) as response:
             models = json.loads(response.read())
         assert [m["id"] for m in models["data"]] == ["assistant"]
@@ -89,6 +116,7 @@ def test_serve_answers_until_ctrl_c(model_dir: Path) -> None:
         log = process.stderr.read()
         # one line per request: the health checks, the models, the page
         assert "GET /v1/models 200" in log and "GET / 200" in log and "GET /health 200" in log, log
+        wait_until_gone(started)
     finally:
         if process.poll() is None:
             process.kill()
@@ -129,6 +157,35 @@ def test_a_second_ctrl_c_while_streaming_ends_the_stream_and_exits_cleanly(tmp_p
     assert "POST /v1/chat/completions 200" in log and "cut short" in log, log
 
 
+def test_a_server_killed_outright_leaves_no_worker_behind(model_dir: Path) -> None:
+    """SIGKILL gives the server no chance to end its worker: the worker ends by itself (its pipe closed)."""
+    pytest.importorskip("uvicorn", reason="the talm[serve] extra is not installed")
+    process = start_serve(model_dir, free_port())
+    try:
+        started = children(process.pid)
+        assert started
+        process.kill()
+        process.wait(timeout=30)
+        wait_until_gone(started)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+
+
+def test_a_worker_that_cannot_start_is_one_line(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("uvicorn", reason="the talm[serve] extra is not installed")
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # multiprocessing's helper process, started now: not broken as below
+    monkeypatch.setenv("PYTHONHOME", str(model_dir / "nowhere"))  # the worker's Python cannot even start
+    err = one_line_error(capsys, main, "-m", str(model_dir), "--port", str(free_port()))
+    assert "the generation worker could not start: it exited with code 1" in err
+
+
 def test_a_transformers_export_is_named_as_such(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("uvicorn", reason="the talm[serve] extra is not installed")
     from talm.use.export import export_checkpoint
@@ -148,11 +205,12 @@ def test_a_public_address_is_served_with_a_warning(
     import talm.use.serve
 
     calls = []
-    monkeypatch.setattr(
-        talm.use.serve,
-        "run_server",
-        lambda app, host, port: calls.append({"host": host, "server": app.state.server}),
-    )
+
+    def run_server(app: object, host: str, port: int) -> None:
+        calls.append({"host": host, "server": app.state.server})
+        app.state.server.close()  # as the real one does when it stops: no worker left running
+
+    monkeypatch.setattr(talm.use.serve, "run_server", run_server)
     main(
         [
             "-m",

@@ -7,16 +7,18 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
 import re
+import signal
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import endless_chat_model_dir
@@ -71,6 +73,7 @@ def serving(model_dir: Path, name: str, **options: int) -> Iterator[Live]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        app.state.server.close()  # uvicorn's shutdown did; a second time changes nothing
 
 
 @pytest.fixture(scope="module")
@@ -311,35 +314,68 @@ def test_concurrent_clients_are_served_together(live: Live) -> None:
     assert all(a[0] < first_done for a in arrivals)  # every stream had started before any one ended
 
 
-def held_engine(server: ModelServer, monkeypatch: pytest.MonkeyPatch, until: Any) -> threading.Event:
-    """Hold the scheduler before its first engine step until `until()` is true or the returned event is set."""
-    release = threading.Event()
-    engine = server.engine
-    step = engine.step
+def test_sampled_replies_at_once_are_the_in_process_engines(live: Live) -> None:
+    """Each request's sampling settings and stop strings reach the worker intact: three seeded, sampled replies
+    asked at once are the ones the engine gives in this process, one at a time."""
+    asked = [
+        {"temperature": 1.2, "seed": 7, "top_k": 5},
+        {"temperature": 0.9, "seed": 11, "top_p": 0.8},
+        {"temperature": 1.0, "seed": 3, "stop": ["e"]},
+    ]
+    model, tokenizer = load(live.model_dir, device="cpu")
+    ids = ChatFormat(tokenizer).render_prompt(HELLO)
+    expected = []
+    for fields in asked:
+        config = SampleConfig(max_new_tokens=30, **{k: v for k, v in fields.items() if k != "stop"})
+        stop = fields.get("stop", [])
+        expected.append(
+            "".join(stream_reply(model, tokenizer, ids, config, end_id=tokenizer.eot_id, stop=stop))
+        )
+    replies = [""] * len(asked)
 
-    def held_step() -> Any:
-        deadline = time.monotonic() + 30
-        while not (until() or release.is_set()) and time.monotonic() < deadline:
-            time.sleep(0.005)
-        release.set()
-        return step()
+    def ask(i: int) -> None:
+        extra = {"top_k": asked[i]["top_k"]} if "top_k" in asked[i] else {}  # talm's, beyond OpenAI's
+        fields = {k: v for k, v in asked[i].items() if k != "top_k"}
+        replies[i] = (
+            live.client()
+            .chat.completions.create(model=NAME, messages=HELLO, max_tokens=30, extra_body=extra, **fields)
+            .choices[0]
+            .message.content
+        )
 
-    monkeypatch.setattr(engine, "step", held_step)
-    return release
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asked))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert replies == expected and len(set(replies)) == len(asked)
 
 
-def test_concurrent_requests_share_the_engine_steps_instead_of_taking_turns(
-    live: Live, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@contextmanager
+def held_worker(server: ModelServer) -> Iterator[None]:
+    """The worker process stopped (SIGSTOP) for the block: requests pile up in its pipe, unread, until it goes
+    on (SIGCONT) and takes them all before its next step."""
+    os.kill(server.worker.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.worker.pid, signal.SIGCONT)
+
+
+def wait_for_open_replies(server: ModelServer, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while len(server.replies) < count:
+        assert time.monotonic() < deadline, "the requests never reached the server"
+        time.sleep(0.01)
+
+
+def test_concurrent_requests_share_the_engine_steps_instead_of_taking_turns(live: Live) -> None:
     """Four requests at once are one batch: as many engine steps as the longest reply, not the sum, and each
     reply is the one it gets alone."""
-    engine = live.server.engine
-    held_engine(live.server, monkeypatch, lambda: len(engine.rows) + len(engine.waiting) >= 4)
     budgets = [6, 24, 12, 18]
     prompts = [[{"role": "user", "content": f"Question {i}"}] for i in range(4)]
     expected = [greedy_reply(live, p, n) for p, n in zip(prompts, budgets, strict=True)]
     replies = [""] * 4
-    before = engine.steps
 
     def ask(i: int) -> None:
         reply = live.client().chat.completions.create(
@@ -348,22 +384,21 @@ def test_concurrent_requests_share_the_engine_steps_instead_of_taking_turns(
         replies[i] = reply.choices[0].message.content
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
+    with held_worker(live.server):
+        before = live.server.steps
+        for t in threads:
+            t.start()
+        wait_for_open_replies(live.server, 4)
     for t in threads:
         t.join(timeout=120)
     assert replies == expected
-    assert engine.steps - before == max(budgets)  # taking turns, it would be sum(budgets) = 60
+    assert live.server.steps - before == max(budgets)  # taking turns, it would be sum(budgets) = 60
 
 
-def test_a_flood_past_the_slots_and_the_queue_is_refused_with_429(
-    live: Live, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_flood_past_the_slots_and_the_queue_is_refused_with_429(live: Live) -> None:
     """One slot and a queue of one: a third request at once is refused as OpenAI refuses past a rate limit,
     and the two taken are answered in full once the engine runs."""
     with serving(live.model_dir, NAME, slots=1, queue=1) as small:
-        engine = small.server.engine
-        release = held_engine(small.server, monkeypatch, lambda: False)
         replies = [""] * 2
 
         def ask(i: int) -> None:
@@ -373,18 +408,15 @@ def test_a_flood_past_the_slots_and_the_queue_is_refused_with_429(
             replies[i] = reply.choices[0].message.content
 
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 30
-        while len(engine.rows) + len(engine.waiting) < 2:
-            assert time.monotonic() < deadline, "the two requests never reached the engine"
-            time.sleep(0.01)
-        with pytest.raises(openai.RateLimitError) as refused:
-            small.client().chat.completions.create(model=NAME, messages=HELLO, max_tokens=8, stream=True)
+        with held_worker(small.server):
+            for t in threads:
+                t.start()
+            wait_for_open_replies(small.server, 2)
+            with pytest.raises(openai.RateLimitError) as refused:
+                small.client().chat.completions.create(model=NAME, messages=HELLO, max_tokens=8, stream=True)
         error = refused.value.body
         assert refused.value.status_code == 429 and error["code"] == "rate_limit_exceeded"
         assert set(error) == {"message", "type", "param", "code"} and "retry" in error["message"]
-        release.set()
         for t in threads:
             t.join(timeout=60)
         assert replies == [greedy_reply(live, HELLO, 8)] * 2
@@ -583,3 +615,40 @@ def test_completion_requests_are_checked_as_chat_requests_are(
     harmless = {"best_of": 1, "suffix": "", "logprobs": None, "echo": False, "seed": -5}
     reply = live.client().completions.create(model=NAME, prompt="ROMEO:", max_tokens=4, **harmless)
     assert reply.usage.completion_tokens == 4
+
+
+def test_a_worker_that_dies_ends_open_replies_with_an_error_and_later_requests_get_503(
+    live: Live, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The generation worker killed mid-reply: the open stream ends with an error event and the open plain
+    request with a 503, both in OpenAI's shape (no hang); later requests and /health say 503 and why."""
+    with serving(live.model_dir, NAME) as doomed, caplog.at_level(logging.INFO, logger="talm.serve"):
+        connection = http.client.HTTPConnection("127.0.0.1", doomed.port, timeout=60)
+        body = {"model": NAME, "messages": HELLO, "max_tokens": CONTEXT - 10, "temperature": 0}
+        headers = {"Content-Type": "application/json"}
+        connection.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}), headers)
+        response = connection.getresponse()
+        for _ in range(3):  # the reply is under way
+            assert response.readline().startswith(b"data: ") and response.readline() == b"\n"
+        plain: list[tuple] = []
+        waiting = threading.Thread(target=lambda: plain.append(post(doomed, "/v1/chat/completions", body)))
+        waiting.start()
+        wait_for_open_replies(doomed.server, 2)
+        os.kill(doomed.server.worker.pid, signal.SIGKILL)
+
+        events = [e for e in response.read().decode().split("\n\n") if e]
+        error = json.loads(events[-1].removeprefix("data: "))["error"]
+        assert error["code"] == "worker_failed" and "exit code -9" in error["message"], error
+        waiting.join(timeout=60)
+        ((status, answer),) = plain
+        assert status == 503 and answer["error"]["code"] == "worker_failed"
+        assert set(answer["error"]) == {"message", "type", "param", "code"}
+
+        with pytest.raises(openai.InternalServerError) as refused:
+            doomed.client().chat.completions.create(model=NAME, messages=HELLO, max_tokens=2)
+        assert refused.value.status_code == 503 and "restart serve" in refused.value.body["message"]
+        with pytest.raises(urllib.error.HTTPError) as health:
+            urllib.request.urlopen(doomed.url + "/health", timeout=10)
+        assert health.value.code == 503
+        assert json.loads(health.value.read())["status"] == "failed"
+        wait_for_log_lines(caplog, r"generation is down: the generation worker stopped \(exit code -9\)")

@@ -3,7 +3,8 @@
 The chat format (role tokens, what ends a reply) is `talm.tokenizer.chat`'s; this module only generates with it.
 `ReplyText` turns a reply's tokens into its text, piece by piece as they come (a multi-byte character split
 across tokens comes out once it is whole), until the reply's end token, one of its stop sequences or the token
-budget: `serve`'s scheduler pushes into it the tokens the batched engine (`talm.model.engine`) generates.
+budget: `serve`'s generation worker (`talm.use.worker`) pushes into it the tokens the batched engine
+(`talm.model.engine`) generates.
 `stream_reply` is the `chat` REPL's: prompt ids in, the reply's text out, pulled from an engine of its own.
 Stopping early is closing the iterator (or not asking for more): no token is generated that nobody asked for.
 
@@ -109,7 +110,7 @@ class ReplyText:
     characters only (`IncrementalDecoder`), up to `end_id` or the first of `stops` (neither part of the text;
     `done` then says to generate no more), with `stats` kept. Text that may be the start of a stop string is held
     back until the next token tells, so a stop string split across tokens is found all the same. The REPL pulls
-    it (`stream_reply`); `serve`'s scheduler pushes each token its engine step gives."""
+    it (`stream_reply`); `serve`'s worker pushes each token its engine step gives."""
 
     def __init__(
         self, tokenizer: Tokenizer, end_id: int, stops: Sequence[str], stats: ReplyStats, prompt_tokens: int,

@@ -1,7 +1,8 @@
 """The `serve` command's web app: an OpenAI-compatible API and a chat page, on FastAPI (the `talm[serve]` extra).
 
     GET  /                      the chat page (page/chat.html: one file, inline JavaScript, streams replies)
-    GET  /health                200 {"status": "ok", "model": NAME} while the server takes requests
+    GET  /health                200 {"status": "ok", "model": NAME} while the server takes requests; 503 with
+                                "stopping", or "failed" and the error, when it does not
     GET  /v1/models             the one model served, named after its directory (models/NAME -> "NAME"), with
                                 its `context_length` and the page's default reply length (`default_max_tokens`)
     POST /v1/chat/completions   a reply in talm's chat format; `stream: true` sends server-sent events
@@ -11,26 +12,32 @@ Requests and responses are `talm.use.api`'s. A prompt plus `max_tokens` must fit
 `max_tokens` is the rest of the context); a request that does not fit is refused (400,
 `context_length_exceeded`) rather than cut, so a client never gets a reply to a conversation it did not send.
 
-Concurrency: one copy of the model and one batched generation engine (`talm.model.engine`), stepped by a
-scheduler thread (never the event loop): each step gives every running reply its next token in one forward
-pass, a new reply joins the batch at the next step and a finished one leaves it (continuous batching). Up to
-`slots` replies run at once, `queue` more wait for a slot, and a request past that is refused with 429 (OpenAI's
-`rate_limit_exceeded`), so a flood of clients costs neither a crash nor unbounded memory. A reply whose client
-disconnects (a stream whose client left, or a plain request whose client is gone, checked every `POLL_S`) is
-cancelled: it leaves the batch at the next step. `ModelServer.tokens_generated` counts every token generated,
-for the logs and the tests.
+Concurrency: one copy of the model and one batched generation engine (`talm.model.engine`), stepped in a worker
+process of its own (`talm.use.worker`), never in the server's process, whose event loop would otherwise share a
+GIL with it: each step gives every running reply its next token in one forward pass, a new reply joins the batch
+at the next step and a finished one leaves it (continuous batching). The server sends the worker each request
+and cancellation down a pipe; a reader thread hands each step's events (every reply's new text at once) to the
+event loop in one call. Up to `slots` replies run at once, `queue` more wait for a slot, and a request past that
+is refused with 429 (OpenAI's `rate_limit_exceeded`), so a flood of clients costs neither a crash nor unbounded
+memory. A reply whose client disconnects (a stream whose client left, or a plain request whose client is gone,
+checked every `POLL_S`) is cancelled: it leaves the batch at the next step. `ModelServer.tokens_generated` and
+`steps` are the worker's counts as of its last step, for the logs and the tests. A worker that cannot start is a
+TalmError (one line); one that dies ends every open reply with a 503 (`worker_failed`, in OpenAI's shape), and
+from then on requests and /health answer 503 saying why. The worker ends when the server stops (or dies).
 
 Every request is logged in one line (`RequestLog`: client, method, path, status, tokens, seconds) on the logger
 "talm.serve". An exception no route handles is a 500 in OpenAI's shape, logged in that line, and the connection
 stays usable. Stopping (`run_server`): the first Ctrl-C (or SIGTERM) stops taking connections and gives open
-replies `GRACE_S` to finish; a second ends them at once. A reply cut short ends with an error (503, or an error
-event in a stream), and the process exits 0 without a traceback.
+replies `GRACE_S` to finish (the worker ignores Ctrl-C: the server ends it once uvicorn has stopped); a second
+ends them at once. A reply cut short ends with an error (503, or an error event in a stream), and the process
+exits 0 without a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import sys
@@ -38,6 +45,7 @@ import threading
 import time
 import traceback
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -47,46 +55,43 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from talm.errors import TalmError
-from talm.model.engine import Engine, Generation
 from talm.model.gpt import GPT
 from talm.tokenizer.api import Tokenizer
 from talm.tokenizer.chat import BadConversation, ChatFormat
 from talm.use.api import ApiError, ChatRequest, CompletionRequest, Reply, usage, validation_error
-from talm.use.chat import ReplyStats, ReplyText, prompt_budget, reply_settings
+from talm.use.chat import ReplyStats, prompt_budget, reply_settings
 from talm.use.config import SampleConfig
 from talm.use.sample import encode_prompt
+from talm.use.worker import STOP_S, Add, Cancel, EngineProcess, Step, WorkerGone
 
 POLL_S = 0.1  # how often a waiting request checks that its client is still there
 GRACE_S = 3.0  # after Ctrl-C, how long open replies may go on
 SLOTS = 8  # replies generated at once (the engine's batch)
 QUEUE = 64  # replies waiting for a slot; past that, 429
-_DONE = object()  # what the scheduler puts on a reply's queue after its last piece
+_DONE = object()  # what a reply's queue gets after its last piece
 log = logging.getLogger("talm.serve")
 
 
-class ReplyFeed:
-    """One reply's way from the scheduler thread to its request: the text of each token (`ReplyText`) handed to
-    the event loop with `put`, then _DONE (or the exception that ended it)."""
+class WorkerError(Exception):
+    """What ended one reply in the worker (its message, in one line), raised in its request."""
 
-    def __init__(self, text: ReplyText, put: Any) -> None:
-        self.text, self.put = text, put
 
-    def on_token(self, engine: Engine, seq: Generation, token: int) -> None:
-        if piece := self.text.push(token):
-            self.put(piece)
-        if self.text.done:  # its end token or a stop string
-            engine.cancel(seq)
-            self.put(_DONE)
-        elif seq.done:  # the token budget ran out
-            if piece := self.text.finish():
-                self.put(piece)
-            self.put(_DONE)
+@dataclass
+class OpenReply:
+    """A reply under way, in the server: the queue its pieces come on (then _DONE, or the exception that ended
+    it) and its stats, both filled in from the worker's events."""
+
+    pieces: asyncio.Queue[Any]
+    stats: ReplyStats
+    done: bool = False
 
 
 class ModelServer:
-    """One model shared by every request through one batched engine (`talm.model.engine`): a scheduler thread
-    steps it while any reply runs, each step giving every reply in the batch its next token; new replies join
-    at the next step, up to `slots` at once, `queue` more wait, and past that a request is refused (429)."""
+    """One model shared by every request through one batched engine, stepped by a worker process of its own
+    (`talm.use.worker`): each step gives every reply in the batch its next token; new replies join at the next
+    step, up to `slots` at once, `queue` more wait, and past that a request is refused (429). A reader thread
+    hands each step's events to the event loop in one call. If the worker dies, open replies end with an error
+    and later requests are refused (503), `failure` saying why."""
 
     def __init__(
         self, model: GPT, tokenizer: Tokenizer, name: str, *, slots: int = SLOTS, queue: int = QUEUE
@@ -94,12 +99,18 @@ class ModelServer:
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.chat_format = ChatFormat(tokenizer)  # refuses a tokenizer without role tokens
         self.context = model.config.context_length
-        self.engine = Engine(model, slots=slots, vocab_size=tokenizer.vocab_size)
         self.slots, self.queue = slots, queue
-        self.wake = threading.Condition()  # the scheduler waits on it while there is nothing to generate
-        self.scheduler: threading.Thread | None = None
-        self.tokens_generated = 0
+        self.replies: dict[int, OpenReply] = {}  # the event loop's only
+        self.ids = itertools.count()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.tokens_generated = 0  # as the worker last said: every token generated
+        self.steps = 0  # as the worker last said: its engine steps (batched forward passes)
         self.stop_at: float | None = None  # time.monotonic() at which open replies end (None: not stopping)
+        self.failure: str | None = None  # why generation is down (the worker died), None while it is fine
+        self.closing = False
+        self.worker = EngineProcess(model, tokenizer, slots=slots)  # TalmError if it cannot start
+        self.reader = threading.Thread(target=self._read, name="talm-worker-reader", daemon=True)
+        self.reader.start()
 
     def stop(self, grace_s: float) -> None:
         """End every open reply in `grace_s` (or sooner, if an earlier stop said so)."""
@@ -109,63 +120,105 @@ class ModelServer:
     def stopped(self) -> bool:
         return self.stop_at is not None and time.monotonic() >= self.stop_at
 
+    def close(self) -> None:
+        """End the worker (the server is stopping). Safe to call twice."""
+        self.closing = True
+        self.worker.close()
+        self.reader.join(timeout=STOP_S)
+
+    def unavailable(self) -> ApiError:
+        return ApiError(
+            503,
+            f"generation is down: {self.failure}; restart serve",
+            type="server_error",
+            code="worker_failed",
+        )
+
     def submit(self, prompt_ids: list[int], config: SampleConfig, stats: ReplyStats, stop: list[str]) -> Any:
-        """Queue a reply for the engine: (its sequence, the asyncio queue its pieces come on). ApiError 429 when
-        `slots` replies run and `queue` more wait."""
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[Any] = asyncio.Queue()
+        """Send a reply to the worker: (its id, the asyncio queue its pieces come on). ApiError 429 when `slots`
+        replies run and `queue` more wait, 503 when the worker is gone."""
+        if self.failure is not None:
+            raise self.unavailable()
+        if len(self.replies) >= self.slots + self.queue:
+            raise ApiError(
+                429,
+                f"the server is busy: {self.slots} replies are being generated and {self.queue} more are "
+                "waiting; retry later",
+                type="requests",
+                code="rate_limit_exceeded",
+            )
+        self.loop = asyncio.get_running_loop()
+        rid = next(self.ids)
+        settings = reply_settings(config, self.tokenizer.eot_id)
+        self.replies[rid] = OpenReply(asyncio.Queue(), stats)
+        try:
+            self.worker.send(Add(rid, list(prompt_ids), settings, list(stop)))
+        except WorkerGone:
+            del self.replies[rid]
+            self._fail(f"the generation worker stopped (exit code {self.worker.exit_code()})")
+            raise self.unavailable() from None
+        return rid, self.replies[rid].pieces
 
-        def put(item: Any) -> None:
-            loop.call_soon_threadsafe(pieces.put_nowait, item)
-
-        end_id = self.tokenizer.eot_id
-        text = ReplyText(self.tokenizer, end_id, stop, stats, len(prompt_ids), self.context)
-        with self.wake:
-            if len(self.engine.rows) + len(self.engine.waiting) >= self.slots + self.queue:
-                raise ApiError(
-                    429,
-                    f"the server is busy: {self.slots} replies are being generated and {self.queue} more are "
-                    "waiting; retry later",
-                    type="requests",
-                    code="rate_limit_exceeded",
-                )
-            seq = self.engine.add(prompt_ids, reply_settings(config, end_id))
-            seq.owner = ReplyFeed(text, put)
-            if self.scheduler is None:
-                self.scheduler = threading.Thread(target=self._schedule, name="talm-scheduler", daemon=True)
-                self.scheduler.start()
-            self.wake.notify()
-        return seq, pieces
-
-    def _schedule(self) -> None:
-        """The scheduler thread: step the engine while it has replies, hand each token to its reply."""
+    def _read(self) -> None:
+        """The reader thread: each message of the worker goes to the event loop in one call, nothing more (the
+        loop must not wait on the pipe, and this thread must not hold the GIL long)."""
         while True:
-            with self.wake:
-                while not self.engine.busy:
-                    self.wake.wait()
             try:
-                events = self.engine.step()
-            except Exception as err:  # reported to every reply, never left hanging; the engine starts afresh
-                self._fail_all(err)
+                message = self.worker.receive()
+            except WorkerGone:
+                why = "the server stopped" if self.closing else (
+                    f"the generation worker stopped (exit code {self.worker.exit_code()})"
+                )  # fmt: skip
+                self._call_in_loop(self._fail, why)
+                return
+            self._call_in_loop(self._dispatch, message)
+
+    def _call_in_loop(self, function: Any, *args: Any) -> None:
+        loop = self.loop
+        if loop is None:  # no request yet: nothing to hand over, but a failure is still recorded
+            if function == self._fail:
+                function(*args)
+            return
+        try:
+            loop.call_soon_threadsafe(function, *args)
+        except RuntimeError:  # the loop is closed: the server has stopped
+            if function == self._fail:
+                self.failure = self.failure or args[0]
+
+    def _dispatch(self, step: Step) -> None:
+        """One engine step's events, to the replies they are for (in the event loop)."""
+        self.steps, self.tokens_generated = step.steps, step.tokens_generated
+        for event in step.events:
+            reply = self.replies.get(event.rid)
+            if reply is None:  # its request has ended meanwhile
                 continue
-            self.tokens_generated += len(events)
-            for seq, token in events:
-                try:
-                    seq.owner.on_token(self.engine, seq, token)
-                except Exception as err:  # one reply's failure (its text) ends that reply only
-                    self.engine.cancel(seq)
-                    seq.owner.put(err)
+            reply.stats.tokens = event.tokens
+            if event.finish_reason is not None:
+                reply.stats.end(event.finish_reason, event.ended_by or "")
+            if event.text:
+                reply.pieces.put_nowait(event.text)
+            if event.done:
+                reply.done = True
+                reply.pieces.put_nowait(_DONE if event.error is None else WorkerError(event.error))
 
-    def _fail_all(self, err: Exception) -> None:
-        with self.wake:
-            engine = self.engine
-            self.engine = Engine(self.model, slots=self.slots, vocab_size=self.tokenizer.vocab_size)
-        for seq in [*engine.rows, *engine.waiting]:
-            seq.owner.put(err)
+    def _fail(self, why: str) -> None:
+        """The worker is gone: every open reply ends with 503, and so does every later request."""
+        self.failure = self.failure or why
+        if not self.closing:
+            log.error(f"generation is down: {why}")
+        for reply in self.replies.values():
+            if not reply.done:
+                reply.done = True
+                reply.pieces.put_nowait(self.unavailable())
 
-    async def stream(
-        self, seq: Generation, pieces: asyncio.Queue[Any], request: Request
-    ) -> AsyncIterator[str]:
+    def cancel(self, rid: int) -> None:
+        """Forget reply `rid`; if it still runs, the worker ends it at its next step."""
+        reply = self.replies.pop(rid, None)
+        if reply is not None and not reply.done:
+            with contextlib.suppress(WorkerGone):
+                self.worker.send(Cancel(rid))
+
+    async def stream(self, rid: int, pieces: asyncio.Queue[Any], request: Request) -> AsyncIterator[str]:
         """The reply's pieces as they are generated; generation stops when the client disconnects or this
         iterator is closed early (a cancelled stream)."""
         loop = asyncio.get_running_loop()
@@ -204,7 +257,7 @@ class ModelServer:
                 if isinstance(items[-1], Exception):
                     raise items[-1]
         finally:
-            self.engine.cancel(seq)
+            self.cancel(rid)
 
     def fit(
         self, prompt_ids: list[int], requested: int | None, prompt_param: str, limit_param: str = "max_tokens"
@@ -342,9 +395,18 @@ class RequestLog:
 def create_app(
     model: GPT, tokenizer: Tokenizer, name: str, *, slots: int = SLOTS, queue: int = QUEUE
 ) -> FastAPI:
-    """The web app serving `model` under the model id `name`, `slots` replies at once and `queue` waiting."""
-    server = ModelServer(model, tokenizer, name, slots=slots, queue=queue)
-    app = FastAPI(title="talm", docs_url=None, redoc_url=None)
+    """The web app serving `model` under the model id `name`, `slots` replies at once and `queue` waiting. It
+    starts the generation worker now (TalmError if it cannot start) and ends it when the app shuts down (or
+    `app.state.server.close()`). The worker is a "spawn" process, which imports the caller's main module again:
+    a script that calls this must do so under `if __name__ == "__main__":`."""
+    server = ModelServer(model, tokenizer, name, slots=slots, queue=queue)  # starts the worker
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await asyncio.to_thread(server.close)  # the server stops: so does its worker
+
+    app = FastAPI(title="talm", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.server = server
     app.add_middleware(RequestLog)
 
@@ -419,6 +481,9 @@ def add_info_routes(app: FastAPI, server: ModelServer) -> None:
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        if server.failure is not None:
+            body = {"status": "failed", "model": server.name, "error": server.unavailable().body()["error"]}
+            return JSONResponse(body, status_code=503)
         if server.stop_at is not None:
             return JSONResponse({"status": "stopping", "model": server.name}, status_code=503)
         return JSONResponse({"status": "ok", "model": server.name})
@@ -447,8 +512,8 @@ async def respond(
     stats = ReplyStats()
     record = request_record(request)
     record.prompt_tokens, record.stats = len(prompt_ids), stats
-    seq, queue = server.submit(prompt_ids, config, stats, body.stop or [])  # 429 when too many wait
-    pieces = server.stream(seq, queue, request)
+    rid, queue = server.submit(prompt_ids, config, stats, body.stop or [])  # 429 when too many wait
+    pieces = server.stream(rid, queue, request)
     if not body.stream:
         text = "".join([piece async for piece in pieces])
         return reply.complete(text, stats.finish_reason, usage(len(prompt_ids), stats.tokens))
@@ -512,4 +577,7 @@ def run_server(app: FastAPI, host: str, port: int) -> None:
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(GRACE_S) + 2
     )
-    Server(config).run()
+    try:
+        Server(config).run()
+    finally:  # uvicorn skips the app's shutdown when forced to exit: the worker ends here all the same
+        server.close()
