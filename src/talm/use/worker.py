@@ -286,7 +286,6 @@ class Worker:
             if not text.done and seq.done:  # the token budget ran out
                 piece += text.finish()
         except Exception as err:  # one reply's failure (its text) ends that reply only
-            text.done = True
             self.engine.cancel(seq)
             self.replies.pop(rid, None)
             return ReplyEvent(rid, "", text.stats.tokens, True, error=one_line(err))
