@@ -305,8 +305,10 @@ def test_concurrent_clients_are_served_together(live: Live) -> None:
                 replies[i] += chunk.choices[0].delta.content
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
+    with held_worker(live.server):  # all three asked before any step: a loaded machine starts threads late
+        for t in threads:
+            t.start()
+        wait_for_open_replies(live.server, len(prompts))
     for t in threads:
         t.join(timeout=120)
     assert replies == expected
