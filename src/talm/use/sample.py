@@ -158,7 +158,9 @@ class GenerationStats:
         endings = ", ".join(f"{ENDINGS[k]} ({n})" for k, n in sorted(self.ended_by.items()))
         why = f"; stopped at: {endings}" if endings else ""
         on = f"{device} with {torch.get_num_threads()} thread(s)" if str(device) == "cpu" else str(device)
-        took = f"{self.seconds:.1f}" if self.seconds >= 1 else f"{self.seconds:.2f}"  # a short reply: not "0.0 s"
+        took = (
+            f"{self.seconds:.1f}" if self.seconds >= 1 else f"{self.seconds:.2f}"
+        )  # a short reply: not "0.0 s"
         return f"generated {self.tokens:,} tokens in {took} s ({rate:,.0f} tokens/s) on {on}{why}"
 
 
