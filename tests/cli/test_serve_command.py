@@ -4,6 +4,7 @@ extra not installed, a port in use, a tokenizer without role tokens, a transform
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,8 +42,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_serve(model_dir: Path, port: int) -> subprocess.Popen:
-    """`serve -m model_dir` in a subprocess, once it answers on `port` (its stderr a pipe, its banner read)."""
+@contextlib.contextmanager
+def serving(model_dir: Path, port: int) -> Iterator[subprocess.Popen]:
+    """`serve -m model_dir` in a subprocess, once it answers on `port` (its stderr a pipe, its banner read); killed
+    after the block if it still runs (a server that did not answer or end as it should is not left running)."""
     code = "import sys; sys.argv[0] = 'serve'; from talm.cli.serve import main; main()"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen(
@@ -54,12 +58,12 @@ def start_serve(model_dir: Path, port: int) -> subprocess.Popen:
         banner = process.stderr.readline()
         assert f"as model {model_dir.name!r}: chat page http://127.0.0.1:{port}/" in banner, banner
         wait_until_healthy(port, model_dir.name)
-    except BaseException:  # a server that does not answer as it should is not left running
-        process.kill()
-        process.wait()
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
         process.stderr.close()
-        raise
-    return process
 
 
 def wait_until_healthy(port: int, name: str) -> None:
@@ -102,8 +106,7 @@ def test_serve_answers_until_ctrl_c(model_dir: Path) -> None:
     """...and its generation worker (and whatever else it started) ends with it."""
     pytest.importorskip("uvicorn", reason="the talm[serve] extra is not installed")
     port = free_port()
-    process = start_serve(model_dir, port)
-    try:
+    with serving(model_dir, port) as process:
         started = children(process.pid)
         assert started  # the generation worker at least
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10) as response:
@@ -117,19 +120,13 @@ def test_serve_answers_until_ctrl_c(model_dir: Path) -> None:
         # one line per request: the health checks, the models, the page
         assert "GET /v1/models 200" in log and "GET / 200" in log and "GET /health 200" in log, log
         wait_until_gone(started)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stderr.close()
 
 
 def test_a_second_ctrl_c_while_streaming_ends_the_stream_and_exits_cleanly(tmp_path: Path) -> None:
     pytest.importorskip("uvicorn", reason="the talm[serve] extra is not installed")
     model_dir = endless_chat_model_dir(tmp_path / "models" / "endless", context=4096)
     port = free_port()
-    process = start_serve(model_dir, port)
-    try:
+    with serving(model_dir, port) as process:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         # temperature 0: the endless model never ends a reply by itself (sampled, it may pick <|endoftext|>)
         body = {"model": "endless", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4000}
@@ -146,11 +143,6 @@ def test_a_second_ctrl_c_while_streaming_ends_the_stream_and_exits_cleanly(tmp_p
         code = process.wait(timeout=30)
         log = process.stderr.read()
         assert code == 0, log
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stderr.close()
     events = [e for e in rest.split("\n\n") if e]
     assert json.loads(events[-1].removeprefix("data: "))["error"]["code"] == "server_shutting_down"
     assert "Traceback" not in log and "ERROR" not in log, log
@@ -160,18 +152,12 @@ def test_a_second_ctrl_c_while_streaming_ends_the_stream_and_exits_cleanly(tmp_p
 def test_a_server_killed_outright_leaves_no_worker_behind(model_dir: Path) -> None:
     """SIGKILL gives the server no chance to end its worker: the worker ends by itself (its pipe closed)."""
     pytest.importorskip("uvicorn", reason="the talm[serve] extra is not installed")
-    process = start_serve(model_dir, free_port())
-    try:
+    with serving(model_dir, free_port()) as process:
         started = children(process.pid)
         assert started
         process.kill()
         process.wait(timeout=30)
         wait_until_gone(started)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stderr.close()
 
 
 def test_a_worker_that_cannot_start_is_one_line(
