@@ -57,6 +57,19 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     return index - torch.where(first, index, 0).cummax(dim=1).values
 
 
+def kv_buffers(
+    config: ModelConfig, rows: int, max_len: int, device: torch.device | str, dtype: torch.dtype
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Zeroed keys and values of every layer, (rows, kv_heads, max_len, head_dim) each: a cache's storage.
+    ValueError if `max_len` exceeds the model's context."""
+    if max_len > config.context_length:
+        raise ValueError(f"max_len={max_len} exceeds the model's context_length={config.context_length}")
+    shape = (rows, config.kv_heads, max_len, config.head_dim)
+    k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+    v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+    return k, v
+
+
 class KVCache:
     """Keys and values of every layer for a batch of sequences being generated.
 
@@ -74,11 +87,7 @@ class KVCache:
         dtype: torch.dtype,
         pad: torch.Tensor | None = None,
     ) -> None:
-        if max_len > config.context_length:
-            raise ValueError(f"max_len={max_len} exceeds the model's context_length={config.context_length}")
-        shape = (batch_size, config.kv_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.k, self.v = kv_buffers(config, batch_size, max_len, device, dtype)
         self.max_len = max_len
         self.length = 0  # positions filled so far (the same for every row)
         self.pad = torch.zeros(batch_size, dtype=torch.long, device=device) if pad is None else pad.to(device)
@@ -121,11 +130,7 @@ class SlotCache:
     def __init__(
         self, config: ModelConfig, slots: int, max_len: int, device: torch.device | str, dtype: torch.dtype
     ) -> None:
-        if max_len > config.context_length:
-            raise ValueError(f"max_len={max_len} exceeds the model's context_length={config.context_length}")
-        shape = (slots, config.kv_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.k, self.v = kv_buffers(config, slots, max_len, device, dtype)
         self.config, self.max_len, self.slots = config, max_len, slots
         self.lengths = [0] * slots  # positions filled, per row
         self.active = 0

@@ -44,6 +44,10 @@ class ReplyStats:
     def count_token(self) -> None:
         self.tokens += 1
 
+    def set_tokens(self, tokens: int) -> None:
+        """The count another process kept (serve's worker)."""
+        self.tokens = tokens
+
     def add_seconds(self, seconds: float) -> None:
         self.seconds += seconds
 

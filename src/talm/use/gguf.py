@@ -45,6 +45,7 @@ from talm.errors import TalmError
 from talm.files import check_output_file, write_atomically
 from talm.model.config import ModelConfig
 from talm.model.gpt import GPT
+from talm.model.hf import ARCHITECTURES as HF_ARCHITECTURES
 from talm.model.hf import to_hf_state_dict
 from talm.tokenizer.api import Tokenizer
 from talm.tokenizer.chat import chat_template, missing_chat_tokens
@@ -57,13 +58,9 @@ if TYPE_CHECKING:
     import gguf
 
 QUANTS = ("f32", "f16", "q8_0")
-# (qk_norm, mlp) of the llama family -> the llama.cpp architecture that computes exactly that (its general.architecture).
-ARCHITECTURES = {
-    (False, "swiglu"): "llama",
-    (True, "swiglu"): "qwen3",
-    (False, "relu2"): "arcee",
-    (True, "relu2"): "apertus",
-}
+# (qk_norm, mlp) of the llama family -> the llama.cpp architecture that computes exactly that (its
+# general.architecture): the transformers family the export writes (`talm.model.hf`), whose names llama.cpp keeps.
+ARCHITECTURES = {options: family.lower() for options, family in HF_ARCHITECTURES.items()}
 # Those that rotate neighbouring pairs (llama.cpp's LLAMA_ROPE_TYPE_NORM); the others rotate halves (NEOX), as talm.
 NEIGHBOUR_ROPE = ("llama", "arcee")
 # apertus's xIELU: alpha_p' x^2 + beta x for x > 0, else alpha_n' (expm1(min(x, eps)) - x) + beta x, where llama.cpp

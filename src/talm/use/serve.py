@@ -169,21 +169,22 @@ class ModelServer:
                 why = "the server stopped" if self.closing else (
                     f"the generation worker stopped (exit code {self.worker.exit_code()})"
                 )  # fmt: skip
-                self._call_in_loop(self._fail, why)
+                if self.loop is None:  # no request yet, so no reply to end: recorded from this thread
+                    self._fail(why)
+                elif not self._in_loop(self._fail, why):  # the loop is closed: the server has stopped
+                    self.failure = self.failure or why
                 return
-            self._call_in_loop(self._dispatch, message)
+            self._in_loop(self._dispatch, message)
 
-    def _call_in_loop(self, function: Any, *args: Any) -> None:
-        loop = self.loop
-        if loop is None:  # no request yet: nothing to hand over, but a failure is still recorded
-            if function == self._fail:
-                function(*args)
-            return
+    def _in_loop(self, function: Any, *args: Any) -> bool:
+        """Have the event loop call `function(*args)`; False if there is no loop to do it (none yet, or closed)."""
+        if self.loop is None:
+            return False
         try:
-            loop.call_soon_threadsafe(function, *args)
-        except RuntimeError:  # the loop is closed: the server has stopped
-            if function == self._fail:
-                self.failure = self.failure or args[0]
+            self.loop.call_soon_threadsafe(function, *args)
+        except RuntimeError:
+            return False
+        return True
 
     def _dispatch(self, step: Step) -> None:
         """One engine step's events, to the replies they are for (in the event loop)."""
@@ -192,7 +193,7 @@ class ModelServer:
             reply = self.replies.get(event.rid)
             if reply is None:  # its request has ended meanwhile
                 continue
-            reply.stats.tokens = event.tokens
+            reply.stats.set_tokens(event.tokens)
             if event.finish_reason is not None:
                 reply.stats.end(event.finish_reason, event.ended_by or "")
             if event.text:
